@@ -1,0 +1,263 @@
+"""Model and training configuration, validation, and named presets.
+
+One config type for each concern: ``ModelConfig`` says what the network is (every ablation the lab
+offers is a field here), ``TrainConfig`` says how it is trained. Both validate themselves with
+messages that say what is wrong and what to do. A ``Preset`` bundles the two with a tokenizer choice
+under a name a user can pick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("gelu", "relu")
+POS_ENCODINGS = ("learned", "sinusoidal", "none")
+NORM_POSITIONS = ("pre", "post")
+TOKENIZER_KINDS = ("char", "word", "bpe")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 65  # set from the tokenizer before the model is built
+    block_size: int = 64  # longest context the model sees (positions 0..block_size-1)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # residual stream width; must divide by n_head
+    ff_mult: int = 4  # MLP hidden width = ff_mult * n_embd
+    dropout: float = 0.0  # on attention weights, residual branches and embeddings
+    bias: bool = True  # biases in Linear and LayerNorm layers
+    activation: str = "gelu"  # MLP non-linearity: gelu | relu
+    pos_encoding: str = "learned"  # learned | sinusoidal | none
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (original Transformer)
+    use_layernorm: bool = True  # False replaces every LayerNorm by the identity
+    use_residual: bool = True  # False drops the skip connections: x = f(x)
+    swap_qk: bool = False  # queries take the key projection and keys the query projection
+    attn_window: int | None = None  # local attention: a token sees at most this many tokens (itself included)
+    tie_weights: bool = True  # the output head shares the token embedding matrix
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def validate(self) -> "ModelConfig":
+        _positive_ints(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ff_mult")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"try n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
+        _choice(self, "activation", ACTIVATIONS)
+        _choice(self, "pos_encoding", POS_ENCODINGS)
+        _choice(self, "norm_position", NORM_POSITIONS)
+        if self.attn_window is not None and (
+            not isinstance(self.attn_window, int) or isinstance(self.attn_window, bool) or self.attn_window < 1
+        ):
+            raise ConfigError(f"attn_window must be a positive whole number or None, got {self.attn_window!r}.")
+        return self
+
+    def ablations(self) -> list[str]:
+        """Short labels for every architecture choice that departs from the GPT-2 baseline."""
+        labels = []
+        if not self.use_layernorm:
+            labels.append("no-layernorm")
+        if not self.use_residual:
+            labels.append("no-residual")
+        if self.pos_encoding != "learned":
+            labels.append(f"pos-{self.pos_encoding}")
+        if self.norm_position != "pre":
+            labels.append("post-norm")
+        if self.swap_qk:
+            labels.append("swap-qk")
+        if self.attn_window is not None:
+            labels.append(f"window-{self.attn_window}")
+        if self.activation != "gelu":
+            labels.append(self.activation)
+        if not self.tie_weights:
+            labels.append("untied")
+        if not self.bias:
+            labels.append("no-bias")
+        return labels
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float | None = None  # floor of the cosine decay; None = lr / 10
+    warmup_iters: int = 100  # linear warm-up steps from 0 to lr
+    lr_schedule: str = "cosine"  # cosine (decay to min_lr at max_iters) | constant
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    weight_decay: float = 0.1  # AdamW decay, applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # clip the global grad norm; 0 disables
+    eval_interval: int = 100  # estimate train/val loss every this many steps (and at the end)
+    eval_iters: int = 20  # batches averaged for each estimate
+    sample_tokens: int = 120  # length of the sample written at each eval; 0 disables
+    early_stop_patience: int | None = None  # stop after this many evals without a better val loss
+    stop_at_val_loss: float | None = None  # stop as soon as val loss reaches this value
+    val_fraction: float = 0.1  # tail of the corpus held out for validation
+    seed: int = 1337
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
+    compile: bool = False  # torch.compile the model
+
+    def validate(self) -> "TrainConfig":
+        _positive_ints(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
+        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
+            raise ConfigError(f"warmup_iters must be a whole number >= 0, got {self.warmup_iters!r}.")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr <= 1):
+            raise ConfigError(f"lr must be in (0, 1], got {self.lr!r}; 1e-3 is a good start for small models.")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}.")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
+        if self.sample_tokens < 0:
+            raise ConfigError(f"sample_tokens must be >= 0, got {self.sample_tokens}.")
+        if self.early_stop_patience is not None and self.early_stop_patience < 1:
+            raise ConfigError(f"early_stop_patience must be >= 1 or None, got {self.early_stop_patience}.")
+        _choice(self, "lr_schedule", LR_SCHEDULES)
+        _choice(self, "optimizer", OPTIMIZERS)
+        _choice(self, "device", DEVICES)
+        _choice(self, "precision", PRECISIONS)
+        return self
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str  # one line, shown next to the name in the CLI and the app
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    tokenizer: str = "char"  # char | word | bpe
+    tokenizer_vocab_size: int | None = None  # target size for bpe (and the cap for word)
+
+    def model_config(self, **overrides: Any) -> ModelConfig:
+        return ModelConfig(**{**self.model, **overrides})
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        return TrainConfig(**{**self.train, **overrides})
+
+
+# nanoGPT's recipe for Shakespeare-char, shared by the char-level presets below.
+_NANOGPT_OPT = dict(lr=1e-3, min_lr=1e-4, beta2=0.99, warmup_iters=100, weight_decay=0.1)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            "tiny",
+            "2 layers, 2 heads, 64 dims, context 32: trains in seconds on a CPU; memorises builtin:tiny.",
+            model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0),
+            train=dict(batch_size=16, max_iters=400, eval_interval=25, eval_iters=10, lr=3e-3, min_lr=3e-4,
+                       warmup_iters=20, weight_decay=0.0, sample_tokens=80),
+        ),
+        Preset(
+            "baby",
+            "nanoGPT's CPU recipe: 4 layers, 4 heads, 128 dims, context 64, batch 12, 2000 steps.",
+            model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
+            train=dict(batch_size=12, max_iters=2000, eval_interval=250, eval_iters=20, **_NANOGPT_OPT),
+        ),
+        Preset(
+            "shakespeare-char",
+            "nanoGPT's Shakespeare-char GPU model: 6 layers, 6 heads, 384 dims, context 256, dropout 0.2.",
+            model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+            train=dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, **_NANOGPT_OPT),
+        ),
+        Preset(
+            "gptiny",
+            "GPTiny: 3 layers, 4 heads, 384 dims, context 256, batch 64, dropout 0.2, lr 3e-4.",
+            model=dict(n_layer=3, n_head=4, n_embd=384, block_size=256, dropout=0.2),
+            train=dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=100, lr=3e-4, min_lr=3e-5),
+        ),
+        Preset(
+            "mini-gpt",
+            "Mini-GPT: 2 layers, 4 heads, 128 dims, FFN 512, learned positions up to 512, dropout 0.1.",
+            model=dict(n_layer=2, n_head=4, n_embd=128, ff_mult=4, block_size=512, pos_encoding="learned",
+                       dropout=0.1),
+            train=dict(batch_size=16, max_iters=3000, eval_interval=250, eval_iters=50, lr=1e-3),
+        ),
+        Preset(
+            "tinystories",
+            "TinyStories-style: 4 layers, 8 heads, 256 dims, FFN 1024, context 512, sinusoidal, window 256, BPE.",
+            model=dict(n_layer=4, n_head=8, n_embd=256, ff_mult=4, block_size=512, pos_encoding="sinusoidal",
+                       attn_window=256, dropout=0.1),
+            train=dict(batch_size=16, max_iters=5000, eval_interval=250, eval_iters=50, lr=5e-4, min_lr=5e-5),
+            tokenizer="bpe",
+            tokenizer_vocab_size=2048,
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown preset {name!r}. Choose one of: {', '.join(PRESETS)}.") from None
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _positive_ints(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}.")
+
+
+def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}.")
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no setting(s) {', '.join(unknown)}.")
+    try:
+        return cls(**d).validate()
+    except TypeError as exc:  # a wrongly typed value that dataclass construction rejects
+        raise ConfigError(f"Invalid {cls.__name__}: {exc}") from None

@@ -1,0 +1,88 @@
+"""Which device and precision to train on, and a human-readable description of it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu. Asking for a device that is absent is an error, not a fallback."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("Device 'cuda' was asked for but no CUDA GPU is available; use --device auto or cpu.")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("Device 'mps' was asked for but Apple's MPS backend is not available; use auto or cpu.")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"Unknown device {name!r}: choose auto, cpu, cuda or mps.")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on CUDA GPUs that support it, else fp32 (the safe default elsewhere)."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 autocast needs a CUDA GPU; use bf16 or fp32 on this device.")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision context for the forward pass; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class DeviceInfo:
+    kind: str  # cuda | mps | cpu
+    name: str  # GPU name, or the CPU description
+    memory_gb: float | None  # GPU memory; None for CPU
+    threads: int  # torch intra-op threads
+
+    def describe(self) -> str:
+        if self.kind == "cuda":
+            return f"GPU: {self.name} ({self.memory_gb:.0f} GB)"
+        if self.kind == "mps":
+            return "Apple GPU (MPS)"
+        return f"CPU: {self.threads} thread{'s' if self.threads != 1 else ''}"
+
+
+def device_info(name: str = "auto") -> DeviceInfo:
+    device = resolve_device(name)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return DeviceInfo("cuda", props.name, props.total_memory / 2**30, torch.get_num_threads())
+    if device.type == "mps":
+        return DeviceInfo("mps", "Apple MPS", None, torch.get_num_threads())
+    return DeviceInfo("cpu", _cpu_name(), None, torch.get_num_threads())
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return os.uname().machine if hasattr(os, "uname") else "CPU"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS out-of-memory errors, which end a job with advice instead of a crash."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

@@ -1,0 +1,232 @@
+"""The GPT: a decoder-only transformer whose every ablation is a ``ModelConfig`` field.
+
+Two attention paths give identical outputs: a fast one through
+``torch.nn.functional.scaled_dot_product_attention`` for training and generation, and an explicit
+one (softmax of q·kᵀ) used when the caller asks for the attention weights. Inspection taps into
+the model through ``return_attention=True``; nothing else needs special cases.
+
+Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size = C / nh.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+# A layer's cached keys and values for incremental decoding: (k, v), each (B, nh, T_past, hs).
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, vocab)
+    loss: torch.Tensor | None = None  # mean cross-entropy over all positions, None without targets
+    attentions: list[torch.Tensor] | None = None  # one (B, nh, T, T_total) tensor per layer, when asked
+    past_kv: list[KVCache] | None = None  # per-layer cache, when use_cache=True
+
+
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """The fixed position table of 'Attention Is All You Need': sin on even, cos on odd channels."""
+    pos = torch.arange(n_pos, dtype=torch.float32).unsqueeze(1)  # (n_pos, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+def attention_mask(t_query: int, t_key: int, window: int | None, device=None) -> torch.Tensor:
+    """Boolean (t_query, t_key) mask, True where attention is allowed.
+
+    Queries are the last ``t_query`` of ``t_key`` positions (the rest is cached past). A query at
+    absolute position i sees keys j with j <= i, and with a window also i - j < window.
+    """
+    i = torch.arange(t_key - t_query, t_key, device=device).unsqueeze(1)  # (t_query, 1) absolute positions
+    j = torch.arange(t_key, device=device).unsqueeze(0)  # (1, t_key)
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    return allowed
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.window, self.swap_qk = cfg.n_head, cfg.attn_window, cfg.swap_qk
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: torch.Tensor, past: KVCache | None = None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        if self.swap_qk:  # the ablation: each projection plays the other's role
+            q, k = k, q
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, nh, T_total, hs)
+            v = torch.cat([past[1], v], dim=2)
+        t_total = k.size(2)
+
+        if need_weights:
+            # Explicit path: the same math as SDPA, with the weights kept for inspection.
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T_total)
+            mask = attention_mask(T, t_total, self.window, x.device)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            weights = F.softmax(scores.float(), dim=-1).to(q.dtype)
+            y = self.attn_dropout(weights) @ v  # (B, nh, T, hs)
+        else:
+            weights = None
+            p = self.dropout if self.training else 0.0
+            if self.window is None and past is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            elif self.window is None and T == 1:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new token sees the whole cache
+            else:
+                mask = attention_mask(T, t_total, self.window, x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y)), weights, (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.ff_mult * cfg.n_embd
+        self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.act = nn.GELU() if cfg.activation == "gelu" else nn.ReLU()
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.use_layernorm else nn.Identity()
+
+
+class Block(nn.Module):
+    """One transformer block. Pre-norm: x + f(ln(x)). Post-norm: ln(x + f(x)). No residual: drop the x +."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm, self.residual = cfg.norm_position == "pre", cfg.use_residual
+        self.ln_1, self.attn = _norm(cfg), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = _norm(cfg), MLP(cfg)
+
+    def forward(self, x: torch.Tensor, past: KVCache | None = None, need_weights: bool = False):
+        if self.pre_norm:
+            a, weights, kv = self.attn(self.ln_1(x), past, need_weights)
+            x = x + a if self.residual else a
+            m = self.mlp(self.ln_2(x))
+            x = x + m if self.residual else m
+        else:
+            a, weights, kv = self.attn(x, past, need_weights)
+            x = self.ln_1(x + a if self.residual else a)
+            m = self.mlp(x)
+            x = self.ln_2(x + m if self.residual else m)
+        return x, weights, kv
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg = cfg.validate()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.pos_encoding == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("sin_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # Post-norm blocks already end in a LayerNorm; pre-norm needs one before the head.
+        self.ln_f = _norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting tied weights once; non_embedding drops the position table (nanoGPT's convention)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and hasattr(self, "wpe"):
+            n -= self.wpe.weight.numel()
+        return n
+
+    def position_embedding(self, start: int, T: int, device) -> torch.Tensor | float:
+        if self.config.pos_encoding == "learned":
+            return self.wpe(torch.arange(start, start + T, device=device))  # (T, C)
+        if self.config.pos_encoding == "sinusoidal":
+            return self.sin_table[start : start + T]
+        return 0.0
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        return_attention: bool = False,
+        past_kv: list[KVCache] | None = None,
+        use_cache: bool = False,
+    ) -> ModelOutput:
+        B, T = idx.shape
+        start = 0 if past_kv is None else past_kv[0][0].size(2)
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"Sequence of {start + T} tokens is longer than the model's context ({self.config.block_size})."
+            )
+        x = self.drop(self.wte(idx) + self.position_embedding(start, T, idx.device))  # (B, T, C)
+        attentions, new_kv = [], []
+        for i, block in enumerate(self.blocks):
+            x, weights, kv = block(x, None if past_kv is None else past_kv[i], return_attention)
+            attentions.append(weights)
+            new_kv.append(kv)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return ModelOutput(
+            logits=logits,
+            loss=loss,
+            attentions=attentions if return_attention else None,
+            past_kv=new_kv if use_cache else None,
+        )
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Decay matrices (Linear and embedding weights), not biases or LayerNorm gains."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad}  # tied weights once
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def flops_per_token(self, T: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), nanoGPT/PaLM estimate: 6N + 12·L·C·T."""
+        cfg = self.config
+        T = T or cfg.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
