@@ -1,0 +1,531 @@
+"""Plotly figures built from core data, so pages only place them and tests can check them headless.
+
+Every figure shares one look: the palette and template below, readable fonts, hover texts that name
+what is under the cursor ("step 250<br>val loss 1.930"). Token text from users goes into figures and
+HTML escaped: plotly renders a subset of HTML in labels and hovers, so a token such as ``<br>`` or
+``<script>`` must show as text, never act as markup.
+
+Also here: ``token_html`` (coloured token spans for ``st.html``) and the chart download helpers
+``figure_to_html`` (self-contained, works offline) and ``figure_to_png`` (kaleido + a local Chromium;
+``None`` when that is not available).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# ---- one look for every figure ------------------------------------------------------------------
+
+TEMPLATE = "plotly_white"
+FONT = dict(family="Inter, system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size=13, color="#1f2937")
+TRAIN_COLOR = "#2f6fdb"  # blue
+VAL_COLOR = "#e4572e"  # orange-red
+BATCH_COLOR = "rgba(47, 111, 219, 0.28)"  # faint train blue: noisy per-step loss stays in the background
+GAP_FILL = "rgba(228, 87, 46, 0.13)"  # faint val colour: the train→val gap
+BEST_COLOR = "#f2b705"  # gold star
+BASELINE_COLOR = "#111827"  # near-black, drawn thicker
+RUN_COLORS = ["#2f6fdb", "#e4572e", "#17a398", "#8e44ad", "#f2b705", "#c2185b", "#5d6d7e", "#7cb342",
+              "#0097a7", "#ff7f0e"]
+SETTING_COLORS = ["#2f6fdb", "#e4572e", "#17a398", "#8e44ad", "#c2185b", "#7cb342", "#0097a7", "#5d6d7e"]
+RAW_COLOR = "#9ca3af"  # grey bars: the unprocessed distribution
+ATTENTION_SCALE = "Blues"  # sequential, white at 0 so near-zero weights recede
+STAT_SCALE = "Viridis"
+# Token probability colours for token_html: low (red) -> middle (yellow) -> high (green), all light
+# enough that dark text stays readable on them.
+TOKEN_SCALE = ((0.0, (248, 180, 170)), (0.5, (253, 236, 160)), (1.0, (170, 222, 165)))
+
+LOSS_HEIGHT = 380
+GRID_CELL = 250  # px per attention subplot row
+MAX_TICKS = 24  # beyond this many tokens an axis labels every k-th one (hover still names each cell)
+
+METRIC_LABELS = {
+    "val_loss": "val loss",
+    "train_loss": "train loss",
+    "loss": "batch loss",
+    "entropy": "attention entropy (nats)",
+    "mean_distance": "mean distance attended (tokens)",
+    "prev_token": "previous-token score",
+    "first_token": "first-token score",
+    "induction": "induction score",
+}
+_UNIT_INTERVAL_STATS = {"prev_token", "first_token", "induction"}
+
+
+def _style(fig: go.Figure, *, height: int, title: str | None = None, legend: bool = True) -> go.Figure:
+    fig.update_layout(
+        template=TEMPLATE,
+        font=FONT,
+        height=height,
+        title=dict(text=title, x=0.0, xref="paper", xanchor="left", font=dict(size=16)) if title else None,
+        margin=dict(l=60, r=20, t=70 if title else 40, b=50),
+        hoverlabel=dict(font=dict(family=FONT["family"], size=12)),
+        showlegend=legend,
+        # "normal": plotly would otherwise reverse the legend of figures with filled traces.
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0, bgcolor="rgba(0,0,0,0)",
+                    traceorder="normal"),
+    )
+    return fig
+
+
+def _empty(fig: go.Figure, message: str) -> go.Figure:
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#6b7280"))
+    return fig
+
+
+# ---- token labels -------------------------------------------------------------------------------
+
+def visible_token(tok: str) -> str:
+    """Whitespace and control characters made visible: newline ↵, space ␣, tab ⇥, others as ␀-style pictures."""
+    out = []
+    for ch in tok:
+        if ch == "\n":
+            out.append("↵")
+        elif ch == " ":
+            out.append("␣")
+        elif ch == "\t":
+            out.append("⇥")
+        elif ord(ch) < 32:
+            out.append(chr(0x2400 + ord(ch)))
+        elif ord(ch) == 127:
+            out.append("␡")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _label(tok: str, max_len: int = 12) -> str:
+    """A token as plotly text: visible whitespace, shortened, HTML-escaped (plotly decodes &lt; &gt; &amp;)."""
+    s = visible_token(tok)
+    if len(s) > max_len:
+        s = s[: max_len - 1] + "…"
+    return html.escape(s, quote=False)
+
+
+def _tick_values(categories: Sequence[str], labels: Sequence[str], max_ticks: int = MAX_TICKS) -> dict:
+    step = max(1, math.ceil(len(categories) / max_ticks))
+    return dict(tickmode="array", tickvals=list(categories[::step]), ticktext=list(labels[::step]))
+
+
+# ---- loss curves --------------------------------------------------------------------------------
+
+def _column(df: pd.DataFrame, name: str) -> pd.Series:
+    if name not in df.columns:
+        return pd.Series(np.nan, index=df.index, dtype=float)
+    return pd.to_numeric(df[name], errors="coerce").replace([np.inf, -np.inf], np.nan)
+
+
+def _as_perplexity(values: np.ndarray) -> np.ndarray:
+    return np.exp(np.minimum(values, 50.0))  # clip: a diverging loss must not overflow to inf
+
+
+def loss_figure(
+    metrics: pd.DataFrame | None,
+    *,
+    title: str | None = None,
+    show_gap: bool = True,
+    best_marker: bool = True,
+    perplexity: bool = False,
+    log_y: bool = False,
+) -> go.Figure:
+    """Train and val loss (eval rows) over steps, the per-step batch loss faint behind them,
+    the train→val gap shaded, and the best val step starred. ``perplexity`` plots exp(loss) instead.
+
+    Handles metrics with no rows, or with step rows only (before the first eval).
+    """
+    fig = go.Figure()
+    what = "perplexity" if perplexity else "loss"
+    _style(fig, height=LOSS_HEIGHT, title=title)
+    fig.update_xaxes(title_text="step", rangemode="tozero")
+    fig.update_yaxes(title_text="perplexity" if perplexity else "loss (nats / token)",
+                     type="log" if log_y else "linear")
+    if metrics is None or len(metrics) == 0:
+        return _empty(fig, "No metrics yet: the curve appears after the first training step.")
+
+    df = pd.DataFrame({
+        "step": _column(metrics, "step"),
+        "loss": _column(metrics, "loss"),
+        "train_loss": _column(metrics, "train_loss"),
+        "val_loss": _column(metrics, "val_loss"),
+    }).dropna(subset=["step"]).sort_values("step", kind="stable")
+    transform = _as_perplexity if perplexity else (lambda v: v)
+    fmt = ":.2f" if perplexity else ":.3f"
+
+    steps = df.dropna(subset=["loss"])
+    if len(steps):
+        fig.add_trace(go.Scatter(
+            x=steps["step"], y=transform(steps["loss"].to_numpy()), mode="lines", name=f"batch {what}",
+            line=dict(color=BATCH_COLOR, width=1), legendrank=3,
+            hovertemplate=f"step %{{x}}<br>batch {what} %{{y{fmt}}}<extra></extra>",
+        ))
+
+    evals = df.dropna(subset=["train_loss", "val_loss"], how="all")
+    train = evals.dropna(subset=["train_loss"])
+    val = evals.dropna(subset=["val_loss"])
+    both = evals.dropna(subset=["train_loss", "val_loss"])
+
+    if show_gap and len(both) >= 2:
+        # "tonexty" fills down to the trace added just before it, so an invisible copy of the train
+        # curve goes first and the val curve of the fill trace closes the band.
+        fig.add_trace(go.Scatter(
+            x=both["step"], y=transform(both["train_loss"].to_numpy()), mode="lines",
+            line=dict(width=0, color=TRAIN_COLOR), showlegend=False, hoverinfo="skip", name="gap base",
+        ))
+        gap = transform(both["val_loss"].to_numpy()) - transform(both["train_loss"].to_numpy())
+        fig.add_trace(go.Scatter(
+            x=both["step"], y=transform(both["val_loss"].to_numpy()), mode="lines", name="generalisation gap",
+            fill="tonexty", fillcolor=GAP_FILL, line=dict(width=0, color=VAL_COLOR), customdata=gap,
+            legendrank=4, hovertemplate=f"step %{{x}}<br>val − train %{{customdata{fmt}}}<extra></extra>",
+        ))
+
+    if len(train):
+        fig.add_trace(go.Scatter(
+            x=train["step"], y=transform(train["train_loss"].to_numpy()), mode="lines+markers",
+            name=f"train {what}", line=dict(color=TRAIN_COLOR, width=2.2), marker=dict(size=6), legendrank=1,
+            hovertemplate=f"step %{{x}}<br>train {what} %{{y{fmt}}}<extra></extra>",
+        ))
+    if len(val):
+        fig.add_trace(go.Scatter(
+            x=val["step"], y=transform(val["val_loss"].to_numpy()), mode="lines+markers",
+            name=f"val {what}", line=dict(color=VAL_COLOR, width=2.2), marker=dict(size=6), legendrank=2,
+            hovertemplate=f"step %{{x}}<br>val {what} %{{y{fmt}}}<extra></extra>",
+        ))
+        if best_marker:
+            best = val.loc[val["val_loss"].idxmin()]
+            best_y = float(transform(np.array([best["val_loss"]]))[0])
+            best_step = int(best["step"])
+            fig.add_trace(go.Scatter(
+                x=[best_step], y=[best_y], mode="markers", name="best val",
+                marker=dict(symbol="star", size=16, color=BEST_COLOR, line=dict(color="#7a5c00", width=1)),
+                hovertemplate=f"best val {what} %{{y{fmt}}}<br>at step %{{x}}<extra></extra>",
+            ))
+            label = f"{best_y:.2f}" if perplexity else f"{best_y:.3f}"
+            fig.add_annotation(x=best_step, y=math.log10(best_y) if log_y and best_y > 0 else best_y,
+                               text=f"best val {label} @ step {best_step}", showarrow=True, arrowhead=0,
+                               ax=0, ay=-32, font=dict(size=12, color="#7a5c00"),
+                               bgcolor="rgba(255,255,255,0.8)")
+    elif len(steps):
+        fig.add_annotation(text="train/val loss appear at the first evaluation", x=1.0, y=1.0, xref="paper",
+                           yref="paper", xanchor="right", yanchor="top", showarrow=False,
+                           font=dict(size=12, color="#6b7280"))
+    return fig
+
+
+def overlay_figure(
+    runs: dict[str, pd.DataFrame],
+    *,
+    metric: str = "val_loss",
+    baseline: str | None = None,
+    show_train: bool = False,
+) -> go.Figure:
+    """Several runs' ``metric`` curves on one chart; ``baseline`` drawn thick and dark; ``show_train``
+    adds each run's train loss dashed in the same colour."""
+    fig = go.Figure()
+    label = METRIC_LABELS.get(metric, metric)
+    _style(fig, height=420)
+    fig.update_xaxes(title_text="step", rangemode="tozero")
+    fig.update_yaxes(title_text=label)
+    plotted = 0
+    for i, (name, metrics) in enumerate(runs.items()):
+        if metrics is None or len(metrics) == 0:
+            continue
+        is_base = name == baseline
+        color = BASELINE_COLOR if is_base else RUN_COLORS[i % len(RUN_COLORS)]
+        safe = html.escape(name, quote=False)
+        legend_name = f"{safe} (baseline)" if is_base else safe
+        step = _column(metrics, "step")
+        curves = [(metric, "solid", legend_name)]
+        if show_train and metric != "train_loss":
+            curves.append(("train_loss", "dash", f"{safe} · train"))
+        for col, dash, trace_name in curves:
+            y = _column(metrics, col)
+            ok = step.notna() & y.notna()
+            if not ok.any():
+                continue
+            fig.add_trace(go.Scatter(
+                x=step[ok], y=y[ok], mode="lines+markers" if ok.sum() <= 60 else "lines", name=trace_name,
+                legendgroup=safe, line=dict(color=color, width=(3.5 if is_base else 1.8) * (1 if dash == "solid" else 0.7),
+                                           dash=dash),
+                marker=dict(size=5 if is_base else 4), opacity=1.0 if is_base or baseline is None else 0.85,
+                hovertemplate=f"{safe}<br>step %{{x}}<br>{METRIC_LABELS.get(col, col)} %{{y:.3f}}<extra></extra>",
+            ))
+            plotted += 1
+    if plotted == 0:
+        _empty(fig, f"No {label} to show yet: pick runs that have been evaluated.")
+    return fig
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+def _masked_weights(w: np.ndarray, window: int | None) -> np.ndarray:
+    """(T, T) weights as float with masked cells (future keys, keys outside the window) set to NaN."""
+    T = w.shape[-1]
+    i = np.arange(T)[:, None]
+    j = np.arange(T)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= (i - j) < window
+    z = w.astype(float).copy()
+    z[..., ~allowed] = np.nan  # plotly leaves NaN cells blank
+    return z
+
+
+def _window_path(T: int, window: int) -> str:
+    """SVG path (cell coordinates) around the cells a windowed query may see: a staircase band."""
+    right = [(i + 0.5, y) for i in range(T) for y in (i - 0.5, i + 0.5)]  # the diagonal, top to bottom
+    left = []
+    for i in reversed(range(T)):  # back up along the window's far edge
+        x = max(0, i - window + 1) - 0.5
+        left += [(x, i + 0.5), (x, i - 0.5)]
+    points = right + left
+    return "M " + " L ".join(f"{x},{y}" for x, y in points) + " Z"
+
+
+def _attention_axes(maps: Any) -> tuple[list[str], list[str]]:
+    """Unique category names "'tok' (i)" (what the hover shows) and short tick labels per position."""
+    cats = [f"'{_label(t, 16)}' ({i})" for i, t in enumerate(maps.tokens)]
+    ticks = [_label(t, 8) for t in maps.tokens]
+    return cats, ticks
+
+
+def _check_layer_head(maps: Any, layer: int, head: int | None = None) -> None:
+    n_layer, n_head = maps.weights.shape[:2]
+    if not 0 <= layer < n_layer:
+        raise ValueError(f"layer {layer} does not exist: this model has layers 0..{n_layer - 1}.")
+    if head is not None and not 0 <= head < n_head:
+        raise ValueError(f"head {head} does not exist: this model has heads 0..{n_head - 1}.")
+
+
+_ATTN_HOVER = "query %{y} → key %{x}: %{z:.2f}<extra>%{fullData.name}</extra>"
+
+
+def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, cols: int = 4) -> go.Figure:
+    """One heatmap per head of ``layer`` on a shared 0..1 colour scale; rows are queries, columns keys.
+
+    Masked cells (future keys, and keys outside ``window``) are blank; with ``window`` each map
+    also outlines the band a query may attend to.
+    """
+    _check_layer_head(maps, layer)
+    n_head, T = maps.weights.shape[1], maps.weights.shape[-1]
+    cols = max(1, min(cols, n_head))
+    rows = math.ceil(n_head / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n_head)],
+                        horizontal_spacing=0.06 if T <= MAX_TICKS else 0.03, vertical_spacing=0.12 / rows)
+    cats, ticks = _attention_axes(maps)
+    axis_ticks = _tick_values(cats, ticks, max_ticks=16)
+    for h in range(n_head):
+        r, c = divmod(h, cols)
+        fig.add_trace(go.Heatmap(
+            z=_masked_weights(maps.weights[layer, h], window), x=cats, y=cats, coloraxis="coloraxis",
+            name=f"head {h}", hoverongaps=False, hovertemplate=_ATTN_HOVER, xgap=0, ygap=0,
+        ), row=r + 1, col=c + 1)
+        # Square cells; "domain" shrinks the plot area rather than padding the axis range with blank space.
+        fig.update_xaxes(row=r + 1, col=c + 1, tickangle=-90 if T > 8 else 0, tickfont=dict(size=9),
+                         showgrid=False, constrain="domain", **axis_ticks)
+        fig.update_yaxes(row=r + 1, col=c + 1, autorange="reversed", tickfont=dict(size=9), showgrid=False,
+                         scaleanchor=f"x{h + 1 if h else ''}", constrain="domain", **axis_ticks)
+        if window is not None:
+            fig.add_shape(type="path", path=_window_path(T, window), row=r + 1, col=c + 1,
+                          line=dict(color=VAL_COLOR, width=1.5), fillcolor="rgba(0,0,0,0)")
+    title = f"Layer {layer} attention · {n_head} heads"
+    if getattr(maps, "cropped", False):
+        title += f" · last {T} tokens"
+    if window is not None:
+        title += f" · window {window}"
+    _style(fig, height=90 + rows * GRID_CELL, title=title, legend=False)
+    fig.update_layout(coloraxis=dict(colorscale=ATTENTION_SCALE, cmin=0.0, cmax=1.0,
+                                     colorbar=dict(title=dict(text="weight"), thickness=12)),
+                      margin=dict(l=50, r=20, t=80, b=40), plot_bgcolor="white")
+    return fig
+
+
+def attention_head_figure(maps: Any, layer: int, head: int, *, window: int | None = None) -> go.Figure:
+    """One head's attention as a large heatmap (queries down, keys across), blank where masked."""
+    _check_layer_head(maps, layer, head)
+    T = maps.weights.shape[-1]
+    cats, ticks = _attention_axes(maps)
+    axis_ticks = _tick_values(cats, ticks, max_ticks=48)
+    fig = go.Figure(go.Heatmap(
+        z=_masked_weights(maps.weights[layer, head], window), x=cats, y=cats, zmin=0.0, zmax=1.0,
+        colorscale=ATTENTION_SCALE, name=f"layer {layer} · head {head}", hoverongaps=False,
+        hovertemplate=_ATTN_HOVER, colorbar=dict(title=dict(text="weight"), thickness=12),
+    ))
+    if window is not None:
+        fig.add_shape(type="path", path=_window_path(T, window), line=dict(color=VAL_COLOR, width=2),
+                      fillcolor="rgba(0,0,0,0)")
+    title = f"Layer {layer} · head {head}"
+    if getattr(maps, "cropped", False):
+        title += f" · last {T} tokens"
+    _style(fig, height=600, title=title, legend=False)
+    fig.update_xaxes(title_text="key (attended to)", tickangle=-90 if T > 8 else 0, showgrid=False,
+                     constrain="domain", **axis_ticks)
+    fig.update_yaxes(title_text="query (attending)", autorange="reversed", showgrid=False, scaleanchor="x",
+                     constrain="domain", **axis_ticks)
+    fig.update_layout(plot_bgcolor="white", margin=dict(l=90, r=20, t=70, b=90))
+    return fig
+
+
+def head_stats_figure(stats: dict[str, np.ndarray], metric: str) -> go.Figure:
+    """A layer × head heatmap of one statistic (from inspection.head_stats or induction_scores), values written in."""
+    if metric not in stats:
+        raise ValueError(f"No statistic {metric!r}; available: {', '.join(sorted(stats))}.")
+    z = np.asarray(stats[metric], dtype=float)
+    if z.ndim != 2:
+        raise ValueError(f"Statistic {metric!r} must be a (n_layer, n_head) array, got shape {z.shape}.")
+    n_layer, n_head = z.shape
+    label = METRIC_LABELS.get(metric, metric)
+    bounds = dict(zmin=0.0, zmax=1.0) if metric in _UNIT_INTERVAL_STATS else {}
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"head {h}" for h in range(n_head)], y=[f"layer {l}" for l in range(n_layer)],
+        colorscale=STAT_SCALE, texttemplate="%{z:.2f}", textfont=dict(size=12), name=label,
+        hovertemplate=f"%{{y}} · %{{x}}<br>{label} %{{z:.3f}}<extra></extra>",
+        colorbar=dict(title=dict(text=label.split(" (")[0]), thickness=12), xgap=2, ygap=2, **bounds,
+    ))
+    _style(fig, height=min(140 + 56 * n_layer, 700), title=label, legend=False)
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_xaxes(showgrid=False, side="top")
+    fig.update_layout(margin=dict(l=70, r=20, t=90, b=20))
+    return fig
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+
+def distribution_figure(
+    tokens: list[str], probs: np.ndarray, kept: dict[str, np.ndarray], top_n: int = 30
+) -> go.Figure:
+    """The ``top_n`` most likely next tokens (raw probabilities) as bars, and below them one row per
+    setting: a filled dot where the setting keeps the token, a faint cross where it cuts it.
+
+    ``tokens`` labels every vocabulary id; ``probs`` is (vocab,); ``kept`` maps a setting's name to a
+    (vocab,) boolean mask of the tokens it keeps.
+    """
+    p = np.asarray(probs, dtype=float).reshape(-1)
+    if len(tokens) != len(p):
+        raise ValueError(f"{len(tokens)} token labels for {len(p)} probabilities; pass one label per vocabulary id.")
+    order = np.argsort(-p, kind="stable")[: max(1, min(top_n, len(p)))]  # most likely first
+    cats = [f"'{_label(tokens[i], 16)}' (id {i})" for i in order]
+    ticks = [_label(tokens[i], 8) for i in order]
+    n_set = len(kept)
+
+    if n_set:
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.04,
+                            row_heights=[0.62, 0.38] if n_set > 2 else [0.75, 0.25])
+    else:
+        fig = make_subplots(rows=1, cols=1)
+    fig.add_trace(go.Bar(
+        x=cats, y=p[order], name="raw probability", marker=dict(color=RAW_COLOR), customdata=np.arange(1, len(order) + 1),
+        hovertemplate="%{x}<br>raw probability %{y:.3f}<br>rank %{customdata}<extra></extra>",
+    ), row=1, col=1)
+
+    row_names = []
+    for k, (name, mask) in enumerate(kept.items()):
+        m = np.asarray(mask, dtype=bool).reshape(-1)
+        if m.shape != p.shape:
+            raise ValueError(f"Mask for {name!r} has {m.size} entries; expected one per vocabulary id ({p.size}).")
+        color = SETTING_COLORS[k % len(SETTING_COLORS)]
+        mass = float(p[m].sum())
+        row_name = f"{html.escape(name, quote=False)} · {int(m.sum())} kept · {mass:.0%} mass"
+        row_names.append(row_name)
+        sel = m[order]
+        fig.add_trace(go.Scatter(
+            x=cats, y=[row_name] * len(order), mode="markers", name=html.escape(name, quote=False),
+            marker=dict(symbol=np.where(sel, "circle", "x-thin-open").tolist(), size=np.where(sel, 11, 8).tolist(),
+                        color=[color if s else "rgba(156,163,175,0.6)" for s in sel],
+                        line=dict(width=1.2, color=[color if s else "rgba(156,163,175,0.6)" for s in sel])),
+            customdata=np.where(sel, "kept", "cut"),
+            hovertemplate=f"%{{x}}<br>{html.escape(name, quote=False)}: %{{customdata}}<extra></extra>",
+        ), row=2, col=1)
+
+    height = 340 + 34 * n_set
+    _style(fig, height=height, title=f"Next-token distribution · top {len(order)}", legend=False)
+    fig.update_yaxes(title_text="probability", row=1, col=1, rangemode="tozero")
+    tick_args = _tick_values(cats, ticks, max_ticks=len(cats))
+    fig.update_xaxes(tickangle=-60 if len(order) > 12 else 0, **tick_args, row=2 if n_set else 1, col=1)
+    if n_set:
+        fig.update_xaxes(showticklabels=False, row=1, col=1)
+        fig.update_yaxes(autorange="reversed", categoryorder="array", categoryarray=row_names, showgrid=False,
+                         tickfont=dict(size=11), row=2, col=1)
+    fig.update_layout(bargap=0.25, margin=dict(l=220 if n_set else 60, r=20, t=60, b=70))
+    return fig
+
+
+# ---- token colouring (HTML) ---------------------------------------------------------------------
+
+def _scale_color(value: float) -> str:
+    v = min(1.0, max(0.0, value))
+    for (x0, c0), (x1, c1) in zip(TOKEN_SCALE, TOKEN_SCALE[1:]):
+        if v <= x1:
+            t = (v - x0) / (x1 - x0)
+            rgb = tuple(round(a + (b - a) * t) for a, b in zip(c0, c1))
+            return f"rgb({rgb[0]}, {rgb[1]}, {rgb[2]})"
+    return f"rgb{TOKEN_SCALE[-1][1]}"
+
+
+def token_html(tokens: list[str], values: list[float] | None = None, titles: list[str] | None = None) -> str:
+    """Tokens as coloured spans (value 0..1 -> red..yellow..green), escaped, with hover titles.
+
+    Newlines show as ↵ (followed by a real line break), spaces as ␣ and tabs as ⇥, so token
+    boundaries are visible. Returns one HTML string for ``st.html`` / ``st.markdown(unsafe_allow_html)``.
+    """
+    if values is not None and len(values) != len(tokens):
+        raise ValueError(f"{len(values)} values for {len(tokens)} tokens; pass one value per token.")
+    if titles is not None and len(titles) != len(tokens):
+        raise ValueError(f"{len(titles)} titles for {len(tokens)} tokens; pass one title per token.")
+    spans = []
+    for k, tok in enumerate(tokens):
+        style = ("display:inline-block;padding:1px 2px;margin:1px 1px;border-radius:4px;"
+                 "border:1px solid rgba(0,0,0,0.08);")
+        v = None if values is None else values[k]
+        if v is not None and np.isfinite(v):
+            style += f"background:{_scale_color(float(v))};"
+        else:
+            style += "background:#f3f4f6;"
+        title = f' title="{html.escape(str(titles[k]), quote=True)}"' if titles is not None else ""
+        text = html.escape(visible_token(tok), quote=False)
+        spans.append(f'<span style="{style}"{title}>{text}</span>')
+        if "\n" in tok:
+            spans.append("<br>")  # keep the text's own line structure readable
+    return ('<div class="tinygpt-tokens" style="font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;'
+            'font-size:14px;line-height:1.9;color:#111827;word-break:break-word;">' + "".join(spans) + "</div>")
+
+
+# ---- downloads ----------------------------------------------------------------------------------
+
+def figure_to_html(fig: go.Figure) -> str:
+    """A self-contained HTML page of the figure; plotly.js is inlined (~4.5 MB) so it opens offline."""
+    return fig.to_html(full_html=True, include_plotlyjs=True)
+
+
+_png_unavailable: str | None = None  # why PNG export failed once; not retried in this process
+
+
+def figure_to_png(fig: go.Figure, *, scale: float = 2.0) -> bytes | None:
+    """PNG bytes of the figure through kaleido, or None when it cannot run here.
+
+    kaleido 1.x drives a local Chrome/Chromium (found on PATH, or BROWSER_PATH; Debian's
+    /usr/bin/chromium works) and uses plotly's bundled plotly.js, so it works offline. Each call
+    starts a browser (a few seconds): call it on demand, not on every page rerun. After one failure
+    (no browser, kaleido missing) it returns None at once for the rest of the process.
+    """
+    global _png_unavailable
+    if _png_unavailable is not None:
+        return None
+    try:
+        data = fig.to_image(format="png", scale=scale)
+    except Exception as exc:  # kaleido missing, no browser, browser failed to start: PNG is optional
+        _png_unavailable = f"{type(exc).__name__}: {exc}"
+        return None
+    return data if data[:8] == b"\x89PNG\r\n\x1a\n" else None
+
+
+def png_unavailable_reason() -> str | None:
+    """Why figure_to_png returned None (None while it works or has not been tried)."""
+    return _png_unavailable
