@@ -1,0 +1,313 @@
+"""Sampling page: one run, one prompt, one seed, several decoding strategies side by side.
+
+Thin UI: generation, the next-token distribution and the text statistics come from
+tinygpt_core.sampling; the coloured tokens and the distribution chart from tinygpt_core.viz.
+Results are cached per run, weights mtime, prompt and settings, so editing one column leaves the
+others as they are (and the same seed always shows the same text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import pandas as pd
+import streamlit as st
+
+from pages._common import load_run_cached, run_picker, user_errors
+from tinygpt_core.data import load_corpus
+from tinygpt_core.errors import ConfigError, TinyGPTError
+from tinygpt_core.runs import LoadedRun, RunSummary
+from tinygpt_core.sampling import (
+    GenerationResult,
+    SamplingSettings,
+    generate,
+    next_token_distribution,
+    text_stats,
+)
+from tinygpt_core.viz import distribution_figure, token_html
+
+FALLBACK_PROMPT = "The "
+DEFAULT_PROMPT_TOKENS = 24
+PROMPT_TOKENS_SHOWN = 48  # a long prompt is shown by its end only; the continuation is what matters
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    blurb: str
+    settings: SamplingSettings
+
+
+# Preset columns: id -> title, one line on what it does, and its starting settings.
+COLUMNS: dict[str, Column] = {
+    "greedy": Column("Greedy", "Always the most likely token: deterministic, often loops.",
+                     SamplingSettings(strategy="greedy")),
+    "temperature": Column("Temperature", "Sample from the whole distribution, sharpened (T < 1) or flattened (T > 1).",
+                          SamplingSettings(strategy="sample", temperature=0.8)),
+    "top_k": Column("Top-k", "Sample among the k most likely tokens only.",
+                    SamplingSettings(strategy="sample", top_k=10)),
+    "top_p": Column("Top-p", "Sample among the fewest tokens holding p of the probability (nucleus).",
+                    SamplingSettings(strategy="sample", top_p=0.9)),
+    "min_p": Column("Min-p", "Drop tokens less than min-p times as likely as the best one.",
+                    SamplingSettings(strategy="sample", min_p=0.1)),
+    "combined": Column("Combined", "Temperature, top-k, top-p and a repetition penalty together.",
+                       SamplingSettings(strategy="sample", temperature=0.8, top_k=20, top_p=0.95,
+                                        repetition_penalty=1.2)),
+    "beam": Column("Beam search", "Keep the best few partial texts by total log-probability.",
+                   SamplingSettings(strategy="beam", num_beams=4)),
+}
+DEFAULT_COLUMNS = ["greedy", "temperature", "top_p", "beam"]
+
+
+def _weights_mtime(run: RunSummary, checkpoint: str) -> float:
+    path = run.path / ("model.safetensors" if checkpoint == "best" else "last.safetensors")
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _corpus_start(source: str) -> str | None:
+    try:
+        return load_corpus(source).text[:2000]
+    except TinyGPTError:
+        return None
+
+
+def _default_prompt(run: LoadedRun) -> str:
+    """The first few tokens of the run's corpus: a prompt the model knows how to continue."""
+    tok = run.tokenizer
+    text = _corpus_start(run.config.corpus.get("source") or run.config.corpus.get("name") or "")
+    if not text or (tok.kind == "char" and tok.unknown_symbols(text[:500])):
+        return FALLBACK_PROMPT if not tok.unknown_symbols(FALLBACK_PROMPT) else ""
+    n = min(DEFAULT_PROMPT_TOKENS, max(1, run.config.model.block_size // 2))
+    try:
+        prompt = tok.decode(tok.encode(text[:400])[:n])
+    except TinyGPTError:
+        prompt = text[:n]
+    # End on a whole word ("The lighthouse", not "The lighthouse o") when there is a space to cut at.
+    cut = prompt.rstrip().rfind(" ")
+    return prompt[:cut] if cut > 0 else prompt
+
+
+def _settings_widgets(cid: str, vocab_size: int) -> SamplingSettings:
+    """The expander of one column; returns its settings (not yet validated: the caller shows errors)."""
+    base = COLUMNS[cid].settings
+    k = f"smp_{cid}_"
+    s = dataclasses.replace(base)
+    with st.expander("Settings", icon=":material/tune:"):
+        if base.strategy == "sample":
+            # Bounds are loose on purpose: the core's validation explains what is out of range.
+            s.temperature = st.number_input(
+                "Temperature", 0.0, 5.0, float(base.temperature), 0.05, key=k + "temperature",
+                help="Divides the logits: below 1 sharpens the distribution, above 1 flattens it. 0 is greedy.",
+            )
+            s.top_k = st.number_input(
+                "Top-k", 0, max(1, vocab_size), None if base.top_k is None else min(base.top_k, vocab_size), 1,
+                key=k + "top_k", placeholder="off",
+                help="Keep only the k most likely tokens. Empty = off.",
+            )
+            s.top_p = st.number_input(
+                "Top-p", 0.0, 1.0, base.top_p, 0.05, key=k + "top_p", placeholder="off",
+                help="Keep the most likely tokens until their probabilities add up to p. Empty = off.",
+            )
+            s.min_p = st.number_input(
+                "Min-p", 0.0, 1.0, base.min_p, 0.01, key=k + "min_p", placeholder="off",
+                help="Drop tokens less likely than min-p × the top token's probability. Empty = off.",
+            )
+        elif base.strategy == "beam":
+            s.num_beams = st.number_input(
+                "Beams", 1, 64, int(base.num_beams), 1, key=k + "num_beams",
+                help="How many partial texts are kept at each step (at most the vocabulary size).",
+            )
+            s.length_penalty = st.number_input(
+                "Length penalty", -2.0, 3.0, float(base.length_penalty), 0.1, key=k + "length_penalty",
+                help="Score = log-probability / length^penalty. All beams here have the same length, so it "
+                "rescales the scores without reordering them.",
+            )
+        s.repetition_penalty = st.number_input(
+            "Repetition penalty", 0.0, 3.0, float(base.repetition_penalty), 0.05, key=k + "repetition_penalty",
+            help="Above 1 makes tokens already in the text less likely (1 = off).",
+        )
+    return s
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _generate(run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str,
+              _run: LoadedRun) -> GenerationResult:
+    # run_path + checkpoint + mtime identify the weights, settings_json the decoding (seed included).
+    return generate(_run.model, _run.tokenizer, prompt, SamplingSettings(**json.loads(settings_json)))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _distribution(run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str,
+                  _run: LoadedRun) -> dict:
+    labelled = {label: SamplingSettings(**d) for label, d in json.loads(settings_json).items()}
+    return next_token_distribution(_run.model, _run.tokenizer, prompt, labelled)
+
+
+def _new_seed() -> None:
+    """Button callback: a different seed (set before the seed box is drawn again)."""
+    old = st.session_state.get("smp_seed")
+    new = old
+    while new == old:
+        new = random.randrange(100_000)
+    st.session_state["smp_seed"] = new
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "–" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def _show_result(result: GenerationResult, run: LoadedRun) -> None:
+    tok = run.tokenizer
+    prompt_ids = result.prompt_ids[-PROMPT_TOKENS_SHOWN:] if result.prompt else []
+    prompt_tokens = tok.token_strings(prompt_ids)
+    titles = ["prompt"] * len(prompt_tokens) + [
+        f"{s.token!r}: p = {s.prob:.3f}, rank {s.rank}\n"
+        + "most likely: " + ", ".join(f"{t!r} {p:.2f}" for t, p in s.top[:5])
+        for s in result.steps
+    ]
+    values = [float("nan")] * len(prompt_tokens) + [s.prob for s in result.steps]
+    st.html(token_html(prompt_tokens + [s.token for s in result.steps], values, titles))
+    stats = text_stats(result.token_ids, [s.logprob for s in result.steps])
+    st.markdown(
+        f"mean log-prob **{_fmt(stats['mean_logprob'], '.2f')}** · distinct-2 **{_fmt(stats['distinct_2'], '.2f')}**"
+        f" · repeated 4-grams **{_fmt(stats['repetition'], '.0%')}**"
+    )
+    st.caption(f"{len(result.token_ids)} tokens in {result.elapsed_s:.2f} s ({result.tokens_per_s:,.0f} tokens/s)")
+    if result.beams:
+        with st.expander(f"All {len(result.beams)} beams"):
+            st.dataframe(
+                pd.DataFrame({"score": [round(s, 3) for _, s in result.beams], "text": [t for t, _ in result.beams]}),
+                hide_index=True,
+                width="stretch",
+            )
+
+
+st.title("Sampling")
+st.caption(
+    "The model only ever gives a probability for every possible next token; a decoding strategy decides which "
+    "one to write. Run the same model with several strategies on one prompt and one seed, and see what each "
+    "keeps and cuts of the distribution."
+)
+
+top = st.columns([4, 2], vertical_alignment="bottom")
+with top[0]:
+    summary = run_picker("Run", key="smp_run")
+if summary is None:
+    st.stop()
+with top[1]:
+    checkpoint = st.radio(
+        "Checkpoint",
+        ["best", "last"],
+        format_func=lambda c: {"best": "Best val loss", "last": "Last step"}[c],
+        horizontal=True,
+        key="smp_checkpoint",
+    )
+run = load_run_cached(summary, checkpoint)
+if run is None:
+    st.stop()
+tok = run.tokenizer
+vocab = tok.vocab_size
+block = run.config.model.block_size
+
+prompt_key = f"smp_prompt_{summary.id}"  # one box per run: switching runs shows that run's default
+if prompt_key not in st.session_state:
+    st.session_state[prompt_key] = _default_prompt(run)
+
+c_prompt, c_len = st.columns([4, 2])
+with c_prompt:
+    prompt = st.text_area("Prompt", key=prompt_key, height=124,
+                          help="Empty is allowed: the model then starts from a newline.")
+with c_len:
+    max_new = st.slider("New tokens", 10, 400, 80, 10, key="smp_max_new")
+    c_seed, c_new = st.columns([3, 2], vertical_alignment="bottom")
+    if "smp_seed" not in st.session_state:
+        st.session_state["smp_seed"] = 1234
+    seed = c_seed.number_input("Seed", 0, 2**31 - 1, key="smp_seed", step=1,
+                               help="The same seed gives the same text in every sampling column.")
+    c_new.button("New seed", icon=":material/casino:", key="smp_new_seed", on_click=_new_seed, width="stretch")
+chosen = st.multiselect(
+    "Strategies to compare", list(COLUMNS), default=DEFAULT_COLUMNS, format_func=lambda c: COLUMNS[c].title,
+    key="smp_columns",
+)
+
+unknown = tok.unknown_symbols(prompt)
+if unknown:
+    listed = ", ".join(repr(u) for u in unknown[:20]) + (" …" if len(unknown) > 20 else "")
+    if tok.kind == "char":
+        st.warning(
+            f"This run's tokenizer has never seen {listed}, so they are left out of the prompt. Remove them, or "
+            "pick a run trained on a corpus that contains them.",
+            icon=":material/warning:",
+        )
+        lacking = set(unknown)
+        prompt = "".join(c for c in prompt if c not in lacking)
+    else:
+        st.warning(
+            f"Not in this run's vocabulary, read as `<unk>`: {listed}. Use words from the training corpus.",
+            icon=":material/warning:",
+        )
+n_prompt = len(tok.encode(prompt))
+if n_prompt > block:
+    st.info(f"The prompt is {n_prompt} tokens; the model sees only the last {block} of them.",
+            icon=":material/content_cut:")
+if not chosen:
+    st.info("Pick at least one column above.")
+    st.stop()
+
+mtime = _weights_mtime(summary, checkpoint)
+valid: dict[str, SamplingSettings] = {}
+# At most three columns per row (two when there are four), so token strips stay readable.
+per_row = len(chosen) if len(chosen) <= 3 else (2 if len(chosen) == 4 else 3)
+cols = [c for start in range(0, len(chosen), per_row) for c in st.columns(per_row, gap="medium")][: len(chosen)]
+for col, cid in zip(cols, chosen):
+    spec = COLUMNS[cid]
+    with col, st.container(border=True):
+        st.markdown(f"**{spec.title}**")
+        st.caption(spec.blurb)
+        settings = _settings_widgets(cid, vocab)
+        settings.max_new_tokens = int(max_new)
+        settings.seed = int(seed) if settings.strategy == "sample" else None
+        try:
+            settings.validate(vocab)
+        except ConfigError as exc:
+            st.error(str(exc), icon=":material/error:")
+            continue
+        st.caption(f"`{settings.describe()}`")
+        valid[spec.title] = settings
+        result = None
+        with st.spinner("Generating…"), user_errors("Cannot generate: "):
+            result = _generate(str(summary.path), checkpoint, mtime, prompt,
+                               json.dumps(dataclasses.asdict(settings)), run)
+        if result is not None:
+            _show_result(result, run)
+
+if valid:
+    st.subheader("What each setting keeps of the next-token distribution")
+    st.caption(
+        "Grey bars: the model's probabilities for the token right after the prompt (most likely first). "
+        "Each row below: a dot where that column's setting can still pick the token, a cross where it cuts it."
+    )
+    dist = None
+    with user_errors("Cannot compute the distribution: "):
+        dist = _distribution(
+            str(summary.path), checkpoint, mtime, prompt,
+            json.dumps({t: dataclasses.asdict(s) for t, s in valid.items()}), run,
+        )
+    if dist is not None:
+        top_n = vocab if vocab <= 10 else st.columns([1, 2])[0].slider(
+            "Tokens shown", 10, min(100, vocab), min(30, vocab), key="smp_top_n"
+        )
+        st.plotly_chart(
+            distribution_figure(dist["tokens"], dist["probs"], dist["kept"], top_n=top_n),
+            key="smp_distribution",
+            width="stretch",
+        )
