@@ -1,0 +1,799 @@
+"""The run store: one folder per training run, written atomically, read back safely.
+
+A run folder is the unit everything shares (the CLI writes it, the app lists and opens it, export
+reads it):
+
+    config.json          RunConfig: model, training, tokenizer and corpus settings
+    tokenizer.json       the trained tokenizer
+    metrics.csv          one row per optimizer step (train/val loss on eval steps only)
+    model.safetensors    weights with the best validation loss so far
+    last.safetensors     weights at the last checkpoint (for resuming)
+    optimizer.safetensors  optimizer state + JSON metadata (step, RNG states, counters)
+    status.json          queued | running | done | stopped | diverged | error | interrupted, with a heartbeat
+    samples.json         [{"step", "text"}] generated at each eval
+
+Every JSON and safetensors file is written to a temporary file in the same folder and renamed over
+the target, so a reader (another thread, the app, a crash) never sees half a file. Weights are only
+ever read with safetensors: a file handed to us by someone else cannot run code. ``RunWriter`` is the
+only code that writes into a run folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .config import ModelConfig, TrainConfig
+from .errors import ConfigError, RunError, TokenizerError
+from .model import GPT
+
+RUN_STATUSES = ("queued", "running", "done", "stopped", "diverged", "error", "interrupted")
+FINISHED_STATUSES = ("done", "stopped", "diverged", "error", "interrupted")
+RUN_CONFIG_VERSION = 1
+METRIC_COLUMNS = ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+CHECKPOINT_FILES = {"best": "model.safetensors", "last": "last.safetensors"}
+OPTIMIZER_FILE = "optimizer.safetensors"
+HEARTBEAT_TIMEOUT_S = 120.0  # a "running" run whose status was not refreshed for this long is dead
+
+_MAX_JSON_BYTES = 20_000_000  # config/status/samples files are small; refuse anything absurd
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def default_runs_dir() -> Path:
+    """$TINYGPT_RUNS_DIR, else ./runs (relative to the working folder)."""
+    env = os.environ.get("TINYGPT_RUNS_DIR")
+    return Path(env).expanduser() if env else Path("runs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, then rename it over ``path`` (atomic on POSIX).
+
+    Readers see the old file or the new one, never a mix. We do not fsync: the goal is consistency
+    for concurrent readers, not durability across power loss, and fsync can cost milliseconds.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _read_json(path: Path) -> Any:
+    """Parse a small JSON file; RunError says which file is missing or broken."""
+    try:
+        if path.stat().st_size > _MAX_JSON_BYTES:
+            raise RunError(f"{path.name} is far too large to be a run file; the run folder is damaged.")
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RunError(f"{path.name} is missing") from None
+    except OSError as e:
+        raise RunError(f"{path.name} cannot be read: {e.strerror or e}") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RunError(f"{path.name} is not valid JSON") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# What config.json, status.json and the runs table hold
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run's model and tokenizer, and to describe the run."""
+
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    tokenizer: dict  # {"kind": "char"|"word"|"bpe", "vocab_size": int}
+    corpus: dict  # {"name", "source", "sha256", "chars"}
+    preset: str | None = None
+    created_at: str = ""  # ISO-8601 UTC
+    version: int = RUN_CONFIG_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "preset": self.preset,
+            "created_at": self.created_at,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "tokenizer": dict(self.tokenizer),
+            "corpus": dict(self.corpus),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RunConfig":
+        """Validate an untrusted dict (config.json); RunError says what is wrong."""
+        if not isinstance(d, dict):
+            raise RunError("config.json must hold a JSON object")
+        version = d.get("version", RUN_CONFIG_VERSION)
+        if type(version) is not int or version < 1:
+            raise RunError(f"config.json has an invalid version {version!r}")
+        if version > RUN_CONFIG_VERSION:
+            raise RunError(
+                f"config.json has version {version}, written by a newer TinyGPT Lab; update this one to open it"
+            )
+        for key in ("model", "train", "tokenizer", "corpus"):
+            if not isinstance(d.get(key), dict):
+                raise RunError(f"config.json is invalid: '{key}' must be an object")
+        try:
+            model = ModelConfig.from_dict(d["model"])
+            train = TrainConfig.from_dict(d["train"])
+        except ConfigError as e:
+            raise RunError(f"config.json is invalid: {e}") from None
+        tok = d["tokenizer"]
+        if tok.get("kind") not in ("char", "word", "bpe"):
+            raise RunError(f"config.json is invalid: unknown tokenizer kind {tok.get('kind')!r}")
+        vs = tok.get("vocab_size")
+        if type(vs) is not int or vs < 1:
+            raise RunError(f"config.json is invalid: tokenizer vocab_size must be a positive integer, got {vs!r}")
+        name, preset, created = d.get("name", ""), d.get("preset"), d.get("created_at", "")
+        if not isinstance(name, str) or not isinstance(created, str) or not (preset is None or isinstance(preset, str)):
+            raise RunError("config.json is invalid: name, preset and created_at must be strings")
+        return cls(name=name, model=model, train=train, tokenizer=dict(tok), corpus=dict(d["corpus"]),
+                   preset=preset, created_at=created, version=version)
+
+
+@dataclass
+class RunStatus:
+    status: str
+    message: str = ""
+    step: int = 0
+    pid: int | None = None
+    updated_at: float = 0.0  # time.time() of the last write (the heartbeat)
+
+
+@dataclass
+class RunSummary:
+    """One row of the runs table. Broken runs are included, with status "broken" and a reason."""
+
+    id: str
+    path: Path
+    name: str
+    status: str
+    message: str
+    created_at: str
+    preset: str | None
+    ablations: list[str]
+    params: int | None
+    corpus: str | None
+    tokenizer: str | None
+    steps: int
+    max_iters: int | None
+    best_val_loss: float | None
+    best_step: int | None
+    final_train_loss: float | None
+    final_val_loss: float | None
+    elapsed_s: float | None
+    broken_reason: str | None = None
+
+
+@dataclass
+class LoadedRun:
+    """A run opened for use: the model (eval mode), its tokenizer, config and curves."""
+
+    path: Path
+    config: RunConfig
+    model: GPT
+    tokenizer: Any  # tokenizers.Tokenizer
+    metrics: pd.DataFrame
+    status: RunStatus
+    samples: list[dict] = field(default_factory=list)
+    checkpoint: str = "best"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run folder
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """metrics.csv as a DataFrame with METRIC_COLUMNS (NaN where a value is empty). RunError if absent."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise RunError("metrics.csv is missing")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame(columns=METRIC_COLUMNS)
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as e:
+        raise RunError(f"metrics.csv cannot be read: {e}") from None
+    missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+    if missing:
+        raise RunError(f"metrics.csv is missing the column(s) {', '.join(missing)}")
+    df = df[METRIC_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    df = df.dropna(subset=["step"])  # a row cut short by a crash mid-write has no usable step
+    df["step"] = df["step"].astype("int64")
+    return df.reset_index(drop=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def read_status(run_dir: str | os.PathLike[str]) -> RunStatus:
+    """status.json; a "running" run whose process is gone (or silent for 120 s) reads as "interrupted",
+    and so does a "queued" one whose process is gone.
+
+    Never raises: a missing or unreadable status file reads as "interrupted" with the reason.
+    """
+    try:
+        d = _read_json(Path(run_dir) / "status.json")
+    except RunError as e:
+        return RunStatus("interrupted", str(e))
+    if not isinstance(d, dict) or d.get("status") not in RUN_STATUSES:
+        return RunStatus("interrupted", "status.json is not a valid status")
+    pid = d.get("pid")
+    pid = pid if type(pid) is int else None
+    updated = d.get("updated_at")
+    updated = float(updated) if isinstance(updated, (int, float)) and not isinstance(updated, bool) else 0.0
+    step = d.get("step")
+    st = RunStatus(
+        status=d["status"],
+        message=d.get("message") if isinstance(d.get("message"), str) else "",
+        step=step if type(step) is int else 0,
+        pid=pid,
+        updated_at=updated,
+    )
+    if st.status == "queued" and pid is not None and not _pid_alive(pid):
+        return RunStatus("interrupted", "The job was queued by a process that has ended; train it again.",
+                         st.step, pid, updated)
+    if st.status == "running":
+        if pid is None or not _pid_alive(pid):
+            return RunStatus("interrupted", f"The training process ended unexpectedly at step {st.step}; "
+                             "resume the run to continue.", st.step, pid, updated)
+        if time.time() - updated > HEARTBEAT_TIMEOUT_S:
+            return RunStatus("interrupted", f"No progress reported for over {HEARTBEAT_TIMEOUT_S:.0f} s at step "
+                             f"{st.step}; resume the run to continue.", st.step, pid, updated)
+    return st
+
+
+def read_samples(run_dir: str | os.PathLike[str]) -> list[dict]:
+    """[{"step": int, "text": str}]; a missing or damaged samples.json gives []."""
+    try:
+        d = _read_json(Path(run_dir) / "samples.json")
+    except RunError:
+        return []
+    if not isinstance(d, list):
+        return []
+    return [
+        {"step": s["step"], "text": s["text"]}
+        for s in d
+        if isinstance(s, dict) and type(s.get("step")) is int and isinstance(s.get("text"), str)
+    ]
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> RunConfig:
+    return RunConfig.from_dict(_read_json(Path(run_dir) / "config.json"))
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file, or None. Reads only the header.
+
+    Checking the header first gives a precise reason (missing, pickle, truncated) without reading
+    megabytes of weights; it is also what lets list() spot broken runs cheaply.
+    """
+    problem = _safetensors_header_problem(path)
+    if problem and problem.endswith("not a safetensors file"):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+        except OSError:
+            return problem
+        # Only now look for pickle signatures: a valid header length may begin with the same bytes.
+        # Pickle protocol 2-5 starts with 0x80 and the protocol number; torch.save's zip with "PK\3\4".
+        if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+            return (f"{path.name} is a pickle/PyTorch file, not safetensors; it was refused because pickles "
+                    "can run code. Re-save the weights with safetensors")
+    return problem
+
+
+def _safetensors_header_problem(path: Path) -> str | None:
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{name} is truncated or not a safetensors file"
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_SAFETENSORS_HEADER or 8 + n > size:
+                return f"{name} is truncated or not a safetensors file"
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        return f"{name} is missing"
+    except OSError as e:
+        return f"{name} cannot be read: {e.strerror or e}"
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return f"{name} is truncated or not a safetensors file"
+    if not isinstance(header, dict):
+        return f"{name} is truncated or not a safetensors file"
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            return f"{name} is truncated or not a safetensors file"
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        return f"{name} is truncated or not a safetensors file"
+    return None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a checked safetensors file (never unpickles)."""
+    problem = _safetensors_problem(path)
+    if problem:
+        raise RunError(problem)
+    try:
+        data = path.read_bytes()
+        tensors = st_load(data)
+        meta = _safetensors_metadata(data)
+    except Exception as e:  # noqa: BLE001 - any decoding failure means a damaged file
+        raise RunError(f"{path.name} is truncated or not a safetensors file ({e})") from None
+    return tensors, meta
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    (n,) = struct.unpack("<Q", data[:8])
+    meta = json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def _param_count(path: Path) -> int | None:
+    """Number of parameters in a checkpoint, from its header (tied weights are stored once)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n).decode("utf-8"))
+        return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    except Exception:  # noqa: BLE001 - only an informative column
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading weights into a model
+
+
+def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to store: CPU, contiguous, float32; a tied lm_head.weight is dropped (it is wte.weight)."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: save the real module
+    state = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_weights", False):
+        state.pop("lm_head.weight", None)
+    out = {}
+    for k, v in state.items():
+        v = v.detach().to("cpu")
+        out[k] = (v.float() if v.is_floating_point() else v).contiguous().clone()
+    return out
+
+
+def _load_model_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model`` strictly; RunError "weights don't match config: ..." otherwise."""
+    expected = model.state_dict()
+    if model.config.tie_weights:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+        raise RunError(f"weights don't match config: {'; '.join(parts)}")
+    for k, ref in expected.items():
+        if tuple(state[k].shape) != tuple(ref.shape):
+            raise RunError(f"weights don't match config: {k} has shape {tuple(state[k].shape)}, "
+                           f"the config needs {tuple(ref.shape)}")
+        if not state[k].is_floating_point():
+            raise RunError(f"weights don't match config: {k} is not a floating-point tensor")
+    full = {k: v.to(ref.dtype) for k, v in state.items() for ref in (expected[k],)}
+    if model.config.tie_weights:
+        full["lm_head.weight"] = full["wte.weight"]  # the same Parameter in the model; loading once is enough
+    model.load_state_dict(full, strict=True)
+
+
+def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+    """Open a run folder: model (eval mode, on ``device``), tokenizer, config, metrics, status, samples.
+
+    ``checkpoint`` is "best" (model.safetensors, lowest val loss) or "last" (last.safetensors).
+    Any problem raises RunError naming the file and what is wrong. Nothing is unpickled.
+    """
+    from .tokenizers import load_tokenizer  # imported lazily: a sibling module written in parallel
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise RunError(f"Run folder {path} does not exist. Check the path, or pick a run from the runs list.")
+    if checkpoint not in CHECKPOINT_FILES:
+        raise RunError(f"Unknown checkpoint {checkpoint!r}: use 'best' or 'last'.")
+    try:
+        cfg = read_config(path)
+        if not (path / "tokenizer.json").is_file():
+            raise RunError("tokenizer.json is missing")
+        try:
+            tokenizer = load_tokenizer(path / "tokenizer.json")
+        except TokenizerError as e:
+            raise RunError(f"tokenizer.json is invalid: {e}") from None
+        if tokenizer.vocab_size != cfg.model.vocab_size:
+            raise RunError(f"tokenizer.json has {tokenizer.vocab_size} tokens but the model expects "
+                           f"{cfg.model.vocab_size}")
+        metrics = read_metrics(path)
+        tensors, _ = _read_safetensors(path / CHECKPOINT_FILES[checkpoint])
+        model = GPT(cfg.model)
+        _load_model_state(model, tensors)
+    except RunError as e:
+        raise RunError(f"Cannot open run {path.name}: {e}.") from None
+    model.to(device).eval()
+    return LoadedRun(path=path, config=cfg, model=model, tokenizer=tokenizer, metrics=metrics,
+                     status=read_status(path), samples=read_samples(path), checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state <-> safetensors + JSON
+
+
+def _encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON skeleton of a nested state (dicts, lists, scalars) with tensors moved into ``tensors``.
+
+    Dict keys may be ints (optimizer state is keyed by parameter index), so dicts are stored as
+    key/value pair lists; tuples are marked so they come back as tuples (betas).
+    """
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _encode_state(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode_state(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode_state(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def _decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            key = obj["__tensor__"]
+            if key not in tensors:
+                raise RunError(f"{OPTIMIZER_FILE} is inconsistent: tensor {key} is missing")
+            return tensors[key]
+        if "__dict__" in obj:
+            return {k: _decode_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(_decode_state(v, tensors) for v in obj["__tuple__"])
+        raise RunError(f"{OPTIMIZER_FILE} is inconsistent: unknown entry")
+    if isinstance(obj, list):
+        return [_decode_state(v, tensors) for v in obj]
+    return obj
+
+
+def load_checkpoint_state(
+    run_dir: str | os.PathLike[str], which: str = "last"
+) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
+    """(model state, optimizer state or None, extra metadata) of a checkpoint.
+
+    The model state has the tied ``lm_head.weight`` dropped, as stored. The optimizer state (only
+    with "last") is the structure ``optimizer.state_dict()`` returned when it was saved; ``extra`` is
+    what training passed to ``save_checkpoint`` (tensors included), RunError on any damage.
+    """
+    path = Path(run_dir)
+    if which not in CHECKPOINT_FILES:
+        raise RunError(f"Unknown checkpoint {which!r}: use 'best' or 'last'.")
+    model_state, meta = _read_safetensors(path / CHECKPOINT_FILES[which])
+    try:
+        extra = _decode_state(json.loads(meta.get("tinygpt_extra", "null")), {}) or {}
+    except (ValueError, RunError):
+        raise RunError(f"{CHECKPOINT_FILES[which]} has damaged metadata") from None
+    optim_state = None
+    if which == "last" and (path / OPTIMIZER_FILE).exists():
+        tensors, ometa = _read_safetensors(path / OPTIMIZER_FILE)
+        try:
+            optim_state = _decode_state(json.loads(ometa["optimizer"]), tensors)
+            extra.update(_decode_state(json.loads(ometa.get("extra", "null")), tensors) or {})
+        except (KeyError, ValueError, TypeError):
+            raise RunError(f"{OPTIMIZER_FILE} has damaged metadata") from None
+    return model_state, optim_state, extra
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a run folder
+
+
+def _fmt(v: Any) -> str:
+    """CSV cell: empty for None/NaN, integers as is, floats with 7 significant digits (float32 precision)."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, int):
+        return str(v)
+    v = float(v)
+    if math.isnan(v):
+        return ""
+    return f"{v:.7g}"
+
+
+class RunWriter:
+    """Writes one run folder. Training is its only user; every file but metrics.csv is replaced atomically."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._samples = read_samples(self.run_dir)  # kept in memory so each add rewrites one small file
+
+    def write_config(self, cfg: RunConfig) -> None:
+        write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
+
+    def write_tokenizer(self, tok: Any) -> None:
+        write_json_atomic(self.run_dir / "tokenizer.json", tok.to_dict())
+
+    def append_metrics(self, row: dict) -> None:
+        """Append one row to metrics.csv (the header on first write) and flush."""
+        self.append_metrics_rows([row])
+
+    def append_metrics_rows(self, rows: list[dict]) -> None:
+        """Append several rows in one write (training buffers rows to keep I/O cheap).
+
+        With no rows it still creates the file with its header, so a fresh run has a readable metrics.csv.
+        """
+        path = self.run_dir / "metrics.csv"
+        new = not path.exists()
+        buf = io.StringIO()
+        if new:
+            buf.write(",".join(METRIC_COLUMNS) + "\n")
+        for row in rows:
+            buf.write(",".join(_fmt(row.get(c)) for c in METRIC_COLUMNS) + "\n")
+        if not buf.getvalue():
+            return
+        with open(path, "a", encoding="utf-8", newline="") as f:
+            f.write(buf.getvalue())
+            f.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop metrics rows and samples past ``step`` (a resumed run continues from its last checkpoint)."""
+        path = self.run_dir / "metrics.csv"
+        if path.exists():
+            with open(path, encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f))
+            kept = [rows[0]] if rows else [METRIC_COLUMNS]
+            for r in rows[1:]:
+                try:
+                    if r and int(float(r[0])) <= step:
+                        kept.append(r)
+                except ValueError:
+                    continue  # a row cut short by a crash
+            write_bytes_atomic(path, "".join(",".join(r) + "\n" for r in kept).encode("utf-8"))
+        before = len(self._samples)
+        self._samples = [s for s in self._samples if s["step"] <= step]
+        if len(self._samples) != before:
+            write_json_atomic(self.run_dir / "samples.json", self._samples)
+
+    def write_status(self, status: str, message: str = "", step: int = 0) -> None:
+        if status not in RUN_STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        write_json_atomic(self.run_dir / "status.json", {
+            "status": status, "message": message, "step": int(step), "pid": os.getpid(), "updated_at": time.time(),
+        })
+
+    def add_sample(self, step: int, text: str) -> None:
+        self._samples.append({"step": int(step), "text": text})
+        write_json_atomic(self.run_dir / "samples.json", self._samples)
+
+    def write_text(self, name: str, text: str) -> None:
+        """An auxiliary text file (e.g. corpus.txt for uploads, so a run can resume without the upload)."""
+        write_bytes_atomic(self.run_dir / name, text.encode("utf-8"))
+
+    def save_checkpoint(self, which: str, model: torch.nn.Module, optimizer: Any = None,
+                        extra: dict | None = None) -> None:
+        """Save weights: "best" -> model.safetensors, "last" -> last.safetensors.
+
+        With an optimizer (anything with ``state_dict()``), "last" also writes optimizer.safetensors:
+        its tensors plus the JSON skeleton of the state, and ``extra`` (step, RNG states, counters;
+        tensors allowed). Without one, the JSON-able part of ``extra`` goes into the weights' metadata.
+        """
+        if which not in CHECKPOINT_FILES:
+            raise ValueError(f"unknown checkpoint {which!r}")
+        extra = extra or {}
+        plain = {k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)}
+        meta = {"format": "pt", "tinygpt_extra": json.dumps(_encode_state(plain, {}))}
+        write_bytes_atomic(self.run_dir / CHECKPOINT_FILES[which], st_save(_model_state(model), metadata=meta))
+        if which == "last" and optimizer is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            ometa = {
+                "format": "pt",
+                "optimizer": json.dumps(_encode_state(optimizer.state_dict(), tensors)),
+                "extra": json.dumps(_encode_state(extra, tensors)),
+            }
+            write_bytes_atomic(self.run_dir / OPTIMIZER_FILE, st_save(tensors, metadata=ometa))
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+
+
+_SLUG_OK = re.compile(r"[^a-z0-9._-]+")
+
+
+def _slug(name: str | None) -> str:
+    """A folder-safe version of a run name: [a-z0-9-_.], at most 60 chars; "run" when nothing is left.
+
+    Anything that looks like a path ("/", "\\", "..") is not trusted at all and becomes "run".
+    """
+    if not isinstance(name, str) or "/" in name or "\\" in name or ".." in name:
+        return "run"
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii").lower()
+    slug = _SLUG_OK.sub("-", ascii_name).strip("-._")[:60].strip("-._")
+    return slug or "run"
+
+
+class RunStore:
+    """The folder of runs: create, list, open and delete them."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_runs_dir()
+
+    def create(self, name: str | None = None) -> Path:
+        """A new, empty, uniquely named run folder root/<slug>-<yyyymmdd-hhmmss>[-n]."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        base = f"{_slug(name)}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+        for n in range(1, 10_000):
+            run_id = base if n == 1 else f"{base}-{n}"
+            path = self.root / run_id
+            try:
+                path.mkdir()  # exist_ok=False: two threads creating at once get different folders
+            except FileExistsError:
+                continue
+            return path
+        raise RunError(f"Could not create a new run folder in {self.root}; too many runs named {base}.")
+
+    def path(self, run_id: str) -> Path:
+        """The folder of an existing run; RunError for an unknown id or one pointing outside the store."""
+        if (not isinstance(run_id, str) or not run_id or run_id in (".", "..") or "/" in run_id
+                or "\\" in run_id or "\x00" in run_id or run_id.startswith(".")):
+            raise RunError(f"{run_id!r} is not a valid run id.")
+        path = self.root / run_id
+        if path.resolve().parent != self.root.resolve():
+            raise RunError(f"{run_id!r} is not a valid run id.")
+        if not path.is_dir():
+            raise RunError(f"There is no run {run_id!r} in {self.root}.")
+        return path
+
+    def list(self) -> list[RunSummary]:
+        """Every run folder, newest first; runs that cannot be opened are listed as "broken"."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            if p.is_dir() and not p.name.startswith("."):
+                out.append(self._summarise(p))
+        # ISO timestamps sort chronologically; folders without a config fall back to their mtime.
+        def key(s: RunSummary) -> str:
+            if s.created_at:
+                return s.created_at
+            try:
+                return datetime.fromtimestamp(s.path.stat().st_mtime, timezone.utc).isoformat()
+            except OSError:
+                return ""
+        return sorted(out, key=key, reverse=True)
+
+    def summary(self, run_id: str) -> RunSummary:
+        return self._summarise(self.path(run_id))
+
+    def load(self, run_id: str, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+        return load_run(self.path(run_id), checkpoint=checkpoint, device=device)
+
+    def delete(self, run_id: str) -> None:
+        path = self.path(run_id)
+        if read_status(path).status == "running":  # read_status already maps a dead pid to "interrupted"
+            raise RunError(f"Run {run_id} is still training; stop it first, then delete it.")
+        shutil.rmtree(path)
+
+    def _summarise(self, path: Path) -> RunSummary:
+        status = read_status(path)
+        empty = dict(id=path.name, path=path, name=path.name, status=status.status, message=status.message,
+                     created_at="", preset=None, ablations=[], params=None, corpus=None, tokenizer=None,
+                     steps=status.step, max_iters=None, best_val_loss=None, best_step=None,
+                     final_train_loss=None, final_val_loss=None, elapsed_s=None, broken_reason=None)
+        in_progress = status.status in ("queued", "running")
+        try:
+            cfg = read_config(path)
+        except RunError as e:
+            if in_progress and not (path / "config.json").exists():
+                return RunSummary(**empty)  # a job that has not written its config yet
+            return RunSummary(**{**empty, "status": "broken", "message": str(e), "broken_reason": str(e)})
+        info = dict(empty, name=cfg.name or path.name, created_at=cfg.created_at, preset=cfg.preset,
+                    ablations=cfg.model.ablations(), corpus=cfg.corpus.get("name"),
+                    tokenizer=cfg.tokenizer.get("kind"), max_iters=cfg.train.max_iters)
+        reason = None
+        weights = path / CHECKPOINT_FILES["best"]
+        if not (in_progress and not weights.exists()):
+            reason = _safetensors_problem(weights)
+        if reason is None and not (path / "tokenizer.json").is_file():
+            reason = "tokenizer.json is missing"
+        try:
+            m = read_metrics(path)
+        except RunError as e:
+            m = None
+            if not in_progress:
+                reason = reason or str(e)
+        if reason is None and weights.exists():
+            info["params"] = _param_count(weights)
+        if info["params"] is None:
+            try:
+                with torch.device("meta"):  # count without allocating memory
+                    info["params"] = GPT(cfg.model).num_params()
+            except Exception:  # noqa: BLE001 - only an informative column
+                pass
+        if m is not None and len(m):
+            info["steps"] = int(m["step"].iloc[-1])
+            el = m["elapsed_s"].dropna()
+            info["elapsed_s"] = float(el.iloc[-1]) if len(el) else None
+            val = m.dropna(subset=["val_loss"])
+            if len(val):
+                best = val.loc[val["val_loss"].idxmin()]
+                info["best_val_loss"], info["best_step"] = float(best["val_loss"]), int(best["step"])
+                info["final_val_loss"] = float(val["val_loss"].iloc[-1])
+            tr = m["train_loss"].dropna()
+            info["final_train_loss"] = float(tr.iloc[-1]) if len(tr) else None
+        if reason:
+            info.update(status="broken", message=reason, broken_reason=reason)
+        return RunSummary(**info)
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+__all__ = [
+    "RUN_STATUSES", "METRIC_COLUMNS", "RunConfig", "RunStatus", "RunSummary", "LoadedRun", "RunStore", "RunWriter",
+    "default_runs_dir", "load_run", "read_metrics", "read_status", "read_samples", "read_config",
+    "load_checkpoint_state", "write_json_atomic", "write_bytes_atomic",
+]
