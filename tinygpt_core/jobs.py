@@ -1,0 +1,449 @@
+"""Background training jobs, shared by every browser session of one server process.
+
+A page never trains in its own script run: it submits a ``TrainSpec`` to a ``JobRunner`` and polls
+``snapshot(job_id)``. ``LocalJobRunner`` runs each job on a daemon worker thread that calls
+``training.train`` with a callback feeding a lock-guarded progress record; a snapshot is a copy of
+that record, so a page can read it (and even mutate it) without racing the training thread. Jobs
+are bounded per device: beyond ``max_jobs_per_device`` they wait in a FIFO queue and start when a
+slot frees up.
+
+``JobRunner`` is the small interface pages code against, so a backend that sends jobs to remote GPU
+workers can replace the local one later without touching a page.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import training
+from .device import resolve_device
+from .errors import JobError, TinyGPTError
+from .runs import RunStore, RunWriter
+
+log = logging.getLogger(__name__)
+
+JOB_STATUSES = ("queued", "running", "done", "stopped", "diverged", "error")
+FINISHED_STATUSES = frozenset({"done", "stopped", "diverged", "error"})
+METRIC_COLUMNS = ("step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
+
+MAX_METRIC_ROWS = 5_000  # per job in memory; the full history is in the run's metrics.csv
+MAX_SAMPLES = 200  # most recent samples kept per job
+KEEP_FINISHED = 50  # finished jobs remembered per runner (older ones are dropped)
+ETA_WINDOW = 20  # recent step events the step rate (and so the ETA) is measured over
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """A copy of one job's progress at one moment; safe to read from any thread."""
+
+    id: str
+    run_id: str | None
+    run_dir: Path | None
+    name: str
+    status: str  # queued | running | done | stopped | diverged | error
+    message: str
+    device: str  # cpu | cuda | mps
+    queue_position: int | None  # 1 = next to start; None unless queued
+    step: int
+    max_iters: int
+    params: int | None
+    metrics: list[dict]  # rows like metrics.csv, NaN where a value is absent (e.g. val_loss between evals)
+    samples: list[dict]  # [{"step", "text"}]
+    tokens_per_s: float | None
+    elapsed_s: float
+    eta_s: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    created_at: float  # time.time() at submit
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @property
+    def progress(self) -> float:
+        """Fraction of max_iters done, in [0, 1]."""
+        return min(1.0, self.step / self.max_iters) if self.max_iters else 0.0
+
+    def metrics_frame(self):
+        """The metric rows as a pandas DataFrame with metrics.csv's columns (for the viz figures)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.metrics, columns=list(METRIC_COLUMNS)).astype(float).astype({"step": int})
+
+
+class JobRunner(ABC):
+    """Where training jobs run. Pages use only these methods."""
+
+    @abstractmethod
+    def submit(self, spec: training.TrainSpec) -> str:
+        """Validate ``spec`` (raising ConfigError/DataError right here), queue or start it, return its job id."""
+
+    @abstractmethod
+    def snapshot(self, job_id: str) -> JobSnapshot:
+        """A copy of the job's progress; JobError for an unknown (or long-finished, dropped) id."""
+
+    @abstractmethod
+    def find_by_run(self, run_id: str) -> JobSnapshot | None:
+        """The job writing run ``run_id``, if this runner knows it."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> None:
+        """Queued: removed (status "stopped"). Running: asked to stop; it saves and ends within one step."""
+
+    @abstractmethod
+    def list_jobs(self) -> list[JobSnapshot]:
+        """Every job the runner remembers, newest first."""
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.05) -> JobSnapshot:
+        """Block until the job has finished (or ``timeout`` seconds passed); returns its last snapshot."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            snap = self.snapshot(job_id)
+            if snap.finished or (deadline is not None and time.monotonic() >= deadline):
+                return snap
+            time.sleep(poll_s)
+
+
+@dataclass
+class _Job:
+    """The runner's live record of one job. Only touched with the runner's lock held."""
+
+    id: str
+    seq: int  # submission order, for stable sorting when created_at ties
+    spec: training.TrainSpec
+    name: str
+    device: str
+    run_dir: Path
+    created_at: float
+    max_iters: int
+    status: str = "queued"
+    message: str = ""
+    step: int = 0
+    params: int | None = None
+    metrics: list[dict] = field(default_factory=list)
+    samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_SAMPLES))
+    tokens_per_s: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    started_at: float | None = None  # time.monotonic()
+    finished_at: float | None = None
+    recent_steps: collections.deque = field(default_factory=lambda: collections.deque(maxlen=ETA_WINDOW))
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+
+class LocalJobRunner(JobRunner):
+    """Runs jobs on daemon threads of this process, at most ``max_jobs_per_device`` at a time per device."""
+
+    def __init__(self, store: RunStore | None = None, max_jobs_per_device: int = 1):
+        if max_jobs_per_device < 1:
+            raise JobError(f"max_jobs_per_device must be >= 1, got {max_jobs_per_device}.")
+        self.store = store if store is not None else RunStore()
+        self.max_jobs_per_device = max_jobs_per_device
+        self._lock = threading.Lock()  # guards every _Job and the queues; never held while training
+        self._jobs: dict[str, _Job] = {}
+        self._queues: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
+        self._seq = itertools.count()
+
+    # --- the JobRunner interface -----------------------------------------------------------------
+
+    def submit(self, spec: training.TrainSpec) -> str:
+        spec.validate()  # ConfigError/DataError reach the caller before anything is written or queued
+        device = resolve_device(spec.train.device).type  # ConfigError when the device is absent
+        # Creating the run folder now makes the run id known at once (the page puts it in the URL).
+        run_dir = Path(self.store.create(spec.name))
+        job = _Job(
+            id=uuid.uuid4().hex[:12],
+            seq=next(self._seq),
+            spec=spec,
+            name=spec.name or run_dir.name,
+            device=device,
+            run_dir=run_dir,
+            created_at=time.time(),
+            max_iters=spec.train.max_iters,
+        )
+        # "queued" on disk lets the runs table show the folder as a run waiting to start, not a broken one.
+        RunWriter(run_dir).write_status("queued", "Waiting for a free slot on " + device + ".")
+        with self._lock:
+            self._jobs[job.id] = job
+            self._queues[device].append(job.id)
+            self._start_ready(device)
+        return job.id
+
+    def snapshot(self, job_id: str) -> JobSnapshot:
+        with self._lock:
+            return self._snapshot(self._get(job_id))
+
+    def find_by_run(self, run_id: str) -> JobSnapshot | None:
+        with self._lock:
+            matches = [j for j in self._jobs.values() if j.run_dir.name == run_id]
+            return self._snapshot(max(matches, key=lambda j: j.seq)) if matches else None
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            job = self._get(job_id)
+            if job.status == "queued":
+                self._queues[job.device].remove(job.id)
+                job.status, job.message = "stopped", "Cancelled before it started."
+                job.finished_at = time.monotonic()
+                _remove_unstarted(job.run_dir)  # nothing was trained; leave no empty run in the store
+                self._prune()
+            elif job.status == "running":
+                job.stop_event.set()  # the trainer checks it every step, saves, and ends as "stopped"
+                job.message = "Stopping after the current step…"
+
+    def list_jobs(self) -> list[JobSnapshot]:
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: j.seq, reverse=True)
+            return [self._snapshot(j) for j in jobs]
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel every job and wait (up to ``timeout`` s in all) for the worker threads to end."""
+        with self._lock:
+            # Queued ones first, so none of them starts when a running one ends.
+            ids = [j.id for j in self._jobs.values() if j.status == "queued"]
+            ids += [j.id for j in self._jobs.values() if j.status == "running"]
+        for job_id in ids:
+            self.cancel(job_id)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = [j.thread for j in self._jobs.values() if j.thread is not None]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # --- scheduling (lock held) ------------------------------------------------------------------
+
+    def _get(self, job_id: str) -> _Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise JobError(f"No job {job_id!r}: it never existed here or finished long ago; "
+                           "open its run from the runs list instead.") from None
+
+    def _start_ready(self, device: str) -> None:
+        """Start queued jobs of ``device`` while it has free slots (FIFO)."""
+        queue = self._queues[device]
+        running = sum(1 for j in self._jobs.values() if j.device == device and j.status == "running")
+        while queue and running < self.max_jobs_per_device:
+            job = self._jobs[queue.popleft()]
+            job.status, job.message, job.started_at = "running", "Starting…", time.monotonic()
+            job.thread = threading.Thread(target=self._work, args=(job,), name=f"tinygpt-job-{job.id}", daemon=True)
+            job.thread.start()
+            running += 1
+
+    def _prune(self) -> None:
+        """Forget the oldest finished jobs beyond KEEP_FINISHED (their runs stay on disk)."""
+        finished = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.seq)
+        for job in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[job.id]
+
+    # --- the worker thread -----------------------------------------------------------------------
+
+    def _work(self, job: _Job) -> None:
+        """Train one job; always ends with a finished status, never a silently dead thread."""
+        try:
+            result = training.train(
+                job.spec, job.run_dir, store=self.store, callbacks=[lambda ev: self._publish(job, ev)],
+                stop_event=job.stop_event,
+            )
+            status, message = result.status, result.message
+        except TinyGPTError as exc:  # e.g. the corpus file vanished between submit and start
+            status, message = "error", str(exc)
+            _write_status(job.run_dir, status, message)
+        except BaseException as exc:  # noqa: BLE001 - a bug must surface on the page, not kill the thread quietly
+            log.exception("training job %s crashed", job.id)
+            status, message = "error", f"{type(exc).__name__}: {exc}"
+            _write_status(job.run_dir, status, message)
+        with self._lock:
+            job.status = status if status in FINISHED_STATUSES else "error"
+            job.message = message or _default_message(job.status)
+            job.finished_at = time.monotonic()
+            self._prune()
+            self._start_ready(job.device)
+
+    def _publish(self, job: _Job, event: training.TrainEvent) -> None:
+        """The TrainCallback: copy the event into the job record. Runs on the training thread; never raises."""
+        try:
+            with self._lock:
+                _apply_event(job, event)
+        except Exception:  # noqa: BLE001 - a progress glitch must not abort training
+            log.exception("could not record %s event of job %s", getattr(event, "kind", "?"), job.id)
+
+    # --- snapshots (lock held) -------------------------------------------------------------------
+
+    def _snapshot(self, job: _Job) -> JobSnapshot:
+        position = None
+        message = job.message
+        if job.status == "queued":
+            position = list(self._queues[job.device]).index(job.id) + 1
+            message = self._queued_message(job, position)
+        return JobSnapshot(
+            id=job.id,
+            run_id=job.run_dir.name,
+            run_dir=job.run_dir,
+            name=job.name,
+            status=job.status,
+            message=message,
+            device=job.device,
+            queue_position=position,
+            step=job.step,
+            max_iters=job.max_iters,
+            params=job.params,
+            metrics=[dict(row) for row in job.metrics],  # copies: the page may keep or mutate them
+            samples=[dict(s) for s in job.samples],
+            tokens_per_s=job.tokens_per_s,
+            elapsed_s=_elapsed(job),
+            eta_s=_eta(job),
+            best_val_loss=job.best_val_loss,
+            best_step=job.best_step,
+            created_at=job.created_at,
+        )
+
+    def _queued_message(self, job: _Job, position: int) -> str:
+        running = sum(1 for j in self._jobs.values() if j.device == job.device and j.status == "running")
+        ahead = running + position - 1
+        s = "" if ahead == 1 else "s"
+        if ahead == 1:
+            when = "It starts when that one finishes."
+        elif position == 1:
+            when = "It starts when one of them finishes."
+        else:
+            when = f"It starts when {position} of them have finished."
+        return f"Queued: {ahead} job{s} ahead on {job.device}. {when}"
+
+
+# --- event bookkeeping -----------------------------------------------------------------------------
+
+
+def _apply_event(job: _Job, event: training.TrainEvent) -> None:
+    data = event.data
+    if event.kind == "start":
+        job.params = data.get("params")
+        job.max_iters = int(data.get("max_iters") or job.max_iters)
+        job.step = event.step  # a resumed run starts past 0
+        precision = f" ({data['precision']})" if data.get("precision") else ""
+        if not job.stop_event.is_set():  # keep "Stopping…" when cancel came before the first step
+            job.message = f"Training on {data.get('device', job.device)}{precision}."
+    elif event.kind == "step":
+        job.step = event.step
+        job.tokens_per_s = data.get("tokens_per_s")
+        job.recent_steps.append((time.monotonic(), event.step))
+        _add_row(job, {"step": event.step, "loss": data.get("loss"), "lr": data.get("lr"),
+                       "tokens_per_s": data.get("tokens_per_s"), "elapsed_s": data.get("elapsed_s")})
+    elif event.kind == "eval":
+        job.best_val_loss = data.get("best_val_loss")
+        job.best_step = data.get("best_step")
+        values = {"train_loss": data.get("train_loss"), "val_loss": data.get("val_loss")}
+        if job.metrics and job.metrics[-1]["step"] == event.step:  # the eval belongs to the step just logged
+            job.metrics[-1].update({k: _num(v) for k, v in values.items()})
+        else:
+            _add_row(job, {"step": event.step, **values})
+    elif event.kind == "sample":
+        job.samples.append({"step": event.step, "text": data.get("text", "")})
+    elif event.kind == "end":
+        # The final status comes from train()'s result in _work; keep the message for the moment between.
+        job.message = data.get("message") or job.message
+
+
+def _add_row(job: _Job, values: dict[str, Any]) -> None:
+    row = {col: _num(values.get(col)) for col in METRIC_COLUMNS}
+    row["step"] = int(values["step"])
+    job.metrics.append(row)
+    if len(job.metrics) > MAX_METRIC_ROWS:
+        job.metrics = _decimate(job.metrics)
+
+
+def _decimate(rows: list[dict]) -> list[dict]:
+    """Halve a long history: keep every other row, every eval row (the val curve) and the latest row."""
+    last = len(rows) - 1
+    kept = [r for i, r in enumerate(rows) if i % 2 == 0 or i == last or not math.isnan(r["val_loss"])]
+    if len(kept) > MAX_METRIC_ROWS * 3 // 4:  # evals alone are too many (eval every step): thin them too
+        kept = [r for i, r in enumerate(rows) if i % 2 == 0 or i == last]
+    return kept
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _elapsed(job: _Job) -> float:
+    if job.started_at is None:
+        return 0.0
+    end = job.finished_at if job.finished_at is not None else time.monotonic()
+    return max(0.0, end - job.started_at)
+
+
+def _eta(job: _Job) -> float | None:
+    """Seconds left at the recent wall-clock step rate (evals included); None until it can be measured."""
+    if job.status != "running" or len(job.recent_steps) < 2:
+        return None
+    (t0, s0), (t1, s1) = job.recent_steps[0], job.recent_steps[-1]
+    if s1 <= s0 or t1 <= t0:
+        return None
+    rate = (s1 - s0) / (t1 - t0)  # steps per second
+    return max(0.0, (job.max_iters - job.step) / rate)
+
+
+def _default_message(status: str) -> str:
+    return {"done": "Finished.", "stopped": "Stopped.", "diverged": "The loss diverged.",
+            "error": "Training failed."}.get(status, "")
+
+
+def _write_status(run_dir: Path, status: str, message: str) -> None:
+    """Record a failure train() could not record itself, so the run does not stay "queued" on disk."""
+    try:
+        RunWriter(run_dir).write_status(status, message)
+    except Exception:  # noqa: BLE001 - the job's own status already carries the message
+        log.exception("could not write the status of %s", run_dir)
+
+
+def _remove_unstarted(path: Path) -> None:
+    """Delete the folder made at submit, if it still holds nothing but its "queued" status."""
+    try:
+        if {p.name for p in path.iterdir()} <= {"status.json"}:
+            (path / "status.json").unlink(missing_ok=True)
+            path.rmdir()
+    except OSError:
+        pass
+
+
+# --- the process-wide runner -----------------------------------------------------------------------
+
+_default_runner: LocalJobRunner | None = None
+_default_lock = threading.Lock()
+
+
+def get_runner() -> LocalJobRunner:
+    """The one runner of this process (created on first use), so every browser session shares its jobs."""
+    global _default_runner
+    with _default_lock:
+        if _default_runner is None:
+            _default_runner = LocalJobRunner()
+        return _default_runner
+
+
+def reset_runner() -> None:
+    """Stop the process-wide runner's jobs and forget it (tests; a changed TINYGPT_RUNS_DIR)."""
+    global _default_runner
+    with _default_lock:
+        runner, _default_runner = _default_runner, None
+    if runner is not None:
+        runner.shutdown()
+
+
+__all__ = ["JobSnapshot", "JobRunner", "LocalJobRunner", "get_runner", "reset_runner", "JOB_STATUSES"]
