@@ -1,0 +1,641 @@
+"""Decoding: turn a model's next-token logits into text.
+
+One module owns every way the lab picks tokens:
+
+- logits processors: temperature, top-k, top-p, min-p (``process_logits``) and the repetition
+  penalty, each with the semantics of the Hugging Face transformers processor of the same name;
+- strategies: greedy, sampling (reproducible with a seed) and beam search;
+- a KV cache, so each new token costs one token's forward pass instead of the whole context's;
+- per-step records (``StepInfo``) and summary statistics (``text_stats``) for the app;
+- ``next_token_distribution``: what each setting keeps and cuts of one distribution.
+
+Context length. A model sees at most ``block_size`` tokens. Without the cache every step runs the
+model on the last ``block_size`` tokens. With the cache, tokens are appended one at a time until
+the context is full; after that the oldest token drops out at every step, which shifts every
+position, so the cached keys and values (computed at the old positions) no longer hold. The cache
+is then rebuilt at every step from the last ``block_size`` tokens: past ``block_size`` the cache
+saves nothing, but cached and uncached generation stay token-for-token identical.
+
+Empty prompts. A model needs at least one token to condition on; an empty prompt starts from the
+encoding of a newline when the tokenizer has one (a natural "start of text" in most corpora), and
+from token id 0 otherwise. That start token is not part of the returned text.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, TokenizerError
+
+STRATEGIES = ("greedy", "sample", "beam")
+TOP_N = 10  # candidates recorded per step in StepInfo.top
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits processors
+
+
+def _check_filters(temperature: Any, top_k: Any, top_p: Any, min_p: Any) -> None:
+    """Raise ConfigError for any sampling setting out of range (messages name the fix)."""
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ConfigError(
+            f"temperature must be a number > 0, got {temperature!r} (use greedy for temperature 0: "
+            "it always picks the most likely token)."
+        )
+    if top_k is not None:
+        try:
+            k = operator.index(top_k)
+        except TypeError:
+            k = None
+        if k is None or isinstance(top_k, bool) or k < 1:
+            raise ConfigError(f"top_k must be a whole number >= 1 (or None to keep every token), got {top_k!r}.")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise ConfigError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}.")
+    if min_p is not None and (not _is_number(min_p) or not 0 <= min_p <= 1):
+        raise ConfigError(f"min_p must be in [0, 1] (0 keeps every token), got {min_p!r}.")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    """Apply temperature, then top-k, then top-p, then min-p; removed entries become -inf.
+
+    ``logits`` is (V,), (B, V) or (B, T, V); the result has the same shape and is a new tensor.
+    Each step has the semantics of the transformers warper of that name with min_tokens_to_keep=1:
+
+    - temperature: logits / temperature;
+    - top-k: remove every token whose logit is below the k-th largest (ties with the k-th are all
+      kept, so more than k tokens can survive); k >= V keeps everything;
+    - top-p: sort ascending, remove the tokens whose cumulative probability is <= 1 - top_p (the
+      least likely tail holding at most 1 - top_p of the mass); the most likely token always stays;
+      top_p = 1.0 keeps everything (transformers' generate skips the warper at 1.0 too);
+    - min-p: remove tokens whose probability is below min_p × the top token's probability;
+      the top token always stays; min_p = 0 keeps everything.
+
+    Probabilities are recomputed from the already-filtered logits at each step, as chaining the
+    transformers warpers does.
+    """
+    _check_filters(temperature, top_k, top_p, min_p)
+    logits = torch.as_tensor(logits)
+    if logits.dim() == 0:
+        raise ConfigError("process_logits needs logits with a vocabulary dimension, got a scalar.")
+    if not logits.is_floating_point():
+        logits = logits.float()
+    shape = logits.shape
+    x = logits.reshape(-1, shape[-1])  # (N, V): every distribution as one row
+    if temperature != 1.0:
+        x = x / temperature
+    if top_k is not None:
+        x = _top_k(x, operator.index(top_k))
+    if top_p is not None and top_p < 1.0:
+        x = _top_p(x, float(top_p))
+    if min_p is not None:
+        x = _min_p(x, float(min_p))
+    if x.data_ptr() == logits.data_ptr():
+        x = x.clone()  # nothing applied: still never hand back the caller's tensor
+    return x.reshape(shape)
+
+
+def _top_k(x: torch.Tensor, k: int) -> torch.Tensor:  # x: (N, V)
+    k = min(k, x.size(-1))
+    kth = torch.topk(x, k, dim=-1).values[:, -1:]  # (N, 1) the k-th largest logit
+    return x.masked_fill(x < kth, float("-inf"))
+
+
+def _top_p(x: torch.Tensor, p: float) -> torch.Tensor:  # x: (N, V)
+    # Ascending order: the cumulative sum then measures the mass of the least likely tail, which
+    # is exactly what gets cut. Computing it this way (not 1 - a descending cumsum) keeps rounding
+    # at the boundary identical to transformers.
+    sorted_x, order = torch.sort(x, dim=-1, descending=False)
+    tail_mass = sorted_x.softmax(dim=-1).cumsum(dim=-1)  # (N, V)
+    cut_sorted = tail_mass <= 1 - p
+    cut_sorted[:, -1] = False  # the most likely token always survives
+    cut = torch.zeros_like(cut_sorted).scatter(-1, order, cut_sorted)  # back to vocabulary order
+    return x.masked_fill(cut, float("-inf"))
+
+
+def _min_p(x: torch.Tensor, m: float) -> torch.Tensor:  # x: (N, V)
+    probs = x.softmax(dim=-1)
+    cut = probs < m * probs.amax(dim=-1, keepdim=True)
+    cut = cut.scatter(-1, probs.argmax(dim=-1, keepdim=True), False)  # the top token always survives
+    return x.masked_fill(cut, float("-inf"))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, prev_ids: Any, penalty: float) -> torch.Tensor:
+    """Penalise every token that already occurs in ``prev_ids`` (CTRL / transformers semantics).
+
+    A seen token's logit is divided by ``penalty`` when positive and multiplied by it when negative,
+    so penalty > 1 always makes it less likely; each token is penalised once however often it
+    occurred. ``logits`` is (V,) or (B, V); ``prev_ids`` is (T,) (for every row) or (B, T).
+    """
+    if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
+        raise ConfigError(f"repetition_penalty must be a number > 0 (1 = no penalty), got {penalty!r}.")
+    logits = torch.as_tensor(logits)
+    ids = torch.as_tensor(prev_ids, dtype=torch.long, device=logits.device)
+    if penalty == 1.0 or ids.numel() == 0:
+        return logits.clone()
+    x = logits.reshape(-1, logits.size(-1))  # (B, V)
+    ids = ids.reshape(1, -1).expand(x.size(0), -1) if ids.dim() == 1 else ids.reshape(x.size(0), -1)  # (B, T)
+    seen = x.gather(1, ids)  # (B, T) repeated ids just read the same logit twice
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return x.scatter(1, ids, seen).reshape(logits.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and results
+
+
+@dataclass
+class SamplingSettings:
+    strategy: str = "sample"  # greedy | sample | beam
+    temperature: float = 1.0  # sample only: < 1 sharpens, > 1 flattens the distribution
+    top_k: int | None = None  # sample only: keep the k most likely tokens
+    top_p: float | None = None  # sample only: keep the smallest set holding this much probability
+    min_p: float | None = None  # sample only: keep tokens at least this fraction as likely as the top one
+    repetition_penalty: float = 1.0  # every strategy: > 1 discourages tokens already in the context
+    num_beams: int = 4  # beam only
+    length_penalty: float = 1.0  # beam only: score = sum of log-probs / length ** length_penalty
+    max_new_tokens: int = 100
+    seed: int | None = None  # sample only: the same seed gives the same text
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingSettings":
+        """Check every field (ConfigError naming the fix); ``vocab_size`` bounds num_beams when given."""
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}.")
+        _check_filters(self.temperature, self.top_k, self.top_p, self.min_p)
+        if not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) or (
+            self.repetition_penalty <= 0
+        ):
+            raise ConfigError(
+                f"repetition_penalty must be a number > 0 (1 = no penalty, 1.1-1.3 is typical), "
+                f"got {self.repetition_penalty!r}."
+            )
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            raise ConfigError(f"num_beams must be a whole number >= 1, got {self.num_beams!r}.")
+        if vocab_size is not None and self.num_beams > vocab_size:
+            raise ConfigError(
+                f"num_beams ({self.num_beams}) cannot exceed the vocabulary size ({vocab_size}); "
+                f"use at most {vocab_size} beams."
+            )
+        if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
+            raise ConfigError(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}.")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise ConfigError(f"seed must be a whole number >= 0 or None, got {self.seed!r}.")
+        return self
+
+    def describe(self) -> str:
+        """A short label such as "sample T=0.8 top-k=40" (used as a legend and column title)."""
+        if self.strategy == "greedy":
+            parts = ["greedy"]
+        elif self.strategy == "beam":
+            parts = [f"beam ×{self.num_beams}"]
+            if self.length_penalty != 1.0:
+                parts.append(f"len-pen={self.length_penalty:g}")
+        else:
+            parts = ["sample", f"T={self.temperature:g}"]
+            if self.top_k is not None:
+                parts.append(f"top-k={self.top_k}")
+            if self.top_p is not None and self.top_p < 1.0:
+                parts.append(f"top-p={self.top_p:g}")
+            if self.min_p is not None:
+                parts.append(f"min-p={self.min_p:g}")
+        if self.repetition_penalty != 1.0:
+            parts.append(f"rep={self.repetition_penalty:g}")
+        return " ".join(parts)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+@dataclass
+class StepInfo:
+    token_id: int
+    token: str  # readable label of the token (tokenizer.token_strings)
+    # prob, logprob and rank are measured under the distribution the token was actually chosen
+    # from: sample: after the repetition penalty and the processors (temperature, top-k, ...);
+    # greedy and beam: the softmax of the logits after the repetition penalty.
+    prob: float
+    logprob: float
+    rank: int  # 1 = the most likely token of that distribution
+    top: list[tuple[str, float]]  # the TOP_N most likely (token, prob) of that distribution
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the continuation only (decoded new tokens); full_text adds the prompt
+    prompt: str
+    token_ids: list[int]  # the new tokens, one per StepInfo
+    steps: list[StepInfo]
+    beams: list[tuple[str, float]] | None  # beam search: (continuation, score), best first
+    settings: SamplingSettings
+    elapsed_s: float
+    tokens_per_s: float
+    prompt_ids: list[int] = field(default_factory=list)  # what the model was conditioned on
+
+    @property
+    def full_text(self) -> str:
+        return self.prompt + self.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV cache
+
+
+class _NextLogits:
+    """Next-token logits for a growing batch of sequences, through the KV cache when allowed.
+
+    Call it with the whole sequences so far (B, T); it returns float32 logits (B, V) for the token
+    that follows. With the cache, a call whose sequences are one token longer than the last call's
+    (and still fit in block_size) feeds only that token; anything else (the first call, or a
+    context that has outgrown block_size) recomputes the cache from the last block_size tokens.
+    """
+
+    def __init__(self, model: torch.nn.Module, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        self.block_size: int = model.config.block_size
+        self.past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.seen_len = 0  # length of the sequences the cache describes
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        if not self.use_cache:
+            return self.model(idx[:, -self.block_size :]).logits[:, -1].float()
+        if self.past is not None and T == self.seen_len + 1 and T <= self.block_size:
+            out = self.model(idx[:, -1:], past_kv=self.past, use_cache=True)  # one token's work
+        else:
+            out = self.model(idx[:, -self.block_size :], use_cache=True)  # (re)build the cache
+        self.past, self.seen_len = out.past_kv, T
+        return out.logits[:, -1].float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: sequence b now continues the old sequence rows[b]; its cache must follow."""
+        if self.past is not None:
+            self.past = [(k[rows], v[rows]) for k, v in self.past]
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies
+
+
+class _Recorder:
+    """Collects, per step, the chosen token's prob/logprob/rank and the top candidates (row 0)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[torch.Tensor, ...]] = []
+
+    def add(self, used_logits: torch.Tensor, token: torch.Tensor) -> None:
+        # used_logits: (V,) the distribution the token was chosen from; token: () its id
+        logp = torch.log_softmax(used_logits, dim=-1)
+        chosen = logp[token]
+        rank = 1 + (logp > chosen).sum()
+        top = torch.topk(logp, min(TOP_N, logp.numel()))
+        self.rows.append((token, chosen, rank, top.values, top.indices))
+
+    def steps(self, tokenizer: Any) -> list[StepInfo]:
+        out = []
+        for token, chosen, rank, top_lp, top_ids in self.rows:
+            ids = top_ids.tolist()
+            labels = tokenizer.token_strings([int(token)] + ids)
+            out.append(
+                StepInfo(
+                    token_id=int(token),
+                    token=labels[0],
+                    prob=math.exp(float(chosen)),
+                    logprob=float(chosen),
+                    rank=int(rank),
+                    # tokens a filter cut (-inf) are not candidates, even when fewer than TOP_N remain
+                    top=[(lab, math.exp(lp)) for lab, lp in zip(labels[1:], top_lp.tolist()) if lp > -math.inf],
+                )
+            )
+        return out
+
+
+def _sample_loop(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    use_cache: bool,
+    generator: torch.Generator | None,
+    recorder: _Recorder | None = None,
+) -> torch.Tensor:
+    """Greedy or sampled decoding of (B, T) -> (B, T + max_new_tokens)."""
+    next_logits = _NextLogits(model, use_cache)
+    greedy = settings.strategy == "greedy"
+    for _ in range(max_new_tokens):
+        logits = next_logits(idx)  # (B, V)
+        if settings.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, idx, settings.repetition_penalty)
+        if greedy:
+            used = logits
+            nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1); ties go to the lowest id
+        else:
+            used = process_logits(
+                logits,
+                temperature=settings.temperature,
+                top_k=settings.top_k,
+                top_p=settings.top_p,
+                min_p=settings.min_p,
+            )
+            nxt = torch.multinomial(used.softmax(dim=-1), 1, generator=generator)  # (B, 1)
+        if recorder is not None:
+            recorder.add(used[0], nxt[0, 0])
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+def _beam_search(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    use_cache: bool,
+    recorder: _Recorder | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search from one prompt (1, T). Returns (sequences (nb, T + n), scores (nb,)), best first.
+
+    Kept simple on purpose: the lab's tokenizers have no end-of-sequence token, so every beam runs
+    for exactly max_new_tokens and there is no early stopping. At each step every beam is extended
+    by every token and the num_beams best (beam, token) pairs by summed log-probability survive.
+    A beam's score is its summed log-probability divided by length ** length_penalty, which is how
+    transformers scores finished beams (length = new tokens). As all beams have the same length,
+    length_penalty rescales the scores but never reorders them. Unlike transformers, which
+    penalises the log-probs, the repetition penalty is applied to the logits before log_softmax,
+    as in the other strategies, so the scores stay true log-probabilities and num_beams=1 is
+    exactly greedy decoding.
+    """
+    nb = settings.num_beams
+    next_logits = _NextLogits(model, use_cache)
+    seqs = idx  # (b, T): one beam to start with, so the first step cannot pick duplicates
+    scores = torch.zeros(1, device=idx.device)  # (b,) summed log-probs
+    # Per-beam step history for the StepInfo of the winner: lists of (b, ...) tensors, reindexed
+    # whenever beams are reordered.
+    hist: list[list[torch.Tensor]] = []
+    for _ in range(max_new_tokens):
+        logits = next_logits(seqs)  # (b, V)
+        if settings.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seqs, settings.repetition_penalty)
+        logp = torch.log_softmax(logits, dim=-1)  # (b, V)
+        V = logp.size(-1)
+        total = (scores[:, None] + logp).reshape(-1)  # (b * V,) every extension of every beam
+        scores, flat = torch.topk(total, min(nb, total.numel()))  # sorted, best first
+        rows, tokens = flat // V, flat % V
+        seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
+        next_logits.reorder(rows)
+        if recorder is not None:
+            lp = logp[rows]  # (nb, V) the distribution each surviving beam chose from
+            chosen = lp.gather(1, tokens[:, None])[:, 0]
+            rank = 1 + (lp > chosen[:, None]).sum(dim=1)
+            top = torch.topk(lp, min(TOP_N, V), dim=-1)
+            hist = [[h[rows] for h in step] for step in hist]
+            hist.append([tokens, chosen, rank, top.values, top.indices])
+    if recorder is not None:
+        recorder.rows = [tuple(h[0] for h in step) for step in hist]  # the best beam's history
+    return seqs, scores / (max_new_tokens**settings.length_penalty)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    settings: SamplingSettings,
+    *,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Low-level decoding of token ids: (B, T) -> (B, T + max_new_tokens).
+
+    Greedy and sample work on any batch; beam search takes one prompt (B = 1) and returns its best
+    beam. ``generator`` drives sampling (``settings.seed`` is ignored here: the caller owns the
+    randomness, e.g. training draws its samples from its own generator). The model runs in eval
+    mode without gradients and is put back in its previous mode afterwards. (no_grad rather than
+    inference_mode, so the returned ids can be used anywhere, training included.)
+    """
+    cfg = getattr(model, "config", None)
+    settings.validate(None if cfg is None else cfg.vocab_size)
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}.")
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ConfigError(f"idx must be a (batch, time) tensor with at least one token, got shape {tuple(idx.shape)}.")
+    if max_new_tokens == 0:
+        return idx.clone()
+    idx = idx.to(_model_device(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if settings.strategy == "beam":
+                if idx.size(0) != 1:
+                    raise ConfigError("Beam search decodes one prompt at a time (batch size 1).")
+                seqs, _ = _beam_search(model, idx, max_new_tokens, settings, use_cache)
+                return seqs[:1]
+            return _sample_loop(model, idx, max_new_tokens, settings, use_cache, generator)
+    finally:
+        model.train(was_training)
+
+
+def _prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """Encode the prompt (TokenizerError for unknown symbols); an empty one starts from a newline or id 0."""
+    ids = tokenizer.encode(prompt) if prompt else []
+    if ids:
+        return ids
+    try:
+        ids = tokenizer.encode("\n")
+    except TokenizerError:
+        ids = []
+    return ids[:1] or [0]
+
+
+def _check_pair(model: torch.nn.Module, tokenizer: Any) -> None:
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(
+            f"The tokenizer has {tokenizer.vocab_size} tokens but the model expects {model.config.vocab_size}: "
+            "they do not belong to the same run. Load both from one run folder."
+        )
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    settings: SamplingSettings,
+    *,
+    use_cache: bool = True,
+    device: str | torch.device | None = None,
+) -> GenerationResult:
+    """Continue ``prompt`` with the strategy in ``settings``; records every step.
+
+    Unknown symbols in the prompt raise the tokenizer's TokenizerError. ``device`` moves the model
+    there first (default: wherever the model already is). The prompt may be longer than the
+    model's context: only its last block_size tokens are seen.
+    """
+    settings.validate(model.config.vocab_size)
+    _check_pair(model, tokenizer)
+    if device is not None:
+        model.to(device)
+    dev = _model_device(model)
+    prompt_ids = _prompt_ids(tokenizer, prompt)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=dev)  # (1, T)
+    n = settings.max_new_tokens
+    recorder = _Recorder()
+    beams = None
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if settings.strategy == "beam":
+                seqs, scores = _beam_search(model, idx, n, settings, use_cache, recorder)
+                new = seqs[:, idx.size(1) :].tolist()
+                beams = [(tokenizer.decode(ids), float(s)) for ids, s in zip(new, scores.tolist())]
+                new_ids = new[0]
+            else:
+                generator = None
+                if settings.seed is not None:
+                    generator = torch.Generator(device=dev).manual_seed(settings.seed)
+                out = _sample_loop(model, idx, n, settings, use_cache, generator, recorder)
+                new_ids = out[0, idx.size(1) :].tolist()
+            steps = recorder.steps(tokenizer)
+    finally:
+        model.train(was_training)
+    elapsed = time.perf_counter() - t0
+    return GenerationResult(
+        text=tokenizer.decode(new_ids),
+        prompt=prompt,
+        token_ids=new_ids,
+        steps=steps,
+        beams=beams,
+        settings=settings,
+        elapsed_s=elapsed,
+        tokens_per_s=len(new_ids) / elapsed if elapsed > 0 else float("inf"),
+        prompt_ids=prompt_ids,
+    )
+
+
+def next_token_distribution(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    settings_list: Sequence[SamplingSettings] | Mapping[str, SamplingSettings],
+) -> dict[str, Any]:
+    """The model's next-token distribution after ``prompt`` and what each setting keeps of it.
+
+    Returns a dict:
+      tokens     list[str] (V,)  a label per token id
+      probs      np.ndarray (V,) the raw softmax (no penalty, no filter)
+      kept       {label: bool np.ndarray (V,)}  tokens that setting can pick next
+      processed  {label: np.ndarray (V,)}       the distribution that setting picks from
+                 (zero where cut; greedy: all mass on its pick)
+      prompt_ids list[int]; cropped bool (the prompt was longer than the context)
+    Labels are ``settings.describe()`` (made unique) unless a mapping {label: settings} is given.
+    For beam search, "kept" is the num_beams tokens the first beam step continues with.
+    """
+    _check_pair(model, tokenizer)
+    items = list(settings_list.items()) if isinstance(settings_list, Mapping) else [
+        (s.describe(), s) for s in settings_list
+    ]
+    labelled: list[tuple[str, SamplingSettings]] = []
+    used_labels: set[str] = set()
+    for label, s in items:
+        s.validate(model.config.vocab_size)
+        base, k = label, 2
+        while label in used_labels:  # two columns with the same settings still need two keys
+            label, k = f"{base} ({k})", k + 1
+        used_labels.add(label)
+        labelled.append((label, s))
+
+    prompt_ids = _prompt_ids(tokenizer, prompt)
+    block = model.config.block_size
+    dev = _model_device(model)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=dev)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(idx[:, -block:]).logits[0, -1].float()  # (V,)
+            kept, processed = {}, {}
+            for label, s in labelled:
+                x = apply_repetition_penalty(logits, idx[0], s.repetition_penalty)
+                if s.strategy == "greedy":
+                    mask = torch.zeros_like(x, dtype=torch.bool)
+                    mask[x.argmax()] = True
+                elif s.strategy == "beam":
+                    mask = torch.zeros_like(x, dtype=torch.bool)
+                    mask[torch.topk(x, s.num_beams).indices] = True
+                else:
+                    x = process_logits(x, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
+                    mask = torch.isfinite(x)
+                p = x.masked_fill(~mask, float("-inf")).softmax(dim=-1) if s.strategy != "greedy" else mask.float()
+                kept[label] = mask.cpu().numpy()
+                processed[label] = p.cpu().numpy()
+    finally:
+        model.train(was_training)
+    V = logits.numel()
+    return {
+        "tokens": tokenizer.token_strings(list(range(V))),
+        "probs": logits.softmax(dim=-1).cpu().numpy(),
+        "kept": kept,
+        "processed": processed,
+        "prompt_ids": prompt_ids,
+        "cropped": len(prompt_ids) > block,
+    }
+
+
+def text_stats(token_ids: Sequence[int], logprobs: Sequence[float] | None = None) -> dict[str, float]:
+    """Summary numbers of a generated sequence (NaN where a number is undefined, e.g. too short).
+
+    mean_logprob  mean log-probability of the chosen tokens (how sure the model was)
+    perplexity    exp(-mean_logprob)
+    distinct_2    unique bigrams / bigrams (1 = no bigram repeats; low = loops)
+    repetition    fraction of 4-grams that already occurred earlier in the sequence
+    n_tokens      number of tokens
+    """
+    ids = [int(t) for t in token_ids]
+    nan = float("nan")
+    lps = [float(x) for x in logprobs] if logprobs is not None else []
+    mean_lp = sum(lps) / len(lps) if lps else nan
+    bigrams = list(zip(ids, ids[1:]))
+    distinct_2 = len(set(bigrams)) / len(bigrams) if bigrams else nan
+    seen: set[tuple[int, ...]] = set()
+    repeats = total = 0
+    for i in range(len(ids) - 3):
+        gram = tuple(ids[i : i + 4])
+        repeats += gram in seen
+        total += 1
+        seen.add(gram)
+    return {
+        "mean_logprob": mean_lp,
+        "perplexity": math.exp(-mean_lp) if lps else nan,
+        "distinct_2": distinct_2,
+        "repetition": repeats / total if total else nan,
+        "n_tokens": float(len(ids)),
+    }
