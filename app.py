@@ -1,0 +1,148 @@
+"""TinyGPT Lab's entry point: `streamlit run app.py`.
+
+Sets up the process once (page config, torch threads), routes to the pages with st.navigation and
+draws the Home page: the device in use, what the lab can do, a one-click quick start and the
+recent runs. All logic lives in tinygpt_core; this file only places widgets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+st.set_page_config(page_title="TinyGPT Lab", layout="wide", page_icon=":material/neurology:")
+
+ROOT = Path(__file__).parent
+
+# (file, nav title, icon, one line for Home). Order is the nav order after Home.
+PAGES: list[tuple[str, str, str, str]] = [
+    ("pages/train.py", "Train", ":material/model_training:",
+     "Train a tiny GPT live: watch train and validation loss move, and read what it writes as it learns."),
+    ("pages/runs.py", "Runs & ablations", ":material/stacked_line_chart:",
+     "Compare runs on disk, overlay their curves and launch a grid of ablations against a baseline."),
+    ("pages/attention.py", "Attention", ":material/grid_on:",
+     "Open any layer and head and see what each token attends to in your own text."),
+    ("pages/sampling.py", "Sampling", ":material/casino:",
+     "Decode one model with greedy, sampling and beam search side by side; see what top-k/top-p cut."),
+    ("pages/tokenizers.py", "Tokenizers", ":material/text_fields:",
+     "Run one text through char, word and BPE tokenizers and step through the BPE merges."),
+]
+
+
+@st.cache_resource
+def _init_torch_once() -> int:
+    """torch.set_num_threads is process-wide: set it exactly once per server process.
+
+    $TINYGPT_NUM_THREADS overrides torch's default (the number of physical cores)."""
+    import torch
+
+    threads = int(os.environ.get("TINYGPT_NUM_THREADS", "0") or 0) or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _page_exists(path: str) -> bool:
+    # Pages are written in parallel by several people; a missing one is left out rather than crashing nav.
+    return (ROOT / path).exists()
+
+
+def home() -> None:
+    # Imported here so the navigation itself never fails on a core import problem.
+    from pages._common import (
+        format_loss,
+        recent_runs,
+        remember_job,
+        remember_run,
+        runner,
+        user_errors,
+    )
+    from tinygpt_core.device import device_info
+    from tinygpt_core.training import TrainSpec
+
+    st.title("TinyGPT Lab")
+    st.caption("Train tiny GPT-style transformers live, look inside them, and switch their parts off.")
+
+    info = device_info()
+    left, right = st.columns([3, 2], gap="large")
+    with right:
+        with st.container(border=True):
+            st.markdown("**Device**")
+            if info.kind == "cuda":
+                st.markdown(f":material/memory: GPU **{info.name}** · {info.memory_gb:.0f} GB")
+            elif info.kind == "mps":
+                st.markdown(":material/memory: Apple GPU (MPS)")
+            else:
+                s = "" if info.threads == 1 else "s"
+                st.markdown(f":material/memory: CPU **{info.name}** · {info.threads} torch thread{s}")
+            st.caption("Runs train here when their device is *auto* (a GPU is used whenever there is one).")
+
+        with st.container(border=True):
+            st.markdown("**Quick start**")
+            st.caption("Trains the *tiny* preset (2 layers, 64 dims) on the built-in tiny corpus: seconds on a CPU.")
+            if st.button("Quick start", type="primary", icon=":material/play_arrow:", key="quick_start"):
+                job_id = None
+                with user_errors("Could not start the quick-start run: "):
+                    job_id = runner().submit(TrainSpec.from_preset("tiny", "builtin:tiny", name="quick-start"))
+                if job_id is not None:
+                    snap = runner().snapshot(job_id)
+                    remember_job(job_id)
+                    if snap.run_id:
+                        remember_run(snap.run_id)
+                    params = {"job": job_id}
+                    if snap.run_id:
+                        params["run"] = snap.run_id
+                    st.switch_page("pages/train.py", query_params=params)
+
+    with left:
+        st.subheader("What you can do here")
+        for path, title, icon, line in PAGES:
+            name_col, line_col = st.columns([1.4, 3], vertical_alignment="center")
+            with name_col:
+                if _page_exists(path):
+                    st.page_link(path, label=f"**{title}**", icon=icon)
+                else:
+                    st.markdown(f"**{title}** *(coming soon)*")
+            line_col.markdown(line)
+
+    st.subheader("Recent runs")
+    runs = recent_runs(5)
+    if not runs:
+        st.info("No runs yet. Press **Quick start** or go to **Train**.")
+        return
+    for r in runs:
+        with st.container(border=True):
+            c1, c2, c3 = st.columns([3, 2, 3])
+            c1.markdown(f"**{r.name}**" + (f"  \n`{r.id}`" if r.id != r.name else ""))
+            extra = f" · {', '.join(r.ablations)}" if r.ablations else ""
+            c1.caption(f"{r.preset or 'custom'} · {r.corpus or '?'} · {r.tokenizer or '?'}{extra}")
+            steps = f"{r.steps}/{r.max_iters}" if r.max_iters else str(r.steps)
+            c2.markdown(f"{_status_badge(r.status)}  \nbest val **{format_loss(r.best_val_loss)}** · step {steps}")
+            with c3:
+                links = st.columns(3)
+                links[0].page_link("pages/train.py", label="Open", icon=":material/open_in_new:",
+                                   query_params={"run": r.id})
+                if r.broken_reason is None and (r.path / "model.safetensors").exists():
+                    if _page_exists("pages/attention.py"):
+                        links[1].page_link("pages/attention.py", label="Attention", icon=":material/grid_on:",
+                                           query_params={"run": r.id})
+                    if _page_exists("pages/sampling.py"):
+                        links[2].page_link("pages/sampling.py", label="Sample", icon=":material/casino:",
+                                           query_params={"run": r.id})
+    if _page_exists("pages/runs.py"):
+        st.page_link("pages/runs.py", label="All runs", icon=":material/stacked_line_chart:")
+
+
+def _status_badge(status: str) -> str:
+    colour = {"done": "green", "running": "blue", "queued": "gray", "stopped": "orange",
+              "diverged": "red", "error": "red", "interrupted": "orange", "broken": "red"}.get(status, "gray")
+    return f":{colour}-badge[{status}]"
+
+
+_init_torch_once()
+nav = st.navigation(
+    [st.Page(home, title="Home", icon=":material/home:", default=True)]
+    + [st.Page(path, title=title, icon=icon) for path, title, icon, _ in PAGES if _page_exists(path)]
+)
+nav.run()

@@ -1,0 +1,148 @@
+"""Helpers shared by every page: the run store, the job runner, run selection and error display.
+
+Not a page (the leading underscore keeps it out of navigation). Everything here is UI glue; the
+logic lives in tinygpt_core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from tinygpt_core.errors import TinyGPTError
+from tinygpt_core.jobs import LocalJobRunner, get_runner
+from tinygpt_core.runs import LoadedRun, RunStore, RunSummary
+
+# Query-parameter and session keys shared across pages, so a reload or a second tab finds the run.
+RUN_PARAM = "run"
+JOB_PARAM = "job"
+
+
+@st.cache_resource
+def store() -> RunStore:
+    """One run store per server process (root from $TINYGPT_RUNS_DIR or ./runs)."""
+    return RunStore()
+
+
+@st.cache_resource
+def runner() -> LocalJobRunner:
+    """The process-wide job runner, shared by every browser session.
+
+    Held in st.cache_resource as well as in tinygpt_core.jobs: when a source file changes,
+    Streamlit's file watcher re-imports tinygpt_core, and the re-imported module would hand out a
+    fresh runner that no longer knows the jobs still training. Tests that reset the runner
+    (jobs.reset_runner) clear st.cache_resource too."""
+    return get_runner()
+
+
+def list_runs() -> list[RunSummary]:
+    return store().list()
+
+
+def openable_runs() -> list[RunSummary]:
+    """Runs with weights to open (not broken, not still queued)."""
+    return [r for r in list_runs() if r.broken_reason is None and (r.path / "model.safetensors").exists()]
+
+
+def selected_run_id() -> str | None:
+    return st.query_params.get(RUN_PARAM) or st.session_state.get("selected_run")
+
+
+def remember_run(run_id: str | None) -> None:
+    """Make a run the current one for every page, and put it in the URL."""
+    st.session_state["selected_run"] = run_id
+    if run_id:
+        st.query_params[RUN_PARAM] = run_id
+
+
+def run_picker(label: str = "Run", *, key: str) -> RunSummary | None:
+    """A selectbox of openable runs, defaulting to the current run; None (with a hint) when there are none."""
+    runs = openable_runs()
+    if not runs:
+        st.info("No trained runs yet. Train one on the **Train** page (or press Quick start on Home).")
+        return None
+    ids = [r.id for r in runs]
+    current = selected_run_id()
+    index = ids.index(current) if current in ids else 0
+    chosen = st.selectbox(
+        label,
+        runs,
+        index=index,
+        key=key,
+        format_func=lambda r: f"{r.name} · {r.status} · best val {_fmt(r.best_val_loss)}",
+    )
+    if chosen is not None:
+        remember_run(chosen.id)
+    return chosen
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def page_link_if_exists(page: str, **kwargs) -> bool:
+    """st.page_link to a page file, or nothing when that page is not in this build (returns whether linked)."""
+    if not (Path(__file__).parent.parent / page).exists():
+        return False
+    st.page_link(page, **kwargs)
+    return True
+
+
+def format_loss(x: float | None) -> str:
+    """A loss for display: three decimals, or a dash when there is none yet."""
+    return _fmt(x)
+
+
+def recent_runs(n: int = 5) -> list[RunSummary]:
+    """The newest n runs on disk (broken ones included, so a user sees why they cannot open them)."""
+    try:
+        return list_runs()[:n]
+    except TinyGPTError as exc:
+        st.error(f"Cannot list runs: {exc}")
+        return []
+
+
+def selected_job_id() -> str | None:
+    """The background job this session last started or opened (query param "job", else session)."""
+    return st.query_params.get(JOB_PARAM) or st.session_state.get("selected_job")
+
+
+def remember_job(job_id: str | None) -> None:
+    """Remember the job being watched, in the session and the URL (a reload finds it again)."""
+    st.session_state["selected_job"] = job_id
+    if job_id:
+        st.query_params[JOB_PARAM] = job_id
+    elif JOB_PARAM in st.query_params:
+        del st.query_params[JOB_PARAM]
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading model…")
+def _load(path: str, checkpoint: str, mtime: float) -> LoadedRun:  # mtime: reload when the weights change
+    return store().load(Path(path).name, checkpoint=checkpoint)
+
+
+def load_run_cached(run: RunSummary, checkpoint: str = "best") -> LoadedRun | None:
+    """Load a run's model once per server (eval mode); shows the reason and returns None when it cannot."""
+    weights = run.path / ("model.safetensors" if checkpoint == "best" else "last.safetensors")
+    try:
+        mtime = os.path.getmtime(weights)
+    except OSError:
+        st.error(f"Run **{run.name}** has no {checkpoint} checkpoint yet. Pick another checkpoint or run.")
+        return None
+    try:
+        return _load(str(run.path), checkpoint, mtime)
+    except TinyGPTError as exc:
+        st.error(f"Cannot open run **{run.name}**: {exc}")
+        return None
+
+
+@contextlib.contextmanager
+def user_errors(prefix: str = ""):
+    """Show a TinyGPTError as st.error (what is wrong and what to do) instead of a traceback."""
+    try:
+        yield
+    except TinyGPTError as exc:
+        st.error(f"{prefix}{exc}")

@@ -1,0 +1,443 @@
+"""Runs & ablations: every run on disk, their curves overlaid, and grids of ablations against a baseline.
+
+Thin page: the run store (tinygpt_core.runs), the job runner (tinygpt_core.jobs), grid building and
+comparison (tinygpt_core.ablations), zips (tinygpt_core.archive) and figures (tinygpt_core.viz) do
+the work; this file places widgets and charts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from pages._common import remember_run, runner, selected_run_id, store, user_errors
+from tinygpt_core import viz
+from tinygpt_core.ablations import (
+    ABLATIONS,
+    BASELINE,
+    WINDOW_PREFIX,
+    compare_to_baseline,
+    grid_specs,
+    metrics_summary,
+    parse_grid_name,
+    with_gap,
+)
+from tinygpt_core.archive import zip_run
+from tinygpt_core.config import PRESETS
+from tinygpt_core.data import list_builtin_corpora
+from tinygpt_core.errors import RunError, TinyGPTError
+from tinygpt_core.jobs import JobSnapshot
+from tinygpt_core.runs import RunSummary, read_metrics
+from tinygpt_core.training import TrainSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+GRID_PARAM = "grid"
+CURVES = {"val loss": "val_loss", "train loss": "train_loss", "gap (val − train)": "gap"}
+LIVE_STATUSES = ("queued", "running")
+_WINDOW_KEY = next(k for k in ABLATIONS if k.startswith(WINDOW_PREFIX))  # the "window-N" entry
+
+
+# ---- data for the page (no widgets) --------------------------------------------------------------
+
+
+def _jobs_by_run() -> dict[str, JobSnapshot]:
+    """The runner's jobs keyed by run id (newest job wins), to show live status over the disk's."""
+    out: dict[str, JobSnapshot] = {}
+    for job in reversed(runner().list_jobs()):  # list_jobs is newest first: iterate oldest → newest
+        if job.run_id:
+            out[job.run_id] = job
+    return out
+
+
+def _live_summaries() -> list[RunSummary]:
+    """store().list() with the status of unfinished jobs laid over it.
+
+    A queued job's folder is empty until training starts; on disk alone it reads as broken.
+    """
+    jobs = _jobs_by_run()
+    out = []
+    for s in store().list():
+        job = jobs.get(s.id)
+        if job is not None and not job.finished:
+            s = dataclasses.replace(s, status=job.status, message=job.message, name=job.name, broken_reason=None,
+                                    steps=max(s.steps, job.step))
+        out.append(s)
+    return out
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _metrics_cached(path: str, mtime: float) -> pd.DataFrame:  # mtime: re-read when the file grows
+    return read_metrics(path)
+
+
+def _metrics(path: Path) -> pd.DataFrame | None:
+    try:
+        return _metrics_cached(str(path), os.path.getmtime(path / "metrics.csv"))
+    except (OSError, RunError):
+        return None
+
+
+def _runs_frame(runs: list[RunSummary]) -> pd.DataFrame:
+    def gap(r: RunSummary) -> float | None:
+        if r.final_val_loss is None or r.final_train_loss is None:
+            return None
+        return r.final_val_loss - r.final_train_loss
+
+    return pd.DataFrame(
+        {
+            "name": [r.name for r in runs],
+            "preset": [r.preset or "custom" for r in runs],
+            "ablations": [list(r.ablations) for r in runs],
+            "status": [r.status for r in runs],
+            "params": [r.params for r in runs],
+            "best_val": [r.best_val_loss for r in runs],
+            "final_train": [r.final_train_loss for r in runs],
+            "final_val": [r.final_val_loss for r in runs],
+            "gap": [gap(r) for r in runs],
+            "steps": [r.steps for r in runs],
+            "max_iters": [r.max_iters for r in runs],
+            "time": [r.elapsed_s for r in runs],
+            "created": pd.to_datetime([r.created_at or None for r in runs], utc=True, errors="coerce"),
+            "corpus": [r.corpus for r in runs],
+            "message": [r.broken_reason or r.message for r in runs],
+            "id": [r.id for r in runs],
+        }
+    )
+
+
+RUN_COLUMNS = {
+    "name": st.column_config.TextColumn("name", width="medium", pinned=True),
+    "preset": st.column_config.TextColumn("preset"),
+    "ablations": st.column_config.ListColumn("ablations", help="How the model departs from GPT-2's design."),
+    "status": st.column_config.TextColumn("status"),
+    "params": st.column_config.NumberColumn("params", format="compact"),
+    "best_val": st.column_config.NumberColumn("best val", format="%.3f", help="Lowest validation loss."),
+    "final_train": st.column_config.NumberColumn("final train", format="%.3f"),
+    "final_val": st.column_config.NumberColumn("final val", format="%.3f"),
+    "gap": st.column_config.NumberColumn(
+        "gap", format="%+.3f",
+        help="Final val loss − final train loss. Growing above 0: the model memorises its training text."),
+    "steps": st.column_config.NumberColumn("steps", format="%d"),
+    "max_iters": st.column_config.NumberColumn("of", format="%d"),
+    "time": st.column_config.NumberColumn("time (s)", format="%.1f"),
+    "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+    "corpus": st.column_config.TextColumn("corpus"),
+    "message": st.column_config.TextColumn("message", width="large", help="Status message, or why a run is broken."),
+    "id": st.column_config.TextColumn("run id"),
+}
+
+
+def _chart_downloads(fig, key: str, stem: str) -> None:
+    """HTML (always) and PNG (when kaleido can run) downloads of a chart, generated on click only."""
+    c1, c2, _ = st.columns([1, 1, 4])
+    c1.download_button("Chart as HTML", data=lambda: viz.figure_to_html(fig), file_name=f"{stem}.html",
+                       mime="text/html", key=f"{key}_html", icon=":material/download:")
+    reason = viz.png_unavailable_reason()
+    if reason is None:
+        c2.download_button("Chart as PNG", data=lambda: viz.figure_to_png(fig) or b"", file_name=f"{stem}.png",
+                           mime="image/png", key=f"{key}_png", icon=":material/image:")
+    else:
+        c2.caption(f"PNG export unavailable here ({reason}); use the HTML download or the chart's camera icon.")
+
+
+# ---- all runs ------------------------------------------------------------------------------------
+
+
+def _sync_overlay_from_table(ids: list[str]) -> None:
+    """Table selection → the 'Runs to compare' multiselect (a callback runs before widgets render)."""
+    event = st.session_state.get("runs_table")
+    rows = event.selection.rows if event is not None else []
+    st.session_state["runs_overlay"] = [ids[i] for i in rows if i < len(ids)]
+
+
+def all_runs_section(runs: list[RunSummary]) -> None:
+    if not runs:
+        st.info("No runs yet. Train one on the **Train** page, press **Quick start** on Home, "
+                "or launch an ablation grid in the next tab.")
+        return
+
+    df = _runs_frame(runs)
+    ids = df["id"].tolist()
+    by_id = {r.id: r for r in runs}
+    n_broken = sum(r.status == "broken" for r in runs)
+    st.caption(f"{len(runs)} run(s) in `{store().root}`" + (f" · {n_broken} broken (see *message*)" if n_broken else "")
+               + ". Select rows to overlay their curves.")
+    st.dataframe(
+        df, key="runs_table", hide_index=True, column_config=RUN_COLUMNS, width="stretch",
+        on_select=lambda: _sync_overlay_from_table(ids), selection_mode="multi-row",
+        height=min(400, 38 + 35 * len(df)),
+    )
+
+    st.subheader("Overlay curves")
+    comparable = [r.id for r in runs if r.broken_reason is None]
+    # Keep the multiselect's state valid when runs were deleted elsewhere (another tab, the CLI).
+    st.session_state["runs_overlay"] = [i for i in st.session_state.get("runs_overlay", []) if i in comparable]
+    chosen = st.multiselect(
+        "Runs to compare", comparable, key="runs_overlay", format_func=lambda i: by_id[i].name,
+        placeholder="Select rows in the table, or pick runs here",
+    )
+    c1, c2 = st.columns([2, 1])
+    curve = c1.segmented_control("Curve", list(CURVES), default="val loss", key="runs_curve") or "val loss"
+    show_train = c2.toggle("Train loss dashed", value=True, key="runs_show_train", disabled=CURVES[curve] != "val_loss",
+                           help="Each run's train loss in the same colour, dashed: the space between is the gap.")
+    if not chosen:
+        st.caption("Nothing selected yet.")
+    else:
+        curves = {}
+        for run_id in chosen:
+            m = _metrics(by_id[run_id].path)
+            if m is None:
+                st.warning(f"Run **{by_id[run_id].name}** has no readable metrics yet; it is left out.")
+                continue
+            curves[_unique(curves, by_id[run_id].name)] = with_gap(m)
+        metric = CURVES[curve]
+        fig = viz.overlay_figure(curves, metric=metric, show_train=show_train and metric == "val_loss")
+        st.plotly_chart(fig, key="runs_overlay_chart", width="stretch")
+        if metric == "gap":
+            st.caption("Gap = val loss − train loss at each evaluation. Above 0 and rising: memorising, not learning.")
+        _chart_downloads(fig, "runs_overlay", "runs-overlay")
+
+    st.subheader("Manage a run")
+    default = selected_run_id()
+    pick_from = chosen or ids
+    index = pick_from.index(default) if default in pick_from else 0
+    run_id = st.selectbox("Run", pick_from, index=index, key="runs_manage",
+                          format_func=lambda i: f"{by_id[i].name} · {by_id[i].status} · {by_id[i].id}")
+    if run_id is not None:
+        manage_run(by_id[run_id])
+
+
+def _unique(existing: dict, name: str) -> str:
+    """Two runs can share a name (re-runs); the chart legend needs distinct keys."""
+    if name not in existing:
+        return name
+    n = 2
+    while f"{name} ({n})" in existing:
+        n += 1
+    return f"{name} ({n})"
+
+
+def manage_run(run: RunSummary) -> None:
+    if run.broken_reason:
+        st.warning(f"Run **{run.name}** cannot be opened: {run.broken_reason}")
+    elif run.message:
+        st.caption(f"{run.status}: {run.message}")
+    live = run.status in LIVE_STATUSES
+    cols = st.columns(5)
+
+    def _zip() -> bytes:
+        # Runs on a download thread: a vanished folder must not raise there.
+        try:
+            return zip_run(run.path)
+        except TinyGPTError as exc:
+            return str(exc).encode()
+
+    cols[0].download_button("Download .zip", data=_zip, file_name=f"{run.id}.zip", mime="application/zip",
+                            key="runs_zip", icon=":material/folder_zip:", disabled=run.broken_reason is not None
+                            and not (run.path / "config.json").exists())
+    openable = run.broken_reason is None and (run.path / "model.safetensors").exists()
+    links = [("pages/train.py", "Open in Train", ":material/model_training:", True),
+             ("pages/attention.py", "Attention", ":material/grid_on:", openable),
+             ("pages/sampling.py", "Sampling", ":material/casino:", openable)]
+    for col, (page, label, icon, enabled) in zip(cols[1:4], links):
+        if (ROOT / page).exists():  # pages are optional in navigation; never link to a missing one
+            col.page_link(page, label=label, icon=icon, query_params={"run": run.id}, disabled=not enabled)
+    with cols[4].popover("Delete…", icon=":material/delete:", disabled=live,
+                         help="Stop the run first." if live else "Remove this run's folder from disk."):
+        st.markdown(f"Delete **{run.name}** (`{run.id}`) and all its files? This cannot be undone.")
+        if st.button("Delete permanently", type="primary", key="runs_delete_confirm"):
+            deleted = False
+            with user_errors("Could not delete: "):
+                store().delete(run.id)
+                deleted = True
+            if deleted:
+                if selected_run_id() == run.id:
+                    remember_run(None)
+                    st.query_params.pop("run", None)
+                # No need to touch "runs_overlay": it drops ids that are gone before it is drawn.
+                st.session_state["runs_flash"] = f"Deleted run {run.name} ({run.id})."
+                st.rerun()
+
+
+# ---- ablation grids ------------------------------------------------------------------------------
+
+
+def _ablation_order(label: str) -> int:
+    keys = list(ABLATIONS)
+    if label == BASELINE:
+        return -1
+    if label.startswith(WINDOW_PREFIX):
+        return keys.index(_WINDOW_KEY)
+    return keys.index(label) if label in keys else len(keys)
+
+
+def _grid_members(runs: list[RunSummary], grid_id: str) -> list[dict]:
+    """Every run of one grid: label, run summary (if on disk), job (if this server runs it)."""
+    jobs = _jobs_by_run()
+    members: dict[str, dict] = {}
+    for r in runs:
+        parsed = parse_grid_name(r.name)
+        if parsed and parsed[0] == grid_id:
+            members[r.id] = {"label": parsed[1], "run": r, "job": jobs.get(r.id)}
+    for run_id, job in jobs.items():  # queued jobs may not be listed under their grid name yet
+        parsed = parse_grid_name(job.name)
+        if parsed and parsed[0] == grid_id and run_id not in members:
+            members[run_id] = {"label": parsed[1], "run": None, "job": job}
+    return sorted(members.values(), key=lambda m: (_ablation_order(m["label"]), m["label"]))
+
+
+def _known_grids(runs: list[RunSummary]) -> list[str]:
+    names = [r.name for r in runs] + [j.name for j in runner().list_jobs()]
+    grids = {p[0] for p in map(parse_grid_name, names) if p}
+    return sorted(grids, reverse=True)  # ids start with a UTC timestamp: newest first
+
+
+def launch_grid_form() -> None:
+    corpora = [name for name, _ in list_builtin_corpora()]
+    presets = list(PRESETS)
+    with st.form("grid_form", border=True):
+        st.markdown("**New grid** — one baseline plus one run per ablation, same data, same seed, same data order.")
+        c1, c2, c3, c4 = st.columns(4)
+        preset = c1.selectbox("Baseline preset", presets, index=presets.index("tiny") if "tiny" in presets else 0,
+                              key="grid_preset",
+                              help="\n".join(f"- **{name}**: {p.description}" for name, p in PRESETS.items()))
+        corpus = c2.selectbox("Corpus", corpora, index=corpora.index("tiny") if "tiny" in corpora else 0,
+                              key="grid_corpus")
+        max_iters = c3.number_input("Steps per run (max_iters)", min_value=10, max_value=100_000, value=300,
+                                    step=50, key="grid_max_iters")
+        seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=1337, step=1, key="grid_seed")
+        c5, c6 = st.columns([3, 1])
+        chosen = c5.multiselect(
+            "Ablations", list(ABLATIONS), default=["no-layernorm", "pos-none"], key="grid_ablations",
+            format_func=lambda k: "window-N (local attention)" if k == _WINDOW_KEY else k,
+            help="\n".join(f"- **{k}**: {d}" for k, (d, _) in ABLATIONS.items()),
+        )
+        window = c6.number_input("N for window-N", min_value=1, max_value=4096,
+                                 value=int(ABLATIONS[_WINDOW_KEY][1]["attn_window"]), key="grid_window")
+        submitted = st.form_submit_button("Launch grid", type="primary", icon=":material/play_arrow:")
+    if not submitted:
+        return
+    labels = [f"{WINDOW_PREFIX}{int(window)}" if k == _WINDOW_KEY else k for k in chosen]
+    launched = None
+    with user_errors("Could not launch the grid: "):
+        base = TrainSpec.from_preset(preset, f"builtin:{corpus}", max_iters=int(max_iters), seed=int(seed))
+        specs = grid_specs(base, labels)
+        for spec in specs:  # refuse the whole grid before queueing any of it
+            spec.validate()
+        job_ids = [runner().submit(spec) for spec in specs]
+        launched = (parse_grid_name(specs[0].name)[0], job_ids)
+    if launched:
+        grid_id, job_ids = launched
+        snap = runner().snapshot(job_ids[0])
+        st.session_state["runs_grid"] = grid_id
+        st.query_params[GRID_PARAM] = grid_id
+        per_device = getattr(runner(), "max_jobs_per_device", 1)
+        st.session_state["runs_flash"] = (
+            f"Launched **{grid_id}**: {len(job_ids)} runs on {snap.device}. They queue and train "
+            f"{per_device} at a time on each device; the curves below update as they go."
+        )
+        st.rerun()
+
+
+def grid_section(runs: list[RunSummary]) -> None:
+    launch_grid_form()
+    grids = _known_grids(runs)
+    if not grids:
+        st.info("No grids yet. Pick a baseline and some ablations above and press **Launch grid**.")
+        return
+    wanted = st.session_state.get("runs_grid") or st.query_params.get(GRID_PARAM)
+    if st.session_state.get("runs_grid_pick") not in grids:
+        st.session_state["runs_grid_pick"] = wanted if wanted in grids else grids[0]
+    grid_id = st.selectbox("Grid", grids, key="runs_grid_pick")
+    if grid_id != st.query_params.get(GRID_PARAM):
+        st.query_params[GRID_PARAM] = grid_id
+    st.session_state["runs_grid"] = grid_id
+    live = any(m["job"] is not None and not m["job"].finished for m in _grid_members(runs, grid_id))
+    grid_live_view(grid_id, live)
+
+
+def grid_live_view(grid_id: str, live: bool) -> None:
+    # run_every is fixed when the fragment is defined: poll only while some job of the grid is unfinished.
+    @st.fragment(run_every=1.0 if live else None)
+    def _view() -> None:
+        members = _grid_members(_live_summaries(), grid_id)
+        rows, curves = [], {}
+        for m in members:
+            job, run = m["job"], m["run"]
+            if job is not None and not job.finished:
+                metrics = job.metrics_frame()  # in memory: no disk reads while it trains
+                status, message = job.status, job.message
+            else:
+                metrics = _metrics(run.path) if run is not None else None
+                status = run.status if run is not None else (job.status if job else "?")
+                message = (run.broken_reason or run.message) if run is not None else (job.message if job else "")
+            stats = metrics_summary(metrics) if metrics is not None else {}
+            rows.append({"name": f"{grid_id}/{m['label']}", "status": status, **stats, "message": message})
+            if metrics is not None and len(metrics):
+                curves[m["label"]] = with_gap(metrics)
+
+        still_live = any(r["status"] in LIVE_STATUSES for r in rows)
+        if live and not still_live:
+            st.rerun()  # the grid finished: a full rerun stops this fragment's timer
+        done = sum(r["status"] not in LIVE_STATUSES for r in rows)
+        st.progress(done / max(1, len(rows)), text=f"{done} of {len(rows)} runs finished")
+
+        c1, c2 = st.columns([2, 1])
+        curve = c1.segmented_control("Grid curve", list(CURVES), default="val loss", key="grid_curve") or "val loss"
+        show_train = c2.toggle("Train loss dashed", value=False, key="grid_show_train",
+                               disabled=CURVES[curve] != "val_loss")
+        metric = CURVES[curve]
+        fig = viz.overlay_figure(curves, metric=metric, baseline=BASELINE,
+                                 show_train=show_train and metric == "val_loss")
+        st.plotly_chart(fig, key="grid_overlay_chart", width="stretch")
+
+        table = compare_to_baseline(rows)
+        if rows:
+            table = table.merge(pd.DataFrame(rows)[["name", "message"]], on="name", how="left")
+        st.dataframe(
+            table.drop(columns=["name"]), key="grid_table", hide_index=True, width="stretch",
+            column_config={
+                "ablation": st.column_config.TextColumn("ablation", pinned=True),
+                "final_train_loss": st.column_config.NumberColumn("final train", format="%.3f"),
+                "final_val_loss": st.column_config.NumberColumn("final val", format="%.3f"),
+                "gap": st.column_config.NumberColumn("gap", format="%+.3f", help="final val − final train"),
+                "best_val_loss": st.column_config.NumberColumn("best val", format="%.3f"),
+                "delta": st.column_config.NumberColumn(
+                    "Δ val vs baseline", format="%+.3f", help="> 0: the ablation hurts; < 0: it helps."),
+                "ratio": st.column_config.NumberColumn("val ÷ baseline", format="%.3f"),
+                "message": st.column_config.TextColumn("message", width="large"),
+            },
+        )
+        if not live:
+            _chart_downloads(fig, "grid_overlay", grid_id)
+        unfinished = [m["job"].id for m in members if m["job"] is not None and not m["job"].finished]
+        if unfinished and st.button("Stop this grid", icon=":material/stop:", key="grid_stop",
+                                    help="Queued runs are dropped; the running one stops after its current step."):
+            with user_errors("Could not stop: "):
+                for job_id in reversed(unfinished):  # queued ones first, so none starts as another stops
+                    runner().cancel(job_id)
+            st.rerun()
+
+    _view()
+
+
+# ---- the page ------------------------------------------------------------------------------------
+
+st.title("Runs & ablations")
+st.caption("Every run on disk, their curves side by side, and ablation grids: switch one part of the "
+           "architecture off at a time and see what it costs.")
+
+flash = st.session_state.pop("runs_flash", None)
+if flash:
+    st.success(flash)
+
+runs = _live_summaries()
+tab_runs, tab_grid = st.tabs(["All runs", "Ablation grid"])
+with tab_runs:
+    all_runs_section(runs)
+with tab_grid:
+    grid_section(runs)

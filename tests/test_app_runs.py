@@ -1,0 +1,227 @@
+"""The Runs & ablations page, driven headless with AppTest against a temporary run store."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from tinygpt_core import jobs
+from tinygpt_core.runs import RunStore, read_config
+from tinygpt_core.training import TrainSpec, train
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+PAGE = "pages/runs.py"
+
+
+def small_spec(name: str, **overrides) -> TrainSpec:
+    settings = dict(max_iters=20, eval_interval=10, eval_iters=2, n_layer=1, n_embd=32, block_size=16,
+                    batch_size=8, sample_tokens=10, device="cpu", warmup_iters=2)
+    return TrainSpec.from_preset("tiny", "builtin:tiny", name=name, **{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Two real, finished runs ("a" and "b" with ReLU), trained once per module and copied per test."""
+    root = tmp_path_factory.mktemp("trained")
+    store = RunStore(root)
+    for name, extra in (("a", {}), ("b", {"activation": "relu"})):
+        assert train(small_spec(name, **extra), store=store).status == "done"
+    return root
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch) -> Path:
+    """An empty run store for this test; the cached store and the job runner start fresh."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setenv("TINYGPT_RUNS_DIR", str(root))
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    jobs.reset_runner()
+    yield root
+    jobs.reset_runner()
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def with_runs(runs_dir, trained) -> Path:
+    for p in trained.iterdir():
+        shutil.copytree(p, runs_dir / p.name)
+    broken = runs_dir / "broken-20240101-000000"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    return runs_dir
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    at.switch_page(PAGE).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def runs_table(at: AppTest):
+    return next(d.value for d in at.dataframe if "params" in d.value.columns)
+
+
+def run_ids(at: AppTest) -> dict[str, str]:
+    df = runs_table(at)
+    return dict(zip(df["name"], df["id"]))
+
+
+def chart_spec(at: AppTest, key_part: str) -> dict:
+    for chart in at.get("plotly_chart"):
+        if key_part in chart.proto.id:
+            return json.loads(chart.proto.spec)
+    raise AssertionError(f"no chart with key containing {key_part!r}")
+
+
+def values(arr) -> list[float]:
+    """A plotly trace array: a plain list, or plotly 6+'s typed array {"dtype", "bdata"}."""
+    if isinstance(arr, dict) and "bdata" in arr:
+        import base64
+
+        import numpy as np
+
+        return np.frombuffer(base64.b64decode(arr["bdata"]), dtype=arr["dtype"]).tolist()
+    return list(arr)
+
+
+def texts(elements) -> str:
+    return " ".join(e.value for e in elements)
+
+
+def test_empty_store_explains_what_to_do(runs_dir):
+    at = open_page()
+    assert not at.error
+    info = texts(at.info)
+    assert "No runs yet" in info and "No grids yet" in info
+
+
+def test_table_lists_every_run_with_broken_ones_and_their_reason(with_runs):
+    at = open_page()
+    assert not at.error
+    df = runs_table(at)
+    assert sorted(df["name"]) == ["a", "b", "broken-20240101-000000"]
+    broken = df[df["name"] == "broken-20240101-000000"].iloc[0]
+    assert broken["status"] == "broken" and "config.json" in broken["message"]
+    a = df[df["name"] == "a"].iloc[0]
+    assert a["status"] == "done" and a["steps"] == 20 and a["params"] > 0
+    assert a["gap"] == pytest.approx(a["final_val"] - a["final_train"])
+    assert df[df["name"] == "b"].iloc[0]["ablations"] == ["relu"]
+    # Broken runs cannot be overlaid: only the two good ones are offered.
+    assert sorted(at.multiselect(key="runs_overlay").options) == ["a", "b"]
+
+
+def test_overlay_draws_val_solid_train_dashed_and_the_gap(with_runs):
+    at = open_page()
+    overlay = at.multiselect(key="runs_overlay")
+    ids = run_ids(at)
+    overlay.set_value([ids["a"], ids["b"]]).run()
+    assert not at.exception and not at.warning
+    traces = {t["name"]: t for t in chart_spec(at, "runs_overlay_chart")["data"]}
+    assert {"a", "a · train", "b", "b · train"} <= set(traces)
+    assert traces["a · train"]["line"]["dash"] == "dash" and traces["a"]["line"]["dash"] == "solid"
+
+    at.segmented_control(key="runs_curve").set_value("gap (val − train)").run()
+    assert not at.exception
+    gap = {t["name"]: t for t in chart_spec(at, "runs_overlay_chart")["data"]}
+    assert set(gap) == {"a", "b"}
+    a = runs_table(at).set_index("name").loc["a"]
+    assert values(gap["a"]["y"])[-1] == pytest.approx(a["final_val"] - a["final_train"], abs=1e-6)
+
+
+def _pick_run(at: AppTest, name: str) -> str:
+    run_id = run_ids(at)[name]
+    at.selectbox(key="runs_manage").set_value(run_id).run()
+    return run_id
+
+
+def test_delete_asks_first_and_removes_the_folder(with_runs):
+    at = open_page()
+    run_id = _pick_run(at, "a")
+    assert (with_runs / run_id).is_dir()
+    assert any(d.label == "Download .zip" for d in at.get("download_button"))
+    at.button(key="runs_delete_confirm").click().run()
+    assert not at.exception and not at.error
+    assert not (with_runs / run_id).exists()
+    assert "Deleted run a" in texts(at.success)
+    assert "a" not in set(runs_table(at)["name"])
+
+
+def test_a_running_run_is_not_deleted(with_runs):
+    at = open_page()
+    run_id = _pick_run(at, "b")
+    # Pretend this process is training it: a fresh heartbeat from a live pid.
+    (with_runs / run_id / "status.json").write_text(json.dumps(
+        {"status": "running", "message": "", "step": 3, "pid": os.getpid(), "updated_at": time.time()}))
+    at.button(key="runs_delete_confirm").click().run()
+    assert not at.exception
+    assert "still training" in texts(at.error)
+    assert (with_runs / run_id).is_dir()
+
+
+def _wait_for_grid(at: AppTest, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert not at.exception, at.exception
+        if not any(not j.finished for j in jobs.get_runner().list_jobs()):
+            at.run()  # one more run to draw the finished state
+            return
+        assert time.monotonic() < deadline, "grid did not finish"
+        time.sleep(0.5)
+        at.run()  # fragments never tick in AppTest: each run() redraws the live view
+
+
+@pytest.mark.slow
+def test_grid_launch_queues_runs_and_compares_them_to_the_baseline(runs_dir):
+    at = open_page()
+    at.number_input(key="grid_max_iters").set_value(10)
+    at.multiselect(key="grid_ablations").set_value(["relu"])
+    at.button(key=next(b.key for b in at.button if b.label == "Launch grid")).click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert "Launched **grid-" in texts(at.success)
+    grid_id = at.query_params["grid"][0] if isinstance(at.query_params["grid"], list) else at.query_params["grid"]
+
+    snaps = jobs.get_runner().list_jobs()
+    assert sorted(s.name for s in snaps) == [f"{grid_id}/baseline", f"{grid_id}/relu"]
+    # One job at a time per device: the second waits with a message saying so.
+    assert any(s.status == "queued" and "Queued" in s.message for s in snaps) or all(s.finished for s in snaps)
+
+    _wait_for_grid(at)
+    table = next(d.value for d in at.dataframe if "delta" in d.value.columns)
+    assert list(table["ablation"]) == ["baseline", "relu"]
+    assert list(table["status"]) == ["done", "done"]
+    base, relu = table.iloc[0], table.iloc[1]
+    assert base["delta"] == 0 and base["ratio"] == 1
+    assert relu["ratio"] == pytest.approx(relu["final_val_loss"] / base["final_val_loss"])
+    assert not math.isnan(relu["delta"])
+    traces = [t["name"] for t in chart_spec(at, "grid_overlay_chart")["data"]]
+    assert "baseline (baseline)" in traces and "relu" in traces
+    assert "2 of 2 runs finished" in " ".join(p.proto.text for p in at.get("progress"))
+
+    # Same data and seed on disk; only the activation differs.
+    cfgs = {c.name: c for c in (read_config(p) for p in runs_dir.iterdir())}
+    b, r = cfgs[f"{grid_id}/baseline"], cfgs[f"{grid_id}/relu"]
+    assert b.train == r.train and b.corpus == r.corpus
+    assert (b.model.activation, r.model.activation) == ("gelu", "relu")
+
+
+def test_a_pointless_grid_is_refused_before_anything_is_queued(runs_dir):
+    at = open_page()
+    at.multiselect(key="grid_ablations").set_value(["window-8"])
+    at.number_input(key="grid_window").set_value(64)  # tiny's context is 32: the window would see it all
+    at.button(key=next(b.key for b in at.button if b.label == "Launch grid")).click().run()
+    assert not at.exception
+    assert "smaller than 32" in texts(at.error)
+    assert jobs.get_runner().list_jobs() == []
+    assert list(runs_dir.iterdir()) == []

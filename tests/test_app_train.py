@@ -1,0 +1,177 @@
+"""The Train page through AppTest: a run driven to the end from the widgets, Stop, a reload that
+finds the run again, and every error path showing st.error instead of a traceback or a job."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+import torch
+from streamlit.testing.v1 import AppTest
+
+from tinygpt_core import jobs, training
+from tinygpt_core.runs import RunStore, read_status
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture
+def runs_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh run store and job runner per test; one torch thread (the test machine is small and shared)."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("TINYGPT_RUNS_DIR", str(runs))
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # for training done by the test itself, outside the app
+    jobs.reset_runner()
+    st.cache_resource.clear()
+    yield runs
+    jobs.reset_runner()  # stops whatever a test left running
+    st.cache_resource.clear()
+    torch.set_num_threads(threads)
+
+
+def open_train(**values) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.switch_page("pages/train.py").run()
+    assert not at.exception
+    for key, value in values.items():
+        at.number_input(key=f"train_{key}").set_value(value)
+    at.run()
+    return at
+
+
+def keys(elements) -> set[str]:
+    return {e.key for e in elements}
+
+
+def wait_until_finished(at: AppTest, timeout: float = 60.0) -> None:
+    """Poll the page like its fragment timer would (run_every never fires in AppTest)."""
+    deadline = time.monotonic() + timeout
+    while "train_stop" in keys(at.button):
+        assert time.monotonic() < deadline, "the run did not finish in time"
+        time.sleep(0.2)
+        at.run()
+        assert not at.exception
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_train_run_to_the_end_then_reload_from_disk(runs_dir):
+    at = open_train(max_iters=60, eval_interval=20)
+    assert "tiny" in texts(at.selectbox) or at.selectbox(key="train_preset").value == "tiny"
+    at.button(key="train_start").click().run()
+    assert not at.exception and not at.error
+    run_id, job_id = at.query_params["run"], at.query_params["job"]
+    wait_until_finished(at)
+
+    assert "Done" in texts(at.success) and not at.error
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = " ".join(t.get("name", "") for t in spec["data"])
+    assert "train" in names and "val" in names
+    # Samples at each eval, newest first, with their steps.
+    captions = [c.value for c in at.caption]
+    assert [c for c in captions if c.startswith("step ")][:3] == ["step 60", "step 40", "step 20"]
+    assert len(at.code) >= 3 and all(c.value for c in at.code[:3])
+    links = {p.proto.page: p.proto.query_string for p in at.get("page_link")}
+    for page in ("attention", "sampling", "runs"):
+        assert links.get(page) == f"run={run_id}", links
+
+    # The run on disk is complete and finished.
+    assert read_status(runs_dir / run_id).status == "done"
+    assert jobs.get_runner().snapshot(job_id).status == "done"
+
+    # A reload in a fresh process (no job in its runner) shows the finished run from disk.
+    jobs.reset_runner()
+    st.cache_resource.clear()
+    again = AppTest.from_file(APP, default_timeout=60)
+    again.query_params["run"] = run_id
+    again.run()
+    again.switch_page("pages/train.py")
+    again.query_params["run"] = run_id
+    again.run()
+    assert not again.exception and not again.error
+    assert "Done" in texts(again.success)
+    assert "train_stop" not in keys(again.button)
+    spec = json.loads(again.get("plotly_chart")[0].proto.spec)
+    assert any("val" in t.get("name", "") for t in spec["data"])
+
+
+def test_stop_and_second_tab_sees_the_live_job(runs_dir):
+    at = open_train(max_iters=100_000, eval_interval=50)
+    at.button(key="train_start").click().run()
+    run_id = at.query_params["run"]
+    assert "train_stop" in keys(at.button)
+
+    # A second tab that only knows the run id finds the live job (and could stop it too).
+    other = AppTest.from_file(APP, default_timeout=60)
+    other.run()
+    other.switch_page("pages/train.py")
+    other.query_params["run"] = run_id
+    other.run()
+    assert not other.exception
+    assert "train_stop" in keys(other.button)
+    assert other.get("progress")  # running (the runner starts it at once: the slot is free), shown live
+
+    at.button(key="train_stop").click().run()
+    wait_until_finished(at, timeout=30)
+    assert "Stopped" in texts(at.info)
+    assert not at.error
+    assert read_status(runs_dir / run_id).status == "stopped"
+
+
+def test_upload_errors_show_instead_of_starting(runs_dir):
+    at = open_train()
+    at.radio(key="train_source").set_value("Upload a .txt file").run()
+    uploader = at.file_uploader(key="train_upload")
+
+    uploader.set_value(("empty.txt", b"", "text/plain")).run()
+    assert not at.exception
+    assert "empty" in texts(at.error)
+    assert at.button(key="train_start").disabled
+
+    at.file_uploader(key="train_upload").set_value(("weights.txt", b"\x89PNG\r\n\x1a\n\xff\xfe\x00", "text/plain"))
+    at.run()
+    assert "not UTF-8" in texts(at.error)
+    assert at.button(key="train_start").disabled
+
+    at.file_uploader(key="train_upload").set_value(("notes.txt", "héllo wörld ".encode() * 400, "text/plain"))
+    at.run()
+    assert not at.error
+    assert not at.button(key="train_start").disabled
+    assert "4,800 characters" in texts(at.caption)
+    assert not jobs.get_runner().list_jobs()
+
+
+def test_invalid_sizes_show_errors_and_start_nothing(runs_dir):
+    # n_embd not divisible by n_head: shown as it is typed, and Start is disabled.
+    at = open_train(n_head=3)
+    assert "divisible" in texts(at.error)
+    assert at.button(key="train_start").disabled
+
+    # A context longer than the corpus: only known once the corpus is tokenised, i.e. on Start.
+    at = open_train(block_size=4096)
+    assert not at.error
+    at.button(key="train_start").click().run()
+    assert not at.exception
+    assert "context" in texts(at.error) and "Cannot start" in texts(at.error)
+    assert "run" not in at.query_params
+    assert not jobs.get_runner().list_jobs()
+    assert not RunStore(runs_dir).list()  # nothing written
+
+
+def test_diverged_run_shows_the_message(runs_dir, monkeypatch):
+    # A learning rate no model survives: the weights overflow after one update and the loss turns NaN.
+    monkeypatch.setattr(training, "lr_at", lambda step, cfg: 1e30)
+    at = open_train(max_iters=40, eval_interval=10)
+    at.button(key="train_start").click().run()
+    wait_until_finished(at)
+    errors = texts(at.error)
+    assert "Diverged" in errors and "learning rate" in errors
+    assert not at.success
