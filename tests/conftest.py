@@ -1,0 +1,184 @@
+"""Browser-test fixtures: Debian's chromium for playwright, a real `streamlit run app.py` server,
+and a screenshot of the page when a browser test fails.
+
+Only browser tests use these; AppTest files keep their own small fixtures.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+SERVER_START_TIMEOUT_S = 90  # importing torch and streamlit on a 2-core machine takes a while
+
+
+def _playwright_missing() -> str | None:
+    try:
+        import playwright  # noqa: F401
+        import pytest_playwright  # noqa: F401
+    except ImportError:
+        return "playwright/pytest-playwright not installed (pip install playwright pytest-playwright)"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"{CHROMIUM} not found (apt-get install -y --no-install-recommends chromium)"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Skip (with the reason) rather than error when the browser stack is absent on a dev machine.
+    reason = _playwright_missing()
+    if reason:
+        for item in items:
+            if "browser" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
+    """Drive the system chromium (never `playwright install`), quietly: no GPU, no network chatter."""
+    return {
+        **browser_type_launch_args,
+        "executable_path": CHROMIUM,
+        "args": [
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args: dict) -> dict:
+    # Wide enough for the app's layout="wide" pages with the sidebar open.
+    return {**browser_context_args, "viewport": {"width": 1400, "height": 1000}}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+            return r.read().strip() == b"ok"
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_streamlit(runs_dir: Path, log_path: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `streamlit run app.py` on a free loopback port; returns (process, base url) once healthy."""
+    port = port or _free_port()
+    env = {
+        **os.environ,
+        "TINYGPT_RUNS_DIR": str(runs_dir),
+        "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
+        "PYTHONUNBUFFERED": "1",
+        # Chromium runs on the same (small) machine: torch's OpenMP threads competing with it for the
+        # cores slow training ~10x, so the test server trains on one thread unless told otherwise.
+        "TINYGPT_NUM_THREADS": os.environ.get("TINYGPT_NUM_THREADS", "1"),
+    }
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", "app.py",
+        "--server.headless", "true",
+        "--server.port", str(port),
+        "--server.address", "127.0.0.1",
+        "--server.fileWatcherType", "none",  # tests edit nothing; watching the tree costs CPU
+        "--browser.gatherUsageStats", "false",
+    ]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process in stop_streamlit
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc._tinygpt_log = log  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            stop_streamlit(proc)
+            raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log_path}:\n{log_path.read_text()[-3000:]}")
+        if _healthy(url):
+            return proc, url
+        time.sleep(0.25)
+    stop_streamlit(proc)
+    raise RuntimeError(f"streamlit did not answer /_stcore/health within {SERVER_START_TIMEOUT_S} s; see {log_path}")
+
+
+def stop_streamlit(proc: subprocess.Popen) -> None:
+    """Stop the server we started, by its PID (terminate, then kill if it lingers)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+    log = getattr(proc, "_tinygpt_log", None)
+    if log is not None:
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A real app server with an empty, temporary runs folder, shared by the browser tests."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    # One log per server: several pytest sessions may share this checkout at once.
+    log_path = ARTIFACTS / f"streamlit-server-{os.getpid()}.log"
+    _SERVER_LOGS.append(log_path)
+    proc, url = start_streamlit(runs_dir, log_path)
+    try:
+        yield {"url": url, "runs_dir": runs_dir, "pid": proc.pid, "log": log_path}
+    finally:
+        stop_streamlit(proc)
+
+
+@pytest.fixture(scope="session")
+def base_url(app_server: dict) -> str:
+    """pytest-playwright's contexts resolve page.goto("/") against the test server."""
+    return app_server["url"]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    # The page fixture is still open during the call phase's report: capture what the user would see.
+    if report.when == "call" and report.failed:
+        page = getattr(item, "funcargs", {}).get("page")
+        if page is not None:
+            ARTIFACTS.mkdir(exist_ok=True)
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid)[-150:]
+            try:
+                page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+                (ARTIFACTS / f"{name}.html").write_text(page.content())
+            except Exception as exc:  # noqa: BLE001 - a failed screenshot must not hide the real failure
+                report.sections.append(("screenshot", f"could not save a screenshot: {exc}"))
+
+
+_SERVER_LOGS: list[Path] = []  # the logs of servers this session started (and only those)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Keep our server log only when something failed; a green run leaves no artefacts behind.
+    if exitstatus != 0:
+        return
+    for log in _SERVER_LOGS:
+        log.unlink(missing_ok=True)
+    if _SERVER_LOGS and ARTIFACTS.is_dir() and not any(ARTIFACTS.iterdir()):
+        shutil.rmtree(ARTIFACTS, ignore_errors=True)
