@@ -276,6 +276,20 @@ def test_presets_and_corpora_are_listed(capsys):
     assert "builtin:tiny" in capsys.readouterr().out
 
 
+def test_corpora_download_caches_a_file_and_reports_its_path(tmp_path, monkeypatch, capsys):
+    # A file:// address stands in for the network; the cache is a temp folder.
+    source = tmp_path / "input.txt"
+    source.write_text("First line of a corpus.\n" * 50, encoding="utf-8")
+    monkeypatch.setenv("TINYGPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.main(["corpora", "--download", "tinyshakespeare", "--url", source.as_uri()]) == 0
+    cached = tmp_path / "cache" / "tinyshakespeare.txt"
+    assert cached.read_text(encoding="utf-8") == source.read_text(encoding="utf-8")
+    assert str(cached) in capsys.readouterr().out
+    # An address that cannot be reached is a clean error, not a traceback.
+    code = cli.main(["corpora", "--download", "other", "--url", (tmp_path / "missing.txt").as_uri()])
+    assert_clean_error(code, capsys.readouterr().err, "Could not download")
+
+
 def test_help_documents_every_flag_in_groups(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["train", "--help"])

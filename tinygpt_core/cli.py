@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_runs(sub)
     sub.add_parser("presets", help="list the named presets with their descriptions").set_defaults(func=cmd_presets)
-    sub.add_parser("corpora", help="list the built-in corpora").set_defaults(func=cmd_corpora)
+    corpora = sub.add_parser("corpora", help="list the built-in corpora, or download a well-known one")
+    corpora.add_argument("--download", metavar="NAME",
+                         help="fetch a well-known corpus (tinyshakespeare) into the local cache (needs internet once)")
+    corpora.add_argument("--url", help="download from this address instead of the known one (http, https or file)")
+    corpora.set_defaults(func=cmd_corpora)
     return parser
 
 
@@ -531,8 +535,12 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_corpora(args: argparse.Namespace) -> int:
-    from .data import list_builtin_corpora
+    from .data import download_corpus, list_builtin_corpora
 
+    if args.download:
+        path = download_corpus(args.download, url=args.url)
+        print(f"{args.download} is cached at {path}; train on it with --corpus {path}")
+        return EXIT_OK
     corpora = list_builtin_corpora()
     width = max((len(f"builtin:{name}") for name, _ in corpora), default=0)
     for name, description in corpora:

@@ -249,7 +249,7 @@ def _load_builtin(name: str) -> Corpus:
                 return Corpus(source, _read_cached(str(path), st.st_mtime_ns, st.st_size), source)
         raise DataError(
             "Tiny Shakespeare is not on this machine. Fetch it once with "
-            "`python -c \"from tinygpt_core.data import download_corpus; download_corpus('tinyshakespeare')\"` "
+            "`python -m tinygpt_core corpora --download tinyshakespeare` "
             "(needs internet), or download input.txt from the char-rnn repository yourself and pass "
             "its path as the corpus (or set TINYGPT_SHAKESPEARE to it)."
         )
