@@ -8,13 +8,10 @@ recent runs. All logic lives in tinygpt_core; this file only places widgets.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import streamlit as st
 
 st.set_page_config(page_title="TinyGPT Lab", layout="wide", page_icon=":material/neurology:")
-
-ROOT = Path(__file__).parent
 
 # (file, nav title, icon, one line for Home). Order is the nav order after Home.
 PAGES: list[tuple[str, str, str, str]] = [
@@ -41,11 +38,6 @@ def _init_torch_once() -> int:
     threads = int(os.environ.get("TINYGPT_NUM_THREADS", "0") or 0) or torch.get_num_threads()
     torch.set_num_threads(threads)
     return threads
-
-
-def _page_exists(path: str) -> bool:
-    # Pages are written in parallel by several people; a missing one is left out rather than crashing nav.
-    return (ROOT / path).exists()
 
 
 def home() -> None:
@@ -100,10 +92,7 @@ def home() -> None:
         for path, title, icon, line in PAGES:
             name_col, line_col = st.columns([1.4, 3], vertical_alignment="center")
             with name_col:
-                if _page_exists(path):
-                    st.page_link(path, label=f"**{title}**", icon=icon)
-                else:
-                    st.markdown(f"**{title}** *(coming soon)*")
+                st.page_link(path, label=f"**{title}**", icon=icon)
             line_col.markdown(line)
 
     st.subheader("Recent runs")
@@ -124,14 +113,11 @@ def home() -> None:
                 links[0].page_link("pages/train.py", label="Open", icon=":material/open_in_new:",
                                    query_params={"run": r.id})
                 if r.broken_reason is None and (r.path / "model.safetensors").exists():
-                    if _page_exists("pages/attention.py"):
-                        links[1].page_link("pages/attention.py", label="Attention", icon=":material/grid_on:",
-                                           query_params={"run": r.id})
-                    if _page_exists("pages/sampling.py"):
-                        links[2].page_link("pages/sampling.py", label="Sample", icon=":material/casino:",
-                                           query_params={"run": r.id})
-    if _page_exists("pages/runs.py"):
-        st.page_link("pages/runs.py", label="All runs", icon=":material/stacked_line_chart:")
+                    links[1].page_link("pages/attention.py", label="Attention", icon=":material/grid_on:",
+                                       query_params={"run": r.id})
+                    links[2].page_link("pages/sampling.py", label="Sample", icon=":material/casino:",
+                                       query_params={"run": r.id})
+    st.page_link("pages/runs.py", label="All runs", icon=":material/stacked_line_chart:")
 
 
 def _status_badge(status: str) -> str:
@@ -143,6 +129,6 @@ def _status_badge(status: str) -> str:
 _init_torch_once()
 nav = st.navigation(
     [st.Page(home, title="Home", icon=":material/home:", default=True)]
-    + [st.Page(path, title=title, icon=icon) for path, title, icon, _ in PAGES if _page_exists(path)]
+    + [st.Page(path, title=title, icon=icon) for path, title, icon, _ in PAGES]
 )
 nav.run()
