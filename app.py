@@ -44,6 +44,7 @@ def home() -> None:
     # Imported here so the navigation itself never fails on a core import problem.
     from pages._common import (
         format_loss,
+        read_only,
         recent_runs,
         remember_job,
         remember_run,
@@ -73,7 +74,10 @@ def home() -> None:
         with st.container(border=True):
             st.markdown("**Quick start**")
             st.caption("Trains the *tiny* preset (2 layers, 64 dims) on the built-in tiny corpus: seconds on a CPU.")
-            if st.button("Quick start", type="primary", icon=":material/play_arrow:", key="quick_start"):
+            if read_only():
+                st.info("Training is turned off on this server (read-only mode): open the runs below instead.",
+                        icon=":material/lock:")
+            elif st.button("Quick start", type="primary", icon=":material/play_arrow:", key="quick_start"):
                 job_id = None
                 with user_errors("Could not start the quick-start run: "):
                     job_id = runner().submit(TrainSpec.from_preset("tiny", "builtin:tiny", name="quick-start"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from tinygpt_core import limits
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.jobs import LocalJobRunner, get_runner
 from tinygpt_core.runs import LoadedRun, RunStore, RunSummary
@@ -146,3 +147,22 @@ def user_errors(prefix: str = ""):
         yield
     except TinyGPTError as exc:
         st.error(f"{prefix}{exc}")
+
+
+def read_only() -> bool:
+    """The operator's read-only mode (TINYGPT_READ_ONLY): runs are shown, nothing is trained or deleted.
+
+    A malformed limit variable is shown as an error and treated as read-only: the safe side."""
+    try:
+        return limits.current().read_only
+    except TinyGPTError as exc:
+        st.error(f"Server settings: {exc}")
+        return True
+
+
+def read_only_notice(what: str) -> bool:
+    """In read-only mode, an st.info saying ``what`` is turned off and why; returns whether it is read-only."""
+    if not read_only():
+        return False
+    st.info(f"{what} {limits.READ_ONLY_NOTE}", icon=":material/lock:")
+    return True

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages._common import remember_run, runner, selected_run_id, store, user_errors
+from pages._common import read_only, read_only_notice, remember_run, runner, selected_run_id, store, user_errors
 from tinygpt_core import viz
 from tinygpt_core.ablations import (
     ABLATIONS,
@@ -65,6 +65,9 @@ def _live_summaries() -> list[RunSummary]:
         if job is not None and not job.finished:
             s = dataclasses.replace(s, status=job.status, message=job.message, name=job.name, broken_reason=None,
                                     steps=max(s.steps, job.step))
+        elif job is not None and s.status in LIVE_STATUSES:
+            # The job ended but could not write its final status (a full disk): trust the runner.
+            s = dataclasses.replace(s, status=job.status, message=job.message)
         out.append(s)
     return out
 
@@ -246,10 +249,14 @@ def manage_run(run: RunSummary) -> None:
     for col, (page, label, icon, enabled) in zip(cols[1:4], links):
         if (ROOT / page).exists():  # pages are optional in navigation; never link to a missing one
             col.page_link(page, label=label, icon=icon, query_params={"run": run.id}, disabled=not enabled)
-    with cols[4].popover("Delete…", icon=":material/delete:", disabled=live,
-                         help="Stop the run first." if live else "Remove this run's folder from disk."):
+    locked = read_only()
+    with cols[4].popover("Delete…", icon=":material/delete:", disabled=live or locked,
+                         help="Deleting is turned off on this server (read-only mode)." if locked
+                         else "Stop the run first." if live else "Remove this run's folder from disk."):
         st.markdown(f"Delete **{run.name}** (`{run.id}`) and all its files? This cannot be undone.")
-        if st.button("Delete permanently", type="primary", key="runs_delete_confirm"):
+        if locked:  # a disabled popover cannot open; draw no button behind it either
+            st.caption("Deleting is turned off on this server (read-only mode).")
+        elif st.button("Delete permanently", type="primary", key="runs_delete_confirm"):
             deleted = False
             with user_errors("Could not delete: "):
                 store().delete(run.id)
@@ -297,6 +304,8 @@ def _known_grids(runs: list[RunSummary]) -> list[str]:
 
 
 def launch_grid_form() -> None:
+    if read_only_notice("Launching ablation grids is turned off here."):
+        return
     corpora = [name for name, _ in list_builtin_corpora()]
     presets = list(PRESETS)
     with st.form("grid_form", border=True):

@@ -26,11 +26,12 @@ from pages._common import (
     remember_run,
     runner,
     store,
+    read_only_notice,
     user_errors,
 )
-from tinygpt_core import viz
+from tinygpt_core import limits, viz
 from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from tinygpt_core.data import MAX_UPLOAD_BYTES, Corpus, corpus_from_bytes, list_builtin_corpora
+from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.model import GPT
 from tinygpt_core.runs import read_metrics, read_samples, read_status
@@ -128,7 +129,7 @@ def corpus_from_upload(uploaded) -> Corpus | None:
     if uploaded is None:
         return None
     try:
-        return corpus_from_bytes(uploaded.name, uploaded.getvalue(), max_bytes=MAX_UPLOAD_BYTES)
+        return corpus_from_bytes(uploaded.name, uploaded.getvalue(), max_bytes=limits.current().max_upload_bytes)
     except TinyGPTError as exc:
         st.error(str(exc))
         return None
@@ -169,6 +170,8 @@ def setup_view() -> None:
     _init_form()
     st.title("Train a tiny GPT")
     _active_jobs_banner()
+    if read_only_notice("Training is turned off here."):
+        return
 
     corpus_col, model_col = st.columns(2, gap="large")
     with corpus_col:
@@ -223,7 +226,7 @@ def _corpus_section() -> Corpus | str | None:
         st.caption(builtins[name])
         return f"builtin:{name}"
     if source == SOURCES[1]:
-        mb = MAX_UPLOAD_BYTES // 1_000_000
+        mb = limits.current().max_upload_mb  # TINYGPT_MAX_UPLOAD_MB; checked again on the bytes received
         uploaded = st.file_uploader(f"A UTF-8 text file (up to {mb} MB)", type=["txt"], key=K + "upload",
                                     max_upload_size=mb)
         corpus = corpus_from_upload(uploaded)
@@ -333,11 +336,17 @@ def _check_configs(f: dict[str, Any]) -> tuple[ModelConfig | None, TrainConfig |
     """Validate the sizes and settings as they are typed, so mistakes show before Start."""
     model_cfg = train_cfg = None
     try:
-        model_cfg = get_preset(f["preset"]).model_config(**model_overrides(f)).validate()
+        cfg = get_preset(f["preset"]).model_config(**model_overrides(f)).validate()
+        # The server's TINYGPT_MAX_PARAMS, on the vocabulary the form asks for (the runner checks the real one).
+        vocab = int(f["vocab"]) if f["tokenizer"] in ("bpe", "word") else cfg.vocab_size
+        limits.check_params(_param_count(json.dumps({**cfg.to_dict(), "vocab_size": vocab}, sort_keys=True)))
+        model_cfg = cfg
     except TinyGPTError as exc:
         st.error(f"Model: {exc}")
     try:
-        train_cfg = get_preset(f["preset"]).train_config(**train_overrides(f)).validate()
+        cfg = get_preset(f["preset"]).train_config(**train_overrides(f)).validate()
+        limits.check_max_iters(cfg.max_iters)  # TINYGPT_MAX_ITERS
+        train_cfg = cfg
     except TinyGPTError as exc:
         st.error(f"Training: {exc}")
     return model_cfg, train_cfg

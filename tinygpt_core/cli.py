@@ -31,6 +31,7 @@ from .config import (
     TrainConfig,
     get_preset,
 )
+from . import limits
 from .errors import ConfigError, RunError, TinyGPTError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -242,6 +243,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     spec = spec_from_args(args)  # bad flags fail here, before any folder is created
+    # The operator's limits, where set (TINYGPT_READ_ONLY, _MAX_ITERS, _MAX_PARAMS; see limits.py).
+    limits.check_spec(spec, limits.current(explicit_only=True))
     run_dir = None
     if args.out is not None:
         run_dir = _prepare_out(args.out)
@@ -259,6 +262,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def _resume(run_dir: Path, max_iters: int | None, no_progress: bool) -> int:
     from .training import resume
 
+    lim = limits.current(explicit_only=True)
+    limits.check_writable("resuming runs", lim)
+    if max_iters is not None:
+        limits.check_max_iters(max_iters, lim)
     if not run_dir.is_dir():
         raise RunError(f"Run folder {run_dir} does not exist; pass the folder a training run wrote.")
     with _Progress(enabled=not no_progress) as progress, _graceful_stop() as stop:
@@ -449,6 +456,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         print(_run_details(store, run_id))
         return EXIT_OK
     path = store.path(run_id)
+    limits.check_writable("deleting runs")  # before asking, not after
     if not args.yes and sys.stdin.isatty():
         answer = input(f"Delete run {run_id} ({path})? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):

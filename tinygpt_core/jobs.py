@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import training
+from . import limits, training
 from .device import resolve_device
-from .errors import JobError, TinyGPTError
-from .runs import RunStore, RunWriter
+from .errors import JobError, RunError, TinyGPTError
+from .runs import RunStore, RunWriter, _os_reason
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,12 @@ class _Job:
 class LocalJobRunner(JobRunner):
     """Runs jobs on daemon threads of this process, at most ``max_jobs_per_device`` at a time per device."""
 
-    def __init__(self, store: RunStore | None = None, max_jobs_per_device: int = 1):
+    def __init__(self, store: RunStore | None = None, max_jobs_per_device: int | None = None,
+                 max_queued_jobs: int | None = None):
+        # None: the operator's limits (TINYGPT_MAX_JOBS_PER_DEVICE, TINYGPT_MAX_QUEUED_JOBS; see limits.py).
+        if max_jobs_per_device is None:
+            max_jobs_per_device = limits.current().max_jobs_per_device
+        self.max_queued_jobs = limits.current().max_queued_jobs if max_queued_jobs is None else max_queued_jobs
         if max_jobs_per_device < 1:
             raise JobError(f"max_jobs_per_device must be >= 1, got {max_jobs_per_device}.")
         self.store = store if store is not None else RunStore()
@@ -164,7 +169,13 @@ class LocalJobRunner(JobRunner):
 
     def submit(self, spec: training.TrainSpec) -> str:
         spec.validate()  # ConfigError/DataError reach the caller before anything is written or queued
+        limits.check_spec(spec)  # read-only mode, max steps and max parameters set by the operator
         device = resolve_device(spec.train.device).type  # ConfigError when the device is absent
+        with self._lock:
+            waiting = sum(len(q) for q in self._queues.values())
+        if waiting >= self.max_queued_jobs:
+            raise JobError(f"{waiting} jobs are already waiting for a free slot on this server (the limit is "
+                           f"{self.max_queued_jobs}); try again when some have finished.")
         # Creating the run folder now makes the run id known at once (the page puts it in the URL).
         run_dir = Path(self.store.create(spec.name))
         job = _Job(
@@ -178,7 +189,11 @@ class LocalJobRunner(JobRunner):
             max_iters=spec.train.max_iters,
         )
         # "queued" on disk lets the runs table show the folder as a run waiting to start, not a broken one.
-        RunWriter(run_dir).write_status("queued", "Waiting for a free slot on " + device + ".")
+        try:
+            RunWriter(run_dir).write_status("queued", "Waiting for a free slot on " + device + ".")
+        except OSError as e:  # disk full or read-only: nothing is queued, and no empty folder is left behind
+            _remove_unstarted(run_dir)
+            raise RunError(f"Cannot write to the run store {self.store.root}: {_os_reason(e)}") from None
         with self._lock:
             self._jobs[job.id] = job
             self._queues[device].append(job.id)

@@ -21,6 +21,7 @@ only code that writes into a run folder.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -41,6 +42,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import limits
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError, RunError, TokenizerError
 from .model import GPT
@@ -682,16 +684,19 @@ class RunStore:
 
     def create(self, name: str | None = None) -> Path:
         """A new, empty, uniquely named run folder root/<slug>-<yyyymmdd-hhmmss>[-n]."""
-        self.root.mkdir(parents=True, exist_ok=True)
         base = f"{_slug(name)}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-        for n in range(1, 10_000):
-            run_id = base if n == 1 else f"{base}-{n}"
-            path = self.root / run_id
-            try:
-                path.mkdir()  # exist_ok=False: two threads creating at once get different folders
-            except FileExistsError:
-                continue
-            return path
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for n in range(1, 10_000):
+                run_id = base if n == 1 else f"{base}-{n}"
+                path = self.root / run_id
+                try:
+                    path.mkdir()  # exist_ok=False: two threads creating at once get different folders
+                except FileExistsError:
+                    continue
+                return path
+        except OSError as e:  # a full disk, a read-only mount, no permission: say so, not a traceback
+            raise RunError(f"Cannot create a run folder in {self.root}: {_os_reason(e)}") from None
         raise RunError(f"Could not create a new run folder in {self.root}; too many runs named {base}.")
 
     def path(self, run_id: str) -> Path:
@@ -710,10 +715,11 @@ class RunStore:
         """Every run folder, newest first; runs that cannot be opened are listed as "broken"."""
         if not self.root.is_dir():
             return []
-        out = []
-        for p in self.root.iterdir():
-            if p.is_dir() and not p.name.startswith("."):
-                out.append(self._summarise(p))
+        try:
+            folders = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        except OSError as e:
+            raise RunError(f"Cannot list the runs in {self.root}: {_os_reason(e)}") from None
+        out = [self._summarise(p) for p in folders]
         # ISO timestamps sort chronologically; folders without a config fall back to their mtime.
         def key(s: RunSummary) -> str:
             if s.created_at:
@@ -732,9 +738,13 @@ class RunStore:
 
     def delete(self, run_id: str) -> None:
         path = self.path(run_id)
+        limits.check_writable("deleting runs")
         if read_status(path).status == "running":  # read_status already maps a dead pid to "interrupted"
             raise RunError(f"Run {run_id} is still training; stop it first, then delete it.")
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            raise RunError(f"Could not delete run {run_id}: {_os_reason(e)}") from None
 
     def _summarise(self, path: Path) -> RunSummary:
         status = read_status(path)
@@ -786,6 +796,16 @@ class RunStore:
         if reason:
             info.update(status="broken", message=reason, broken_reason=reason)
         return RunSummary(**info)
+
+
+def _os_reason(e: OSError) -> str:
+    """An OSError as a sentence with what to do (a full disk and a read-only store are the usual ones)."""
+    what = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+        return f"{what}. Free some disk space (or delete old runs), then try again."
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{what}. The run store is not writable: fix its permissions or set TINYGPT_RUNS_DIR to a writable folder."
+    return f"{what}."
 
 
 def utc_now_iso() -> str:

@@ -37,6 +37,7 @@ from .runs import (
     RunConfig,
     RunStore,
     RunWriter,
+    _os_reason,
     load_checkpoint_state,
     read_config,
     read_status,
@@ -552,6 +553,9 @@ class _Session:
             raise
         except TinyGPTError as e:
             status, message = "error", str(e)
+        except OSError as e:  # the run store is full or read-only; the last checkpoint on disk is intact
+            status, message = "error", (f"Could not write the run folder at step {self.step}: {_os_reason(e)} "
+                                        "The run resumes from its last checkpoint.")
         except Exception as e:  # noqa: BLE001 - every failure ends as a status with a message, never a crash
             if is_out_of_memory(e):
                 status, message = "error", self._oom_message()

@@ -1,0 +1,396 @@
+"""Faults the lab must survive without losing work: a training process killed with SIGKILL, broken
+and half-written run folders, a loss that turns NaN, a (simulated) CUDA out-of-memory error, and a
+run store that is full or read-only.
+
+Each test injects the fault the way it happens in real life (a real SIGKILL of a real process,
+bytes cut off a real file, an OSError from the file system) and checks what the user is told and
+what is left on disk. The browser-driven variant (SIGKILL of the app server itself) is in
+tests/test_reliability_server.py. Figures for docs/RELIABILITY.md are printed with -s.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinygpt_core import jobs, runs, training
+from tinygpt_core.cli import main
+from tinygpt_core.errors import RunError
+from tinygpt_core.jobs import LocalJobRunner
+from tinygpt_core.model import GPT, ModelOutput
+from tinygpt_core.runs import RunStore, load_checkpoint_state, load_run, read_metrics, read_status
+from tinygpt_core.training import TrainSpec, resume, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_spec(**overrides) -> TrainSpec:
+    settings = dict(max_iters=12, eval_interval=6, eval_iters=1, n_layer=1, n_head=2, n_embd=32, block_size=16,
+                    batch_size=4, sample_tokens=8, device="cpu", warmup_iters=1)
+    settings.update(overrides)
+    return TrainSpec.from_preset("tiny", "builtin:tiny", **settings)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def store(tmp_path) -> RunStore:
+    return RunStore(tmp_path / "runs")
+
+
+@pytest.fixture
+def runner(store):
+    r = LocalJobRunner(store, max_jobs_per_device=1)
+    yield r
+    r.shutdown()
+
+
+def folder_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file in a run folder: "loses no finished run" means these do not change."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*.tmp")]
+
+
+# --- SIGKILL of a training process -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_leaves_an_interrupted_run_that_resumes_from_its_last_checkpoint(tmp_path):
+    """A real `python -m tinygpt_core train` process killed with SIGKILL after its second checkpoint."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "tinygpt_core", "train", "--corpus", "builtin:tiny", "--out", str(out),
+           "--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
+           "--max-iters", "100000", "--eval-interval", "5", "--eval-iters", "1", "--device", "cpu",
+           "--threads", "1", "--no-progress", "--seed", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no second checkpoint within 120 s"
+            try:
+                if load_checkpoint_state(out, "last")[2].get("step", 0) >= 10:
+                    break
+            except RunError:
+                pass  # not written yet (never half-written: the writes are atomic)
+            time.sleep(0.2)
+        time.sleep(0.3)  # let it log a few steps past the checkpoint, so there is something to drop on resume
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)  # reap it: a zombie still answers kill(pid, 0)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    status = read_status(out)
+    assert status.status == "interrupted" and "resume" in status.message
+    summary = RunStore(out.parent).summary(out.name)
+    assert summary.status == "interrupted" and summary.broken_reason is None
+    ckpt_step = int(load_checkpoint_state(out, "last")[2]["step"])
+    metrics = read_metrics(out)
+    logged = int(metrics["step"].iloc[-1])
+    assert logged >= ckpt_step >= 10
+    assert load_run(out).model is not None  # the best weights open as they are
+    print(f"\nSIGKILL (CLI): checkpoint at step {ckpt_step}, {logged} steps logged, status {status.status!r}")
+
+    # Resume through the CLI, as a user would, to a few steps past the checkpoint.
+    target = ckpt_step + 7
+    assert main(["resume", str(out), "--max-iters", str(target), "--no-progress", "--threads", "1"]) == 0
+    after = read_metrics(out)
+    steps = list(after["step"])
+    assert steps == list(range(1, target + 1)), "rows past the checkpoint are dropped, then training continues"
+    assert read_status(out).status == "done"
+    # The rows up to the checkpoint are the ones written before the kill, unchanged.
+    before = metrics[metrics["step"] <= ckpt_step].reset_index(drop=True)
+    assert after.iloc[: len(before)].equals(before)
+
+
+# --- broken and half-written run folders ----------------------------------------------------------
+
+
+class _Payload:
+    """What a malicious pickle would do: run a function while it is being loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def damaged_store(tmp_path_factory) -> tuple[RunStore, str, dict[str, str], Path]:
+    """One good run and one damaged copy of it per fault; returns (store, good id, {id: fault}, marker)."""
+    root = tmp_path_factory.mktemp("damaged") / "runs"
+    store = RunStore(root)
+    good = train(tiny_spec(name="good"), store=store).run_dir
+    marker = root.parent / "pickle-ran"
+    faults = {
+        "truncated-weights": lambda d: _cut(d / "model.safetensors", 0.5),
+        "half-written-config": lambda d: _cut(d / "config.json", 0.5),
+        "config-not-an-object": lambda d: (d / "config.json").write_text('["model", "train"]'),
+        "missing-metrics": lambda d: (d / "metrics.csv").unlink(),
+        "binary-metrics": lambda d: (d / "metrics.csv").write_bytes(os.urandom(512)),
+        "missing-tokenizer": lambda d: (d / "tokenizer.json").unlink(),
+        "pickle-weights": lambda d: torch.save({"w": _Payload(marker)}, d / "model.safetensors"),
+        "raw-pickle-weights": lambda d: (d / "model.safetensors").write_bytes(pickle.dumps(_Payload(marker))),
+        "empty-folder": lambda d: [p.unlink() for p in d.iterdir()],
+    }
+    ids = {}
+    for fault, damage in faults.items():
+        d = root / f"{fault}-20200101-000000"
+        d.mkdir()
+        for f in good.iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        damage(d)
+        ids[d.name] = fault
+    return store, good.name, ids, marker
+
+
+def _cut(path: Path, fraction: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def test_broken_run_folders_are_listed_with_a_reason_and_the_good_run_still_opens(damaged_store):
+    store, good, ids, marker = damaged_store
+    listed = {r.id: r for r in store.list()}
+    assert set(listed) == {good, *ids}
+    assert listed[good].status == "done" and listed[good].broken_reason is None
+    expected = {  # fault -> words the reason must contain
+        "truncated-weights": "model.safetensors is truncated",
+        "half-written-config": "config.json is not valid JSON",
+        "config-not-an-object": "config.json must hold a JSON object",
+        "missing-metrics": "metrics.csv is missing",
+        "binary-metrics": "metrics.csv",
+        "missing-tokenizer": "tokenizer.json is missing",
+        "pickle-weights": "pickle",
+        "raw-pickle-weights": "pickle",
+        "empty-folder": "missing",
+    }
+    for run_id, fault in ids.items():
+        r = listed[run_id]
+        assert r.status == "broken", (fault, r)
+        assert expected[fault] in r.broken_reason, (fault, r.broken_reason)
+        with pytest.raises(RunError):
+            load_run(r.path)
+    assert load_run(listed[good].path).model is not None
+    assert not marker.exists(), "a pickle was unpickled"
+    print(f"\nbroken folders: {len(ids)} faults, each listed as broken with its reason; the good run opens")
+
+
+def test_the_cli_lists_broken_runs_with_reasons_and_refuses_to_open_them(damaged_store, capsys):
+    store, good, ids, marker = damaged_store
+    assert main(["runs", "list", "--runs-dir", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    for run_id in ids:
+        assert f"{run_id}: " in out  # one line per broken run with its reason
+    pickled = next(i for i, f in ids.items() if f == "pickle-weights")
+    code = main(["generate", str(store.root / pickled), "--prompt", "a", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "refused" in err and "pickle" in err and "Traceback" not in err
+    assert main(["generate", str(store.root / good), "--prompt", "a", "--max-new-tokens", "3",
+                 "--strategy", "greedy"]) == 0
+    assert not marker.exists()
+
+
+def test_a_truncated_last_checkpoint_refuses_to_resume_with_the_reason(tmp_path):
+    run_dir = train(tiny_spec(max_iters=6, eval_interval=3), store=RunStore(tmp_path)).run_dir
+    _cut(run_dir / "last.safetensors", 0.7)
+    with pytest.raises(RunError, match="last.safetensors is truncated"):
+        resume(run_dir, max_iters=10)
+    assert load_run(run_dir).model is not None  # the best weights are separate and intact
+
+
+# --- NaN and out of memory through the job runner --------------------------------------------------
+
+
+def _patch_forward(monkeypatch, fail):
+    """GPT.forward, with ``fail(call_number, output)`` deciding what the n-th training forward returns."""
+    original = GPT.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kw):
+        out = original(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            return fail(calls["n"], out)
+        return out
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_a_nan_loss_ends_the_job_as_diverged_and_the_run_says_so(runner, store, monkeypatch):
+    _patch_forward(monkeypatch, lambda n, out: ModelOutput(out.logits, out.loss * float("nan")) if n >= 4 else out)
+    snap = runner.wait(runner.submit(tiny_spec(max_iters=30, grad_clip=0.0)), timeout=120)
+    assert snap.status == "diverged"
+    assert snap.message.startswith("Loss became NaN at step 4") and "learning rate" in snap.message
+    summary = store.summary(snap.run_id)
+    assert summary.status == "diverged" and "NaN" in summary.message
+    assert load_run(snap.run_dir).model is not None  # the last finite weights
+
+
+@pytest.mark.parametrize("error", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)"),
+    lambda: RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB"),
+], ids=["torch.OutOfMemoryError", "RuntimeError"])
+def test_out_of_memory_ends_that_job_with_what_to_shrink_and_the_runner_keeps_serving(runner, store, monkeypatch,
+                                                                                        error):
+    def oom_at_3(n, out):
+        if n == 3:
+            raise error()
+        return out
+
+    _patch_forward(monkeypatch, oom_at_3)
+    threads_before = {t.name for t in __import__("threading").enumerate()}
+    first = runner.submit(tiny_spec(max_iters=30, batch_size=4, block_size=16))
+    queued = runner.submit(tiny_spec(max_iters=6, eval_interval=3, name="after-oom"))
+    snap = runner.wait(first, timeout=120)
+    assert snap.status == "error"
+    assert "Out of" in snap.message and "reduce batch size (4), block size (16) or model size" in snap.message
+    assert read_status(snap.run_dir).status == "error"
+    # The next job (queued behind it) starts and finishes normally: the server keeps serving.
+    nxt = runner.wait(queued, timeout=120)
+    assert nxt.status == "done", nxt.message
+    assert load_run(nxt.run_dir).model is not None
+    time.sleep(0.1)
+    leftover = {t.name for t in __import__("threading").enumerate()} - threads_before
+    assert not [n for n in leftover if n.startswith("tinygpt-job-")], "a job thread outlived its job"
+
+
+# --- a full or read-only run store ----------------------------------------------------------------
+
+
+class FailingDisk:
+    """Makes writes under ``root`` fail with ``errno_`` once ``after`` of them have succeeded.
+
+    Patches the two ways the run store writes: atomic replacement (temp file + rename) and the
+    metrics.csv append. Everything else (reads, other folders) behaves normally.
+    """
+
+    def __init__(self, monkeypatch, root: Path, errno_: int, after: int = 0):
+        self.root, self.errno, self.after, self.writes, self.failed = Path(root), errno_, after, 0, 0
+        real_atomic, real_open, real_mkdir = runs.write_bytes_atomic, open, Path.mkdir
+
+        def gate(path) -> None:
+            if Path(path).resolve().is_relative_to(self.root.resolve()):
+                self.writes += 1
+                if self.writes > self.after:
+                    self.failed += 1
+                    raise OSError(self.errno, os.strerror(self.errno), str(path))
+
+        def atomic(path, data):
+            gate(path)
+            return real_atomic(path, data)
+
+        def append_open(path, mode="r", *a, **kw):
+            if any(c in mode for c in "wax"):
+                gate(path)
+            return real_open(path, mode, *a, **kw)
+
+        def mkdir(path, *a, **kw):
+            if not path.exists():
+                gate(path)
+            return real_mkdir(path, *a, **kw)
+
+        monkeypatch.setattr(runs, "write_bytes_atomic", atomic)
+        monkeypatch.setattr(runs, "open", append_open, raising=False)
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_disk_full_mid_training_ends_the_job_with_a_clear_error_and_loses_no_finished_run(store, monkeypatch):
+    finished = train(tiny_spec(name="finished"), store=store).run_dir
+    before = folder_digest(finished)
+    runner = LocalJobRunner(store, max_jobs_per_device=1)
+    try:
+        disk = FailingDisk(monkeypatch, store.root, errno.ENOSPC, after=8)  # fails during the first checkpoints
+        snap = runner.wait(runner.submit(tiny_spec(max_iters=40, eval_interval=4, name="victim")), timeout=120)
+        assert disk.failed >= 1
+        assert snap.status == "error"
+        assert "No space left on device" in snap.message and "Free some disk space" in snap.message
+        monkeypatch.undo()  # the operator frees space
+        assert folder_digest(finished) == before, "a finished run changed"
+        assert load_run(finished).model is not None
+        assert not temp_files(store.root), "half-written temp files were left behind"
+        listed = {r.id: r for r in store.list()}
+        assert listed[finished.name].status == "done"
+        # The server keeps serving once there is room again.
+        again = runner.wait(runner.submit(tiny_spec(max_iters=4, eval_interval=2)), timeout=120)
+        assert again.status == "done", again.message
+    finally:
+        runner.shutdown()
+    print(f"\ndisk full: {disk.failed} write(s) refused with ENOSPC after {disk.after} succeeded; "
+          f"job ended {snap.status!r}; finished run unchanged ({len(before)} files)")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES], ids=["ENOSPC", "EROFS", "EACCES"])
+def test_a_store_that_refuses_every_write_refuses_new_jobs_with_a_clear_error(store, monkeypatch, code):
+    finished = train(tiny_spec(name="finished"), store=store).run_dir
+    before = folder_digest(finished)
+    runner = LocalJobRunner(store, max_jobs_per_device=1)
+    try:
+        FailingDisk(monkeypatch, store.root, code, after=0)
+        with pytest.raises(RunError) as err:
+            runner.submit(tiny_spec())
+        assert os.strerror(code) in str(err.value) and str(store.root) in str(err.value)
+        assert runner.list_jobs() == []
+        with pytest.raises(RunError, match="Could not delete|Cannot"):
+            _delete_with_failing_rmtree(store, finished.name, monkeypatch, code)
+    finally:
+        runner.shutdown()
+    monkeypatch.undo()
+    assert folder_digest(finished) == before
+    assert [r.id for r in store.list()] == [finished.name]  # nothing half-created is left
+
+
+def _delete_with_failing_rmtree(store, run_id, monkeypatch, code):
+    def rmtree(path, *a, **kw):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(runs.shutil, "rmtree", rmtree)
+    store.delete(run_id)
+
+
+def test_the_cli_reports_an_unwritable_store_in_one_line(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "ro"
+    FailingDisk(monkeypatch, root, errno.EROFS, after=0)
+    code = main(["train", "--corpus", "builtin:tiny", "--runs-dir", str(root), "--max-iters", "2",
+                 "--n-layer", "1", "--n-embd", "32", "--block-size", "16", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: Cannot create a run folder") and "Read-only file system" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions; the monkeypatched tests cover it")
+def test_a_real_read_only_folder(tmp_path, capsys):
+    root = tmp_path / "runs"
+    finished = train(tiny_spec(name="finished"), store=RunStore(root)).run_dir
+    before = folder_digest(finished)
+    os.chmod(root, 0o555)
+    try:
+        code = main(["train", "--corpus", "builtin:tiny", "--runs-dir", str(root), "--max-iters", "2",
+                     "--n-layer", "1", "--n-embd", "32", "--block-size", "16", "--no-progress"])
+        assert code == 2 and "Permission denied" in capsys.readouterr().err
+    finally:
+        os.chmod(root, 0o755)
+    assert folder_digest(finished) == before
