@@ -26,6 +26,7 @@ from pages._common import (
     remember_run,
     runner,
     store,
+    read_only,
     read_only_notice,
     user_errors,
 )
@@ -552,7 +553,7 @@ def _status(v: RunView) -> None:
         st.error(f"{v.status.capitalize()}: {v.message or 'no message'}")
     elif v.status == "interrupted":
         st.warning(f"Interrupted: {v.message or 'the process training it ended.'} "
-                   "Resume it from the command line or start a new run.")
+                   "Resume it from its last checkpoint, or start a new run.")
     else:
         st.info(f"{v.status}: {v.message}")
 
@@ -580,7 +581,29 @@ def _status(v: RunView) -> None:
         else:
             st.caption("This run is being trained by another process; stop it there.")
     else:
+        _resume_button(v)
         _links(v)
+
+
+def _resume_button(v: RunView) -> None:
+    """A stopped or interrupted run continues from its last checkpoint, in a background job like any run."""
+    if v.status not in ("stopped", "interrupted") or read_only():
+        return
+    try:
+        resumable = (store().path(v.run_id) / "optimizer.safetensors").exists()
+    except TinyGPTError:
+        return
+    if not resumable:
+        return
+    if st.button("Resume", icon=":material/play_arrow:", key=K + "resume", type="primary",
+                 help="Continue from the last checkpoint (weights, optimizer and data order), up to its max_iters."):
+        job_id = None
+        with user_errors("Cannot resume: "):
+            job_id = runner().resume(v.run_id)
+        if job_id is not None:
+            remember_job(job_id)
+            remember_run(v.run_id)
+            st.rerun()
 
 
 def _links(v: RunView) -> None:

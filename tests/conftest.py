@@ -83,8 +83,11 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_streamlit(runs_dir: Path, log_path: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start `streamlit run app.py` on a free loopback port; returns (process, base url) once healthy."""
+def start_streamlit(runs_dir: Path, log_path: Path, port: int | None = None, extra_env: dict | None = None,
+                    extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start `streamlit run app.py` on a free loopback port; returns (process, base url) once healthy.
+
+    ``extra_env`` (e.g. operator limits) and ``extra_args`` (streamlit flags) are added to the defaults."""
     port = port or _free_port()
     env = {
         **os.environ,
@@ -94,6 +97,7 @@ def start_streamlit(runs_dir: Path, log_path: Path, port: int | None = None) -> 
         # Chromium runs on the same (small) machine: torch's OpenMP threads competing with it for the
         # cores slow training ~10x, so the test server trains on one thread unless told otherwise.
         "TINYGPT_NUM_THREADS": os.environ.get("TINYGPT_NUM_THREADS", "1"),
+        **(extra_env or {}),
     }
     cmd = [
         sys.executable, "-m", "streamlit", "run", "app.py",
@@ -102,6 +106,7 @@ def start_streamlit(runs_dir: Path, log_path: Path, port: int | None = None) -> 
         "--server.address", "127.0.0.1",
         "--server.fileWatcherType", "none",  # tests edit nothing; watching the tree costs CPU
         "--browser.gatherUsageStats", "false",
+        *extra_args,
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process in stop_streamlit

@@ -124,6 +124,43 @@ def test_sigkill_mid_training_leaves_an_interrupted_run_that_resumes_from_its_la
     assert after.iloc[: len(before)].equals(before)
 
 
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+import torch
+from tinygpt_core import runs
+from tinygpt_core.runs import RunStore
+from tinygpt_core.training import TrainSpec, train
+
+torch.set_num_threads(1)
+real, seen = runs.RunWriter.save_checkpoint, []
+
+def save_then_die(self, which, *a, **kw):
+    real(self, which, *a, **kw)
+    seen.append(which)
+    if seen.count("last") == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # the worst moment: right after a checkpoint
+
+runs.RunWriter.save_checkpoint = save_then_die
+spec = TrainSpec.from_preset("tiny", "builtin:tiny", n_layer=1, n_embd=32, block_size=16, batch_size=4,
+                             max_iters=100, eval_interval=5, eval_iters=1, device="cpu", sample_tokens=0)
+train(spec, sys.argv[1])
+"""
+
+
+def test_a_kill_right_after_a_checkpoint_leaves_metrics_up_to_that_checkpoint(tmp_path):
+    """Found by the SIGKILL test (1 run in 6): the checkpoint was written before the buffered metric rows,
+    so a kill in between left a gap in the curve after resuming. Checkpoints now flush the rows first."""
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    ckpt = int(load_checkpoint_state(out, "last")[2]["step"])
+    assert ckpt == 10
+    assert list(read_metrics(out)["step"]) == list(range(1, 11))
+    assert resume(out, max_iters=14).status == "done"
+    assert list(read_metrics(out)["step"]) == list(range(1, 15))
+
+
 # --- broken and half-written run folders ----------------------------------------------------------
 
 
@@ -394,3 +431,94 @@ def test_a_real_read_only_folder(tmp_path, capsys):
     finally:
         os.chmod(root, 0o755)
     assert folder_digest(finished) == before
+
+
+# --- resuming an interrupted run in the app's job runner -------------------------------------------
+
+
+def interrupted_run(store: RunStore, steps: int = 6, max_iters: int = 12) -> Path:
+    """A run as a killed server leaves it: checkpoint at ``steps``, status "running" with a dead pid."""
+    stop = __import__("threading").Event()
+
+    def stop_at(event):
+        if event.kind == "step" and event.step >= steps:
+            stop.set()
+
+    result = train(tiny_spec(max_iters=max_iters, eval_interval=3, name="victim"), store=store,
+                   callbacks=[stop_at], stop_event=stop)
+    assert result.status == "stopped" and result.steps == steps
+    status = json.loads((result.run_dir / "status.json").read_text())
+    status.update(status="running", pid=4_194_303)  # above Linux's pid_max: no such process
+    (result.run_dir / "status.json").write_text(json.dumps(status))
+    assert read_status(result.run_dir).status == "interrupted"
+    return result.run_dir
+
+
+def test_the_runner_resumes_an_interrupted_run_once_and_refuses_a_duplicate(runner, store, monkeypatch):
+    run_dir = interrupted_run(store)
+    before = read_metrics(run_dir)
+    gate = __import__("threading").Event()
+    real_resume = training.resume
+
+    def slow_resume(*a, **kw):  # hold the job at its start so the duplicate request arrives while it runs
+        gate.wait(30)
+        return real_resume(*a, **kw)
+
+    monkeypatch.setattr(training, "resume", slow_resume)
+    job_id = runner.resume(run_dir.name)
+    with pytest.raises(jobs.JobError, match="already being resumed"):
+        runner.resume(run_dir.name)
+    gate.set()
+    snap = runner.wait(job_id, timeout=120)
+    assert snap.status == "done", snap.message
+    after = read_metrics(run_dir)
+    assert list(after["step"]) == list(range(1, 13))
+    assert after.iloc[: len(before)].equals(before)  # the rows before the kill are kept as they were
+    assert [r.id for r in store.list()] == [run_dir.name]  # resumed in place: no second run folder
+    with pytest.raises(RunError, match="already at step 12"):
+        runner.resume(run_dir.name)
+
+
+def test_resume_refuses_runs_it_cannot_continue(runner, store, monkeypatch):
+    run_dir = interrupted_run(store)
+    (run_dir / "optimizer.safetensors").unlink()
+    with pytest.raises(RunError, match="no optimizer.safetensors"):
+        runner.resume(run_dir.name)
+    with pytest.raises(RunError, match="not a valid run id"):
+        runner.resume("../" + run_dir.name)
+    monkeypatch.setenv("TINYGPT_READ_ONLY", "1")
+    with pytest.raises(Exception, match="read-only"):
+        runner.resume(run_dir.name)
+    assert runner.list_jobs() == []
+
+
+def test_the_train_page_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    runs_dir = tmp_path / "runs"
+    monkeypatch.setenv("TINYGPT_RUNS_DIR", str(runs_dir))
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "1")
+    jobs.reset_runner()
+    st.cache_resource.clear()
+    try:
+        run_dir = interrupted_run(RunStore(runs_dir), steps=6, max_iters=12)
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+        at.run()
+        at.switch_page("pages/train.py")
+        at.query_params["run"] = run_dir.name
+        at.run()
+        assert not at.exception
+        assert "Interrupted" in "\n".join(w.value for w in at.warning)
+        at.button(key="train_resume").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        job_id = at.query_params["job"]
+        snap = jobs.get_runner().wait(job_id, timeout=120)
+        assert snap.status == "done", snap.message
+        assert list(read_metrics(run_dir)["step"]) == list(range(1, 13))
+        at.run()
+        assert "Done" in "\n".join(s.value for s in at.success)
+        assert "train_resume" not in {b.key for b in at.button}  # nothing left to resume
+    finally:
+        jobs.reset_runner()
+        st.cache_resource.clear()

@@ -90,6 +90,10 @@ class JobRunner(ABC):
         """Validate ``spec`` (raising ConfigError/DataError right here), queue or start it, return its job id."""
 
     @abstractmethod
+    def resume(self, run_id: str, max_iters: int | None = None) -> str:
+        """Queue the continuation of a stopped or interrupted run of the store from its last checkpoint."""
+
+    @abstractmethod
     def snapshot(self, job_id: str) -> JobSnapshot:
         """A copy of the job's progress; JobError for an unknown (or long-finished, dropped) id."""
 
@@ -121,7 +125,7 @@ class _Job:
 
     id: str
     seq: int  # submission order, for stable sorting when created_at ties
-    spec: training.TrainSpec
+    spec: training.TrainSpec | None  # None for a resume job: it continues run_dir with its saved settings
     name: str
     device: str
     run_dir: Path
@@ -141,6 +145,7 @@ class _Job:
     recent_steps: collections.deque = field(default_factory=lambda: collections.deque(maxlen=ETA_WINDOW))
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    resume_max_iters: int | None = None  # resume jobs only: the new total (None: the run's own)
 
     @property
     def finished(self) -> bool:
@@ -195,6 +200,45 @@ class LocalJobRunner(JobRunner):
             _remove_unstarted(run_dir)
             raise RunError(f"Cannot write to the run store {self.store.root}: {_os_reason(e)}") from None
         with self._lock:
+            self._jobs[job.id] = job
+            self._queues[device].append(job.id)
+            self._start_ready(device)
+        return job.id
+
+    def resume(self, run_id: str, max_iters: int | None = None) -> str:
+        """Queue the continuation of a stopped or interrupted run from its last checkpoint; returns a job id.
+
+        Checked here, before anything is queued: read-only mode, the run exists and is not training
+        (in this process or another), it has a checkpoint with optimizer state, and it is not
+        already at the end. A second resume of the same run while the first is queued or running is
+        refused, so two users pressing Resume cannot train one run twice.
+        """
+        from .runs import load_checkpoint_state, read_config, read_status
+
+        limits.check_writable("resuming runs")
+        run_dir = self.store.path(run_id)
+        cfg = read_config(run_dir)
+        target = max_iters or cfg.train.max_iters
+        limits.check_max_iters(target)
+        if read_status(run_dir).status in ("running", "queued"):
+            raise RunError(f"Run {run_id} is still training (or waiting to); it can be resumed once it has stopped.")
+        _, optim_state, extra = load_checkpoint_state(run_dir, "last")  # RunError names a damaged file
+        if optim_state is None or "step" not in extra:
+            raise RunError(f"Run {run_id} has no optimizer.safetensors, so it cannot be resumed exactly.")
+        if int(extra["step"]) >= target:
+            raise RunError(f"Run {run_id} is already at step {int(extra['step'])} of {target}.")
+        device = resolve_device(cfg.train.device).type
+        with self._lock:
+            if any(j.run_dir.name == run_dir.name and not j.finished for j in self._jobs.values()):
+                raise JobError(f"Run {run_id} is already being resumed; watch that job instead.")
+            waiting = sum(len(q) for q in self._queues.values())
+            if waiting >= self.max_queued_jobs:
+                raise JobError(f"{waiting} jobs are already waiting for a free slot on this server (the limit is "
+                               f"{self.max_queued_jobs}); try again when some have finished.")
+            job = _Job(id=uuid.uuid4().hex[:12], seq=next(self._seq), spec=None, name=cfg.name or run_dir.name,
+                       device=device, run_dir=run_dir, created_at=time.time(), max_iters=target,
+                       step=int(extra["step"]), resume_max_iters=max_iters)
+            # Nothing is written to the folder until it starts: cancelled while queued, the run stays as it was.
             self._jobs[job.id] = job
             self._queues[device].append(job.id)
             self._start_ready(device)
@@ -272,10 +316,13 @@ class LocalJobRunner(JobRunner):
     def _work(self, job: _Job) -> None:
         """Train one job; always ends with a finished status, never a silently dead thread."""
         try:
-            result = training.train(
-                job.spec, job.run_dir, store=self.store, callbacks=[lambda ev: self._publish(job, ev)],
-                stop_event=job.stop_event,
-            )
+            callbacks = [lambda ev: self._publish(job, ev)]
+            if job.spec is None:
+                result = training.resume(job.run_dir, max_iters=job.resume_max_iters, callbacks=callbacks,
+                                         stop_event=job.stop_event)
+            else:
+                result = training.train(job.spec, job.run_dir, store=self.store, callbacks=callbacks,
+                                        stop_event=job.stop_event)
             status, message = result.status, result.message
         except TinyGPTError as exc:  # e.g. the corpus file vanished between submit and start
             status, message = "error", str(exc)

@@ -351,9 +351,10 @@ class _OptimizerSet:
 
 
 def _build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> _OptimizerSet:
-    """AdamW (decay on matrices only; fused on CUDA), or Muon on 2-D hidden matrices + AdamW on the rest."""
+    """AdamW (decay on matrices only; fused on CUDA and CPU), or Muon on 2-D hidden matrices + AdamW on the rest."""
     adam_kw: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
+        # One kernel for all parameters instead of a loop of small ops: ~10% of a baby step on a CPU.
         adam_kw["fused"] = True
     if cfg.optimizer == "adamw":
         return _OptimizerSet([torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), **adam_kw)])
@@ -471,6 +472,7 @@ class _Session:
         return self.elapsed_offset + (time.perf_counter() - self.t0)
 
     def checkpoint(self, which: str) -> None:
+        self.flush()  # a crash right after this checkpoint must not leave metrics.csv behind it
         extra: dict[str, Any] = {
             "step": self.step, "best_val_loss": self.best_val, "best_step": self.best_step,
             "evals_since_best": self.evals_since_best, "elapsed_s": self.elapsed(), "tokens_per_s": self.tps,
@@ -618,10 +620,12 @@ class _Session:
             row = {"step": step, "loss": loss, "train_loss": None, "val_loss": None, "lr": lr,
                    "tokens_per_s": self.tps, "elapsed_s": self.elapsed()}
             self.emit("step", {"loss": loss, "lr": lr, "tokens_per_s": self.tps, "elapsed_s": row["elapsed_s"]})
+            # Buffered before the eval: _evaluate fills in its losses, and every checkpoint flushes the
+            # buffer first, so metrics.csv always reaches at least the step of the checkpoint on disk.
+            self.rows.append(row)
             end: tuple[str, str] | None = None
             if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
                 end = self._evaluate(row)
-            self.rows.append(row)
             now = time.monotonic()
             if row["val_loss"] is not None or now - self.last_flush >= FLUSH_INTERVAL_S:
                 self.flush()
