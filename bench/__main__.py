@@ -1,0 +1,59 @@
+"""Run the whole benchmark suite: ``python -m bench`` (add ``--quick`` for a smoke run of a minute or two).
+
+Each benchmark prints its table and appends it to bench/RESULTS.md (``--quick`` appends to
+bench/out/RESULTS-quick.md instead: those figures only show that the scripts work). One failing
+benchmark does not stop the others; the exit status says whether all of them ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+BENCHES = {  # name -> module, in the issue's order
+    "throughput": "bench.throughput",
+    "convergence": "bench.convergence",
+    "generation": "bench.generation",
+    "live": "bench.live",
+    "inspection": "bench.inspection",
+    "app": "bench.app_startup",
+    "profile": "bench.profile",  # evidence for RESULTS.md: where a step's time goes
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny versions of every benchmark: checks the scripts")
+    ap.add_argument("--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(BENCHES)}")
+    ap.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--results", type=Path, metavar="FILE", help="append the tables here instead")
+    args = ap.parse_args(argv)
+    names = list(BENCHES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    failed = []
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"\n=== {name} ===", flush=True)
+        try:
+            importlib.import_module(BENCHES[name]).run(quick=args.quick, results=args.results)
+        except Exception:  # noqa: BLE001 - report it and go on with the next benchmark
+            traceback.print_exc()
+            failed.append(name)
+        print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+    if failed:
+        print(f"\nFailed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Training steps to time: ours exactly as the training loop runs it, and transformers' GPT-2 as a peer.
+
+``our_step`` drives the loop's own per-step code (``training._Session._train_step``: forward and
+backward under the run's precision, NaN check, clipping, optimizer update), so what is timed is
+what a user's run does, not a re-implementation. ``hf_step`` builds ``GPT2LMHeadModel`` from the
+same sizes (``export.hf_config``) and trains it the standard way on the same batches, with the
+same optimizer settings (decay on matrices, fused AdamW), so the two differ only in the model code
+and the precision handling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tinygpt_core.config import ModelConfig, TrainConfig
+from tinygpt_core.data import get_batch
+from tinygpt_core.device import autocast, resolve_device, resolve_precision
+from tinygpt_core.runs import RunConfig, RunWriter
+from tinygpt_core import training
+
+
+@dataclass
+class Stepper:
+    """One training step per call (returns the loss as a float: the host sync every real loop has)."""
+
+    name: str
+    step: Callable[[], float]
+    precision: str  # what was resolved: fp32 | bf16 | fp16
+    tokens_per_step: int
+    flops_per_token: float
+    model: torch.nn.Module
+
+
+def _seeded(train_cfg: TrainConfig, seed: int) -> TrainConfig:
+    return dataclasses.replace(train_cfg, seed=seed, sample_tokens=0)
+
+
+def our_step(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ids: torch.Tensor, *,
+             precision: str = "auto", seed: int = 1337, name: str | None = None) -> Stepper:
+    """Our training step, through the training loop's own session object (nothing is written to disk)."""
+    tcfg = dataclasses.replace(_seeded(train_cfg, seed), precision=precision)
+    run_dir = Path(tempfile.mkdtemp(prefix="tinygpt-bench-"))
+    cfg = RunConfig(name="bench", model=model_cfg, train=tcfg, tokenizer={"kind": "char", "vocab_size": 0},
+                    corpus={"name": "bench", "source": "bench", "sha256": "", "chars": 0})
+    session = training._Session(run_dir, RunWriter(run_dir), cfg, None, train_ids, train_ids[:0], [], None)
+    session.setup()
+    session.model.train()
+    state = {"step": 0}
+
+    def step() -> float:
+        state["step"] += 1
+        lr = training.lr_at(state["step"], tcfg)
+        for g in session.optimizer.param_groups:
+            g["lr"] = lr
+        return session._train_step(state["step"])
+
+    return Stepper(name or f"ours {session.precision}", step, session.precision,
+                   tcfg.batch_size * tcfg.grad_accum * model_cfg.block_size,
+                   session.model.flops_per_token(), session.model)
+
+
+def hf_step(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ids: torch.Tensor, *,
+            precision: str = "fp32", seed: int = 1337, name: str | None = None) -> Stepper:
+    """transformers' GPT2LMHeadModel with the same sizes, trained on the same batch sequence as ours."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tinygpt_core.export import hf_config
+
+    tcfg = _seeded(train_cfg, seed)
+    device = resolve_device(tcfg.device)
+    precision = resolve_precision(precision, device)
+    config = {k: v for k, v in hf_config(model_cfg).items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**config)).to(device).train()
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                            fused=device.type in ("cuda", "cpu"))
+    gen = torch.Generator().manual_seed(seed)  # the batch stream our session draws (same seed, same calls)
+    state = {"step": 0}
+    T, B = model_cfg.block_size, tcfg.batch_size
+
+    def step() -> float:
+        state["step"] += 1
+        lr = training.lr_at(state["step"], tcfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(tcfg.grad_accum):
+            x, y = get_batch(train_ids, T, B, gen, device)
+            with autocast(device, precision):
+                logits = model(input_ids=x).logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / tcfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum
+
+    n = sum(p.numel() for p in params) - model.transformer.wpe.weight.numel()
+    flops = 6 * n + 12 * model_cfg.n_layer * model_cfg.n_embd * T  # same estimate as GPT.flops_per_token
+    return Stepper(name or f"transformers {precision}", step, precision, B * tcfg.grad_accum * T, flops, model)
