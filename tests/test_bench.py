@@ -46,14 +46,27 @@ def test_auto_precision_is_bf16_only_on_cpus_with_native_bf16(monkeypatch):
     assert device_mod.resolve_precision("bf16", cpu) == "bf16"
 
 
-def test_bf16_autocast_attention_matches_fp32_and_keeps_the_cache_dtype():
+def test_bf16_autocast_attention_runs_in_fp32_on_cpu_and_keeps_the_cache_dtype(monkeypatch):
+    import tinygpt_core.model as model_mod
+
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
     idx = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         ref = model(idx).logits
+        seen = []
+        real_sdpa = model_mod.F.scaled_dot_product_attention
+
+        def spy(q, k, v, **kw):
+            out = real_sdpa(q, k, v, **kw)
+            seen.append((q.dtype, out.dtype))
+            return out
+
+        monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention", spy)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(idx, use_cache=True)
+    # CPU bf16 flash-attention backward is slow: attention itself must run (and stay) in fp32.
+    assert seen == [(torch.float32, torch.float32)] * 2
     assert out.logits.dtype == torch.bfloat16
     assert (out.logits.float() - ref).abs().max() < 0.05  # bf16 rounding, not a different computation
     k, v = out.past_kv[0]

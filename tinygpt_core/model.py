@@ -91,17 +91,24 @@ class CausalSelfAttention(nn.Module):
             p = self.dropout if self.training else 0.0
             if q.dtype == torch.bfloat16 and x.device.type == "cpu":
                 # PyTorch's CPU flash-attention backward is ~4x slower in bf16 than in fp32 (profiled
-                # at 4.1 vs 0.8 ms a layer on the baby model), so bf16 runs attend in fp32 there.
-                q, k, v = q.float(), k.float(), v.float()
-            if self.window is None and past is None:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            elif self.window is None and T == 1:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new token sees the whole cache
+                # at 4.1 vs 0.8 ms a layer on the baby model), so bf16 runs attend in fp32 there;
+                # autocast would cast the inputs straight back to bf16, hence it is paused.
+                with torch.autocast("cpu", enabled=False):
+                    y = self._sdpa(q.float(), k.float(), v.float(), p, past is not None)
             else:
-                mask = attention_mask(T, t_total, self.window, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+                y = self._sdpa(q, k, v, p, past is not None)
         y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y)), weights, kv
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, cached: bool) -> torch.Tensor:
+        """Fused attention of q (B, nh, T, hs) over k, v (B, nh, T_total, hs): causal, windowed if configured."""
+        T, t_total = q.size(2), k.size(2)
+        if self.window is None and not cached:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if self.window is None and T == 1:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new token sees the whole cache
+        mask = attention_mask(T, t_total, self.window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
 
 class MLP(nn.Module):
