@@ -522,3 +522,18 @@ def test_the_train_page_resumes_an_interrupted_run_from_its_checkpoint(tmp_path,
     finally:
         jobs.reset_runner()
         st.cache_resource.clear()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from /proc")
+def test_a_recycled_pid_does_not_keep_a_killed_run_running(tmp_path):
+    """In a container the restarted server gets the killed one's pid (often 1): the pid is alive, but it
+    is another process. status.json records the process start time too, so the run reads as interrupted."""
+    run_dir = tmp_path / "run"
+    runs.RunWriter(run_dir).write_status("running", "Step 7 of 100", 7)
+    recorded = json.loads((run_dir / "status.json").read_text())
+    assert recorded["pid"] == os.getpid() and isinstance(recorded["pid_start"], int)
+    assert read_status(run_dir).status == "running"  # this very process: alive
+    recorded["pid_start"] -= 1  # same pid, different process
+    (run_dir / "status.json").write_text(json.dumps(recorded))
+    status = read_status(run_dir)
+    assert status.status == "interrupted" and "step 7" in status.message

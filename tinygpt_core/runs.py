@@ -244,7 +244,24 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None off Linux.
+
+    A pid alone is not an identity: after a restart (a container's server is pid 1 every time) the
+    new process may have the old one's pid. The pair (pid, start) is unique while the machine is up.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int, started: int | None = None) -> bool:
+    if started is not None:
+        now = _process_start(pid)
+        if now is not None and now != started:
+            return False  # the pid now belongs to another process
     try:
         os.kill(pid, 0)  # signal 0: only checks that the process exists
     except ProcessLookupError:
@@ -270,6 +287,7 @@ def read_status(run_dir: str | os.PathLike[str]) -> RunStatus:
         return RunStatus("interrupted", "status.json is not a valid status")
     pid = d.get("pid")
     pid = pid if type(pid) is int else None
+    started = d.get("pid_start") if type(d.get("pid_start")) is int else None
     updated = d.get("updated_at")
     updated = float(updated) if isinstance(updated, (int, float)) and not isinstance(updated, bool) else 0.0
     step = d.get("step")
@@ -280,11 +298,11 @@ def read_status(run_dir: str | os.PathLike[str]) -> RunStatus:
         pid=pid,
         updated_at=updated,
     )
-    if st.status == "queued" and pid is not None and not _pid_alive(pid):
+    if st.status == "queued" and pid is not None and not _pid_alive(pid, started):
         return RunStatus("interrupted", "The job was queued by a process that has ended; train it again.",
                          st.step, pid, updated)
     if st.status == "running":
-        if pid is None or not _pid_alive(pid):
+        if pid is None or not _pid_alive(pid, started):
             return RunStatus("interrupted", f"The training process ended unexpectedly at step {st.step}; "
                              "resume the run to continue.", st.step, pid, updated)
         if time.time() - updated > HEARTBEAT_TIMEOUT_S:
@@ -622,7 +640,8 @@ class RunWriter:
         if status not in RUN_STATUSES:
             raise ValueError(f"unknown run status {status!r}")
         write_json_atomic(self.run_dir / "status.json", {
-            "status": status, "message": message, "step": int(step), "pid": os.getpid(), "updated_at": time.time(),
+            "status": status, "message": message, "step": int(step), "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()), "updated_at": time.time(),
         })
 
     def add_sample(self, step: int, text: str) -> None:
