@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as hs
 
 from tinygpt_core.cli import main
@@ -222,6 +222,9 @@ def _or_anything(valid):
        top_p=_or_anything(hs.none() | hs.floats(0.01, 1)), min_p=_or_anything(hs.none() | hs.floats(0, 1)),
        beams=_or_anything(hs.integers(1, 8)), rep=_or_anything(hs.floats(0.5, 2)),
        strategy=hs.sampled_from(["greedy", "sample", "beam"]))
+@example(temperature=1.0, top_k=None, top_p=None, min_p=None, beams=4, rep=5e-324, strategy="sample")  # was a crash
+@example(temperature=1e-300, top_k=None, top_p=None, min_p=None, beams=4, rep=1.0, strategy="sample")
+@example(temperature=1.0, top_k=None, top_p=None, min_p=None, beams=4, rep=1e300, strategy="beam")
 def test_any_sampling_settings(toks, models, temperature, top_k, top_p, min_p, beams, rep, strategy):
     s = SamplingSettings(strategy=strategy, temperature=1.0 if temperature is None else temperature, top_k=top_k,
                          top_p=top_p, min_p=min_p, num_beams=4 if beams is None else beams,
@@ -263,6 +266,8 @@ GENERATE_CASES = {  # flags -> words the message must contain
     ("--num-beams", "0", "--strategy", "beam"): "num_beams must be a whole number >= 1",
     ("--max-new-tokens", "0"): "max_new_tokens must be a whole number >= 1",
     ("--repetition-penalty", "0"): "repetition_penalty must be a number > 0",
+    ("--repetition-penalty", "5e-324"): "repetition_penalty must be between",  # found by hypothesis: crashed
+    ("--temperature", "1e-300"): "temperature must be at least",  # the same overflow through temperature
 }
 
 

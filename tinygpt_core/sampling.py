@@ -43,12 +43,23 @@ TOP_N = 10  # candidates recorded per step in StepInfo.top
 # Logits processors
 
 
+# Below these, logits / temperature (or / penalty) overflow float32 to inf and the softmax turns to
+# NaN (found by the property tests: 5e-324 passed "> 0" and crashed torch.multinomial).
+MIN_TEMPERATURE = 1e-3
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+
+
 def _check_filters(temperature: Any, top_k: Any, top_p: Any, min_p: Any) -> None:
     """Raise ConfigError for any sampling setting out of range (messages name the fix)."""
     if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ConfigError(
             f"temperature must be a number > 0, got {temperature!r} (use greedy for temperature 0: "
             "it always picks the most likely token)."
+        )
+    if temperature < MIN_TEMPERATURE:
+        raise ConfigError(
+            f"temperature must be at least {MIN_TEMPERATURE:g}, got {temperature!r}: smaller values overflow. "
+            "Use greedy, which is what temperature 0 means."
         )
     if top_k is not None:
         try:
@@ -138,6 +149,19 @@ def _min_p(x: torch.Tensor, m: float) -> torch.Tensor:  # x: (N, V)
     return x.masked_fill(cut, float("-inf"))
 
 
+def _check_repetition_penalty(penalty: Any) -> None:
+    low, high = REPETITION_PENALTY_RANGE
+    if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
+        raise ConfigError(
+            f"repetition_penalty must be a number > 0 (1 = no penalty, 1.1-1.3 is typical), got {penalty!r}."
+        )
+    if not low <= penalty <= high:
+        raise ConfigError(
+            f"repetition_penalty must be between {low:g} and {high:g} (1 = no penalty, 1.1-1.3 is typical), "
+            f"got {penalty!r}: more extreme values overflow."
+        )
+
+
 def apply_repetition_penalty(logits: torch.Tensor, prev_ids: Any, penalty: float) -> torch.Tensor:
     """Penalise every token that already occurs in ``prev_ids`` (CTRL / transformers semantics).
 
@@ -145,8 +169,7 @@ def apply_repetition_penalty(logits: torch.Tensor, prev_ids: Any, penalty: float
     so penalty > 1 always makes it less likely; each token is penalised once however often it
     occurred. ``logits`` is (V,) or (B, V); ``prev_ids`` is (T,) (for every row) or (B, T).
     """
-    if not _is_number(penalty) or not math.isfinite(penalty) or penalty <= 0:
-        raise ConfigError(f"repetition_penalty must be a number > 0 (1 = no penalty), got {penalty!r}.")
+    _check_repetition_penalty(penalty)
     logits = torch.as_tensor(logits)
     ids = torch.as_tensor(prev_ids, dtype=torch.long, device=logits.device)
     if penalty == 1.0 or ids.numel() == 0:
@@ -180,13 +203,7 @@ class SamplingSettings:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}.")
         _check_filters(self.temperature, self.top_k, self.top_p, self.min_p)
-        if not _is_number(self.repetition_penalty) or not math.isfinite(self.repetition_penalty) or (
-            self.repetition_penalty <= 0
-        ):
-            raise ConfigError(
-                f"repetition_penalty must be a number > 0 (1 = no penalty, 1.1-1.3 is typical), "
-                f"got {self.repetition_penalty!r}."
-            )
+        _check_repetition_penalty(self.repetition_penalty)
         if not _is_int(self.num_beams) or self.num_beams < 1:
             raise ConfigError(f"num_beams must be a whole number >= 1, got {self.num_beams!r}.")
         if vocab_size is not None and self.num_beams > vocab_size:
