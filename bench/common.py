@@ -161,7 +161,7 @@ class Report:
 
     def emit(self, results: Path | None = None) -> Path:
         """Print the section and append it to ``results`` (default: RESULTS.md, or the quick file)."""
-        path = results or (QUICK_RESULTS if self.quick else RESULTS)
+        path = Path(results) if results else (QUICK_RESULTS if self.quick else RESULTS)
         body = self.text()
         print("\n" + body, flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)

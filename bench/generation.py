@@ -38,7 +38,7 @@ def build(preset: str, text: str, new_tokens: int) -> tuple[GPT, object, str]:
     return model, tok, prompt
 
 
-def run(quick: bool = False, results=None, presets: tuple[str, ...] = ("baby",)) -> dict:
+def run(quick: bool = False, results=None, presets: tuple[str, ...] = ("baby", "shakespeare-char")) -> dict:
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
@@ -46,6 +46,8 @@ def run(quick: bool = False, results=None, presets: tuple[str, ...] = ("baby",))
     text = load_corpus(corpus_source()).text
     new_tokens = 32 if quick else NEW_TOKENS
     rounds = 2 if quick else 5
+    if quick:
+        presets = presets[:1]
     report = Report(f"3. Generation: {new_tokens} new tokens, greedy, batch 1", quick=quick)
     out: dict = {}
     for preset in presets:
@@ -102,9 +104,9 @@ def run(quick: bool = False, results=None, presets: tuple[str, ...] = ("baby",))
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="32 tokens, 2 rounds: checks the script")
-    ap.add_argument("--preset", action="append", help="model sizes to use (default: baby)")
+    ap.add_argument("--preset", action="append", help="model sizes to use (default: baby and shakespeare-char)")
     args = ap.parse_args(argv)
-    run(args.quick, presets=tuple(args.preset or ("baby",)))
+    run(args.quick, presets=tuple(args.preset or ("baby", "shakespeare-char")))
 
 
 if __name__ == "__main__":

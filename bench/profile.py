@@ -36,6 +36,25 @@ def profile_table(preset: str = "baby", precision: str = "auto", steps: int = 20
     return stepper.precision, avg.table(sort_by="self_cpu_time_total", row_limit=ROWS), total_us / steps / 1e3
 
 
+def decode_profile(new_tokens: int = 256) -> tuple[str, float]:
+    """Profiler table of greedy KV-cache decoding on the baby sizes (the generation bench's first row)."""
+    import torch
+
+    from tinygpt_core.model import GPT
+    from tinygpt_core.sampling import SamplingSettings, generate_ids
+
+    torch.manual_seed(0)
+    model = GPT(get_preset("baby").model_config(vocab_size=65, block_size=16 + new_tokens)).eval()
+    ids = torch.randint(0, 65, (1, 16))
+    greedy = SamplingSettings(strategy="greedy", max_new_tokens=new_tokens)
+    generate_ids(model, ids, new_tokens, greedy)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate_ids(model, ids, new_tokens, greedy)
+    avg = prof.key_averages()
+    ms = sum(e.self_cpu_time_total for e in avg) / new_tokens / 1e3
+    return avg.table(sort_by="self_cpu_time_total", row_limit=ROWS), ms
+
+
 def run(quick: bool = False, results=None) -> dict:
     steps = 3 if quick else 20
     report = Report("Profile: where a training step's time goes (torch.profiler, self CPU time)", quick=quick)
@@ -47,6 +66,10 @@ def run(quick: bool = False, results=None) -> dict:
         report.add(f"**{label}** (resolved precision {precision}; {steps} steps, {ms:.1f} ms/step under the "
                    "profiler)\n\n```\n" + text.strip() + "\n```")
         out[label] = ms
+    text, ms = decode_profile(new_tokens=32 if quick else 256)
+    report.add(f"**Generation, baby sizes, KV cache, one token at a time** ({ms:.2f} ms per token under the "
+               "profiler)\n\n```\n" + text.strip() + "\n```")
+    out["decode"] = ms
     report.emit(results)
     return out
 
