@@ -28,8 +28,17 @@ def store() -> RunStore:
     return RunStore()
 
 
-@st.cache_resource
 def runner() -> LocalJobRunner:
+    """The process-wide job runner; a malformed operator limit stops the page with the reason."""
+    try:
+        return _runner()
+    except TinyGPTError as exc:  # e.g. TINYGPT_MAX_JOBS_PER_DEVICE=lots: say so, not a traceback
+        st.error(f"Server settings: {exc}")
+        st.stop()
+
+
+@st.cache_resource
+def _runner() -> LocalJobRunner:
     """The process-wide job runner, shared by every browser session.
 
     Held in st.cache_resource as well as in tinygpt_core.jobs: when a source file changes,

@@ -344,3 +344,14 @@ def test_the_cli_applies_only_the_limits_an_operator_has_set(monkeypatch):
     assert limits.current().max_iters == 100_000  # the app's default
     monkeypatch.setenv("TINYGPT_MAX_ITERS", "5000")
     assert limits.current(explicit_only=True).max_iters == 5000
+
+
+@pytest.mark.parametrize("name,value", [("TINYGPT_MAX_JOBS_PER_DEVICE", "lots"), ("TINYGPT_READ_ONLY", "maybe"),
+                                        ("TINYGPT_MAX_UPLOAD_MB", "-3")])
+def test_a_malformed_limit_shows_on_every_page_instead_of_a_traceback(app_env, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    for page in (None, "pages/train.py", "pages/runs.py", "pages/attention.py", "pages/sampling.py"):
+        at = _open(page)  # asserts no exception
+        if page in (None, "pages/train.py", "pages/runs.py"):  # the pages that train or delete say why not
+            assert name in "\n".join(e.value for e in at.error)
+            assert "train_start" not in {b.key for b in at.button}
