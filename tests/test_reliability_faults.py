@@ -537,3 +537,36 @@ def test_a_recycled_pid_does_not_keep_a_killed_run_running(tmp_path):
     (run_dir / "status.json").write_text(json.dumps(recorded))
     status = read_status(run_dir)
     assert status.status == "interrupted" and "step 7" in status.message
+
+
+def test_the_app_lists_every_broken_folder_with_its_reason_and_opens_the_good_run(damaged_store, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    store, good, ids, marker = damaged_store
+    monkeypatch.setenv("TINYGPT_RUNS_DIR", str(store.root))
+    jobs.reset_runner()
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    try:
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+        at.run()
+        at.switch_page("pages/runs.py").run()
+        assert not at.exception
+        table = at.dataframe(key="runs_table").value
+        rows = dict(zip(table["id"], zip(table["status"], table["message"])))
+        assert rows[good][0] == "done"
+        for run_id in ids:
+            assert rows[run_id][0] == "broken" and rows[run_id][1], run_id
+        for page in ("pages/attention.py", "pages/sampling.py"):
+            at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+            at.query_params["run"] = good
+            at.run()
+            at.switch_page(page).run()
+            assert not at.exception and not at.error, page
+            assert at.get("plotly_chart") or at.get("html"), page  # heatmaps / generated text
+        assert not marker.exists()
+    finally:
+        jobs.reset_runner()
+        st.cache_resource.clear()
+        st.cache_data.clear()
