@@ -16,7 +16,6 @@ import random
 import re
 import sys
 import sysconfig
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .fileio import write_bytes_atomic
 
 MAX_CORPUS_BYTES = 50_000_000
 MAX_UPLOAD_BYTES = 10_000_000
@@ -225,7 +225,7 @@ def _pystdlib_text(root: Path) -> str:
         pass  # not cached yet (or unreadable): build it
     text = _stdlib_docstrings(root)
     try:
-        _atomic_write_bytes(cached, text.encode("utf-8"))
+        write_bytes_atomic(cached, text.encode("utf-8"), fsync=True)
     except OSError:
         pass
     return text
@@ -376,31 +376,13 @@ def download_corpus(
     _decode_text(data, url)  # refuse to cache something that is not usable text
 
     try:
-        _atomic_write_bytes(target, data)
+        write_bytes_atomic(target, data, fsync=True)
     except OSError as e:
         raise DataError(
             f"Cannot write to the cache folder {cache}: {e.strerror or e}. "
             "Set TINYGPT_CACHE_DIR to a writable folder."
         ) from None
     return target
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename it over ``path`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # ---------------------------------------------------------------------------------------------

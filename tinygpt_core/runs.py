@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from safetensors.torch import save as st_save
 from . import limits
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError, RunError, TokenizerError
+from .fileio import write_bytes_atomic
 from .model import GPT
 
 RUN_STATUSES = ("queued", "running", "done", "stopped", "diverged", "error", "interrupted")
@@ -67,27 +67,6 @@ def default_runs_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writes
-
-
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, then rename it over ``path`` (atomic on POSIX).
-
-    Readers see the old file or the new one, never a mix. We do not fsync: the goal is consistency
-    for concurrent readers, not durability across power loss, and fsync can cost milliseconds.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:

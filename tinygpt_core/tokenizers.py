@@ -22,13 +22,13 @@ import math
 import operator
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .errors import TokenizerError
+from .fileio import write_text_atomic
 
 DEFAULT_SPECIAL_TOKENS = ("<user>", "<assistant>", "<system>")
 TOKENIZER_KINDS = ("char", "word", "bpe")
@@ -124,7 +124,7 @@ class Tokenizer(ABC):
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tokenizer as JSON, atomically (a reader never sees a half-written file)."""
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1) + "\n", fsync=True)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, special_tokens={list(self.special_tokens)})"
@@ -706,21 +706,3 @@ def _check_keys(d: dict[str, Any], expected: set[str], kind: str) -> None:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename it over ``path`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
