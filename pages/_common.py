@@ -93,14 +93,6 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
-def page_link_if_exists(page: str, **kwargs) -> bool:
-    """st.page_link to a page file, or nothing when that page is not in this build (returns whether linked)."""
-    if not (Path(__file__).parent.parent / page).exists():
-        return False
-    st.page_link(page, **kwargs)
-    return True
-
-
 def format_loss(x: float | None) -> str:
     """A loss for display: three decimals, or a dash when there is none yet."""
     return _fmt(x)
@@ -147,6 +139,23 @@ def load_run_cached(run: RunSummary, checkpoint: str = "best") -> LoadedRun | No
     except TinyGPTError as exc:
         st.error(f"Cannot open run **{run.name}**: {exc}")
         return None
+
+
+def open_run_picker(prefix: str) -> tuple[RunSummary, str, LoadedRun] | None:
+    """The Run picker and Best/Last checkpoint radio of the model pages: (summary, checkpoint, loaded run),
+    or None (with the reason shown) when there is nothing to open. ``prefix`` keeps each page's keys apart."""
+    left, right = st.columns([4, 2], vertical_alignment="bottom")
+    with left:
+        summary = run_picker("Run", key=f"{prefix}_run")
+    if summary is None:
+        return None
+    with right:
+        checkpoint = st.radio(
+            "Checkpoint", ["best", "last"], horizontal=True, key=f"{prefix}_checkpoint",
+            format_func=lambda c: {"best": "Best val loss", "last": "Last step"}[c],
+        )
+    run = load_run_cached(summary, checkpoint)
+    return None if run is None else (summary, checkpoint, run)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import streamlit as st
 
-from pages._common import load_run_cached, run_picker, user_errors
+from pages._common import open_run_picker, user_errors
 from tinygpt_core.data import load_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.inspection import (
@@ -133,22 +133,10 @@ st.caption(
     "columns the tokens it reads from (keys)."
 )
 
-top = st.columns([4, 2], vertical_alignment="bottom")
-with top[0]:
-    summary = run_picker("Run", key="attn_run")
-if summary is None:
+picked = open_run_picker("attn")
+if picked is None:
     st.stop()
-with top[1]:
-    checkpoint = st.radio(
-        "Checkpoint",
-        ["best", "last"],
-        format_func=lambda c: {"best": "Best val loss", "last": "Last step"}[c],
-        horizontal=True,
-        key="attn_checkpoint",
-    )
-run = load_run_cached(summary, checkpoint)
-if run is None:
-    st.stop()
+summary, checkpoint, run = picked
 
 cfg = run.config.model
 tok = run.tokenizer

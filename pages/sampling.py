@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from pages._common import load_run_cached, run_picker, user_errors
+from pages._common import open_run_picker, user_errors
 from tinygpt_core.data import load_corpus
 from tinygpt_core.errors import ConfigError, TinyGPTError
 from tinygpt_core.runs import LoadedRun, RunSummary
@@ -198,22 +198,10 @@ st.caption(
     "keeps and cuts of the distribution."
 )
 
-top = st.columns([4, 2], vertical_alignment="bottom")
-with top[0]:
-    summary = run_picker("Run", key="smp_run")
-if summary is None:
+picked = open_run_picker("smp")
+if picked is None:
     st.stop()
-with top[1]:
-    checkpoint = st.radio(
-        "Checkpoint",
-        ["best", "last"],
-        format_func=lambda c: {"best": "Best val loss", "last": "Last step"}[c],
-        horizontal=True,
-        key="smp_checkpoint",
-    )
-run = load_run_cached(summary, checkpoint)
-if run is None:
-    st.stop()
+summary, checkpoint, run = picked
 tok = run.tokenizer
 vocab = tok.vocab_size
 block = run.config.model.block_size

@@ -21,7 +21,6 @@ from pages._common import (
     JOB_PARAM,
     RUN_PARAM,
     format_loss,
-    page_link_if_exists,
     remember_job,
     remember_run,
     runner,
@@ -610,13 +609,13 @@ def _links(v: RunView) -> None:
     cols = st.columns(4)
     if v.has_weights:
         with cols[0]:
-            page_link_if_exists("pages/attention.py", label="Open in Attention", icon=":material/grid_on:",
+            st.page_link("pages/attention.py", label="Open in Attention", icon=":material/grid_on:",
                                 query_params={RUN_PARAM: v.run_id})
         with cols[1]:
-            page_link_if_exists("pages/sampling.py", label="Sample from it", icon=":material/casino:",
+            st.page_link("pages/sampling.py", label="Sample from it", icon=":material/casino:",
                                 query_params={RUN_PARAM: v.run_id})
     with cols[2]:
-        page_link_if_exists("pages/runs.py", label="Compare in Runs", icon=":material/stacked_line_chart:",
+        st.page_link("pages/runs.py", label="Compare in Runs", icon=":material/stacked_line_chart:",
                             query_params={RUN_PARAM: v.run_id})
 
 
