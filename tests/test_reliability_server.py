@@ -139,7 +139,9 @@ def stop(page) -> float:
     """Press Stop and return the seconds until "Stopped" shows."""
     page.get_by_role("button", name="Stop", exact=True).click()
     t0 = time.monotonic()
-    page.get_by_text(re.compile(r"^Stopped\b")).first.wait_for(timeout=60_000)
+    # Generous: with nine browsers on two cores a page's next poll can lag far behind the job itself,
+    # which stops within a step; the report quotes the measured seconds, not this bound.
+    page.get_by_text(re.compile(r"^Stopped\b")).first.wait_for(timeout=120_000)
     return time.monotonic() - t0
 
 
