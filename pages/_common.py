@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from tinygpt_core import limits
+from tinygpt_core.data import load_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.jobs import LocalJobRunner, get_runner
 from tinygpt_core.runs import LoadedRun, RunStore, RunSummary
@@ -126,12 +127,32 @@ def _load(path: str, checkpoint: str, mtime: float) -> LoadedRun:  # mtime: relo
     return store().load(Path(path).name, checkpoint=checkpoint)
 
 
+def weights_mtime(run: RunSummary, checkpoint: str) -> float | None:
+    """When a run's checkpoint was last written (None: not there): cache keys that follow retraining."""
+    try:
+        return os.path.getmtime(run.path / ("model.safetensors" if checkpoint == "best" else "last.safetensors"))
+    except OSError:
+        return None
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _corpus_start(source: str) -> str | None:
+    try:
+        return load_corpus(source).text[:4000]
+    except TinyGPTError:
+        return None
+
+
+def corpus_start(run: LoadedRun) -> str | None:
+    """The first few thousand characters of the run's corpus (for default prompts), or None when the
+    corpus cannot be read any more (an upload, a moved file)."""
+    return _corpus_start(run.config.corpus.get("source") or run.config.corpus.get("name") or "")
+
+
 def load_run_cached(run: RunSummary, checkpoint: str = "best") -> LoadedRun | None:
     """Load a run's model once per server (eval mode); shows the reason and returns None when it cannot."""
-    weights = run.path / ("model.safetensors" if checkpoint == "best" else "last.safetensors")
-    try:
-        mtime = os.path.getmtime(weights)
-    except OSError:
+    mtime = weights_mtime(run, checkpoint)
+    if mtime is None:
         st.error(f"Run **{run.name}** has no {checkpoint} checkpoint yet. Pick another checkpoint or run.")
         return None
     try:

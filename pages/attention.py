@@ -6,13 +6,11 @@ tinygpt_core.viz. Results are cached per run, checkpoint, weights mtime and prom
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import streamlit as st
 
-from pages._common import open_run_picker, user_errors
-from tinygpt_core.data import load_corpus
+from pages._common import corpus_start, open_run_picker, user_errors, weights_mtime
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.inspection import (
     AttentionMaps,
@@ -21,7 +19,7 @@ from tinygpt_core.inspection import (
     induction_scores,
     repeated_random_tokens,
 )
-from tinygpt_core.runs import LoadedRun, RunSummary
+from tinygpt_core.runs import LoadedRun
 from tinygpt_core.viz import attention_grid_figure, attention_head_figure, head_stats_figure
 
 FALLBACK_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
@@ -53,28 +51,11 @@ STATS: dict[str, tuple[str, str]] = {
 }
 
 
-def _weights_mtime(run: RunSummary, checkpoint: str) -> float:
-    path = run.path / ("model.safetensors" if checkpoint == "best" else "last.safetensors")
-    try:
-        return os.path.getmtime(path)
-    except OSError:
-        return 0.0
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def _corpus_start(source: str) -> str | None:
-    """The first few thousand characters of a run's corpus, or None when it cannot be read any more."""
-    try:
-        return load_corpus(source).text[:4000]
-    except TinyGPTError:
-        return None
-
-
 def _default_prompt(run: LoadedRun) -> str:
     """The start of the run's corpus, cut to a readable number of tokens."""
     tok = run.tokenizer
     n = min(run.config.model.block_size, DEFAULT_PROMPT_TOKENS)
-    text = _corpus_start(run.config.corpus.get("source") or run.config.corpus.get("name") or "")
+    text = corpus_start(run)
     if text is None and run.samples:
         text = run.samples[-1].get("text") or None
     if not text or (tok.kind == "char" and tok.unknown_symbols(text[:2000])):
@@ -201,7 +182,7 @@ if n_tokens > cfg.block_size:
         icon=":material/content_cut:",
     )
 
-mtime = _weights_mtime(summary, checkpoint)
+mtime = weights_mtime(summary, checkpoint)
 maps: AttentionMaps | None = None
 with user_errors("Cannot compute attention: "):
     maps = _maps(str(summary.path), checkpoint, mtime, prompt, run)

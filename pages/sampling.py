@@ -11,17 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 from dataclasses import dataclass
 
 import pandas as pd
 import streamlit as st
 
-from pages._common import open_run_picker, user_errors
-from tinygpt_core.data import load_corpus
+from pages._common import corpus_start, open_run_picker, user_errors, weights_mtime
 from tinygpt_core.errors import ConfigError, TinyGPTError
-from tinygpt_core.runs import LoadedRun, RunSummary
+from tinygpt_core.runs import LoadedRun
 from tinygpt_core.sampling import (
     GenerationResult,
     SamplingSettings,
@@ -64,26 +62,10 @@ COLUMNS: dict[str, Column] = {
 DEFAULT_COLUMNS = ["greedy", "temperature", "top_p", "beam"]
 
 
-def _weights_mtime(run: RunSummary, checkpoint: str) -> float:
-    path = run.path / ("model.safetensors" if checkpoint == "best" else "last.safetensors")
-    try:
-        return os.path.getmtime(path)
-    except OSError:
-        return 0.0
-
-
-@st.cache_data(show_spinner=False, max_entries=8)
-def _corpus_start(source: str) -> str | None:
-    try:
-        return load_corpus(source).text[:2000]
-    except TinyGPTError:
-        return None
-
-
 def _default_prompt(run: LoadedRun) -> str:
     """The first few tokens of the run's corpus: a prompt the model knows how to continue."""
     tok = run.tokenizer
-    text = _corpus_start(run.config.corpus.get("source") or run.config.corpus.get("name") or "")
+    text = corpus_start(run)
     if not text or (tok.kind == "char" and tok.unknown_symbols(text[:500])):
         return FALLBACK_PROMPT if not tok.unknown_symbols(FALLBACK_PROMPT) else ""
     n = min(DEFAULT_PROMPT_TOKENS, max(1, run.config.model.block_size // 2))
@@ -251,7 +233,7 @@ if not chosen:
     st.info("Pick at least one column above.")
     st.stop()
 
-mtime = _weights_mtime(summary, checkpoint)
+mtime = weights_mtime(summary, checkpoint)
 valid: dict[str, SamplingSettings] = {}
 # At most three columns per row (two when there are four), so token strips stay readable.
 per_row = len(chosen) if len(chosen) <= 3 else (2 if len(chosen) == 4 else 3)
