@@ -69,6 +69,17 @@ def browser_context_args(browser_context_args: dict) -> dict:
     return {**browser_context_args, "viewport": {"width": 1400, "height": 1000}}
 
 
+def poll(fn, predicate, timeout_s: float, what: str, every_s: float = 0.25):
+    """Call ``fn`` until ``predicate`` holds for its value (returned); fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = fn()
+        if predicate(value):
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what} (last: {value})"
+        time.sleep(every_s)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -10,6 +10,7 @@ import re
 import time
 
 import pytest
+from conftest import poll
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -58,16 +59,6 @@ def set_number(page, label: str, value: int) -> None:
     box.press("Enter")  # streamlit commits a number input on Enter (or blur)
     wait_idle(page)
     assert box.input_value() == str(value)
-
-
-def poll(fn, predicate, timeout_s: float, what: str, every_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fn()
-        if predicate(value):
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what} (last: {value})"
-        time.sleep(every_s)
 
 
 @pytest.mark.parametrize("title", list(PAGES))

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import conftest
-from conftest import ARTIFACTS, start_streamlit, stop_streamlit
+from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
 from tinygpt_core.errors import RunError
 from tinygpt_core.runs import RunStore, load_checkpoint_state, load_run, read_metrics, read_status
 from tinygpt_core.training import TrainSpec, train
@@ -80,16 +80,6 @@ def connections(port: int) -> int:
             if int(parts[1].rsplit(":", 1)[1], 16) == port and parts[3] == "01":
                 n += 1
     return n
-
-
-def poll(fn, predicate, timeout_s: float, what: str, every_s: float = 0.25):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fn()
-        if predicate(value):
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what} (last: {value})"
-        time.sleep(every_s)
 
 
 # --- driving pages --------------------------------------------------------------------------------
