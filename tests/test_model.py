@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tinygpt_core.config import ModelConfig
+from tinygpt_core.errors import ConfigError
 from tinygpt_core.model import GPT, attention_mask, sinusoidal_table
 
 V, BLOCK, T = 13, 16, 12
@@ -289,7 +290,7 @@ def test_kv_cache_equals_full_forward(name):
         past = out.past_kv
     assert past[0][0].shape == (2, 2, BLOCK, 8)  # (B, nh, T, hs)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="longer than the model's context"):
+    with pytest.raises(ConfigError, match="longer than the model's context"):
         model(idx[:, :1], past_kv=past)
 
 

@@ -264,7 +264,8 @@ GENERATE_CASES = {  # flags -> words the message must contain
     ("--min-p", "2"): "min_p must be in [0, 1]",
     ("--strategy", "beam", "--num-beams", "1000"): "cannot exceed the vocabulary size",
     ("--num-beams", "0", "--strategy", "beam"): "num_beams must be a whole number >= 1",
-    ("--max-new-tokens", "0"): "max_new_tokens must be a whole number >= 1",
+    ("--max-new-tokens", "0"): "max_new_tokens must be a whole number from 1 to",
+    ("--max-new-tokens", "1000000000"): "max_new_tokens must be a whole number from 1 to",
     ("--repetition-penalty", "0"): "repetition_penalty must be a number > 0",
     ("--repetition-penalty", "5e-324"): "repetition_penalty must be between",  # found by hypothesis: crashed
     ("--temperature", "1e-300"): "temperature must be at least",  # the same overflow through temperature

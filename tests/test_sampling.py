@@ -157,6 +157,7 @@ def test_invalid_settings_raise_config_error(kw, message):
         (dict(num_beams=0), "num_beams"),
         (dict(num_beams=500), "vocabulary size"),
         (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=10**9), "max_new_tokens"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(seed=-1), "seed"),
         (dict(length_penalty=float("inf")), "length_penalty"),

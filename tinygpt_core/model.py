@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .errors import ConfigError
 
 # A layer's cached keys and values for incremental decoding: (k, v), each (B, nh, T_past, hs).
 KVCache = tuple[torch.Tensor, torch.Tensor]
@@ -207,8 +208,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = 0 if past_kv is None else past_kv[0][0].size(2)
         if start + T > self.config.block_size:
-            raise ValueError(
-                f"Sequence of {start + T} tokens is longer than the model's context ({self.config.block_size})."
+            raise ConfigError(
+                f"Sequence of {start + T} tokens is longer than the model's context ({self.config.block_size}). "
+                "Keep only its last block_size tokens (the samplers and inspection do this for you)."
             )
         x = self.drop(self.wte(idx) + self.position_embedding(start, T, idx.device))  # (B, T, C)
         attentions, new_kv = [], []

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .errors import ConfigError, TokenizerError
 
 STRATEGIES = ("greedy", "sample", "beam")
+MAX_NEW_TOKENS = 100_000  # a bound on one request: a typo of extra zeros must not tie up a shared server
 TOP_N = 10  # candidates recorded per step in StepInfo.top
 
 
@@ -213,8 +214,9 @@ class SamplingSettings:
             )
         if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
             raise ConfigError(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}.")
+        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise ConfigError(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, "
+                              f"got {self.max_new_tokens!r}.")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ConfigError(f"seed must be a whole number >= 0 or None, got {self.seed!r}.")
         return self
