@@ -179,6 +179,28 @@ def open_run_picker(prefix: str) -> tuple[RunSummary, str, LoadedRun] | None:
     return None if run is None else (summary, checkpoint, run)
 
 
+def known_symbols_only(tokenizer, prompt: str) -> str:
+    """The prompt as the run's tokenizer can read it, with a warning naming what it lacks: a char
+    tokenizer cannot encode unseen characters, so they are dropped; word tokenizers read them as <unk>."""
+    unknown = tokenizer.unknown_symbols(prompt)
+    if not unknown:
+        return prompt
+    listed = ", ".join(repr(u) for u in unknown[:20]) + (" …" if len(unknown) > 20 else "")
+    if tokenizer.kind == "char":
+        st.warning(
+            f"This run's tokenizer has never seen {listed}, so they are left out of the prompt. Remove them, or "
+            "pick a run trained on a corpus that contains them.",
+            icon=":material/warning:",
+        )
+        lacking = set(unknown)
+        return "".join(c for c in prompt if c not in lacking)
+    st.warning(
+        f"Not in this run's vocabulary, read as `<unk>`: {listed}. Use words from the training corpus.",
+        icon=":material/warning:",
+    )
+    return prompt
+
+
 @contextlib.contextmanager
 def user_errors(prefix: str = ""):
     """Show a TinyGPTError as st.error (what is wrong and what to do) instead of a traceback."""

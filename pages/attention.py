@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages._common import corpus_start, open_run_picker, user_errors, weights_mtime
+from pages._common import corpus_start, known_symbols_only, open_run_picker, user_errors, weights_mtime
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.inspection import (
     AttentionMaps,
@@ -153,23 +153,7 @@ with p_right:
 with p_left:
     prompt = st.text_area("Prompt", key=prompt_key, height=80)
 
-unknown = tok.unknown_symbols(prompt)
-if unknown:
-    listed = ", ".join(repr(u) for u in unknown[:20]) + (" …" if len(unknown) > 20 else "")
-    if tok.kind == "char":
-        st.warning(
-            f"This run's tokenizer has never seen {listed}, so they are left out below. Remove them from the "
-            "prompt, or pick a run trained on a corpus that contains them.",
-            icon=":material/warning:",
-        )
-        lacking = set(unknown)
-        prompt = "".join(c for c in prompt if c not in lacking)
-    else:
-        st.warning(
-            f"Not in this run's vocabulary, read as `<unk>`: {listed}. Use words from the training corpus "
-            "for a more meaningful picture.",
-            icon=":material/warning:",
-        )
+prompt = known_symbols_only(tok, prompt)
 if not prompt:
     st.info("Type a prompt (or press **Induction demo**) to see the attention weights.")
     st.stop()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from pages._common import corpus_start, open_run_picker, user_errors, weights_mtime
+from pages._common import corpus_start, known_symbols_only, open_run_picker, user_errors, weights_mtime
 from tinygpt_core.errors import ConfigError, TinyGPTError
 from tinygpt_core.runs import LoadedRun
 from tinygpt_core.sampling import (
@@ -209,22 +209,7 @@ chosen = st.multiselect(
     key="smp_columns",
 )
 
-unknown = tok.unknown_symbols(prompt)
-if unknown:
-    listed = ", ".join(repr(u) for u in unknown[:20]) + (" …" if len(unknown) > 20 else "")
-    if tok.kind == "char":
-        st.warning(
-            f"This run's tokenizer has never seen {listed}, so they are left out of the prompt. Remove them, or "
-            "pick a run trained on a corpus that contains them.",
-            icon=":material/warning:",
-        )
-        lacking = set(unknown)
-        prompt = "".join(c for c in prompt if c not in lacking)
-    else:
-        st.warning(
-            f"Not in this run's vocabulary, read as `<unk>`: {listed}. Use words from the training corpus.",
-            icon=":material/warning:",
-        )
+prompt = known_symbols_only(tok, prompt)
 n_prompt = len(tok.encode(prompt))
 if n_prompt > block:
     st.info(f"The prompt is {n_prompt} tokens; the model sees only the last {block} of them.",
