@@ -15,16 +15,36 @@ st.set_page_config(page_title="TinyGPT Lab", layout="wide", page_icon=":material
 
 # (file, nav title, icon, one line for Home). Order is the nav order after Home.
 PAGES: list[tuple[str, str, str, str]] = [
-    ("pages/train.py", "Train", ":material/model_training:",
-     "Train a tiny GPT live: watch train and validation loss move, and read what it writes as it learns."),
-    ("pages/runs.py", "Runs & ablations", ":material/stacked_line_chart:",
-     "Compare runs on disk, overlay their curves and launch a grid of ablations against a baseline."),
-    ("pages/attention.py", "Attention", ":material/grid_on:",
-     "Open any layer and head and see what each token attends to in your own text."),
-    ("pages/sampling.py", "Sampling", ":material/casino:",
-     "Decode one model with greedy, sampling and beam search side by side; see what top-k/top-p cut."),
-    ("pages/tokenizers.py", "Tokenizers", ":material/text_fields:",
-     "Run one text through char, word and BPE tokenizers and step through the BPE merges."),
+    (
+        "pages/train.py",
+        "Train",
+        ":material/model_training:",
+        "Train a tiny GPT live: watch train and validation loss move, and read what it writes as it learns.",
+    ),
+    (
+        "pages/runs.py",
+        "Runs & ablations",
+        ":material/stacked_line_chart:",
+        "Compare runs on disk, overlay their curves and launch a grid of ablations against a baseline.",
+    ),
+    (
+        "pages/attention.py",
+        "Attention",
+        ":material/grid_on:",
+        "Open any layer and head and see what each token attends to in your own text.",
+    ),
+    (
+        "pages/sampling.py",
+        "Sampling",
+        ":material/casino:",
+        "Decode one model with greedy, sampling and beam search side by side; see what top-k/top-p cut.",
+    ),
+    (
+        "pages/tokenizers.py",
+        "Tokenizers",
+        ":material/text_fields:",
+        "Run one text through char, word and BPE tokenizers and step through the BPE merges.",
+    ),
 ]
 
 
@@ -75,8 +95,10 @@ def home() -> None:
             st.markdown("**Quick start**")
             st.caption("Trains the *tiny* preset (2 layers, 64 dims) on the built-in tiny corpus: seconds on a CPU.")
             if read_only():
-                st.info("Training is turned off on this server (read-only mode): open the runs below instead.",
-                        icon=":material/lock:")
+                st.info(
+                    "Training is turned off on this server (read-only mode): open the runs below instead.",
+                    icon=":material/lock:",
+                )
             elif st.button("Quick start", type="primary", icon=":material/play_arrow:", key="quick_start"):
                 job_id = None
                 with user_errors("Could not start the quick-start run: "):
@@ -114,19 +136,30 @@ def home() -> None:
             c2.markdown(f"{_status_badge(r.status)}  \nbest val **{format_loss(r.best_val_loss)}** · step {steps}")
             with c3:
                 links = st.columns(3)
-                links[0].page_link("pages/train.py", label="Open", icon=":material/open_in_new:",
-                                   query_params={"run": r.id})
+                links[0].page_link(
+                    "pages/train.py", label="Open", icon=":material/open_in_new:", query_params={"run": r.id}
+                )
                 if r.broken_reason is None and (r.path / "model.safetensors").exists():
-                    links[1].page_link("pages/attention.py", label="Attention", icon=":material/grid_on:",
-                                       query_params={"run": r.id})
-                    links[2].page_link("pages/sampling.py", label="Sample", icon=":material/casino:",
-                                       query_params={"run": r.id})
+                    links[1].page_link(
+                        "pages/attention.py", label="Attention", icon=":material/grid_on:", query_params={"run": r.id}
+                    )
+                    links[2].page_link(
+                        "pages/sampling.py", label="Sample", icon=":material/casino:", query_params={"run": r.id}
+                    )
     st.page_link("pages/runs.py", label="All runs", icon=":material/stacked_line_chart:")
 
 
 def _status_badge(status: str) -> str:
-    colour = {"done": "green", "running": "blue", "queued": "gray", "stopped": "orange",
-              "diverged": "red", "error": "red", "interrupted": "orange", "broken": "red"}.get(status, "gray")
+    colour = {
+        "done": "green",
+        "running": "blue",
+        "queued": "gray",
+        "stopped": "orange",
+        "diverged": "red",
+        "error": "red",
+        "interrupted": "orange",
+        "broken": "red",
+    }.get(status, "gray")
     return f":{colour}-badge[{status}]"
 
 

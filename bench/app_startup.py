@@ -44,8 +44,21 @@ def one_start(browser, runs_dir: str, timeout_s: float = 90.0) -> tuple[float, f
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "TINYGPT_RUNS_DIR": runs_dir}
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-           "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "app.py",
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -98,10 +111,17 @@ def run(quick: bool = False, results=None, rounds: int = 3) -> dict:
     report = Report("6. App start-up: `streamlit run app.py`", quick=quick)
     rows = [["to /_stcore/health ok", f"{median(health):.2f}", " / ".join(f"{x:.2f}" for x in health)]]
     if pages and pages[0] is not None:
-        rows.append(["to the first rendered page (home heading shown, script idle)", f"{median(pages):.2f}",
-                     " / ".join(f"{x:.2f}" for x in pages)])
-    report.add(f"Fresh server each round ({rounds}), seconds from spawning `streamlit run`; headless chromium "
-               f"launched beforehand.")
+        rows.append(
+            [
+                "to the first rendered page (home heading shown, script idle)",
+                f"{median(pages):.2f}",
+                " / ".join(f"{x:.2f}" for x in pages),
+            ]
+        )
+    report.add(
+        f"Fresh server each round ({rounds}), seconds from spawning `streamlit run`; headless chromium "
+        f"launched beforehand."
+    )
     report.add_table(["milestone", "median s", "rounds"], rows)
     report.add(f"Healthy in {median(health):.2f} s (target < {TARGET_S:.0f} s)." + (f" {note}" if note else ""))
     report.emit(results)

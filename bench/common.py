@@ -14,9 +14,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -72,8 +72,10 @@ def machine_line() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = load_average()
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    return (f"{now} · {cpu_name()} ({os.cpu_count()} cores, {bf16}) · {gpu} · torch {torch.__version__} · "
-            f"{torch.get_num_threads()} threads · load {'?' if load is None else f'{load:.2f}'} (1-min)")
+    return (
+        f"{now} · {cpu_name()} ({os.cpu_count()} cores, {bf16}) · {gpu} · torch {torch.__version__} · "
+        f"{torch.get_num_threads()} threads · load {'?' if load is None else f'{load:.2f}'} (1-min)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,8 +49,9 @@ def full_val_loss(run_dir: Path, source: str) -> float:
     with torch.no_grad():
         for i in range(0, n, 256):
             logits = run.model(x[i : i + 256]).logits.float()
-            total += F.cross_entropy(logits.view(-1, logits.size(-1)), y[i : i + 256].reshape(-1),
-                                     reduction="sum").item()
+            total += F.cross_entropy(
+                logits.view(-1, logits.size(-1)), y[i : i + 256].reshape(-1), reduction="sum"
+            ).item()
     return total / (n * T)
 
 
@@ -67,9 +68,17 @@ def timed_run(preset: str, source: str, root: Path, **overrides) -> dict:
     result = train(spec, root / f"{preset}-{len(list(root.iterdir()))}", callbacks=[on_event])
     wall = time.perf_counter() - t0
     hit = next(((s, v, t) for s, v, t in evals if v <= NANOGPT_VAL), None)
-    return dict(preset=preset, overrides=overrides, status=result.status, steps=result.steps,
-                final_val=result.final_val_loss, wall_s=wall, evals=evals, hit=hit,
-                full_val=full_val_loss(result.run_dir, source))
+    return dict(
+        preset=preset,
+        overrides=overrides,
+        status=result.status,
+        steps=result.steps,
+        final_val=result.final_val_loss,
+        wall_s=wall,
+        evals=evals,
+        hit=hit,
+        full_val=full_val_loss(result.run_dir, source),
+    )
 
 
 def run(quick: bool = False, results=None, repeats: int = 2) -> dict:
@@ -86,12 +95,22 @@ def run(quick: bool = False, results=None, repeats: int = 2) -> dict:
         for precision in ("fp32", "bf16"):
             r = timed_run("baby", source, root, precision=precision, sample_tokens=0, **small)
             ok = r["final_val"] is not None and r["final_val"] <= NANOGPT_VAL
-            rows.append([f"baby {precision}" + (" (auto)" if precision == auto else ""), r["steps"],
-                         fmt(r["final_val"], 4), fmt(r["full_val"], 4), "yes" if ok else "no", fmt(r["wall_s"])])
+            rows.append(
+                [
+                    f"baby {precision}" + (" (auto)" if precision == auto else ""),
+                    r["steps"],
+                    fmt(r["final_val"], 4),
+                    fmt(r["full_val"], 4),
+                    "yes" if ok else "no",
+                    fmt(r["wall_s"]),
+                ]
+            )
             out[f"baby-{precision}"] = r
-        report.add(f"**Quality per speed mode**: `baby` preset (nanoGPT's recipe) for its full schedule; "
-                   f"nanoGPT reports {NANOGPT_VAL}. 'val loss' is the run's own estimate (20 batches of 12, "
-                   "as nanoGPT); 'full val split' averages every validation token.")
+        report.add(
+            f"**Quality per speed mode**: `baby` preset (nanoGPT's recipe) for its full schedule; "
+            f"nanoGPT reports {NANOGPT_VAL}. 'val loss' is the run's own estimate (20 batches of 12, "
+            "as nanoGPT); 'full val split' averages every validation token."
+        )
         report.add_table(["run", "steps", "val loss", "full val split", f"≤ {NANOGPT_VAL}", "wall s"], rows)
 
         # --- time to quality: baby-fast with stop_at_val_loss, A B A B -------------------------
@@ -99,29 +118,53 @@ def run(quick: bool = False, results=None, repeats: int = 2) -> dict:
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(1 if quick else repeats):
             for m in modes:
-                runs[m].append(timed_run("baby-fast", source, root, precision=m, stop_at_val_loss=NANOGPT_VAL,
-                                         **small))
+                runs[m].append(timed_run("baby-fast", source, root, precision=m, stop_at_val_loss=NANOGPT_VAL, **small))
         rows = []
         for m, rs in runs.items():
             hits = [r for r in rs if r["hit"]]
             wall = median(r["wall_s"] for r in hits) if len(hits) == len(rs) else None
             label = f"baby-fast {m}" + (f" ({auto})" if m == "auto" else "")
-            rows.append([label, len(rs), "/".join(str(r["steps"]) for r in rs),
-                         "/".join(fmt(r["final_val"], 4) for r in rs), "/".join(fmt(r["full_val"], 4) for r in rs),
-                         fmt(wall), "yes" if wall is not None and wall <= TARGET_SECONDS else "no"])
+            rows.append(
+                [
+                    label,
+                    len(rs),
+                    "/".join(str(r["steps"]) for r in rs),
+                    "/".join(fmt(r["final_val"], 4) for r in rs),
+                    "/".join(fmt(r["full_val"], 4) for r in rs),
+                    fmt(wall),
+                    "yes" if wall is not None and wall <= TARGET_SECONDS else "no",
+                ]
+            )
             out[f"baby-fast-{m}"] = dict(runs=rs, median_wall_s=wall)
         fp32_base = out["baby-fp32"]
         base_hit = fp32_base["hit"]
-        report.add(f"**Time to val loss {NANOGPT_VAL}**: `baby-fast` with `stop_at_val_loss={NANOGPT_VAL}`, "
-                   "alternating modes; wall seconds from calling `train` to its return (corpus, tokenizer, "
-                   "evals and checkpoints included), median over runs.")
-        report.add_table(["run", "runs", "steps", "val loss at stop", "full val split", "median wall s",
-                          f"≤ {TARGET_SECONDS:.0f} s"], rows)
-        report.add(f"Reference: nanoGPT's recipe needs about {NANOGPT_SECONDS:.0f} s on the issue's reference "
-                   f"machine; our fp32 `baby` run of the same recipe took {fp32_base['wall_s']:.1f} s here for "
-                   f"{fp32_base['steps']} steps" + (f" and first logged ≤ {NANOGPT_VAL} at step {base_hit[0]} "
-                                                   f"({base_hit[2]:.1f} s)." if base_hit else
-                                                   f" without reaching {NANOGPT_VAL}."))
+        report.add(
+            f"**Time to val loss {NANOGPT_VAL}**: `baby-fast` with `stop_at_val_loss={NANOGPT_VAL}`, "
+            "alternating modes; wall seconds from calling `train` to its return (corpus, tokenizer, "
+            "evals and checkpoints included), median over runs."
+        )
+        report.add_table(
+            [
+                "run",
+                "runs",
+                "steps",
+                "val loss at stop",
+                "full val split",
+                "median wall s",
+                f"≤ {TARGET_SECONDS:.0f} s",
+            ],
+            rows,
+        )
+        report.add(
+            f"Reference: nanoGPT's recipe needs about {NANOGPT_SECONDS:.0f} s on the issue's reference "
+            f"machine; our fp32 `baby` run of the same recipe took {fp32_base['wall_s']:.1f} s here for "
+            f"{fp32_base['steps']} steps"
+            + (
+                f" and first logged ≤ {NANOGPT_VAL} at step {base_hit[0]} ({base_hit[2]:.1f} s)."
+                if base_hit
+                else f" without reaching {NANOGPT_VAL}."
+            )
+        )
     report.emit(results)
     return out
 

@@ -62,6 +62,7 @@ def run(quick: bool = False, results=None, presets: tuple[str, ...] = ("baby", "
         def ours(cache: bool):
             def f():
                 outputs[f"ours {cache}"] = generate_ids(model, ids, new_tokens, greedy, use_cache=cache)
+
             return f
 
         def app_path():
@@ -72,8 +73,15 @@ def run(quick: bool = False, results=None, presets: tuple[str, ...] = ("baby", "
                 with torch.no_grad(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     outputs[f"hf {cache}"] = hf.generate(
-                        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, do_sample=False, use_cache=cache, pad_token_id=0)
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        do_sample=False,
+                        use_cache=cache,
+                        pad_token_id=0,
+                    )
+
             return f
 
         fns = {
@@ -89,13 +97,18 @@ def run(quick: bool = False, results=None, presets: tuple[str, ...] = ("baby", "
         cache_speedup = tps["ours, KV cache"] / tps["ours, no cache (recompute context)"]
         vs_hf = tps["ours, KV cache"] / tps["transformers generate, cache"]
         cfg = model.config
-        report.add(f"**{preset}** sizes ({cfg.n_layer} layers, {cfg.n_embd} dims), context {cfg.block_size}, "
-                   f"prompt {ids.size(1)} tokens; median of {rounds} interleaved runs. "
-                   f"All five decode the same tokens: {'yes' if same else 'NO'}.")
-        report.add_table(["decoder", "ms total", "tokens/s"],
-                         [[k, f"{median(times[k]) * 1e3:.0f}", f"{tps[k]:,.0f}"] for k in fns])
-        report.add(f"KV cache vs recompute: {cache_speedup:.1f}× (target ≥ 5×); ours vs transformers' cached "
-                   f"generate: {vs_hf:.2f}× (target > 1×).")
+        report.add(
+            f"**{preset}** sizes ({cfg.n_layer} layers, {cfg.n_embd} dims), context {cfg.block_size}, "
+            f"prompt {ids.size(1)} tokens; median of {rounds} interleaved runs. "
+            f"All five decode the same tokens: {'yes' if same else 'NO'}."
+        )
+        report.add_table(
+            ["decoder", "ms total", "tokens/s"], [[k, f"{median(times[k]) * 1e3:.0f}", f"{tps[k]:,.0f}"] for k in fns]
+        )
+        report.add(
+            f"KV cache vs recompute: {cache_speedup:.1f}× (target ≥ 5×); ours vs transformers' cached "
+            f"generate: {vs_hf:.2f}× (target > 1×)."
+        )
         out[preset] = dict(tokens_per_s=tps, same_tokens=same, cache_speedup=cache_speedup, vs_hf=vs_hf)
     report.emit(results)
     return out

@@ -47,8 +47,10 @@ def run(quick: bool = False, results=None) -> dict:
     ms = {k: median(v) * 1e3 for k, v in times.items()}
     total = ms["both (the computation the target counts)"]
     report = Report(f"5. Inspection: attention grid and head statistics, {PROMPT_TOKENS}-token prompt", quick=quick)
-    report.add(f"`baby` model sizes ({model.config.n_layer} layers × {model.config.n_head} heads), "
-               f"median of {rounds} interleaved runs.")
+    report.add(
+        f"`baby` model sizes ({model.config.n_layer} layers × {model.config.n_head} heads), "
+        f"median of {rounds} interleaved runs."
+    )
     report.add_table(["computation", "ms"], [[k, f"{v:.1f}"] for k, v in ms.items()])
     report.add(f"Attention grid + head statistics: {total:.1f} ms (target < {TARGET_MS:.0f} ms).")
     report.emit(results)

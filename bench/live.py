@@ -30,8 +30,9 @@ def tokens_per_s(run_dir: Path, spec: TrainSpec) -> float:
 
 
 def make_spec(source: str, iters: int) -> TrainSpec:
-    return TrainSpec.from_preset("baby", source, max_iters=iters, eval_interval=max(1, iters // 2),
-                                 eval_iters=5, sample_tokens=40)
+    return TrainSpec.from_preset(
+        "baby", source, max_iters=iters, eval_interval=max(1, iters // 2), eval_iters=5, sample_tokens=40
+    )
 
 
 def bare_run(store: RunStore, source: str, iters: int) -> float:
@@ -79,12 +80,22 @@ def run(quick: bool = False, results=None, iters: int = 400, repeats: int = 3) -
             polls.append(n)
     overhead = 1 - median(live) / median(bare)
     report = Report("4. Live overhead: job runner + poller every 0.5 s vs the bare loop", quick=quick)
-    report.add(f"`baby` preset, {iters} steps per run, runs alternating bare/live, {repeats} of each; "
-               f"tokens/s = trained tokens / logged training seconds (evals included in both).")
-    report.add_table(["path", "tokens/s (median)", "runs", "polls per run"],
-                     [["bare training.train", f"{median(bare):,.0f}", "/".join(f"{x:,.0f}" for x in bare), "–"],
-                      ["LocalJobRunner + poller", f"{median(live):,.0f}", "/".join(f"{x:,.0f}" for x in live),
-                       "/".join(str(p) for p in polls)]])
+    report.add(
+        f"`baby` preset, {iters} steps per run, runs alternating bare/live, {repeats} of each; "
+        f"tokens/s = trained tokens / logged training seconds (evals included in both)."
+    )
+    report.add_table(
+        ["path", "tokens/s (median)", "runs", "polls per run"],
+        [
+            ["bare training.train", f"{median(bare):,.0f}", "/".join(f"{x:,.0f}" for x in bare), "–"],
+            [
+                "LocalJobRunner + poller",
+                f"{median(live):,.0f}",
+                "/".join(f"{x:,.0f}" for x in live),
+                "/".join(str(p) for p in polls),
+            ],
+        ],
+    )
     report.add(f"Overhead: {100 * overhead:.1f}% (target < {100 * TARGET:.0f}%).")
     report.emit(results)
     return dict(bare=bare, live=live, overhead=overhead)

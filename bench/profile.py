@@ -18,14 +18,20 @@ from tinygpt_core.config import get_preset
 ROWS = 14
 
 
-def profile_table(preset: str = "baby", precision: str = "auto", steps: int = 20, optimizer: str | None = None,
-                  batch_size: int | None = None) -> tuple[str, str, float]:
+def profile_table(
+    preset: str = "baby",
+    precision: str = "auto",
+    steps: int = 20,
+    optimizer: str | None = None,
+    batch_size: int | None = None,
+) -> tuple[str, str, float]:
     """(resolved precision, profiler table, ms per step under the profiler)."""
     ids, vocab = load_ids()
     p = get_preset(preset)
     overrides = {k: v for k, v in dict(optimizer=optimizer, batch_size=batch_size).items() if v is not None}
-    stepper = our_step(p.model_config(vocab_size=vocab), p.train_config(device="cpu", **overrides), ids,
-                       precision=precision)
+    stepper = our_step(
+        p.model_config(vocab_size=vocab), p.train_config(device="cpu", **overrides), ids, precision=precision
+    )
     for _ in range(3):
         stepper.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -59,16 +65,22 @@ def run(quick: bool = False, results=None) -> dict:
     steps = 3 if quick else 20
     report = Report("Profile: where a training step's time goes (torch.profiler, self CPU time)", quick=quick)
     out = {}
-    for label, kw in [("baby fp32 AdamW", dict(preset="baby", precision="fp32")),
-                      ("baby auto AdamW", dict(preset="baby", precision="auto")),
-                      ("baby-fast auto Muon", dict(preset="baby-fast", precision="auto"))]:
+    for label, kw in [
+        ("baby fp32 AdamW", dict(preset="baby", precision="fp32")),
+        ("baby auto AdamW", dict(preset="baby", precision="auto")),
+        ("baby-fast auto Muon", dict(preset="baby-fast", precision="auto")),
+    ]:
         precision, text, ms = profile_table(steps=steps, **kw)
-        report.add(f"**{label}** (resolved precision {precision}; {steps} steps, {ms:.1f} ms/step under the "
-                   "profiler)\n\n```\n" + text.strip() + "\n```")
+        report.add(
+            f"**{label}** (resolved precision {precision}; {steps} steps, {ms:.1f} ms/step under the "
+            "profiler)\n\n```\n" + text.strip() + "\n```"
+        )
         out[label] = ms
     text, ms = decode_profile(new_tokens=32 if quick else 256)
-    report.add(f"**Generation, baby sizes, KV cache, one token at a time** ({ms:.2f} ms per token under the "
-               "profiler)\n\n```\n" + text.strip() + "\n```")
+    report.add(
+        f"**Generation, baby sizes, KV cache, one token at a time** ({ms:.2f} ms per token under the "
+        "profiler)\n\n```\n" + text.strip() + "\n```"
+    )
     out["decode"] = ms
     report.emit(results)
     return out

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from tinygpt_core import training
 from tinygpt_core.config import ModelConfig, TrainConfig
 from tinygpt_core.data import get_batch
 from tinygpt_core.device import autocast, resolve_device, resolve_precision
 from tinygpt_core.runs import RunConfig, RunWriter
-from tinygpt_core import training
 
 
 @dataclass
@@ -42,13 +42,25 @@ def _seeded(train_cfg: TrainConfig, seed: int) -> TrainConfig:
     return dataclasses.replace(train_cfg, seed=seed, sample_tokens=0)
 
 
-def our_step(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ids: torch.Tensor, *,
-             precision: str = "auto", seed: int = 1337, name: str | None = None) -> Stepper:
+def our_step(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_ids: torch.Tensor,
+    *,
+    precision: str = "auto",
+    seed: int = 1337,
+    name: str | None = None,
+) -> Stepper:
     """Our training step, through the training loop's own session object (nothing is written to disk)."""
     tcfg = dataclasses.replace(_seeded(train_cfg, seed), precision=precision)
     run_dir = Path(tempfile.mkdtemp(prefix="tinygpt-bench-"))
-    cfg = RunConfig(name="bench", model=model_cfg, train=tcfg, tokenizer={"kind": "char", "vocab_size": 0},
-                    corpus={"name": "bench", "source": "bench", "sha256": "", "chars": 0})
+    cfg = RunConfig(
+        name="bench",
+        model=model_cfg,
+        train=tcfg,
+        tokenizer={"kind": "char", "vocab_size": 0},
+        corpus={"name": "bench", "source": "bench", "sha256": "", "chars": 0},
+    )
     session = training._Session(run_dir, RunWriter(run_dir), cfg, None, train_ids, train_ids[:0], [], None)
     session.setup()
     session.model.train()
@@ -61,13 +73,25 @@ def our_step(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ids: torch.Te
             g["lr"] = lr
         return session._train_step(state["step"])
 
-    return Stepper(name or f"ours {session.precision}", step, session.precision,
-                   tcfg.batch_size * tcfg.grad_accum * model_cfg.block_size,
-                   session.model.flops_per_token(), session.model)
+    return Stepper(
+        name or f"ours {session.precision}",
+        step,
+        session.precision,
+        tcfg.batch_size * tcfg.grad_accum * model_cfg.block_size,
+        session.model.flops_per_token(),
+        session.model,
+    )
 
 
-def hf_step(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ids: torch.Tensor, *,
-            precision: str = "fp32", seed: int = 1337, name: str | None = None) -> Stepper:
+def hf_step(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_ids: torch.Tensor,
+    *,
+    precision: str = "fp32",
+    seed: int = 1337,
+    name: str | None = None,
+) -> Stepper:
     """transformers' GPT2LMHeadModel with the same sizes, trained on the same batch sequence as ours."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -80,10 +104,11 @@ def hf_step(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ids: torch.Ten
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**config)).to(device).train()
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
-                            fused=device.type in ("cuda", "cpu"))
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=device.type in ("cuda", "cpu"))
     gen = torch.Generator().manual_seed(seed)  # the batch stream our session draws (same seed, same calls)
     state = {"step": 0}
     T, B = model_cfg.block_size, tcfg.batch_size

@@ -45,16 +45,26 @@ def measure(preset: str, train_ids: torch.Tensor, vocab: int, rounds: int, quick
     ]
     steppers[1].name = f"ours auto ({steppers[1].precision})"
     times = interleaved({s.name: s.step for s in steppers}, rounds=rounds, warmup=2)
-    return [dict(name=s.name, precision=s.precision, s_per_step=median(times[s.name]),
-                 tokens_per_step=s.tokens_per_step, flops_per_token=s.flops_per_token) for s in steppers]
+    return [
+        dict(
+            name=s.name,
+            precision=s.precision,
+            s_per_step=median(times[s.name]),
+            tokens_per_step=s.tokens_per_step,
+            flops_per_token=s.flops_per_token,
+        )
+        for s in steppers
+    ]
 
 
 def run(quick: bool = False, presets: tuple[str, ...] = ("baby", "shakespeare-char"), results=None) -> dict:
     train_ids, vocab = load_ids()
     peaks = matmul_peaks(n=1024 if quick else 2048, reps=3 if quick else 7)
     report = Report("1. Training throughput: ours vs transformers GPT2LMHeadModel", quick=quick)
-    report.add(f"Matmul peaks measured here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
-               "(2048² matrices). MFU uses nanoGPT's 6N + 12·L·C·T training FLOPs per token.")
+    report.add(
+        f"Matmul peaks measured here: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
+        "(2048² matrices). MFU uses nanoGPT's 6N + 12·L·C·T training FLOPs per token."
+    )
     out: dict = {"peaks": peaks}
     for preset in presets:
         rounds = 3 if quick else ROUNDS.get(preset, 5)
@@ -65,15 +75,29 @@ def run(quick: bool = False, presets: tuple[str, ...] = ("baby", "shakespeare-ch
         for r in rows:
             tps = r["tokens_per_step"] / r["s_per_step"]
             gflops = tps * r["flops_per_token"] / 1e9
-            r.update(tokens_per_s=tps, vs_peer_fp32=peer["s_per_step"] / r["s_per_step"],
-                     vs_best_peer=best_peer["s_per_step"] / r["s_per_step"],
-                     mfu_fp32=gflops / peaks["fp32"], mfu_bf16=gflops / peaks["bf16"])
-            table.append([r["name"], f"{r['s_per_step'] * 1e3:.1f}", f"{tps:,.0f}", f"{r['vs_peer_fp32']:.2f}×",
-                          f"{r['vs_best_peer']:.2f}×", f"{100 * r['mfu_fp32']:.0f}%", f"{100 * r['mfu_bf16']:.0f}%"])
+            r.update(
+                tokens_per_s=tps,
+                vs_peer_fp32=peer["s_per_step"] / r["s_per_step"],
+                vs_best_peer=best_peer["s_per_step"] / r["s_per_step"],
+                mfu_fp32=gflops / peaks["fp32"],
+                mfu_bf16=gflops / peaks["bf16"],
+            )
+            table.append(
+                [
+                    r["name"],
+                    f"{r['s_per_step'] * 1e3:.1f}",
+                    f"{tps:,.0f}",
+                    f"{r['vs_peer_fp32']:.2f}×",
+                    f"{r['vs_best_peer']:.2f}×",
+                    f"{100 * r['mfu_fp32']:.0f}%",
+                    f"{100 * r['mfu_bf16']:.0f}%",
+                ]
+            )
         b, t = rows[0]["tokens_per_step"], get_preset(preset).model.get("block_size")
         report.add(f"**{preset}** (batch {b // t}, context {t}; median of {rounds} interleaved steps each)")
-        report.add_table(["step", "ms/step", "tokens/s", "vs HF fp32", "vs HF best", "MFU fp32 peak",
-                          "MFU bf16 peak"], table)
+        report.add_table(
+            ["step", "ms/step", "tokens/s", "vs HF fp32", "vs HF best", "MFU fp32 peak", "MFU bf16 peak"], table
+        )
         out[preset] = rows
     report.emit(results)
     return out

@@ -172,7 +172,10 @@ def open_run_picker(prefix: str) -> tuple[RunSummary, str, LoadedRun] | None:
         return None
     with right:
         checkpoint = st.radio(
-            "Checkpoint", ["best", "last"], horizontal=True, key=f"{prefix}_checkpoint",
+            "Checkpoint",
+            ["best", "last"],
+            horizontal=True,
+            key=f"{prefix}_checkpoint",
             format_func=lambda c: {"best": "Best val loss", "last": "Last step"}[c],
         )
     run = load_run_cached(summary, checkpoint)

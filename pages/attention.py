@@ -6,7 +6,6 @@ tinygpt_core.viz. Results are cached per run, checkpoint, weights mtime and prom
 
 from __future__ import annotations
 
-
 import numpy as np
 import streamlit as st
 
@@ -77,7 +76,8 @@ def _induction_prompt(run: LoadedRun, seed: int) -> str:
     n_plain = tok.vocab_size - len(tok.special_tokens)  # special tokens only ever appear on purpose
     labels = tok.token_strings(list(range(n_plain)))
     readable = [
-        i for i, s in enumerate(labels)
+        i
+        for i, s in enumerate(labels)
         if s.strip() and s.isprintable() and "\ufffd" not in s and (tok.kind != "word" or s.isalnum())
     ] or list(range(n_plain))
     sep = " " if tok.kind == "word" else ""
@@ -204,9 +204,7 @@ with user_errors("Cannot measure induction scores: "):
 st.subheader("One head, enlarged")
 h_left, h_right = st.columns([3, 2], gap="large")
 with h_right:
-    sel_layer = st.selectbox(
-        "Layer", range(cfg.n_layer), format_func=lambda i: f"Layer {i}", key="attn_big_layer"
-    )
+    sel_layer = st.selectbox("Layer", range(cfg.n_layer), format_func=lambda i: f"Layer {i}", key="attn_big_layer")
     sel_head = st.selectbox("Head", range(cfg.n_head), format_func=lambda i: f"Head {i}", key="attn_big_head")
     st.caption(f"Layer {sel_layer}, head {sel_head} on this prompt (layers and heads count from 0):")
     m = st.columns(2)

@@ -63,8 +63,14 @@ def _live_summaries() -> list[RunSummary]:
     for s in store().list():
         job = jobs.get(s.id)
         if job is not None and not job.finished:
-            s = dataclasses.replace(s, status=job.status, message=job.message, name=job.name, broken_reason=None,
-                                    steps=max(s.steps, job.step))
+            s = dataclasses.replace(
+                s,
+                status=job.status,
+                message=job.message,
+                name=job.name,
+                broken_reason=None,
+                steps=max(s.steps, job.step),
+            )
         elif job is not None and s.status in LIVE_STATUSES:
             # The job ended but could not write its final status (a full disk): trust the runner.
             s = dataclasses.replace(s, status=job.status, message=job.message)
@@ -122,8 +128,10 @@ RUN_COLUMNS = {
     "final_train": st.column_config.NumberColumn("final train", format="%.3f"),
     "final_val": st.column_config.NumberColumn("final val", format="%.3f"),
     "gap": st.column_config.NumberColumn(
-        "gap", format="%+.3f",
-        help="Final val loss − final train loss. Growing above 0: the model memorises its training text."),
+        "gap",
+        format="%+.3f",
+        help="Final val loss − final train loss. Growing above 0: the model memorises its training text.",
+    ),
     "steps": st.column_config.NumberColumn("steps", format="%d"),
     "max_iters": st.column_config.NumberColumn("of", format="%d"),
     "time": st.column_config.NumberColumn("time (s)", format="%.1f"),
@@ -137,12 +145,24 @@ RUN_COLUMNS = {
 def _chart_downloads(fig, key: str, stem: str) -> None:
     """HTML (always) and PNG (when kaleido can run) downloads of a chart, generated on click only."""
     c1, c2, _ = st.columns([1, 1, 4])
-    c1.download_button("Chart as HTML", data=lambda: viz.figure_to_html(fig), file_name=f"{stem}.html",
-                       mime="text/html", key=f"{key}_html", icon=":material/download:")
+    c1.download_button(
+        "Chart as HTML",
+        data=lambda: viz.figure_to_html(fig),
+        file_name=f"{stem}.html",
+        mime="text/html",
+        key=f"{key}_html",
+        icon=":material/download:",
+    )
     reason = viz.png_unavailable_reason()
     if reason is None:
-        c2.download_button("Chart as PNG", data=lambda: viz.figure_to_png(fig) or b"", file_name=f"{stem}.png",
-                           mime="image/png", key=f"{key}_png", icon=":material/image:")
+        c2.download_button(
+            "Chart as PNG",
+            data=lambda: viz.figure_to_png(fig) or b"",
+            file_name=f"{stem}.png",
+            mime="image/png",
+            key=f"{key}_png",
+            icon=":material/image:",
+        )
     else:
         c2.caption(f"PNG export unavailable here ({reason}); use the HTML download or the chart's camera icon.")
 
@@ -159,19 +179,29 @@ def _sync_overlay_from_table(ids: list[str]) -> None:
 
 def all_runs_section(runs: list[RunSummary]) -> None:
     if not runs:
-        st.info("No runs yet. Train one on the **Train** page, press **Quick start** on Home, "
-                "or launch an ablation grid in the next tab.")
+        st.info(
+            "No runs yet. Train one on the **Train** page, press **Quick start** on Home, "
+            "or launch an ablation grid in the next tab."
+        )
         return
 
     df = _runs_frame(runs)
     ids = df["id"].tolist()
     by_id = {r.id: r for r in runs}
     n_broken = sum(r.status == "broken" for r in runs)
-    st.caption(f"{len(runs)} run(s) in `{store().root}`" + (f" · {n_broken} broken (see *message*)" if n_broken else "")
-               + ". Select rows to overlay their curves.")
+    st.caption(
+        f"{len(runs)} run(s) in `{store().root}`"
+        + (f" · {n_broken} broken (see *message*)" if n_broken else "")
+        + ". Select rows to overlay their curves."
+    )
     st.dataframe(
-        df, key="runs_table", hide_index=True, column_config=RUN_COLUMNS, width="stretch",
-        on_select=lambda: _sync_overlay_from_table(ids), selection_mode="multi-row",
+        df,
+        key="runs_table",
+        hide_index=True,
+        column_config=RUN_COLUMNS,
+        width="stretch",
+        on_select=lambda: _sync_overlay_from_table(ids),
+        selection_mode="multi-row",
         height=min(400, 38 + 35 * len(df)),
     )
 
@@ -180,13 +210,21 @@ def all_runs_section(runs: list[RunSummary]) -> None:
     # Keep the multiselect's state valid when runs were deleted elsewhere (another tab, the CLI).
     st.session_state["runs_overlay"] = [i for i in st.session_state.get("runs_overlay", []) if i in comparable]
     chosen = st.multiselect(
-        "Runs to compare", comparable, key="runs_overlay", format_func=lambda i: by_id[i].name,
+        "Runs to compare",
+        comparable,
+        key="runs_overlay",
+        format_func=lambda i: by_id[i].name,
         placeholder="Select rows in the table, or pick runs here",
     )
     c1, c2 = st.columns([2, 1])
     curve = c1.segmented_control("Curve", list(CURVES), default="val loss", key="runs_curve") or "val loss"
-    show_train = c2.toggle("Train loss dashed", value=True, key="runs_show_train", disabled=CURVES[curve] != "val_loss",
-                           help="Each run's train loss in the same colour, dashed: the space between is the gap.")
+    show_train = c2.toggle(
+        "Train loss dashed",
+        value=True,
+        key="runs_show_train",
+        disabled=CURVES[curve] != "val_loss",
+        help="Each run's train loss in the same colour, dashed: the space between is the gap.",
+    )
     if not chosen:
         st.caption("Nothing selected yet.")
     else:
@@ -208,8 +246,13 @@ def all_runs_section(runs: list[RunSummary]) -> None:
     default = selected_run_id()
     pick_from = chosen or ids
     index = pick_from.index(default) if default in pick_from else 0
-    run_id = st.selectbox("Run", pick_from, index=index, key="runs_manage",
-                          format_func=lambda i: f"{by_id[i].name} · {by_id[i].status} · {by_id[i].id}")
+    run_id = st.selectbox(
+        "Run",
+        pick_from,
+        index=index,
+        key="runs_manage",
+        format_func=lambda i: f"{by_id[i].name} · {by_id[i].status} · {by_id[i].id}",
+    )
     if run_id is not None:
         manage_run(by_id[run_id])
 
@@ -239,20 +282,35 @@ def manage_run(run: RunSummary) -> None:
         except TinyGPTError as exc:
             return str(exc).encode()
 
-    cols[0].download_button("Download .zip", data=_zip, file_name=f"{run.id}.zip", mime="application/zip",
-                            key="runs_zip", icon=":material/folder_zip:", disabled=run.broken_reason is not None
-                            and not (run.path / "config.json").exists())
+    cols[0].download_button(
+        "Download .zip",
+        data=_zip,
+        file_name=f"{run.id}.zip",
+        mime="application/zip",
+        key="runs_zip",
+        icon=":material/folder_zip:",
+        disabled=run.broken_reason is not None and not (run.path / "config.json").exists(),
+    )
     openable = run.broken_reason is None and (run.path / "model.safetensors").exists()
-    links = [("pages/train.py", "Open in Train", ":material/model_training:", True),
-             ("pages/attention.py", "Attention", ":material/grid_on:", openable),
-             ("pages/sampling.py", "Sampling", ":material/casino:", openable)]
+    links = [
+        ("pages/train.py", "Open in Train", ":material/model_training:", True),
+        ("pages/attention.py", "Attention", ":material/grid_on:", openable),
+        ("pages/sampling.py", "Sampling", ":material/casino:", openable),
+    ]
     for col, (page, label, icon, enabled) in zip(cols[1:4], links):
         if (ROOT / page).exists():  # pages are optional in navigation; never link to a missing one
             col.page_link(page, label=label, icon=icon, query_params={"run": run.id}, disabled=not enabled)
     locked = read_only()
-    with cols[4].popover("Delete…", icon=":material/delete:", disabled=live or locked,
-                         help="Deleting is turned off on this server (read-only mode)." if locked
-                         else "Stop the run first." if live else "Remove this run's folder from disk."):
+    with cols[4].popover(
+        "Delete…",
+        icon=":material/delete:",
+        disabled=live or locked,
+        help="Deleting is turned off on this server (read-only mode)."
+        if locked
+        else "Stop the run first."
+        if live
+        else "Remove this run's folder from disk.",
+    ):
         st.markdown(f"Delete **{run.name}** (`{run.id}`) and all its files? This cannot be undone.")
         if locked:  # a disabled popover cannot open; draw no button behind it either
             st.caption("Deleting is turned off on this server (read-only mode).")
@@ -311,22 +369,36 @@ def launch_grid_form() -> None:
     with st.form("grid_form", border=True):
         st.markdown("**New grid** — one baseline plus one run per ablation, same data, same seed, same data order.")
         c1, c2, c3, c4 = st.columns(4)
-        preset = c1.selectbox("Baseline preset", presets, index=presets.index("tiny") if "tiny" in presets else 0,
-                              key="grid_preset",
-                              help="\n".join(f"- **{name}**: {p.description}" for name, p in PRESETS.items()))
-        corpus = c2.selectbox("Corpus", corpora, index=corpora.index("tiny") if "tiny" in corpora else 0,
-                              key="grid_corpus")
-        max_iters = c3.number_input("Steps per run (max_iters)", min_value=10, max_value=100_000, value=300,
-                                    step=50, key="grid_max_iters")
+        preset = c1.selectbox(
+            "Baseline preset",
+            presets,
+            index=presets.index("tiny") if "tiny" in presets else 0,
+            key="grid_preset",
+            help="\n".join(f"- **{name}**: {p.description}" for name, p in PRESETS.items()),
+        )
+        corpus = c2.selectbox(
+            "Corpus", corpora, index=corpora.index("tiny") if "tiny" in corpora else 0, key="grid_corpus"
+        )
+        max_iters = c3.number_input(
+            "Steps per run (max_iters)", min_value=10, max_value=100_000, value=300, step=50, key="grid_max_iters"
+        )
         seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=1337, step=1, key="grid_seed")
         c5, c6 = st.columns([3, 1])
         chosen = c5.multiselect(
-            "Ablations", list(ABLATIONS), default=["no-layernorm", "pos-none"], key="grid_ablations",
+            "Ablations",
+            list(ABLATIONS),
+            default=["no-layernorm", "pos-none"],
+            key="grid_ablations",
             format_func=lambda k: "window-N (local attention)" if k == _WINDOW_KEY else k,
             help="\n".join(f"- **{k}**: {d}" for k, (d, _) in ABLATIONS.items()),
         )
-        window = c6.number_input("N for window-N", min_value=1, max_value=4096,
-                                 value=int(ABLATIONS[_WINDOW_KEY][1]["attn_window"]), key="grid_window")
+        window = c6.number_input(
+            "N for window-N",
+            min_value=1,
+            max_value=4096,
+            value=int(ABLATIONS[_WINDOW_KEY][1]["attn_window"]),
+            key="grid_window",
+        )
         submitted = st.form_submit_button("Launch grid", type="primary", icon=":material/play_arrow:")
     if not submitted:
         return
@@ -397,18 +469,23 @@ def grid_live_view(grid_id: str, live: bool) -> None:
 
         c1, c2 = st.columns([2, 1])
         curve = c1.segmented_control("Grid curve", list(CURVES), default="val loss", key="grid_curve") or "val loss"
-        show_train = c2.toggle("Train loss dashed", value=False, key="grid_show_train",
-                               disabled=CURVES[curve] != "val_loss")
+        show_train = c2.toggle(
+            "Train loss dashed", value=False, key="grid_show_train", disabled=CURVES[curve] != "val_loss"
+        )
         metric = CURVES[curve]
-        fig = viz.overlay_figure(curves, metric=metric, baseline=BASELINE,
-                                 show_train=show_train and metric == "val_loss")
+        fig = viz.overlay_figure(
+            curves, metric=metric, baseline=BASELINE, show_train=show_train and metric == "val_loss"
+        )
         st.plotly_chart(fig, key="grid_overlay_chart", width="stretch")
 
         table = compare_to_baseline(rows)
         if rows:
             table = table.merge(pd.DataFrame(rows)[["name", "message"]], on="name", how="left")
         st.dataframe(
-            table.drop(columns=["name"]), key="grid_table", hide_index=True, width="stretch",
+            table.drop(columns=["name"]),
+            key="grid_table",
+            hide_index=True,
+            width="stretch",
             column_config={
                 "ablation": st.column_config.TextColumn("ablation", pinned=True),
                 "final_train_loss": st.column_config.NumberColumn("final train", format="%.3f"),
@@ -416,7 +493,8 @@ def grid_live_view(grid_id: str, live: bool) -> None:
                 "gap": st.column_config.NumberColumn("gap", format="%+.3f", help="final val − final train"),
                 "best_val_loss": st.column_config.NumberColumn("best val", format="%.3f"),
                 "delta": st.column_config.NumberColumn(
-                    "Δ val vs baseline", format="%+.3f", help="> 0: the ablation hurts; < 0: it helps."),
+                    "Δ val vs baseline", format="%+.3f", help="> 0: the ablation hurts; < 0: it helps."
+                ),
                 "ratio": st.column_config.NumberColumn("val ÷ baseline", format="%.3f"),
                 "message": st.column_config.TextColumn("message", width="large"),
             },
@@ -424,8 +502,12 @@ def grid_live_view(grid_id: str, live: bool) -> None:
         if not live:
             _chart_downloads(fig, "grid_overlay", grid_id)
         unfinished = [m["job"].id for m in members if m["job"] is not None and not m["job"].finished]
-        if unfinished and st.button("Stop this grid", icon=":material/stop:", key="grid_stop",
-                                    help="Queued runs are dropped; the running one stops after its current step."):
+        if unfinished and st.button(
+            "Stop this grid",
+            icon=":material/stop:",
+            key="grid_stop",
+            help="Queued runs are dropped; the running one stops after its current step.",
+        ):
             with user_errors("Could not stop: "):
                 for job_id in reversed(unfinished):  # queued ones first, so none starts as another stops
                     runner().cancel(job_id)
@@ -437,8 +519,10 @@ def grid_live_view(grid_id: str, live: bool) -> None:
 # ---- the page ------------------------------------------------------------------------------------
 
 st.title("Runs & ablations")
-st.caption("Every run on disk, their curves side by side, and ablation grids: switch one part of the "
-           "architecture off at a time and see what it costs.")
+st.caption(
+    "Every run on disk, their curves side by side, and ablation grids: switch one part of the "
+    "architecture off at a time and see what it costs."
+)
 
 flash = st.session_state.pop("runs_flash", None)
 if flash:

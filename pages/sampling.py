@@ -43,21 +43,37 @@ class Column:
 
 # Preset columns: id -> title, one line on what it does, and its starting settings.
 COLUMNS: dict[str, Column] = {
-    "greedy": Column("Greedy", "Always the most likely token: deterministic, often loops.",
-                     SamplingSettings(strategy="greedy")),
-    "temperature": Column("Temperature", "Sample from the whole distribution, sharpened (T < 1) or flattened (T > 1).",
-                          SamplingSettings(strategy="sample", temperature=0.8)),
-    "top_k": Column("Top-k", "Sample among the k most likely tokens only.",
-                    SamplingSettings(strategy="sample", top_k=10)),
-    "top_p": Column("Top-p", "Sample among the fewest tokens holding p of the probability (nucleus).",
-                    SamplingSettings(strategy="sample", top_p=0.9)),
-    "min_p": Column("Min-p", "Drop tokens less than min-p times as likely as the best one.",
-                    SamplingSettings(strategy="sample", min_p=0.1)),
-    "combined": Column("Combined", "Temperature, top-k, top-p and a repetition penalty together.",
-                       SamplingSettings(strategy="sample", temperature=0.8, top_k=20, top_p=0.95,
-                                        repetition_penalty=1.2)),
-    "beam": Column("Beam search", "Keep the best few partial texts by total log-probability.",
-                   SamplingSettings(strategy="beam", num_beams=4)),
+    "greedy": Column(
+        "Greedy", "Always the most likely token: deterministic, often loops.", SamplingSettings(strategy="greedy")
+    ),
+    "temperature": Column(
+        "Temperature",
+        "Sample from the whole distribution, sharpened (T < 1) or flattened (T > 1).",
+        SamplingSettings(strategy="sample", temperature=0.8),
+    ),
+    "top_k": Column(
+        "Top-k", "Sample among the k most likely tokens only.", SamplingSettings(strategy="sample", top_k=10)
+    ),
+    "top_p": Column(
+        "Top-p",
+        "Sample among the fewest tokens holding p of the probability (nucleus).",
+        SamplingSettings(strategy="sample", top_p=0.9),
+    ),
+    "min_p": Column(
+        "Min-p",
+        "Drop tokens less than min-p times as likely as the best one.",
+        SamplingSettings(strategy="sample", min_p=0.1),
+    ),
+    "combined": Column(
+        "Combined",
+        "Temperature, top-k, top-p and a repetition penalty together.",
+        SamplingSettings(strategy="sample", temperature=0.8, top_k=20, top_p=0.95, repetition_penalty=1.2),
+    ),
+    "beam": Column(
+        "Beam search",
+        "Keep the best few partial texts by total log-probability.",
+        SamplingSettings(strategy="beam", num_beams=4),
+    ),
 }
 DEFAULT_COLUMNS = ["greedy", "temperature", "top_p", "beam"]
 
@@ -87,49 +103,88 @@ def _settings_widgets(cid: str, vocab_size: int) -> SamplingSettings:
         if base.strategy == "sample":
             # Bounds are loose on purpose: the core's validation explains what is out of range.
             s.temperature = st.number_input(
-                "Temperature", 0.0, 5.0, float(base.temperature), 0.05, key=k + "temperature",
+                "Temperature",
+                0.0,
+                5.0,
+                float(base.temperature),
+                0.05,
+                key=k + "temperature",
                 help="Divides the logits: below 1 sharpens the distribution, above 1 flattens it. 0 is greedy.",
             )
             s.top_k = st.number_input(
-                "Top-k", 0, max(1, vocab_size), None if base.top_k is None else min(base.top_k, vocab_size), 1,
-                key=k + "top_k", placeholder="off",
+                "Top-k",
+                0,
+                max(1, vocab_size),
+                None if base.top_k is None else min(base.top_k, vocab_size),
+                1,
+                key=k + "top_k",
+                placeholder="off",
                 help="Keep only the k most likely tokens. Empty = off.",
             )
             s.top_p = st.number_input(
-                "Top-p", 0.0, 1.0, base.top_p, 0.05, key=k + "top_p", placeholder="off",
+                "Top-p",
+                0.0,
+                1.0,
+                base.top_p,
+                0.05,
+                key=k + "top_p",
+                placeholder="off",
                 help="Keep the most likely tokens until their probabilities add up to p. Empty = off.",
             )
             s.min_p = st.number_input(
-                "Min-p", 0.0, 1.0, base.min_p, 0.01, key=k + "min_p", placeholder="off",
+                "Min-p",
+                0.0,
+                1.0,
+                base.min_p,
+                0.01,
+                key=k + "min_p",
+                placeholder="off",
                 help="Drop tokens less likely than min-p × the top token's probability. Empty = off.",
             )
         elif base.strategy == "beam":
             s.num_beams = st.number_input(
-                "Beams", 1, 64, int(base.num_beams), 1, key=k + "num_beams",
+                "Beams",
+                1,
+                64,
+                int(base.num_beams),
+                1,
+                key=k + "num_beams",
                 help="How many partial texts are kept at each step (at most the vocabulary size).",
             )
             s.length_penalty = st.number_input(
-                "Length penalty", -2.0, 3.0, float(base.length_penalty), 0.1, key=k + "length_penalty",
+                "Length penalty",
+                -2.0,
+                3.0,
+                float(base.length_penalty),
+                0.1,
+                key=k + "length_penalty",
                 help="Score = log-probability / length^penalty. All beams here have the same length, so it "
                 "rescales the scores without reordering them.",
             )
         s.repetition_penalty = st.number_input(
-            "Repetition penalty", 0.0, 3.0, float(base.repetition_penalty), 0.05, key=k + "repetition_penalty",
+            "Repetition penalty",
+            0.0,
+            3.0,
+            float(base.repetition_penalty),
+            0.05,
+            key=k + "repetition_penalty",
             help="Above 1 makes tokens already in the text less likely (1 = off).",
         )
     return s
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _generate(run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str,
-              _run: LoadedRun) -> GenerationResult:
+def _generate(
+    run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str, _run: LoadedRun
+) -> GenerationResult:
     # run_path + checkpoint + mtime identify the weights, settings_json the decoding (seed included).
     return generate(_run.model, _run.tokenizer, prompt, SamplingSettings(**json.loads(settings_json)))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _distribution(run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str,
-                  _run: LoadedRun) -> dict:
+def _distribution(
+    run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str, _run: LoadedRun
+) -> dict:
     labelled = {label: SamplingSettings(**d) for label, d in json.loads(settings_json).items()}
     return next_token_distribution(_run.model, _run.tokenizer, prompt, labelled)
 
@@ -153,7 +208,8 @@ def _show_result(result: GenerationResult, run: LoadedRun) -> None:
     prompt_tokens = tok.token_strings(prompt_ids)
     titles = ["prompt"] * len(prompt_tokens) + [
         f"{s.token!r}: p = {s.prob:.3f}, rank {s.rank}\n"
-        + "most likely: " + ", ".join(f"{t!r} {p:.2f}" for t, p in s.top[:5])
+        + "most likely: "
+        + ", ".join(f"{t!r} {p:.2f}" for t, p in s.top[:5])
         for s in result.steps
     ]
     values = [float("nan")] * len(prompt_tokens) + [s.prob for s in result.steps]
@@ -194,26 +250,32 @@ if prompt_key not in st.session_state:
 
 c_prompt, c_len = st.columns([4, 2])
 with c_prompt:
-    prompt = st.text_area("Prompt", key=prompt_key, height=124,
-                          help="Empty is allowed: the model then starts from a newline.")
+    prompt = st.text_area(
+        "Prompt", key=prompt_key, height=124, help="Empty is allowed: the model then starts from a newline."
+    )
 with c_len:
     max_new = st.slider("New tokens", 10, 400, 80, 10, key="smp_max_new")
     c_seed, c_new = st.columns([3, 2], vertical_alignment="bottom")
     if "smp_seed" not in st.session_state:
         st.session_state["smp_seed"] = 1234
-    seed = c_seed.number_input("Seed", 0, 2**31 - 1, key="smp_seed", step=1,
-                               help="The same seed gives the same text in every sampling column.")
+    seed = c_seed.number_input(
+        "Seed", 0, 2**31 - 1, key="smp_seed", step=1, help="The same seed gives the same text in every sampling column."
+    )
     c_new.button("New seed", icon=":material/casino:", key="smp_new_seed", on_click=_new_seed, width="stretch")
 chosen = st.multiselect(
-    "Strategies to compare", list(COLUMNS), default=DEFAULT_COLUMNS, format_func=lambda c: COLUMNS[c].title,
+    "Strategies to compare",
+    list(COLUMNS),
+    default=DEFAULT_COLUMNS,
+    format_func=lambda c: COLUMNS[c].title,
     key="smp_columns",
 )
 
 prompt = known_symbols_only(tok, prompt)
 n_prompt = len(tok.encode(prompt))
 if n_prompt > block:
-    st.info(f"The prompt is {n_prompt} tokens; the model sees only the last {block} of them.",
-            icon=":material/content_cut:")
+    st.info(
+        f"The prompt is {n_prompt} tokens; the model sees only the last {block} of them.", icon=":material/content_cut:"
+    )
 if not chosen:
     st.info("Pick at least one column above.")
     st.stop()
@@ -240,8 +302,9 @@ for col, cid in zip(cols, chosen):
         valid[spec.title] = settings
         result = None
         with st.spinner("Generating…"), user_errors("Cannot generate: "):
-            result = _generate(str(summary.path), checkpoint, mtime, prompt,
-                               json.dumps(dataclasses.asdict(settings)), run)
+            result = _generate(
+                str(summary.path), checkpoint, mtime, prompt, json.dumps(dataclasses.asdict(settings)), run
+            )
         if result is not None:
             _show_result(result, run)
 
@@ -254,12 +317,18 @@ if valid:
     dist = None
     with user_errors("Cannot compute the distribution: "):
         dist = _distribution(
-            str(summary.path), checkpoint, mtime, prompt,
-            json.dumps({t: dataclasses.asdict(s) for t, s in valid.items()}), run,
+            str(summary.path),
+            checkpoint,
+            mtime,
+            prompt,
+            json.dumps({t: dataclasses.asdict(s) for t, s in valid.items()}),
+            run,
         )
     if dist is not None:
-        top_n = vocab if vocab <= 10 else st.columns([1, 2])[0].slider(
-            "Tokens shown", 10, min(100, vocab), min(30, vocab), key="smp_top_n"
+        top_n = (
+            vocab
+            if vocab <= 10
+            else st.columns([1, 2])[0].slider("Tokens shown", 10, min(100, vocab), min(30, vocab), key="smp_top_n")
         )
         st.plotly_chart(
             distribution_figure(dist["tokens"], dist["probs"], dist["kept"], top_n=top_n),

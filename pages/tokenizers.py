@@ -122,8 +122,13 @@ if bpe.vocab_size < bpe_size:
 
 labels = {"char": "Characters", "word": "Words", "bpe": "Byte pairs (BPE)"}
 blurbs = {
-    "char": "One token per character seen in the corpus. Tiny vocabulary, long sequences; unseen characters cannot be read.",
-    "word": "One token per word, number, punctuation mark or space run. Short sequences, huge vocabulary; unseen words become <unk>.",
+    "char": (
+        "One token per character seen in the corpus. Tiny vocabulary, long sequences; unseen characters cannot be read."
+    ),
+    "word": (
+        "One token per word, number, punctuation mark or space run. Short sequences, huge vocabulary; "
+        "unseen words become <unk>."
+    ),
     "bpe": "Starts from the 256 bytes and merges frequent pairs. Any text encodes; common words become single tokens.",
 }
 cols = st.columns(3, gap="medium")

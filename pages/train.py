@@ -21,12 +21,12 @@ from pages._common import (
     JOB_PARAM,
     RUN_PARAM,
     format_loss,
+    read_only,
+    read_only_notice,
     remember_job,
     remember_run,
     runner,
     store,
-    read_only,
-    read_only_notice,
     user_errors,
 )
 from tinygpt_core import limits, viz
@@ -48,8 +48,15 @@ POLL_S = 0.5  # status refresh while a job is queued or running
 CHART_POLL_S = 1.0  # the chart remounts on every refresh (zoom resets), so a little slower
 SHOWN_SAMPLES = 3  # newest samples shown in full; older ones go in an expander
 # Form fields a preset does not set, with their starting values.
-OTHER_FIELDS: dict[str, Any] = {"source": SOURCES[0], "builtin": "tiny", "path": "", "name": "",
-                                "device": "auto", "precision": "auto", "compile": False}
+OTHER_FIELDS: dict[str, Any] = {
+    "source": SOURCES[0],
+    "builtin": "tiny",
+    "path": "",
+    "name": "",
+    "device": "auto",
+    "precision": "auto",
+    "compile": False,
+}
 # Session keys that are not widgets (no page prefix, so they never look like form fields).
 LAST_FORM = "trainpage_last_form"  # the last form submitted, restored when the setup view comes back
 ESTIMATES = "trainpage_estimates"  # measured seconds per step, by configuration
@@ -65,15 +72,31 @@ def preset_defaults(name: str) -> dict[str, Any]:
     return {
         "tokenizer": p.tokenizer,
         "vocab": p.tokenizer_vocab_size or 512,
-        "n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd, "block_size": m.block_size,
-        "ff_mult": m.ff_mult, "dropout": float(m.dropout),
-        "no_ln": not m.use_layernorm, "no_res": not m.use_residual, "pos": m.pos_encoding,
-        "post_norm": m.norm_position == "post", "swap_qk": m.swap_qk,
-        "window_on": m.attn_window is not None, "window": m.attn_window or 16,
-        "relu": m.activation == "relu", "untied": not m.tie_weights, "no_bias": not m.bias,
-        "max_iters": t.max_iters, "batch_size": t.batch_size, "lr": float(t.lr), "eval_interval": t.eval_interval,
-        "seed": t.seed, "patience": t.early_stop_patience or 0, "stop_val": float(t.stop_at_val_loss or 0.0),
-        "grad_clip": float(t.grad_clip), "warmup": t.warmup_iters,
+        "n_layer": m.n_layer,
+        "n_head": m.n_head,
+        "n_embd": m.n_embd,
+        "block_size": m.block_size,
+        "ff_mult": m.ff_mult,
+        "dropout": float(m.dropout),
+        "no_ln": not m.use_layernorm,
+        "no_res": not m.use_residual,
+        "pos": m.pos_encoding,
+        "post_norm": m.norm_position == "post",
+        "swap_qk": m.swap_qk,
+        "window_on": m.attn_window is not None,
+        "window": m.attn_window or 16,
+        "relu": m.activation == "relu",
+        "untied": not m.tie_weights,
+        "no_bias": not m.bias,
+        "max_iters": t.max_iters,
+        "batch_size": t.batch_size,
+        "lr": float(t.lr),
+        "eval_interval": t.eval_interval,
+        "seed": t.seed,
+        "patience": t.early_stop_patience or 0,
+        "stop_val": float(t.stop_at_val_loss or 0.0),
+        "grad_clip": float(t.grad_clip),
+        "warmup": t.warmup_iters,
     }
 
 
@@ -105,22 +128,38 @@ def _form_values() -> dict[str, Any]:
 def model_overrides(f: dict[str, Any]) -> dict[str, Any]:
     """ModelConfig fields from the form (vocab_size is filled in from the tokenizer at training time)."""
     return dict(
-        n_layer=int(f["n_layer"]), n_head=int(f["n_head"]), n_embd=int(f["n_embd"]),
-        block_size=int(f["block_size"]), ff_mult=int(f["ff_mult"]), dropout=float(f["dropout"]),
-        use_layernorm=not f["no_ln"], use_residual=not f["no_res"], pos_encoding=f["pos"],
-        norm_position="post" if f["post_norm"] else "pre", swap_qk=bool(f["swap_qk"]),
+        n_layer=int(f["n_layer"]),
+        n_head=int(f["n_head"]),
+        n_embd=int(f["n_embd"]),
+        block_size=int(f["block_size"]),
+        ff_mult=int(f["ff_mult"]),
+        dropout=float(f["dropout"]),
+        use_layernorm=not f["no_ln"],
+        use_residual=not f["no_res"],
+        pos_encoding=f["pos"],
+        norm_position="post" if f["post_norm"] else "pre",
+        swap_qk=bool(f["swap_qk"]),
         attn_window=int(f["window"]) if f["window_on"] else None,
-        activation="relu" if f["relu"] else "gelu", tie_weights=not f["untied"], bias=not f["no_bias"],
+        activation="relu" if f["relu"] else "gelu",
+        tie_weights=not f["untied"],
+        bias=not f["no_bias"],
     )
 
 
 def train_overrides(f: dict[str, Any]) -> dict[str, Any]:
     return dict(
-        max_iters=int(f["max_iters"]), batch_size=int(f["batch_size"]), lr=float(f["lr"]),
-        eval_interval=int(f["eval_interval"]), seed=int(f["seed"]),
-        early_stop_patience=int(f["patience"]) or None, stop_at_val_loss=float(f["stop_val"]) or None,
-        grad_clip=float(f["grad_clip"]), warmup_iters=int(f["warmup"]),
-        device=f["device"], precision=f["precision"], compile=bool(f["compile"]),
+        max_iters=int(f["max_iters"]),
+        batch_size=int(f["batch_size"]),
+        lr=float(f["lr"]),
+        eval_interval=int(f["eval_interval"]),
+        seed=int(f["seed"]),
+        early_stop_patience=int(f["patience"]) or None,
+        stop_at_val_loss=float(f["stop_val"]) or None,
+        grad_clip=float(f["grad_clip"]),
+        warmup_iters=int(f["warmup"]),
+        device=f["device"],
+        precision=f["precision"],
+        compile=bool(f["compile"]),
     )
 
 
@@ -188,10 +227,21 @@ def setup_view() -> None:
 
     ready = model_cfg is not None and train_cfg is not None and corpus is not None
     name_col, start_col = st.columns([3, 1], vertical_alignment="bottom")
-    name_col.text_input("Run name (optional)", key=K + "name", max_chars=60, placeholder="e.g. no-layernorm-test",
-                        help="Shown in the runs list; the run folder gets this name plus the date and time.")
-    clicked = start_col.button("Start training", type="primary", icon=":material/play_arrow:", key=K + "start",
-                               disabled=not ready, width="stretch")
+    name_col.text_input(
+        "Run name (optional)",
+        key=K + "name",
+        max_chars=60,
+        placeholder="e.g. no-layernorm-test",
+        help="Shown in the runs list; the run folder gets this name plus the date and time.",
+    )
+    clicked = start_col.button(
+        "Start training",
+        type="primary",
+        icon=":material/play_arrow:",
+        key=K + "start",
+        disabled=not ready,
+        width="stretch",
+    )
     if clicked:
         _start(f, corpus)
     elif corpus is None:
@@ -209,8 +259,12 @@ def _active_jobs_banner() -> None:
             c1, c2 = st.columns([4, 1], vertical_alignment="center")
             what = j.message if j.status == "queued" else f"step {j.step}/{j.max_iters}"
             c1.markdown(f":material/progress_activity: **{j.name}** is {j.status} on {j.device} · {what}")
-            c2.page_link("pages/train.py", label="Watch", icon=":material/visibility:",
-                         query_params={RUN_PARAM: j.run_id, JOB_PARAM: j.id})
+            c2.page_link(
+                "pages/train.py",
+                label="Watch",
+                icon=":material/visibility:",
+                query_params={RUN_PARAM: j.run_id, JOB_PARAM: j.id},
+            )
 
 
 def _corpus_section() -> Corpus | str | None:
@@ -221,20 +275,19 @@ def _corpus_section() -> Corpus | str | None:
         builtins = dict(list_builtin_corpora())
         if st.session_state.get(K + "builtin") not in builtins:
             st.session_state[K + "builtin"] = next(iter(builtins))
-        name = st.selectbox("Built-in corpus", list(builtins), key=K + "builtin",
-                            format_func=lambda n: f"builtin:{n}")
+        name = st.selectbox("Built-in corpus", list(builtins), key=K + "builtin", format_func=lambda n: f"builtin:{n}")
         st.caption(builtins[name])
         return f"builtin:{name}"
     if source == SOURCES[1]:
         mb = limits.current().max_upload_mb  # TINYGPT_MAX_UPLOAD_MB; checked again on the bytes received
-        uploaded = st.file_uploader(f"A UTF-8 text file (up to {mb} MB)", type=["txt"], key=K + "upload",
-                                    max_upload_size=mb)
+        uploaded = st.file_uploader(
+            f"A UTF-8 text file (up to {mb} MB)", type=["txt"], key=K + "upload", max_upload_size=mb
+        )
         corpus = corpus_from_upload(uploaded)
         if corpus is not None:
             st.caption(f"{corpus.name}: {corpus.chars:,} characters.")
         return corpus
-    path = st.text_input("Path of a UTF-8 text file on the server", key=K + "path",
-                         placeholder="/data/my_corpus.txt")
+    path = st.text_input("Path of a UTF-8 text file on the server", key=K + "path", placeholder="/data/my_corpus.txt")
     if not path.strip():
         return None
     return path.strip()
@@ -242,43 +295,78 @@ def _corpus_section() -> Corpus | str | None:
 
 def _tokenizer_section() -> None:
     st.subheader("Tokenizer")
-    kind = st.radio("Tokenizer", list(TOKENIZER_HELP), key=K + "tokenizer", horizontal=True,
-                    label_visibility="collapsed")
+    kind = st.radio(
+        "Tokenizer", list(TOKENIZER_HELP), key=K + "tokenizer", horizontal=True, label_visibility="collapsed"
+    )
     st.caption(TOKENIZER_HELP[kind])
     if kind in ("bpe", "word"):
-        st.number_input("Vocabulary size", min_value=16, max_value=50_000, step=64, key=K + "vocab",
-                        help="BPE: the target size after merges. Word: the most frequent words kept "
-                             "(the rest share one unknown token).")
+        st.number_input(
+            "Vocabulary size",
+            min_value=16,
+            max_value=50_000,
+            step=64,
+            key=K + "vocab",
+            help="BPE: the target size after merges. Word: the most frequent words kept "
+            "(the rest share one unknown token).",
+        )
 
 
 def _model_section() -> None:
     st.subheader("Model")
-    preset = st.selectbox("Preset", list(PRESETS), key=K + "preset", on_change=_apply_preset,
-                          help="Picking a preset fills in every setting below; change any of them after.")
+    preset = st.selectbox(
+        "Preset",
+        list(PRESETS),
+        key=K + "preset",
+        on_change=_apply_preset,
+        help="Picking a preset fills in every setting below; change any of them after.",
+    )
     st.caption(PRESETS[preset].description)
     c = st.columns(3)
     c[0].number_input("Layers", 1, 48, step=1, key=K + "n_layer", help="Transformer blocks (n_layer).")
-    c[1].number_input("Heads", 1, 64, step=1, key=K + "n_head", help="Attention heads per block; must divide the width.")
+    c[1].number_input(
+        "Heads", 1, 64, step=1, key=K + "n_head", help="Attention heads per block; must divide the width."
+    )
     c[2].number_input("Width", 8, 4096, step=8, key=K + "n_embd", help="Residual stream width (n_embd).")
     c = st.columns(3)
-    c[0].number_input("Context", 2, 8192, step=8, key=K + "block_size",
-                      help="Block size: the longest context the model sees, in tokens.")
+    c[0].number_input(
+        "Context",
+        2,
+        8192,
+        step=8,
+        key=K + "block_size",
+        help="Block size: the longest context the model sees, in tokens.",
+    )
     c[1].number_input("MLP multiplier", 1, 16, step=1, key=K + "ff_mult", help="MLP hidden width = this × width.")
     c[2].number_input("Dropout", 0.0, 0.9, step=0.05, key=K + "dropout", format="%.2f")
 
 
 ABLATIONS: list[tuple[str, str, str]] = [
-    ("no_ln", "No LayerNorm",
-     "Removes the normalisation that keeps activations in range; expect slower or unstable training."),
-    ("no_res", "No residual connections",
-     "Removes the skip paths around attention and MLP: each block must carry everything forward; deep models stall."),
-    ("post_norm", "Post-norm (original Transformer)",
-     "Normalises after adding each branch instead of before it; less stable without warm-up."),
-    ("swap_qk", "Swap Q and K",
-     "Queries use the key projection and keys the query projection; attention stops being what it learned."),
+    (
+        "no_ln",
+        "No LayerNorm",
+        "Removes the normalisation that keeps activations in range; expect slower or unstable training.",
+    ),
+    (
+        "no_res",
+        "No residual connections",
+        "Removes the skip paths around attention and MLP: each block must carry everything forward; deep models stall.",
+    ),
+    (
+        "post_norm",
+        "Post-norm (original Transformer)",
+        "Normalises after adding each branch instead of before it; less stable without warm-up.",
+    ),
+    (
+        "swap_qk",
+        "Swap Q and K",
+        "Queries use the key projection and keys the query projection; attention stops being what it learned.",
+    ),
     ("relu", "ReLU instead of GELU", "The MLP uses the older, sharper ReLU non-linearity."),
-    ("untied", "Untied embeddings",
-     "The output layer gets its own matrix instead of sharing the token embeddings: more parameters."),
+    (
+        "untied",
+        "Untied embeddings",
+        "The output layer gets its own matrix instead of sharing the token embeddings: more parameters.",
+    ),
     ("no_bias", "No biases", "Removes the bias terms of every linear and LayerNorm layer (as in many modern LLMs)."),
 ]
 POS_HELP = {
@@ -298,8 +386,11 @@ def _ablation_section() -> None:
             pos = st.radio("Positional encoding", list(POS_HELP), key=K + "pos", horizontal=True)
             st.caption(POS_HELP[pos])
         with cols[(len(ABLATIONS) + 1) % 2]:
-            on = st.toggle("Local attention window", key=K + "window_on",
-                           help="Each token attends only to the last N tokens (itself included).")
+            on = st.toggle(
+                "Local attention window",
+                key=K + "window_on",
+                help="Each token attends only to the last N tokens (itself included).",
+            )
             if on:
                 st.number_input("Window (tokens)", 1, 8192, step=1, key=K + "window")
             st.caption("Limits how far back each token can look; long-range patterns become impossible to learn.")
@@ -310,26 +401,63 @@ def _training_section() -> None:
         c = st.columns(4)
         c[0].number_input("Steps (max_iters)", 1, 1_000_000, step=50, key=K + "max_iters")
         c[1].number_input("Batch size", 1, 4096, step=4, key=K + "batch_size")
-        c[2].number_input("Learning rate", 1e-6, 1.0, step=1e-4, format="%.1e", key=K + "lr",
-                          help="Peak learning rate, after warm-up; cosine decay to a tenth of it.")
-        c[3].number_input("Eval every (steps)", 1, 1_000_000, step=25, key=K + "eval_interval",
-                          help="Estimate train and val loss and write a sample every this many steps.")
+        c[2].number_input(
+            "Learning rate",
+            1e-6,
+            1.0,
+            step=1e-4,
+            format="%.1e",
+            key=K + "lr",
+            help="Peak learning rate, after warm-up; cosine decay to a tenth of it.",
+        )
+        c[3].number_input(
+            "Eval every (steps)",
+            1,
+            1_000_000,
+            step=25,
+            key=K + "eval_interval",
+            help="Estimate train and val loss and write a sample every this many steps.",
+        )
         c = st.columns(4)
         c[0].number_input("Seed", 0, 2**31 - 1, step=1, key=K + "seed")
-        c[1].number_input("Early-stop patience (0 = off)", 0, 10_000, step=1, key=K + "patience",
-                          help="Stop after this many evals without a better validation loss.")
+        c[1].number_input(
+            "Early-stop patience (0 = off)",
+            0,
+            10_000,
+            step=1,
+            key=K + "patience",
+            help="Stop after this many evals without a better validation loss.",
+        )
         c[2].number_input("Stop at val loss (0 = off)", 0.0, 100.0, step=0.1, format="%.3f", key=K + "stop_val")
-        c[3].number_input("Grad clip (0 = off)", 0.0, 100.0, step=0.5, format="%.2f", key=K + "grad_clip",
-                          help="Clips the gradient norm; protects against sudden jumps in the loss.")
+        c[3].number_input(
+            "Grad clip (0 = off)",
+            0.0,
+            100.0,
+            step=0.5,
+            format="%.2f",
+            key=K + "grad_clip",
+            help="Clips the gradient norm; protects against sudden jumps in the loss.",
+        )
         c = st.columns(4)
         c[0].number_input("Warm-up steps", 0, 1_000_000, step=10, key=K + "warmup")
-        c[1].selectbox("Device", ["auto", "cpu", "cuda", "mps"], key=K + "device",
-                       help="auto: the GPU when there is one, else the CPU.")
-        c[2].selectbox("Precision", ["auto", "fp32", "bf16"], key=K + "precision",
-                       help="auto: bf16 on GPUs that support it, else fp32.")
+        c[1].selectbox(
+            "Device",
+            ["auto", "cpu", "cuda", "mps"],
+            key=K + "device",
+            help="auto: the GPU when there is one, else the CPU.",
+        )
+        c[2].selectbox(
+            "Precision",
+            ["auto", "fp32", "bf16"],
+            key=K + "precision",
+            help="auto: bf16 on GPUs that support it, else fp32.",
+        )
         with c[3]:
-            st.toggle("torch.compile", key=K + "compile",
-                      help="Compiles the model first: faster steps on a GPU after a slow start.")
+            st.toggle(
+                "torch.compile",
+                key=K + "compile",
+                help="Compiles the model first: faster steps on a GPU after a slow start.",
+            )
 
 
 def _check_configs(f: dict[str, Any]) -> tuple[ModelConfig | None, TrainConfig | None]:
@@ -352,8 +480,9 @@ def _check_configs(f: dict[str, Any]) -> tuple[ModelConfig | None, TrainConfig |
     return model_cfg, train_cfg
 
 
-def _estimates(f: dict[str, Any], model_cfg: ModelConfig | None, train_cfg: TrainConfig | None,
-               corpus: Corpus | str | None) -> None:
+def _estimates(
+    f: dict[str, Any], model_cfg: ModelConfig | None, train_cfg: TrainConfig | None, corpus: Corpus | str | None
+) -> None:
     if model_cfg is None or train_cfg is None:
         return
     vocab = int(f["vocab"]) if f["tokenizer"] in ("bpe", "word") else model_cfg.vocab_size
@@ -361,22 +490,37 @@ def _estimates(f: dict[str, Any], model_cfg: ModelConfig | None, train_cfg: Trai
     sized = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": vocab})
     params = _param_count(json.dumps(sized.to_dict(), sort_keys=True))
     c1, c2, c3 = st.columns([1, 1, 2], vertical_alignment="center")
-    c1.metric("Parameters", f"{approx}{_fmt_int(params)}",
-              help="Counted on a model built without memory; the exact vocabulary comes from the tokenizer.")
+    c1.metric(
+        "Parameters",
+        f"{approx}{_fmt_int(params)}",
+        help="Counted on a model built without memory; the exact vocabulary comes from the tokenizer.",
+    )
     key = json.dumps([sized.to_dict(), train_cfg.to_dict()], sort_keys=True)
     est = st.session_state.get(ESTIMATES, {})
-    if c3.button("Estimate time", icon=":material/timer:", key=K + "estimate",
-                 help="Runs a few training steps on random data with these settings."):
+    if c3.button(
+        "Estimate time",
+        icon=":material/timer:",
+        key=K + "estimate",
+        help="Runs a few training steps on random data with these settings.",
+    ):
         with st.spinner("Timing a few steps…"), user_errors("Cannot estimate: "):
-            spec = TrainSpec(corpus="builtin:tiny", model=sized, train=train_cfg, tokenizer=f["tokenizer"],
-                             tokenizer_vocab_size=int(f["vocab"]) if f["tokenizer"] != "char" else None)
+            spec = TrainSpec(
+                corpus="builtin:tiny",
+                model=sized,
+                train=train_cfg,
+                tokenizer=f["tokenizer"],
+                tokenizer_vocab_size=int(f["vocab"]) if f["tokenizer"] != "char" else None,
+            )
             est = {key: estimate_step_time(spec, device=train_cfg.device)}
             st.session_state[ESTIMATES] = est
     if key in est:
         per_step = est[key]
-        c2.metric("Time", f"{per_step * 1000:.0f} ms/step",
-                  help=f"About {_fmt_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters} steps, "
-                       "plus evaluation.")
+        c2.metric(
+            "Time",
+            f"{per_step * 1000:.0f} ms/step",
+            help=f"About {_fmt_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters} steps, "
+            "plus evaluation.",
+        )
         c3.caption(f"≈ {_fmt_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters:,} steps (plus evals).")
     else:
         c2.metric("Time", "–", help="Press Estimate time.")
@@ -451,10 +595,21 @@ def load_view(job_id: str | None, run_id: str | None) -> RunView | None:
         snap = runner().find_by_run(run_id)
     if snap is not None:
         return RunView(
-            run_id=snap.run_id or "", name=snap.name, status=snap.status, message=snap.message, step=snap.step,
-            max_iters=snap.max_iters, metrics=snap.metrics_frame(), samples=snap.samples,
-            tokens_per_s=snap.tokens_per_s, elapsed_s=snap.elapsed_s, eta_s=snap.eta_s,
-            best_val_loss=snap.best_val_loss, best_step=snap.best_step, params=snap.params, device=snap.device,
+            run_id=snap.run_id or "",
+            name=snap.name,
+            status=snap.status,
+            message=snap.message,
+            step=snap.step,
+            max_iters=snap.max_iters,
+            metrics=snap.metrics_frame(),
+            samples=snap.samples,
+            tokens_per_s=snap.tokens_per_s,
+            elapsed_s=snap.elapsed_s,
+            eta_s=snap.eta_s,
+            best_val_loss=snap.best_val_loss,
+            best_step=snap.best_step,
+            params=snap.params,
+            device=snap.device,
             job_id=snap.id,
             has_weights=bool(snap.run_dir and (snap.run_dir / "model.safetensors").exists()),
         )
@@ -471,11 +626,19 @@ def load_view(job_id: str | None, run_id: str | None) -> RunView | None:
     except TinyGPTError:
         metrics = pd.DataFrame()
     return RunView(
-        run_id=summary.id, name=summary.name, status=summary.status, message=summary.message or status.message,
-        step=summary.steps, max_iters=summary.max_iters, metrics=metrics, samples=read_samples(summary.path),
-        elapsed_s=summary.elapsed_s, best_val_loss=summary.best_val_loss, best_step=summary.best_step,
-        params=summary.params, has_weights=summary.broken_reason is None
-        and (summary.path / "model.safetensors").exists(),
+        run_id=summary.id,
+        name=summary.name,
+        status=summary.status,
+        message=summary.message or status.message,
+        step=summary.steps,
+        max_iters=summary.max_iters,
+        metrics=metrics,
+        samples=read_samples(summary.path),
+        elapsed_s=summary.elapsed_s,
+        best_val_loss=summary.best_val_loss,
+        best_step=summary.best_step,
+        params=summary.params,
+        has_weights=summary.broken_reason is None and (summary.path / "model.safetensors").exists(),
         tokens_per_s=_last(metrics, "tokens_per_s"),
     )
 
@@ -516,8 +679,13 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
     status_panel()
 
     opts = st.columns([1, 1, 1, 3])
-    follow = opts[0].toggle("Follow live", value=True, key=K + "follow", disabled=not started_active,
-                            help="Redraws the chart as it trains (which resets zoom). Turn off to zoom in.")
+    follow = opts[0].toggle(
+        "Follow live",
+        value=True,
+        key=K + "follow",
+        disabled=not started_active,
+        help="Redraws the chart as it trains (which resets zoom). Turn off to zoom in.",
+    )
     ppl = opts[1].toggle("Perplexity", key=K + "ppl", help="Show exp(loss): the effective number of choices.")
     log_y = opts[2].toggle("Log scale", key=K + "logy")
 
@@ -544,15 +712,19 @@ def _status(v: RunView) -> None:
         st.progress(frac, text=f"Step {v.step:,}{of} · {v.message}")
     elif v.status == "done":
         at = f" (step {v.best_step:,})" if v.best_step is not None else ""
-        st.success(f"**Done**: best validation loss {format_loss(v.best_val_loss)}{at}. {v.message}".strip(),
-                   icon=":material/check_circle:")
+        st.success(
+            f"**Done**: best validation loss {format_loss(v.best_val_loss)}{at}. {v.message}".strip(),
+            icon=":material/check_circle:",
+        )
     elif v.status == "stopped":
         st.info(f"Stopped. {v.message}".strip(), icon=":material/stop_circle:")
     elif v.status in ("diverged", "error", "broken"):
         st.error(f"{v.status.capitalize()}: {v.message or 'no message'}")
     elif v.status == "interrupted":
-        st.warning(f"Interrupted: {v.message or 'the process training it ended.'} "
-                   "Resume it from its last checkpoint, or start a new run.")
+        st.warning(
+            f"Interrupted: {v.message or 'the process training it ended.'} "
+            "Resume it from its last checkpoint, or start a new run."
+        )
     else:
         st.info(f"{v.status}: {v.message}")
 
@@ -560,15 +732,19 @@ def _status(v: RunView) -> None:
     m[0].metric("Step", f"{v.step:,}" + (f" / {v.max_iters:,}" if v.max_iters else ""))
     m[1].metric("Train loss", format_loss(_last(v.metrics, "train_loss")))
     m[2].metric("Val loss", format_loss(_last(v.metrics, "val_loss")))
-    m[3].metric("Best val", format_loss(v.best_val_loss),
-                help=f"at step {v.best_step}" if v.best_step is not None else None)
+    m[3].metric(
+        "Best val", format_loss(v.best_val_loss), help=f"at step {v.best_step}" if v.best_step is not None else None
+    )
     m[4].metric("Tokens/s", _fmt_int(v.tokens_per_s))
     if v.active:
         m[5].metric("ETA", _fmt_duration(v.eta_s), help=f"Elapsed {_fmt_duration(v.elapsed_s)}")
     else:
         m[5].metric("Time", _fmt_duration(v.elapsed_s))
-    facts = [f"{_fmt_int(v.params)} parameters" if v.params else None, f"on {v.device}" if v.device else None,
-             f"run `{v.run_id}`"]
+    facts = [
+        f"{_fmt_int(v.params)} parameters" if v.params else None,
+        f"on {v.device}" if v.device else None,
+        f"run `{v.run_id}`",
+    ]
     st.caption(" · ".join(x for x in facts if x))
 
     if v.active:
@@ -594,8 +770,13 @@ def _resume_button(v: RunView) -> None:
         return
     if not resumable:
         return
-    if st.button("Resume", icon=":material/play_arrow:", key=K + "resume", type="primary",
-                 help="Continue from the last checkpoint (weights, optimizer and data order), up to its max_iters."):
+    if st.button(
+        "Resume",
+        icon=":material/play_arrow:",
+        key=K + "resume",
+        type="primary",
+        help="Continue from the last checkpoint (weights, optimizer and data order), up to its max_iters.",
+    ):
         job_id = None
         with user_errors("Cannot resume: "):
             job_id = runner().resume(v.run_id)
@@ -609,14 +790,26 @@ def _links(v: RunView) -> None:
     cols = st.columns(4)
     if v.has_weights:
         with cols[0]:
-            st.page_link("pages/attention.py", label="Open in Attention", icon=":material/grid_on:",
-                                query_params={RUN_PARAM: v.run_id})
+            st.page_link(
+                "pages/attention.py",
+                label="Open in Attention",
+                icon=":material/grid_on:",
+                query_params={RUN_PARAM: v.run_id},
+            )
         with cols[1]:
-            st.page_link("pages/sampling.py", label="Sample from it", icon=":material/casino:",
-                                query_params={RUN_PARAM: v.run_id})
+            st.page_link(
+                "pages/sampling.py",
+                label="Sample from it",
+                icon=":material/casino:",
+                query_params={RUN_PARAM: v.run_id},
+            )
     with cols[2]:
-        st.page_link("pages/runs.py", label="Compare in Runs", icon=":material/stacked_line_chart:",
-                            query_params={RUN_PARAM: v.run_id})
+        st.page_link(
+            "pages/runs.py",
+            label="Compare in Runs",
+            icon=":material/stacked_line_chart:",
+            query_params={RUN_PARAM: v.run_id},
+        )
 
 
 def _chart(v: RunView, perplexity: bool, log_y: bool) -> None:

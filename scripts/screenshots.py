@@ -36,8 +36,12 @@ def make_runs(runs_dir: Path) -> None:
     base = TrainSpec.from_preset("tiny", "builtin:tiny", max_iters=300, eval_interval=25, seed=1)
     for spec in grid_specs(base, ["no-layernorm", "pos-none", "no-residual"], grid_id="grid-demo"):
         train(spec, store=store)
-    train(TrainSpec.from_preset("tiny", "builtin:induction", max_iters=600, eval_interval=100, seed=1,
-                                n_layer=2, n_head=4, name="induction"), store=store)
+    train(
+        TrainSpec.from_preset(
+            "tiny", "builtin:induction", max_iters=600, eval_interval=100, seed=1, n_layer=2, n_head=4, name="induction"
+        ),
+        store=store,
+    )
 
 
 def settle(page: Page, ms: int = 600) -> None:

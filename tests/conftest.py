@@ -94,8 +94,13 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def start_streamlit(runs_dir: Path, log_path: Path, port: int | None = None, extra_env: dict | None = None,
-                    extra_args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+def start_streamlit(
+    runs_dir: Path,
+    log_path: Path,
+    port: int | None = None,
+    extra_env: dict | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> tuple[subprocess.Popen, str]:
     """Start `streamlit run app.py` on a free loopback port; returns (process, base url) once healthy.
 
     ``extra_env`` (e.g. operator limits) and ``extra_args`` (streamlit flags) are added to the defaults."""
@@ -111,12 +116,21 @@ def start_streamlit(runs_dir: Path, log_path: Path, port: int | None = None, ext
         **(extra_env or {}),
     }
     cmd = [
-        sys.executable, "-m", "streamlit", "run", "app.py",
-        "--server.headless", "true",
-        "--server.port", str(port),
-        "--server.address", "127.0.0.1",
-        "--server.fileWatcherType", "none",  # tests edit nothing; watching the tree costs CPU
-        "--browser.gatherUsageStats", "false",
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "app.py",
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--server.fileWatcherType",
+        "none",  # tests edit nothing; watching the tree costs CPU
+        "--browser.gatherUsageStats",
+        "false",
         *extra_args,
     ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +142,9 @@ def start_streamlit(runs_dir: Path, log_path: Path, port: int | None = None, ext
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             stop_streamlit(proc)
-            raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log_path}:\n{log_path.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"streamlit exited with {proc.returncode}; see {log_path}:\n{log_path.read_text()[-3000:]}"
+            )
         if _healthy(url):
             return proc, url
         time.sleep(0.25)

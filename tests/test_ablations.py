@@ -35,10 +35,16 @@ def _model_diff(a: ModelConfig, b: ModelConfig) -> dict:
 def test_grid_is_baseline_then_each_ablation_named_by_grid(base):
     specs = grid_specs(base, ["no-layernorm", "relu", "window-4"], grid_id="abc")
     assert [s.name for s in specs] == [
-        "grid-abc/baseline", "grid-abc/no-layernorm", "grid-abc/relu", "grid-abc/window-4",
+        "grid-abc/baseline",
+        "grid-abc/no-layernorm",
+        "grid-abc/relu",
+        "grid-abc/window-4",
     ]
     assert [parse_grid_name(s.name) for s in specs] == [
-        ("grid-abc", "baseline"), ("grid-abc", "no-layernorm"), ("grid-abc", "relu"), ("grid-abc", "window-4"),
+        ("grid-abc", "baseline"),
+        ("grid-abc", "no-layernorm"),
+        ("grid-abc", "relu"),
+        ("grid-abc", "window-4"),
     ]
 
 
@@ -51,7 +57,11 @@ def test_each_ablation_changes_only_its_model_field(base, label):
     # Same data, tokenizer, training settings and seed: the comparison is fair.
     assert ablated.train == base.train and ablated.train.seed == 7
     assert (ablated.corpus, ablated.tokenizer, ablated.tokenizer_vocab_size, ablated.preset) == (
-        base.corpus, base.tokenizer, base.tokenizer_vocab_size, base.preset)
+        base.corpus,
+        base.tokenizer,
+        base.tokenizer_vocab_size,
+        base.preset,
+    )
 
 
 def test_labels_match_the_models_own_ablation_labels():
@@ -110,11 +120,13 @@ def _s(name, val, train=None, best=None, status="done", steps=30):
 
 
 def test_compare_to_baseline_delta_ratio_and_gap():
-    df = compare_to_baseline([
-        _s("grid-g/relu", 2.4, train=2.0),
-        _s("grid-g/baseline", 2.0, train=1.5, best=1.9),
-        _s("grid-g/no-residual", 3.0, train=3.1),
-    ])
+    df = compare_to_baseline(
+        [
+            _s("grid-g/relu", 2.4, train=2.0),
+            _s("grid-g/baseline", 2.0, train=1.5, best=1.9),
+            _s("grid-g/no-residual", 3.0, train=3.1),
+        ]
+    )
     assert list(df["ablation"]) == [BASELINE, "relu", "no-residual"]
     assert df["delta"].tolist() == pytest.approx([0.0, 0.4, 1.0])
     assert df["ratio"].tolist() == pytest.approx([1.0, 1.2, 1.5])
@@ -150,11 +162,17 @@ def test_metrics_summary_and_gap_use_eval_rows_only():
     import pandas as pd
 
     nan = math.nan
-    m = pd.DataFrame({
-        "step": [1, 2, 3, 4], "loss": [4.0, 3.0, 2.5, 2.0],
-        "train_loss": [nan, 3.1, nan, 1.8], "val_loss": [nan, 3.0, nan, 2.2],
-        "lr": [1e-3] * 4, "tokens_per_s": [1.0] * 4, "elapsed_s": [0.1, 0.2, 0.3, 0.4],
-    })
+    m = pd.DataFrame(
+        {
+            "step": [1, 2, 3, 4],
+            "loss": [4.0, 3.0, 2.5, 2.0],
+            "train_loss": [nan, 3.1, nan, 1.8],
+            "val_loss": [nan, 3.0, nan, 2.2],
+            "lr": [1e-3] * 4,
+            "tokens_per_s": [1.0] * 4,
+            "elapsed_s": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
     s = metrics_summary(m)
     assert s == {"steps": 4, "final_train_loss": 1.8, "final_val_loss": 2.2, "best_val_loss": 2.2, "best_step": 4}
     gap = with_gap(m)["gap"]

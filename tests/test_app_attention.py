@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -27,8 +26,20 @@ def trained_store(tmp_path_factory) -> tuple[Path, str]:
     """One tiny run (a few steps on builtin:tiny) plus a broken run folder, shared by the module."""
     root = tmp_path_factory.mktemp("runs")
     spec = TrainSpec.from_preset(
-        "tiny", "builtin:tiny", n_layer=N_LAYER, n_head=N_HEAD, n_embd=32, block_size=BLOCK, batch_size=4,
-        max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, sample_tokens=0, device="cpu", name="attn",
+        "tiny",
+        "builtin:tiny",
+        n_layer=N_LAYER,
+        n_head=N_HEAD,
+        n_embd=32,
+        block_size=BLOCK,
+        batch_size=4,
+        max_iters=2,
+        eval_interval=2,
+        eval_iters=1,
+        warmup_iters=1,
+        sample_tokens=0,
+        device="cpu",
+        name="attn",
     )
     result = train(spec, store=RunStore(root))
     assert result.status == "done", result.message

@@ -67,8 +67,9 @@ def test_quick_start_submits_and_opens_the_train_page(runs_dir):
 
 
 def test_recent_runs_lists_a_run_written_outside_the_app(runs_dir):
-    spec = TrainSpec.from_preset("tiny", "builtin:tiny", max_iters=10, eval_interval=5, n_layer=1,
-                                 batch_size=4, name="cli-made")
+    spec = TrainSpec.from_preset(
+        "tiny", "builtin:tiny", max_iters=10, eval_interval=5, n_layer=1, batch_size=4, name="cli-made"
+    )
     result = train(spec, store=RunStore(runs_dir))
     assert result.status == "done"
     run_id = result.run_dir.name

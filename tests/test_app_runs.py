@@ -22,8 +22,18 @@ PAGE = "pages/runs.py"
 
 
 def small_spec(name: str, **overrides) -> TrainSpec:
-    settings = dict(max_iters=20, eval_interval=10, eval_iters=2, n_layer=1, n_embd=32, block_size=16,
-                    batch_size=8, sample_tokens=10, device="cpu", warmup_iters=2)
+    settings = dict(
+        max_iters=20,
+        eval_interval=10,
+        eval_iters=2,
+        n_layer=1,
+        n_embd=32,
+        block_size=16,
+        batch_size=8,
+        sample_tokens=10,
+        device="cpu",
+        warmup_iters=2,
+    )
     return TrainSpec.from_preset("tiny", "builtin:tiny", name=name, **{**settings, **overrides})
 
 
@@ -162,8 +172,9 @@ def test_a_running_run_is_not_deleted(with_runs):
     at = open_page()
     run_id = _pick_run(at, "b")
     # Pretend this process is training it: a fresh heartbeat from a live pid.
-    (with_runs / run_id / "status.json").write_text(json.dumps(
-        {"status": "running", "message": "", "step": 3, "pid": os.getpid(), "updated_at": time.time()}))
+    (with_runs / run_id / "status.json").write_text(
+        json.dumps({"status": "running", "message": "", "step": 3, "pid": os.getpid(), "updated_at": time.time()})
+    )
     at.button(key="runs_delete_confirm").click().run()
     assert not at.exception
     assert "still training" in texts(at.error)

@@ -23,8 +23,20 @@ def trained_store(tmp_path_factory) -> tuple[Path, str]:
     """One tiny run (a few steps on builtin:tiny) plus a broken run folder, shared by the module."""
     root = tmp_path_factory.mktemp("runs")
     spec = TrainSpec.from_preset(
-        "tiny", "builtin:tiny", n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4,
-        max_iters=2, eval_interval=2, eval_iters=1, warmup_iters=1, sample_tokens=0, device="cpu", name="smp",
+        "tiny",
+        "builtin:tiny",
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        max_iters=2,
+        eval_interval=2,
+        eval_iters=1,
+        warmup_iters=1,
+        sample_tokens=0,
+        device="cpu",
+        name="smp",
     )
     result = train(spec, store=RunStore(root))
     assert result.status == "done", result.message

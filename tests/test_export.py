@@ -54,10 +54,15 @@ def _make_run(root: Path, name: str, seed: int = 0, *, last_seed: int | None = N
     cfg = ModelConfig(vocab_size=tok.vocab_size, **{**TINY, **overrides})
     run_dir = root / name
     w = RunWriter(run_dir)
-    w.write_config(RunConfig(
-        name=name, model=cfg, train=TrainConfig(max_iters=4), tokenizer={"kind": "char", "vocab_size": tok.vocab_size},
-        corpus={"name": "test", "source": "test", "sha256": "0" * 64, "chars": len(TEXT)},
-    ))
+    w.write_config(
+        RunConfig(
+            name=name,
+            model=cfg,
+            train=TrainConfig(max_iters=4),
+            tokenizer={"kind": "char", "vocab_size": tok.vocab_size},
+            corpus={"name": "test", "source": "test", "sha256": "0" * 64, "chars": len(TEXT)},
+        )
+    )
     w.write_tokenizer(tok)
     w.append_metrics({"step": 4, "loss": 3.0, "train_loss": 3.0, "val_loss": 3.1})
     w.save_checkpoint("best", _trained_model(cfg, seed))
@@ -80,8 +85,15 @@ ABLATIONS = {
     "no_pos": dict(pos_encoding="none"),
     "untied": dict(tie_weights=False),
     "no_bias": dict(bias=False),
-    "all_at_once": dict(activation="relu", swap_qk=True, pos_encoding="sinusoidal", tie_weights=False, bias=False,
-                        ff_mult=2, dropout=0.1),
+    "all_at_once": dict(
+        activation="relu",
+        swap_qk=True,
+        pos_encoding="sinusoidal",
+        tie_weights=False,
+        bias=False,
+        ff_mult=2,
+        dropout=0.1,
+    ),
 }
 
 
@@ -92,8 +104,9 @@ def test_export_matches_run_logits(tmp_path: Path, name: str) -> None:
     run = load_run(run_dir)
     assert check_exportable(run.config.model) == []
 
-    idx = torch.randint(0, run.config.model.vocab_size, (3, run.config.model.block_size),
-                        generator=torch.Generator().manual_seed(1))  # full context: every position row is used
+    idx = torch.randint(
+        0, run.config.model.vocab_size, (3, run.config.model.block_size), generator=torch.Generator().manual_seed(1)
+    )  # full context: every position row is used
     with torch.no_grad():
         ours = run.model(idx).logits
     theirs, hf = _hf_logits(out, idx)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -141,8 +139,9 @@ def test_head_stats_of_crafted_attention():
     assert np.all(s["mean_distance"][1] == 0) and np.all(s["entropy"][1] == 0)
     # tensors and AttentionMaps give the same numbers as arrays
     t = head_stats(torch.tensor(crafted_weights(T), dtype=torch.float32))
-    m = head_stats(AttentionMaps(tokens=list("abcdef"), token_ids=list(range(6)),
-                                 weights=crafted_weights(T).astype(np.float32)))
+    m = head_stats(
+        AttentionMaps(tokens=list("abcdef"), token_ids=list(range(6)), weights=crafted_weights(T).astype(np.float32))
+    )
     for k in s:
         np.testing.assert_allclose(t[k], s[k], rtol=1e-6)
         np.testing.assert_allclose(m[k], s[k], rtol=1e-6)

@@ -18,8 +18,18 @@ from tinygpt_core.training import TrainEvent, TrainResult, TrainSpec
 
 
 def tiny_spec(**overrides) -> TrainSpec:
-    settings = dict(max_iters=20, eval_interval=10, eval_iters=2, n_layer=1, n_embd=32, block_size=16,
-                    batch_size=8, sample_tokens=20, device="cpu", warmup_iters=2)
+    settings = dict(
+        max_iters=20,
+        eval_interval=10,
+        eval_iters=2,
+        n_layer=1,
+        n_embd=32,
+        block_size=16,
+        batch_size=8,
+        sample_tokens=20,
+        device="cpu",
+        warmup_iters=2,
+    )
     settings.update(overrides)
     return TrainSpec.from_preset("tiny", "builtin:tiny", **settings)
 
@@ -63,13 +73,26 @@ class FakeTrainer:
     def __call__(self, spec, run_dir=None, *, store=None, callbacks=(), stop_event=None):
         with self.lock:
             self.calls.append(run_dir.name)
-        events = [TrainEvent("start", 0, {"params": 123, "device": "cpu", "precision": "fp32",
-                                          "max_iters": spec.train.max_iters, "run_dir": str(run_dir)})]
+        events = [
+            TrainEvent(
+                "start",
+                0,
+                {
+                    "params": 123,
+                    "device": "cpu",
+                    "precision": "fp32",
+                    "max_iters": spec.train.max_iters,
+                    "run_dir": str(run_dir),
+                },
+            )
+        ]
         for step in (1, 2):
-            events.append(TrainEvent("step", step, {"loss": 4.0 - step, "lr": 1e-3, "tokens_per_s": 100.0,
-                                                    "elapsed_s": 0.1 * step}))
-        events.append(TrainEvent("eval", 2, {"train_loss": 2.5, "val_loss": 2.6, "best_val_loss": 2.6,
-                                             "best_step": 2}))
+            events.append(
+                TrainEvent(
+                    "step", step, {"loss": 4.0 - step, "lr": 1e-3, "tokens_per_s": 100.0, "elapsed_s": 0.1 * step}
+                )
+            )
+        events.append(TrainEvent("eval", 2, {"train_loss": 2.5, "val_loss": 2.6, "best_val_loss": 2.6, "best_step": 2}))
         events.append(TrainEvent("sample", 2, {"text": "hello"}))
         for event in events:
             for cb in callbacks:
@@ -250,8 +273,11 @@ def test_long_histories_are_decimated_but_keep_evals_and_the_latest_step(runner,
             for cb in callbacks:
                 cb(TrainEvent("step", step, {"loss": 1.0, "lr": 1e-3, "tokens_per_s": 1.0, "elapsed_s": 0.0}))
                 if step % 1000 == 0:
-                    cb(TrainEvent("eval", step, {"train_loss": 1.0, "val_loss": 2.0, "best_val_loss": 2.0,
-                                                 "best_step": step}))
+                    cb(
+                        TrainEvent(
+                            "eval", step, {"train_loss": 1.0, "val_loss": 2.0, "best_val_loss": 2.0, "best_step": step}
+                        )
+                    )
         return TrainResult("done", "", run_dir, n, 2.0, 1.0, 2.0)
 
     monkeypatch.setattr(training, "train", chatty)
@@ -264,8 +290,9 @@ def test_long_histories_are_decimated_but_keep_evals_and_the_latest_step(runner,
 
 def test_only_the_most_recent_finished_jobs_are_kept(runner, monkeypatch):
     monkeypatch.setattr(jobs, "KEEP_FINISHED", 3)
-    monkeypatch.setattr(training, "train",
-                        lambda spec, run_dir=None, **kw: TrainResult("done", "", run_dir, 1, None, None, None))
+    monkeypatch.setattr(
+        training, "train", lambda spec, run_dir=None, **kw: TrainResult("done", "", run_dir, 1, None, None, None)
+    )
     ids = [runner.submit(tiny_spec()) for _ in range(5)]
     wait_until(lambda: len(runner.list_jobs()) == 3 and all(s.finished for s in runner.list_jobs()))
     assert [s.id for s in runner.list_jobs()] == ids[:1:-1]  # newest first

@@ -28,6 +28,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 # Every ablation on its own, plus a few combinations.
 ABLATIONS: dict[str, dict] = {
     "baseline": {},
@@ -311,8 +312,12 @@ def _expected_params(cfg: ModelConfig) -> int:
     b = 1 if cfg.bias else 0
     ln = (2 * C if cfg.bias else C) if cfg.use_layernorm else 0
     per_block = (
-        ln + (C * 3 * C + b * 3 * C) + (C * C + b * C)  # ln_1, c_attn, attn.c_proj
-        + ln + (C * H + b * H) + (H * C + b * C)  # ln_2, c_fc, mlp.c_proj
+        ln
+        + (C * 3 * C + b * 3 * C)
+        + (C * C + b * C)  # ln_1, c_attn, attn.c_proj
+        + ln
+        + (C * H + b * H)
+        + (H * C + b * C)  # ln_2, c_fc, mlp.c_proj
     )
     n = Vv * C + L * per_block
     n += cfg.block_size * C if cfg.pos_encoding == "learned" else 0
@@ -340,8 +345,13 @@ def test_parameter_count_formula(kw):
 def test_known_size_baby_model():
     # nanoGPT's baby Shakespeare-char model (65 chars, 4x128, context 64): 0.80M parameters
     model = GPT(ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128))
-    assert model.num_params() == 65 * 128 + 64 * 128 + 4 * (2 * 256 + 128 * 384 + 384 + 128 * 128 + 128
-                                                          + 128 * 512 + 512 + 512 * 128 + 128) + 256
+    assert (
+        model.num_params()
+        == 65 * 128
+        + 64 * 128
+        + 4 * (2 * 256 + 128 * 384 + 384 + 128 * 128 + 128 + 128 * 512 + 512 + 512 * 128 + 128)
+        + 256
+    )
 
 
 def test_gpt2_initialisation():

@@ -36,8 +36,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_spec(**overrides) -> TrainSpec:
-    settings = dict(max_iters=12, eval_interval=6, eval_iters=1, n_layer=1, n_head=2, n_embd=32, block_size=16,
-                    batch_size=4, sample_tokens=8, device="cpu", warmup_iters=1)
+    settings = dict(
+        max_iters=12,
+        eval_interval=6,
+        eval_iters=1,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        sample_tokens=8,
+        device="cpu",
+        warmup_iters=1,
+    )
     settings.update(overrides)
     return TrainSpec.from_preset("tiny", "builtin:tiny", **settings)
 
@@ -78,10 +89,39 @@ def temp_files(root: Path) -> list[Path]:
 def test_sigkill_mid_training_leaves_an_interrupted_run_that_resumes_from_its_last_checkpoint(tmp_path):
     """A real `python -m tinygpt_core train` process killed with SIGKILL after its second checkpoint."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "tinygpt_core", "train", "--corpus", "builtin:tiny", "--out", str(out),
-           "--preset", "tiny", "--n-layer", "1", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
-           "--max-iters", "100000", "--eval-interval", "5", "--eval-iters", "1", "--device", "cpu",
-           "--threads", "1", "--no-progress", "--seed", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tinygpt_core",
+        "train",
+        "--corpus",
+        "builtin:tiny",
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "16",
+        "--batch-size",
+        "4",
+        "--max-iters",
+        "100000",
+        "--eval-interval",
+        "5",
+        "--eval-iters",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--seed",
+        "3",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -151,8 +191,9 @@ def test_a_kill_right_after_a_checkpoint_leaves_metrics_up_to_that_checkpoint(tm
     """Found by the SIGKILL test (1 run in 6): the checkpoint was written before the buffered metric rows,
     so a kill in between left a gap in the curve after resuming. Checkpoints now flush the rows first."""
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     ckpt = int(load_checkpoint_state(out, "last")[2]["step"])
     assert ckpt == 10
@@ -245,8 +286,10 @@ def test_the_cli_lists_broken_runs_with_reasons_and_refuses_to_open_them(damaged
     code = main(["generate", str(store.root / pickled), "--prompt", "a", "--max-new-tokens", "3"])
     err = capsys.readouterr().err
     assert code == 2 and "refused" in err and "pickle" in err and "Traceback" not in err
-    assert main(["generate", str(store.root / good), "--prompt", "a", "--max-new-tokens", "3",
-                 "--strategy", "greedy"]) == 0
+    assert (
+        main(["generate", str(store.root / good), "--prompt", "a", "--max-new-tokens", "3", "--strategy", "greedy"])
+        == 0
+    )
     assert not marker.exists()
 
 
@@ -286,12 +329,17 @@ def test_a_nan_loss_ends_the_job_as_diverged_and_the_run_says_so(runner, store, 
     assert load_run(snap.run_dir).model is not None  # the last finite weights
 
 
-@pytest.mark.parametrize("error", [
-    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)"),
-    lambda: RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB"),
-], ids=["torch.OutOfMemoryError", "RuntimeError"])
-def test_out_of_memory_ends_that_job_with_what_to_shrink_and_the_runner_keeps_serving(runner, store, monkeypatch,
-                                                                                        error):
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total)"),
+        lambda: RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB"),
+    ],
+    ids=["torch.OutOfMemoryError", "RuntimeError"],
+)
+def test_out_of_memory_ends_that_job_with_what_to_shrink_and_the_runner_keeps_serving(
+    runner, store, monkeypatch, error
+):
     def oom_at_3(n, out):
         if n == 3:
             raise error()
@@ -375,8 +423,10 @@ def test_disk_full_mid_training_ends_the_job_with_a_clear_error_and_loses_no_fin
         assert again.status == "done", again.message
     finally:
         runner.shutdown()
-    print(f"\ndisk full: {disk.failed} write(s) refused with ENOSPC after {disk.after} succeeded; "
-          f"job ended {snap.status!r}; finished run unchanged ({len(before)} files)")
+    print(
+        f"\ndisk full: {disk.failed} write(s) refused with ENOSPC after {disk.after} succeeded; "
+        f"job ended {snap.status!r}; finished run unchanged ({len(before)} files)"
+    )
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES], ids=["ENOSPC", "EROFS", "EACCES"])
@@ -410,8 +460,24 @@ def _delete_with_failing_rmtree(store, run_id, monkeypatch, code):
 def test_the_cli_reports_an_unwritable_store_in_one_line(tmp_path, monkeypatch, capsys):
     root = tmp_path / "ro"
     FailingDisk(monkeypatch, root, errno.EROFS, after=0)
-    code = main(["train", "--corpus", "builtin:tiny", "--runs-dir", str(root), "--max-iters", "2",
-                 "--n-layer", "1", "--n-embd", "32", "--block-size", "16", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--corpus",
+            "builtin:tiny",
+            "--runs-dir",
+            str(root),
+            "--max-iters",
+            "2",
+            "--n-layer",
+            "1",
+            "--n-embd",
+            "32",
+            "--block-size",
+            "16",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: Cannot create a run folder") and "Read-only file system" in err
@@ -425,8 +491,24 @@ def test_a_real_read_only_folder(tmp_path, capsys):
     before = folder_digest(finished)
     os.chmod(root, 0o555)
     try:
-        code = main(["train", "--corpus", "builtin:tiny", "--runs-dir", str(root), "--max-iters", "2",
-                     "--n-layer", "1", "--n-embd", "32", "--block-size", "16", "--no-progress"])
+        code = main(
+            [
+                "train",
+                "--corpus",
+                "builtin:tiny",
+                "--runs-dir",
+                str(root),
+                "--max-iters",
+                "2",
+                "--n-layer",
+                "1",
+                "--n-embd",
+                "32",
+                "--block-size",
+                "16",
+                "--no-progress",
+            ]
+        )
         assert code == 2 and "Permission denied" in capsys.readouterr().err
     finally:
         os.chmod(root, 0o755)
@@ -444,8 +526,12 @@ def interrupted_run(store: RunStore, steps: int = 6, max_iters: int = 12) -> Pat
         if event.kind == "step" and event.step >= steps:
             stop.set()
 
-    result = train(tiny_spec(max_iters=max_iters, eval_interval=3, name="victim"), store=store,
-                   callbacks=[stop_at], stop_event=stop)
+    result = train(
+        tiny_spec(max_iters=max_iters, eval_interval=3, name="victim"),
+        store=store,
+        callbacks=[stop_at],
+        stop_event=stop,
+    )
     assert result.status == "stopped" and result.steps == steps
     status = json.loads((result.run_dir / "status.json").read_text())
     status.update(status="running", pid=4_194_303)  # above Linux's pid_max: no such process

@@ -23,7 +23,7 @@ from hypothesis import strategies as hs
 from tinygpt_core.cli import main
 from tinygpt_core.config import ModelConfig
 from tinygpt_core.data import corpus_from_bytes, load_corpus
-from tinygpt_core.errors import ConfigError, DataError, TinyGPTError, TokenizerError
+from tinygpt_core.errors import ConfigError, DataError, TokenizerError
 from tinygpt_core.inspection import attention_maps
 from tinygpt_core.model import GPT
 from tinygpt_core.runs import RunStore
@@ -57,8 +57,10 @@ def toks():
 @pytest.fixture(scope="module")
 def models(toks):
     torch.manual_seed(0)
-    return {kind: GPT(ModelConfig(vocab_size=t.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
-            for kind, t in toks.items()}
+    return {
+        kind: GPT(ModelConfig(vocab_size=t.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+        for kind, t in toks.items()
+    }
 
 
 # --- tokenizers -----------------------------------------------------------------------------------
@@ -89,12 +91,13 @@ def test_encoding_unseen_text(toks, kind, text):
         return
     assert all(0 <= i < tok.vocab_size for i in ids)
     if kind == "bpe":
-        assert tok.decode(ids) == text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") or \
-            tok.decode(ids)  # lone surrogates cannot round-trip through UTF-8; they must not crash
+        assert tok.decode(ids) == text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") or tok.decode(
+            ids
+        )  # lone surrogates cannot round-trip through UTF-8; they must not crash
 
 
 @SETTINGS
-@given(kind=hs.sampled_from(["char", "word", "bpe"]), ids=hs.lists(hs.integers(-10**12, 10**12), max_size=50))
+@given(kind=hs.sampled_from(["char", "word", "bpe"]), ids=hs.lists(hs.integers(-(10**12), 10**12), max_size=50))
 def test_decoding_arbitrary_ids(toks, kind, ids):
     tok = toks[kind]
     try:
@@ -168,9 +171,22 @@ def test_a_huge_upload_is_refused_by_size_before_decoding():
 def test_a_large_corpus_trains_a_tokenizer_and_splits_in_seconds(tmp_path):
     path = tmp_path / "big.txt"
     path.write_text(TINY_TEXT * 700)  # ~1 MB
-    spec = TrainSpec.from_preset("tiny", str(path), tokenizer="bpe", tokenizer_vocab_size=300, n_layer=1,
-                                 n_embd=16, block_size=16, max_iters=1, eval_interval=1, eval_iters=1, batch_size=2,
-                                 sample_tokens=0, device="cpu", warmup_iters=0)
+    spec = TrainSpec.from_preset(
+        "tiny",
+        str(path),
+        tokenizer="bpe",
+        tokenizer_vocab_size=300,
+        n_layer=1,
+        n_embd=16,
+        block_size=16,
+        max_iters=1,
+        eval_interval=1,
+        eval_iters=1,
+        batch_size=2,
+        sample_tokens=0,
+        device="cpu",
+        warmup_iters=0,
+    )
     spec.validate()
 
 
@@ -178,8 +194,11 @@ def test_a_large_corpus_trains_a_tokenizer_and_splits_in_seconds(tmp_path):
 
 
 @SETTINGS
-@given(kind=hs.sampled_from(["char", "word", "bpe"]), prompt=any_text,
-       strategy=hs.sampled_from(["greedy", "sample", "beam"]))
+@given(
+    kind=hs.sampled_from(["char", "word", "bpe"]),
+    prompt=any_text,
+    strategy=hs.sampled_from(["greedy", "sample", "beam"]),
+)
 def test_generating_from_any_prompt(toks, models, kind, prompt, strategy):
     s = SamplingSettings(strategy=strategy, max_new_tokens=3, num_beams=2, seed=1)
     try:
@@ -208,8 +227,12 @@ def test_a_huge_prompt_is_cropped_to_the_context_not_a_hang(toks, models):
     assert attention_maps(models["char"], toks["char"], prompt).cropped
 
 
-numbers = hs.one_of(hs.none(), hs.floats(allow_nan=True, allow_infinity=True), hs.integers(-10, 10**6),
-                    hs.sampled_from([0, 0.0, -0.0, 1, 1.0, 1e-300, True, "1", [1]]))
+numbers = hs.one_of(
+    hs.none(),
+    hs.floats(allow_nan=True, allow_infinity=True),
+    hs.integers(-10, 10**6),
+    hs.sampled_from([0, 0.0, -0.0, 1, 1.0, 1e-300, True, "1", [1]]),
+)
 
 
 def _or_anything(valid):
@@ -218,17 +241,30 @@ def _or_anything(valid):
 
 
 @settings(max_examples=150, deadline=None)
-@given(temperature=_or_anything(hs.floats(0.05, 5)), top_k=_or_anything(hs.none() | hs.integers(1, 400)),
-       top_p=_or_anything(hs.none() | hs.floats(0.01, 1)), min_p=_or_anything(hs.none() | hs.floats(0, 1)),
-       beams=_or_anything(hs.integers(1, 8)), rep=_or_anything(hs.floats(0.5, 2)),
-       strategy=hs.sampled_from(["greedy", "sample", "beam"]))
+@given(
+    temperature=_or_anything(hs.floats(0.05, 5)),
+    top_k=_or_anything(hs.none() | hs.integers(1, 400)),
+    top_p=_or_anything(hs.none() | hs.floats(0.01, 1)),
+    min_p=_or_anything(hs.none() | hs.floats(0, 1)),
+    beams=_or_anything(hs.integers(1, 8)),
+    rep=_or_anything(hs.floats(0.5, 2)),
+    strategy=hs.sampled_from(["greedy", "sample", "beam"]),
+)
 @example(temperature=1.0, top_k=None, top_p=None, min_p=None, beams=4, rep=5e-324, strategy="sample")  # was a crash
 @example(temperature=1e-300, top_k=None, top_p=None, min_p=None, beams=4, rep=1.0, strategy="sample")
 @example(temperature=1.0, top_k=None, top_p=None, min_p=None, beams=4, rep=1e300, strategy="beam")
 def test_any_sampling_settings(toks, models, temperature, top_k, top_p, min_p, beams, rep, strategy):
-    s = SamplingSettings(strategy=strategy, temperature=1.0 if temperature is None else temperature, top_k=top_k,
-                         top_p=top_p, min_p=min_p, num_beams=4 if beams is None else beams,
-                         repetition_penalty=1.0 if rep is None else rep, max_new_tokens=2, seed=0)
+    s = SamplingSettings(
+        strategy=strategy,
+        temperature=1.0 if temperature is None else temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        num_beams=4 if beams is None else beams,
+        repetition_penalty=1.0 if rep is None else rep,
+        max_new_tokens=2,
+        seed=0,
+    )
     try:
         s.validate(toks["bpe"].vocab_size)
     except ConfigError as e:
@@ -239,8 +275,13 @@ def test_any_sampling_settings(toks, models, temperature, top_k, top_p, min_p, b
     result = generate(models["bpe"], toks["bpe"], "the", s)
     assert len(result.token_ids) == 2
     if strategy == "sample":  # the filters leave at least one token to pick
-        logits = process_logits(torch.randn(3, toks["bpe"].vocab_size), temperature=s.temperature, top_k=s.top_k,
-                                top_p=s.top_p, min_p=s.min_p)
+        logits = process_logits(
+            torch.randn(3, toks["bpe"].vocab_size),
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+        )
         assert torch.isfinite(logits).any(dim=-1).all()
 
 
@@ -249,8 +290,20 @@ def test_any_sampling_settings(toks, models, temperature, top_k, top_p, min_p, b
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    spec = TrainSpec.from_preset("tiny", "builtin:tiny", n_layer=1, n_head=2, n_embd=16, block_size=16, max_iters=2,
-                                 eval_interval=2, eval_iters=1, batch_size=2, sample_tokens=0, device="cpu")
+    spec = TrainSpec.from_preset(
+        "tiny",
+        "builtin:tiny",
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        block_size=16,
+        max_iters=2,
+        eval_interval=2,
+        eval_iters=1,
+        batch_size=2,
+        sample_tokens=0,
+        device="cpu",
+    )
     return train(spec, store=RunStore(tmp_path_factory.mktemp("cli") / "runs")).run_dir
 
 
@@ -301,8 +354,13 @@ def test_cli_train_out_of_range_writes_nothing(tmp_path, capsys, flags):
 
 def test_cli_out_of_range_in_a_real_process(run_dir):
     """The same path end to end: a real interpreter, stderr, exit status, no traceback."""
-    p = subprocess.run([sys.executable, "-m", "tinygpt_core", "generate", str(run_dir), "--top-p", "0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "tinygpt_core", "generate", str(run_dir), "--top-p", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and p.stderr.startswith("error: top_p") and "Traceback" not in p.stderr
 
 

@@ -30,8 +30,19 @@ LIMIT_VARS = list(limits.DEFAULTS)
 
 
 def tiny_spec(**overrides) -> TrainSpec:
-    settings_ = dict(max_iters=6, eval_interval=3, eval_iters=1, n_layer=1, n_head=2, n_embd=32, block_size=16,
-                     batch_size=4, sample_tokens=0, device="cpu", warmup_iters=1)
+    settings_ = dict(
+        max_iters=6,
+        eval_interval=3,
+        eval_iters=1,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        sample_tokens=0,
+        device="cpu",
+        warmup_iters=1,
+    )
     settings_.update(overrides)
     return TrainSpec.from_preset("tiny", "builtin:tiny", **settings_)
 
@@ -74,12 +85,25 @@ class Blocking:
 
 def test_defaults_are_safe_for_a_shared_server():
     lim = limits.current()
-    assert lim == limits.Limits(max_upload_bytes=10_000_000, max_params=50_000_000, max_iters=100_000,
-                                max_jobs_per_device=1, max_queued_jobs=32, read_only=False)
+    assert lim == limits.Limits(
+        max_upload_bytes=10_000_000,
+        max_params=50_000_000,
+        max_iters=100_000,
+        max_jobs_per_device=1,
+        max_queued_jobs=32,
+        read_only=False,
+    )
 
 
-@pytest.mark.parametrize("name,value", [("TINYGPT_MAX_PARAMS", "lots"), ("TINYGPT_MAX_ITERS", "0"),
-                                        ("TINYGPT_MAX_JOBS_PER_DEVICE", "-1"), ("TINYGPT_READ_ONLY", "maybe")])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("TINYGPT_MAX_PARAMS", "lots"),
+        ("TINYGPT_MAX_ITERS", "0"),
+        ("TINYGPT_MAX_JOBS_PER_DEVICE", "-1"),
+        ("TINYGPT_READ_ONLY", "maybe"),
+    ],
+)
 def test_a_malformed_limit_is_an_error_naming_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
@@ -122,12 +146,17 @@ def test_the_queue_is_bounded_too(tmp_path, monkeypatch):
         runner.shutdown()
 
 
-@pytest.mark.parametrize("env,overrides,message", [
-    ({"TINYGPT_MAX_ITERS": "100"}, {"max_iters": 101}, "101 steps is more than this server allows (100"),
-    ({"TINYGPT_MAX_PARAMS": "10000"}, {}, "more than this server allows (10,000"),
-], ids=["max_iters", "max_params"])
-def test_runner_and_cli_refuse_a_run_over_the_limits_before_writing_anything(tmp_path, monkeypatch, capsys,
-                                                                          env, overrides, message):
+@pytest.mark.parametrize(
+    "env,overrides,message",
+    [
+        ({"TINYGPT_MAX_ITERS": "100"}, {"max_iters": 101}, "101 steps is more than this server allows (100"),
+        ({"TINYGPT_MAX_PARAMS": "10000"}, {}, "more than this server allows (10,000"),
+    ],
+    ids=["max_iters", "max_params"],
+)
+def test_runner_and_cli_refuse_a_run_over_the_limits_before_writing_anything(
+    tmp_path, monkeypatch, capsys, env, overrides, message
+):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     store = RunStore(tmp_path / "runs")
@@ -137,8 +166,22 @@ def test_runner_and_cli_refuse_a_run_over_the_limits_before_writing_anything(tmp
             runner.submit(tiny_spec(**overrides))
     finally:
         runner.shutdown()
-    argv = ["train", "--corpus", "builtin:tiny", "--runs-dir", str(store.root), "--n-layer", "1",
-            "--n-embd", "32", "--block-size", "16", "--max-iters", str(overrides.get("max_iters", 6)), "--no-progress"]
+    argv = [
+        "train",
+        "--corpus",
+        "builtin:tiny",
+        "--runs-dir",
+        str(store.root),
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--block-size",
+        "16",
+        "--max-iters",
+        str(overrides.get("max_iters", 6)),
+        "--no-progress",
+    ]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not store.root.exists() or not any(store.root.iterdir())
@@ -262,9 +305,31 @@ def test_the_app_caps_uploads_at_the_operator_limit(app_env, monkeypatch):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=hs.one_of(hs.text(max_size=80), hs.sampled_from([
-    "../../etc/passwd", "..", ".", "/", "/tmp/x", "C:\\Windows\\x", "a/../../b", "\x00", "~root", ".hidden",
-    "con", "%2e%2e%2f", "\u2024\u2024/x", "..\u2215..\u2215x", " ", "\ufe30"])))
+@given(
+    name=hs.one_of(
+        hs.text(max_size=80),
+        hs.sampled_from(
+            [
+                "../../etc/passwd",
+                "..",
+                ".",
+                "/",
+                "/tmp/x",
+                "C:\\Windows\\x",
+                "a/../../b",
+                "\x00",
+                "~root",
+                ".hidden",
+                "con",
+                "%2e%2e%2f",
+                "\u2024\u2024/x",
+                "..\u2215..\u2215x",
+                " ",
+                "\ufe30",
+            ]
+        ),
+    )
+)
 def test_run_names_cannot_escape_the_store(tmp_path, name):
     root = (tmp_path / "runs").resolve()
     path = RunStore(root).create(name).resolve()
@@ -293,8 +358,9 @@ def test_upload_file_names_become_plain_base_names(name):
 def test_an_upload_named_like_a_path_writes_only_inside_its_run(tmp_path):
     store = RunStore(tmp_path / "runs")
     corpus = corpus_from_bytes("../../../outside.txt", ("the cat sat on the mat. " * 40).encode())
-    run_dir = train(TrainSpec(corpus=corpus, model=tiny_spec().model, train=tiny_spec().train,
-                              name="../../escape"), store=store).run_dir
+    run_dir = train(
+        TrainSpec(corpus=corpus, model=tiny_spec().model, train=tiny_spec().train, name="../../escape"), store=store
+    ).run_dir
     assert run_dir.parent == store.root
     outside = [p for p in tmp_path.rglob("*") if store.root not in p.parents and p != store.root]
     assert outside == []
@@ -346,8 +412,10 @@ def test_the_cli_applies_only_the_limits_an_operator_has_set(monkeypatch):
     assert limits.current(explicit_only=True).max_iters == 5000
 
 
-@pytest.mark.parametrize("name,value", [("TINYGPT_MAX_JOBS_PER_DEVICE", "lots"), ("TINYGPT_READ_ONLY", "maybe"),
-                                        ("TINYGPT_MAX_UPLOAD_MB", "-3")])
+@pytest.mark.parametrize(
+    "name,value",
+    [("TINYGPT_MAX_JOBS_PER_DEVICE", "lots"), ("TINYGPT_READ_ONLY", "maybe"), ("TINYGPT_MAX_UPLOAD_MB", "-3")],
+)
 def test_a_malformed_limit_shows_on_every_page_instead_of_a_traceback(app_env, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     for page in (None, "pages/train.py", "pages/runs.py", "pages/attention.py", "pages/sampling.py"):

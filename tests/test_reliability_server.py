@@ -22,10 +22,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 import conftest
+import pytest
 from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
+
 from tinygpt_core.errors import RunError
 from tinygpt_core.runs import RunStore, load_checkpoint_state, load_run, read_metrics, read_status
 from tinygpt_core.training import TrainSpec, train
@@ -35,8 +35,14 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 SESSION_TTL_S = 3  # server.disconnectedSessionTTL for the soak (default 120 s): closed sessions are freed sooner
 VIEWPORT = {"width": 1280, "height": 900}
-HEADINGS = {"/": "TinyGPT Lab", "/train": "Train a tiny GPT", "/runs": "Runs & ablations",
-            "/attention": "Attention", "/sampling": "Sampling", "/tokenizers": "Tokenizers"}
+HEADINGS = {
+    "/": "TinyGPT Lab",
+    "/train": "Train a tiny GPT",
+    "/runs": "Runs & ablations",
+    "/attention": "Attention",
+    "/sampling": "Sampling",
+    "/tokenizers": "Tokenizers",
+}
 CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
     .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))"""
 
@@ -137,9 +143,20 @@ def stop(page) -> float:
 
 def seed_run(runs_dir: Path) -> str:
     """A finished tiny run for Attention and Sampling to open."""
-    spec = TrainSpec.from_preset("tiny", "builtin:tiny", n_layer=1, n_head=2, n_embd=32, block_size=16,
-                                 max_iters=20, eval_interval=10, eval_iters=1, batch_size=4, device="cpu",
-                                 name="seed")
+    spec = TrainSpec.from_preset(
+        "tiny",
+        "builtin:tiny",
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        max_iters=20,
+        eval_interval=10,
+        eval_iters=1,
+        batch_size=4,
+        device="cpu",
+        name="seed",
+    )
     return train(spec, store=RunStore(runs_dir)).run_dir.name
 
 
@@ -199,9 +216,11 @@ def test_soak_30_sessions_leave_memory_and_threads_near_the_start(lab, browser):
     end = proc_stats(pid)
 
     growth = end["rss_mb"] - start["rss_mb"]
-    print(f"\nsoak: 30 sessions, page ready in median {statistics.median(times):.2f} s, max {max(times):.2f} s; "
-          f"RSS {start['rss_mb']:.0f} -> {mid['rss_mb']:.0f} (after 15) -> {end['rss_mb']:.0f} MB "
-          f"({growth:+.1f} MB); threads {start['threads']} -> {mid['threads']} -> {end['threads']}")
+    print(
+        f"\nsoak: 30 sessions, page ready in median {statistics.median(times):.2f} s, max {max(times):.2f} s; "
+        f"RSS {start['rss_mb']:.0f} -> {mid['rss_mb']:.0f} (after 15) -> {end['rss_mb']:.0f} MB "
+        f"({growth:+.1f} MB); threads {start['threads']} -> {mid['threads']} -> {end['threads']}"
+    )
     # One thread kept per session would add 30; Streamlit's idle worker pool moves by a few.
     assert end["threads"] <= start["threads"] + 4, (start, end)
     # A leak of 2 MB per session would add 60 MB; allocator noise is a few MB.
@@ -281,14 +300,16 @@ def test_eight_sessions_at_once_two_training_six_browsing(lab, browser):
         steps = list(read_metrics(runs_dir / run_id)["step"])
         assert steps == list(range(1, len(steps) + 1)) and steps, "a run was trained twice or lost rows"
         assert load_run(runs_dir / run_id).model is not None
-    print(f"\nload: 8 sessions ({held} connections at arrival, {held_peak} while browsing), all 8 home pages "
-          f"ready {first_load:.1f} s after arriving together; {len(times)} page loads under load: median "
-          f"{statistics.median(times):.2f} s, max {max(times):.2f} s (server process busy {server_cores:.2f} "
-          f"cores meanwhile, training included); health check answered in max {max(health) * 1000:.0f} ms; "
-          f"Stop shown after {stop_first:.2f} s / "
-          f"{stop_second:.2f} s; runs trained {[listed[r].steps for r in run_ids]} steps; "
-          f"RSS {before['rss_mb']:.0f} -> {during['rss_mb']:.0f} -> {after['rss_mb']:.0f} MB, "
-          f"threads {before['threads']} -> {during['threads']} -> {after['threads']}")
+    print(
+        f"\nload: 8 sessions ({held} connections at arrival, {held_peak} while browsing), all 8 home pages "
+        f"ready {first_load:.1f} s after arriving together; {len(times)} page loads under load: median "
+        f"{statistics.median(times):.2f} s, max {max(times):.2f} s (server process busy {server_cores:.2f} "
+        f"cores meanwhile, training included); health check answered in max {max(health) * 1000:.0f} ms; "
+        f"Stop shown after {stop_first:.2f} s / "
+        f"{stop_second:.2f} s; runs trained {[listed[r].steps for r in run_ids]} steps; "
+        f"RSS {before['rss_mb']:.0f} -> {during['rss_mb']:.0f} -> {after['rss_mb']:.0f} MB, "
+        f"threads {before['threads']} -> {during['threads']} -> {after['threads']}"
+    )
     assert held >= 8
 
 
@@ -344,8 +365,12 @@ def test_server_killed_mid_training_restarts_with_the_run_interrupted_and_resuma
         page.get_by_role("button", name="Resume").click()
         step_text = page.get_by_text(re.compile(r"^Step [\d,]+ / 20,000"))
         step_text.first.wait_for(timeout=120_000)
-        poll(lambda: int(read_metrics(run_dir)["step"].iloc[-1]), lambda s: s > logged, 180,
-             "training past the step it was killed at")
+        poll(
+            lambda: int(read_metrics(run_dir)["step"].iloc[-1]),
+            lambda s: s > logged,
+            180,
+            "training past the step it was killed at",
+        )
         stop(page)
         assert_no_error(page, "Train (resumed, stopped)")
         page.goto("/runs")
@@ -361,6 +386,8 @@ def test_server_killed_mid_training_restarts_with_the_run_interrupted_and_resuma
     kept = before[before["step"] <= kept_step].reset_index(drop=True)
     assert after.iloc[: len(kept)].equals(kept), "the metrics up to the checkpoint changed"
     assert read_status(run_dir).status == "stopped"
-    print(f"\ncrash: SIGKILL at step ~{logged} (checkpoint {kept_step}); after restart the run reopened as "
-          f"interrupted in {reopen:.1f} s; {logged - kept_step} logged rows past the checkpoint were dropped; "
-          f"resumed from {kept_step} to {steps[-1]}")
+    print(
+        f"\ncrash: SIGKILL at step ~{logged} (checkpoint {kept_step}); after restart the run reopened as "
+        f"interrupted in {reopen:.1f} s; {logged - kept_step} logged rows past the checkpoint were dropped; "
+        f"resumed from {kept_step} to {steps[-1]}"
+    )

@@ -44,8 +44,17 @@ def trained(tmp_path_factory):
     spec = TrainSpec(
         corpus="builtin:tiny",
         model=ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16),
-        train=TrainConfig(batch_size=8, max_iters=20, eval_interval=10, eval_iters=2, sample_tokens=8,
-                          warmup_iters=2, seed=3, device="cpu", precision="fp32"),
+        train=TrainConfig(
+            batch_size=8,
+            max_iters=20,
+            eval_interval=10,
+            eval_iters=2,
+            sample_tokens=8,
+            warmup_iters=2,
+            seed=3,
+            device="cpu",
+            precision="fp32",
+        ),
         name="fixture run",
     )
     result = train(spec, store=RunStore(tmp_path_factory.mktemp("runs")))
@@ -296,8 +305,10 @@ def _dead_pid() -> int:
 
 def test_running_with_dead_pid_reads_as_interrupted(copy):
     store, run_id, path = copy
-    write_json_atomic(path / "status.json", {"status": "running", "message": "", "step": 12,
-                                             "pid": _dead_pid(), "updated_at": time.time()})
+    write_json_atomic(
+        path / "status.json",
+        {"status": "running", "message": "", "step": 12, "pid": _dead_pid(), "updated_at": time.time()},
+    )
     st = read_status(path)
     assert st.status == "interrupted" and st.step == 12 and "resume" in st.message
     store.delete(run_id)  # an interrupted run can be deleted
@@ -306,8 +317,10 @@ def test_running_with_dead_pid_reads_as_interrupted(copy):
 
 def test_running_with_stale_heartbeat_reads_as_interrupted(copy):
     _, _, path = copy
-    write_json_atomic(path / "status.json", {"status": "running", "message": "", "step": 3,
-                                             "pid": os.getpid(), "updated_at": time.time() - 500})
+    write_json_atomic(
+        path / "status.json",
+        {"status": "running", "message": "", "step": 3, "pid": os.getpid(), "updated_at": time.time() - 500},
+    )
     assert read_status(path).status == "interrupted"
 
 
@@ -344,6 +357,7 @@ def test_valid_file_whose_header_looks_like_a_pickle_opcode_is_accepted(tmp_path
     # The first byte of a safetensors file is the low byte of its header length: 0x80 is a valid
     # length byte and must not be mistaken for the pickle protocol marker.
     from safetensors.torch import save
+
     from tinygpt_core.runs import _safetensors_problem
 
     for pad in range(200):
@@ -357,8 +371,10 @@ def test_valid_file_whose_header_looks_like_a_pickle_opcode_is_accepted(tmp_path
 
 
 def test_queued_by_a_dead_process_reads_as_interrupted(tmp_path):
-    write_json_atomic(tmp_path / "status.json", {"status": "queued", "message": "", "step": 0,
-                                                 "pid": _dead_pid(), "updated_at": time.time()})
+    write_json_atomic(
+        tmp_path / "status.json",
+        {"status": "queued", "message": "", "step": 0, "pid": _dead_pid(), "updated_at": time.time()},
+    )
     assert read_status(tmp_path).status == "interrupted"
     RunWriter(tmp_path).write_status("queued", "Waiting")
     assert read_status(tmp_path).status == "queued"

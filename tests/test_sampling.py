@@ -250,8 +250,14 @@ def test_sampled_tokens_respect_the_filters(model, tok):
 
 @pytest.mark.parametrize(
     "kw",
-    [{}, dict(attn_window=3), dict(pos_encoding="sinusoidal"), dict(pos_encoding="none", norm_position="post"),
-     dict(swap_qk=True, use_residual=False), dict(use_layernorm=False)],
+    [
+        {},
+        dict(attn_window=3),
+        dict(pos_encoding="sinusoidal"),
+        dict(pos_encoding="none", norm_position="post"),
+        dict(swap_qk=True, use_residual=False),
+        dict(use_layernorm=False),
+    ],
 )
 def test_kv_cache_generation_equals_no_cache_past_block_size(tok, kw):
     model = tiny_model(tok.vocab_size, **kw)
@@ -276,9 +282,12 @@ def test_kv_cache_logits_match_a_full_forward(tok):
 
 def test_beam_search_with_one_beam_is_greedy(model, tok):
     for rep in (1.0, 1.5):
-        greedy = generate(model, tok, "abc", SamplingSettings(strategy="greedy", max_new_tokens=20, repetition_penalty=rep))
-        beam = generate(model, tok, "abc", SamplingSettings(strategy="beam", num_beams=1, max_new_tokens=20,
-                                                            repetition_penalty=rep))
+        greedy = generate(
+            model, tok, "abc", SamplingSettings(strategy="greedy", max_new_tokens=20, repetition_penalty=rep)
+        )
+        beam = generate(
+            model, tok, "abc", SamplingSettings(strategy="beam", num_beams=1, max_new_tokens=20, repetition_penalty=rep)
+        )
         assert beam.token_ids == greedy.token_ids
         assert beam.text == greedy.text and beam.beams[0][0] == greedy.text
 
@@ -293,8 +302,12 @@ def _logprob_of(model, prompt_ids, new_ids):
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
 def test_beam_scores_are_sorted_and_normalised_log_probs(model, tok, length_penalty):
     n = 6
-    res = generate(model, tok, "abc", SamplingSettings(strategy="beam", num_beams=4, max_new_tokens=n,
-                                                       length_penalty=length_penalty))
+    res = generate(
+        model,
+        tok,
+        "abc",
+        SamplingSettings(strategy="beam", num_beams=4, max_new_tokens=n, length_penalty=length_penalty),
+    )
     scores = [s for _, s in res.beams]
     assert len(scores) == 4 and scores == sorted(scores, reverse=True)
     assert len({text for text, _ in res.beams}) == 4  # distinct beams
@@ -376,8 +389,13 @@ def test_next_token_distribution(model, tok):
     assert len(d["tokens"]) == V and d["probs"].shape == (V,)
     assert d["probs"].sum() == pytest.approx(1.0, abs=1e-5)
     labels = list(d["kept"])
-    assert labels == ["sample T=1 top-k=3", "sample T=1 top-k=3 (2)", "sample T=0.5 top-p=0.8 min-p=0.1",
-                      "greedy", "beam ×2"]
+    assert labels == [
+        "sample T=1 top-k=3",
+        "sample T=1 top-k=3 (2)",
+        "sample T=0.5 top-p=0.8 min-p=0.1",
+        "greedy",
+        "beam ×2",
+    ]
     with torch.no_grad():
         logits = model(torch.tensor([tok.encode("abc")])).logits[0, -1]
     expected = torch.isfinite(process_logits(logits, temperature=0.5, top_p=0.8, min_p=0.1)).numpy()

@@ -28,9 +28,23 @@ def _one_thread():
 
 
 def spec(**train_overrides) -> TrainSpec:
-    model_overrides = {k: train_overrides.pop(k) for k in list(train_overrides) if k in ModelConfig.__dataclass_fields__}
-    train_cfg = dict(batch_size=8, max_iters=40, eval_interval=10, eval_iters=2, lr=3e-3, min_lr=3e-4,
-                     warmup_iters=5, weight_decay=0.0, sample_tokens=8, seed=7, device="cpu", precision="fp32")
+    model_overrides = {
+        k: train_overrides.pop(k) for k in list(train_overrides) if k in ModelConfig.__dataclass_fields__
+    }
+    train_cfg = dict(
+        batch_size=8,
+        max_iters=40,
+        eval_interval=10,
+        eval_iters=2,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_iters=5,
+        weight_decay=0.0,
+        sample_tokens=8,
+        seed=7,
+        device="cpu",
+        precision="fp32",
+    )
     train_cfg.update(train_overrides)
     model = ModelConfig(**{**dict(n_layer=1, n_head=2, n_embd=32, block_size=16), **model_overrides})
     return TrainSpec(corpus="builtin:tiny", model=model, train=TrainConfig(**train_cfg))
@@ -54,8 +68,16 @@ def test_loss_falls_and_run_folder_is_complete(tmp_path):
     # A char model starts near ln(vocab) and must do clearly better after 60 steps.
     assert losses[0] > 3.0
     assert sum(losses[-10:]) / 10 < losses[0] - 0.6
-    for name in ("config.json", "metrics.csv", "model.safetensors", "last.safetensors", "optimizer.safetensors",
-                 "tokenizer.json", "status.json", "samples.json"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "model.safetensors",
+        "last.safetensors",
+        "optimizer.safetensors",
+        "tokenizer.json",
+        "status.json",
+        "samples.json",
+    ):
         assert (result.run_dir / name).is_file(), name
     m = read_metrics(result.run_dir)
     assert list(m["step"]) == list(range(1, 61))
@@ -88,8 +110,12 @@ def test_resume_continues_the_curve_exactly(tmp_path):
             stop.set()
 
     first_events = []
-    first = train(spec(max_iters=40, dropout=0.1), store=RunStore(tmp_path / "part2"),
-                  callbacks=[first_events.append, stop_at_20], stop_event=stop)
+    first = train(
+        spec(max_iters=40, dropout=0.1),
+        store=RunStore(tmp_path / "part2"),
+        callbacks=[first_events.append, stop_at_20],
+        stop_event=stop,
+    )
     assert first.status == "stopped" and first.steps == 20
     assert "resume" in first.message
     assert read_status(first.run_dir).status == "stopped"
@@ -181,8 +207,9 @@ def test_cancel_from_another_thread_within_one_step(tmp_path):
 
     box = {}
     s = spec(max_iters=100_000, eval_interval=100_000)
-    t = threading.Thread(target=lambda: box.update(r=train(s, store=RunStore(tmp_path), callbacks=[cb],
-                                                           stop_event=stop)))
+    t = threading.Thread(
+        target=lambda: box.update(r=train(s, store=RunStore(tmp_path), callbacks=[cb], stop_event=stop))
+    )
     t.start()
     assert seen.wait(60)
     at_stop = last["step"]
@@ -257,9 +284,11 @@ def test_compile_failure_falls_back_with_a_note(tmp_path, monkeypatch):
 
 def test_too_short_corpus_raises_before_any_folder(tmp_path):
     root = tmp_path / "runs"
-    s = TrainSpec(corpus=Corpus("short", "hello world " * 2, "upload:short.txt"),
-                  model=ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16),
-                  train=TrainConfig(max_iters=5, device="cpu"))
+    s = TrainSpec(
+        corpus=Corpus("short", "hello world " * 2, "upload:short.txt"),
+        model=ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16),
+        train=TrainConfig(max_iters=5, device="cpu"),
+    )
     with pytest.raises(DataError, match="context"):
         train(s, store=RunStore(root))
     assert not root.exists() or not any(root.iterdir())

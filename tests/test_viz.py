@@ -170,8 +170,9 @@ def test_attention_labels_are_escaped() -> None:
 def test_attention_grid_from_real_model() -> None:
     tok = train_tokenizer("char", "abcabcabc hello")
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16,
-                            attn_window=4)).eval()
+    model = GPT(
+        ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16, attn_window=4)
+    ).eval()
     maps = attention_maps(model, tok, "abc hello")
     fig = viz.attention_grid_figure(maps, 1, window=4)
     assert sum(isinstance(t, go.Heatmap) for t in fig.data) == 2
@@ -222,8 +223,11 @@ def test_distribution_figure_shows_kept_and_cut() -> None:
 
 
 def test_token_html_escapes_and_colours() -> None:
-    out = viz.token_html(["<script>alert(1)</script>", " ", "\n", "ok"], [0.0, 0.5, None, 1.0],
-                         ['"><img src=x onerror=alert(1)>', "b", "c", "p=0.99"])
+    out = viz.token_html(
+        ["<script>alert(1)</script>", " ", "\n", "ok"],
+        [0.0, 0.5, None, 1.0],
+        ['"><img src=x onerror=alert(1)>', "b", "c", "p=0.99"],
+    )
     assert "<script" not in out and "<img" not in out
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in out
     assert 'title="&quot;&gt;&lt;img src=x onerror=alert(1)&gt;"' in out  # cannot break out of the attribute
@@ -266,8 +270,10 @@ def test_figure_to_png_returns_none_when_unavailable(monkeypatch: pytest.MonkeyP
     assert viz.figure_to_png(viz.loss_figure(None)) is None  # not retried after a failure
 
 
-@pytest.mark.skipif(not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
-                    reason="PNG export needs a local Chrome/Chromium for kaleido")
+@pytest.mark.skipif(
+    not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
+    reason="PNG export needs a local Chrome/Chromium for kaleido",
+)
 def test_figure_to_png_with_local_chromium(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(viz, "_png_unavailable", None)
     png = viz.figure_to_png(viz.head_stats_figure({"entropy": np.ones((2, 2))}, "entropy"), scale=1)

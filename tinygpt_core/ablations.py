@@ -36,11 +36,15 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "no-residual": ("No skip connections: each block computes x = f(x).", {"use_residual": False}),
     "pos-none": ("No position information at all (only the causal mask orders tokens).", {"pos_encoding": "none"}),
     "pos-sinusoidal": ("Fixed sinusoidal positions instead of learned ones.", {"pos_encoding": "sinusoidal"}),
-    "post-norm": ("LayerNorm after the residual add (original Transformer) instead of before.",
-                  {"norm_position": "post"}),
+    "post-norm": (
+        "LayerNorm after the residual add (original Transformer) instead of before.",
+        {"norm_position": "post"},
+    ),
     "swap-qk": ("Queries use the key projection and keys the query projection.", {"swap_qk": True}),
-    f"{WINDOW_PREFIX}{DEFAULT_WINDOW}": (f"Local attention: each token sees at most {DEFAULT_WINDOW} tokens.",
-                                         {"attn_window": DEFAULT_WINDOW}),
+    f"{WINDOW_PREFIX}{DEFAULT_WINDOW}": (
+        f"Local attention: each token sees at most {DEFAULT_WINDOW} tokens.",
+        {"attn_window": DEFAULT_WINDOW},
+    ),
     "one-head": ("A single attention head of full width (n_head = 1).", {"n_head": 1}),
     "relu": ("ReLU instead of GELU in the MLP.", {"activation": "relu"}),
     "untied": ("Separate output head instead of sharing the token embedding matrix.", {"tie_weights": False}),
@@ -80,7 +84,7 @@ def parse_grid_name(name: str | None) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def grid_specs(base: "TrainSpec", ablations: Sequence[str], grid_id: str | None = None) -> list["TrainSpec"]:
+def grid_specs(base: TrainSpec, ablations: Sequence[str], grid_id: str | None = None) -> list[TrainSpec]:
     """The baseline followed by one spec per ablation, named ``grid-<id>/<label>``.
 
     Each ablated spec copies the baseline and changes only its ModelConfig, so seed, data order and
@@ -110,15 +114,23 @@ def grid_specs(base: "TrainSpec", ablations: Sequence[str], grid_id: str | None 
     return specs
 
 
-def _with(base: "TrainSpec", model: ModelConfig, name: str) -> "TrainSpec":
+def _with(base: TrainSpec, model: ModelConfig, name: str) -> TrainSpec:
     # Fresh copies of both configs so no two specs share a mutable dataclass.
     train = dataclasses.replace(base.train)
     return dataclasses.replace(base, model=dataclasses.replace(model), train=train, name=name)
 
 
 COMPARE_COLUMNS = [
-    "ablation", "name", "status", "steps", "final_train_loss", "final_val_loss", "gap",
-    "best_val_loss", "delta", "ratio",
+    "ablation",
+    "name",
+    "status",
+    "steps",
+    "final_train_loss",
+    "final_val_loss",
+    "gap",
+    "best_val_loss",
+    "delta",
+    "ratio",
 ]
 
 
@@ -140,16 +152,18 @@ def compare_to_baseline(summaries: Iterable[Any]) -> pd.DataFrame:
         parsed = parse_grid_name(name)
         label = parsed[1] if parsed else name
         train_loss, val_loss = _num(get("final_train_loss")), _num(get("final_val_loss"))
-        rows.append({
-            "ablation": label,
-            "name": name,
-            "status": get("status") or "",
-            "steps": get("steps") if get("steps") is not None else 0,
-            "final_train_loss": train_loss,
-            "final_val_loss": val_loss,
-            "gap": val_loss - train_loss,  # NaN propagates when either is unknown
-            "best_val_loss": _num(get("best_val_loss")),
-        })
+        rows.append(
+            {
+                "ablation": label,
+                "name": name,
+                "status": get("status") or "",
+                "steps": get("steps") if get("steps") is not None else 0,
+                "final_train_loss": train_loss,
+                "final_val_loss": val_loss,
+                "gap": val_loss - train_loss,  # NaN propagates when either is unknown
+                "best_val_loss": _num(get("best_val_loss")),
+            }
+        )
     df = pd.DataFrame(rows, columns=COMPARE_COLUMNS[:-2])
     is_base = df["ablation"] == BASELINE
     base_val = df.loc[is_base, "final_val_loss"].iloc[0] if is_base.any() else math.nan
@@ -165,8 +179,9 @@ def metrics_summary(metrics: pd.DataFrame) -> dict[str, float | int | None]:
 
     Works on a partial table (a run still training): "final" means the latest eval so far.
     """
-    out: dict[str, float | int | None] = dict(steps=0, final_train_loss=None, final_val_loss=None,
-                                               best_val_loss=None, best_step=None)
+    out: dict[str, float | int | None] = dict(
+        steps=0, final_train_loss=None, final_val_loss=None, best_val_loss=None, best_step=None
+    )
     if metrics is None or metrics.empty:
         return out
     out["steps"] = int(metrics["step"].iloc[-1])

@@ -32,7 +32,8 @@ def zip_run(run_dir: str | Path, max_bytes: int | None = 2 * 1024**3) -> bytes:
         raise RunError(f"{run_dir} is not a run (it has no config.json); nothing to download.")
 
     files = sorted(
-        p for p in run_dir.iterdir()
+        p
+        for p in run_dir.iterdir()
         if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and not p.name.endswith(_TMP_SUFFIXES)
     )
     total = sum(p.stat().st_size for p in files)

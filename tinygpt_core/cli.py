@@ -15,9 +15,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from . import limits
 from .config import (
     ACTIVATIONS,
     DEVICES,
@@ -25,13 +27,12 @@ from .config import (
     OPTIMIZERS,
     POS_ENCODINGS,
     PRECISIONS,
-    TOKENIZER_KINDS,
     PRESETS,
+    TOKENIZER_KINDS,
     ModelConfig,
     TrainConfig,
     get_preset,
 )
-from . import limits
 from .errors import ConfigError, RunError, TinyGPTError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -55,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs(sub)
     sub.add_parser("presets", help="list the named presets with their descriptions").set_defaults(func=cmd_presets)
     corpora = sub.add_parser("corpora", help="list the built-in corpora, or download a well-known one")
-    corpora.add_argument("--download", metavar="NAME",
-                         help="fetch a well-known corpus (tinyshakespeare) into the local cache (needs internet once)")
+    corpora.add_argument(
+        "--download",
+        metavar="NAME",
+        help="fetch a well-known corpus (tinyshakespeare) into the local cache (needs internet once)",
+    )
     corpora.add_argument("--url", help="download from this address instead of the known one (http, https or file)")
     corpora.set_defaults(func=cmd_corpora)
     return parser
@@ -73,22 +77,42 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--corpus", metavar="SOURCE", help="builtin:NAME (see `corpora`) or a path to a UTF-8 text file")
     data.add_argument("--tokenizer", choices=TOKENIZER_KINDS, help="tokenizer kind (default: the preset's)")
-    data.add_argument("--vocab-size", type=int, dest="tokenizer_vocab_size", metavar="N",
-                      help="target vocabulary size for bpe, cap for word")
+    data.add_argument(
+        "--vocab-size",
+        type=int,
+        dest="tokenizer_vocab_size",
+        metavar="N",
+        help="target vocabulary size for bpe, cap for word",
+    )
 
     out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, metavar="RUN_DIR",
-                     help="run folder to write (must not exist or be empty; parents are created); "
-                          "default: a new folder in the run store")
-    out.add_argument("--runs-dir", type=Path, metavar="DIR",
-                     help="run store used when --out is not given (default: $TINYGPT_RUNS_DIR or ./runs)")
+    out.add_argument(
+        "--out",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run folder to write (must not exist or be empty; parents are created); "
+        "default: a new folder in the run store",
+    )
+    out.add_argument(
+        "--runs-dir",
+        type=Path,
+        metavar="DIR",
+        help="run store used when --out is not given (default: $TINYGPT_RUNS_DIR or ./runs)",
+    )
     out.add_argument("--name", help="a name for the run (shown in the runs table)")
-    out.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                     help="continue a stopped or interrupted run instead of starting one (only --max-iters applies)")
+    out.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a stopped or interrupted run instead of starting one (only --max-iters applies)",
+    )
 
     model = p.add_argument_group("model")
-    model.add_argument("--preset", default="tiny",
-                       help=f"named starting configuration: {', '.join(PRESETS)} (default: tiny; see `presets`)")
+    model.add_argument(
+        "--preset",
+        default="tiny",
+        help=f"named starting configuration: {', '.join(PRESETS)} (default: tiny; see `presets`)",
+    )
     model.add_argument("--n-layer", type=int, metavar="N", help="transformer blocks")
     model.add_argument("--n-head", type=int, metavar="N", help="attention heads per block (must divide --n-embd)")
     model.add_argument("--n-embd", type=int, metavar="N", help="width of the residual stream")
@@ -98,25 +122,48 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--activation", choices=ACTIVATIONS, help="MLP non-linearity")
 
     abl = p.add_argument_group("ablations", "switch parts of the GPT-2 architecture off or change them")
-    abl.add_argument("--no-layernorm", dest="use_layernorm", action="store_const", const=False,
-                     help="replace every LayerNorm by the identity")
-    abl.add_argument("--no-residual", dest="use_residual", action="store_const", const=False,
-                     help="drop the residual (skip) connections")
-    abl.add_argument("--swap-qk", dest="swap_qk", action="store_const", const=True,
-                     help="queries use the key projection and keys the query projection")
+    abl.add_argument(
+        "--no-layernorm",
+        dest="use_layernorm",
+        action="store_const",
+        const=False,
+        help="replace every LayerNorm by the identity",
+    )
+    abl.add_argument(
+        "--no-residual",
+        dest="use_residual",
+        action="store_const",
+        const=False,
+        help="drop the residual (skip) connections",
+    )
+    abl.add_argument(
+        "--swap-qk",
+        dest="swap_qk",
+        action="store_const",
+        const=True,
+        help="queries use the key projection and keys the query projection",
+    )
     abl.add_argument("--pos-encoding", choices=POS_ENCODINGS, help="position information: learned, sinusoidal or none")
-    abl.add_argument("--norm-position", choices=NORM_POSITIONS,
-                     help="LayerNorm before (pre, GPT-2) or after (post) each sub-layer")
+    abl.add_argument(
+        "--norm-position", choices=NORM_POSITIONS, help="LayerNorm before (pre, GPT-2) or after (post) each sub-layer"
+    )
     abl.add_argument("--attn-window", type=int, metavar="N", help="local attention: each token sees at most N tokens")
-    abl.add_argument("--no-bias", dest="bias", action="store_const", const=False,
-                     help="no biases in Linear and LayerNorm layers")
-    abl.add_argument("--untie-weights", dest="tie_weights", action="store_const", const=False,
-                     help="give the output head its own matrix instead of sharing the token embedding")
+    abl.add_argument(
+        "--no-bias", dest="bias", action="store_const", const=False, help="no biases in Linear and LayerNorm layers"
+    )
+    abl.add_argument(
+        "--untie-weights",
+        dest="tie_weights",
+        action="store_const",
+        const=False,
+        help="give the output head its own matrix instead of sharing the token embedding",
+    )
 
     tr = p.add_argument_group("training")
     tr.add_argument("--batch-size", type=int, metavar="N", help="sequences per micro-batch")
-    tr.add_argument("--lr", type=float, metavar="X",
-                    help="peak learning rate (the cosine floor follows at lr/10 unless --min-lr)")
+    tr.add_argument(
+        "--lr", type=float, metavar="X", help="peak learning rate (the cosine floor follows at lr/10 unless --min-lr)"
+    )
     tr.add_argument("--min-lr", type=float, metavar="X", help="learning rate at the end of the cosine decay")
     tr.add_argument("--max-iters", type=int, metavar="N", help="optimizer steps")
     tr.add_argument("--eval-interval", type=int, metavar="N", help="estimate train/val loss every N steps")
@@ -127,8 +174,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--weight-decay", type=float, metavar="X", help="AdamW weight decay on matrices")
     tr.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw, or muon for hidden matrices")
     tr.add_argument("--seed", type=int, metavar="N", help="random seed (same seed, same run on the same device)")
-    tr.add_argument("--early-stop-patience", type=int, metavar="N",
-                    help="stop after N evaluations without a better val loss")
+    tr.add_argument(
+        "--early-stop-patience", type=int, metavar="N", help="stop after N evaluations without a better val loss"
+    )
     tr.add_argument("--stop-at-val-loss", type=float, metavar="X", help="stop once val loss reaches X")
 
     speed = p.add_argument_group("speed")
@@ -141,14 +189,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_threads(group) -> None:
-    group.add_argument("--threads", type=int, metavar="N",
-                       help="CPU threads for torch (default: torch's choice); 1 is often fastest for tiny "
-                            "models, and much faster when other programs keep the cores busy")
+    group.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice); 1 is often fastest for tiny "
+        "models, and much faster when other programs keep the cores busy",
+    )
 
 
 def _add_resume(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("resume", help="continue a stopped or interrupted run",
-                       description="Continue a run from its last checkpoint, optimizer state included.")
+    p = sub.add_parser(
+        "resume",
+        help="continue a stopped or interrupted run",
+        description="Continue a run from its last checkpoint, optimizer state included.",
+    )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run folder to continue")
     p.add_argument("--max-iters", type=int, metavar="N", help="new total number of steps (default: the run's own)")
     _add_threads(p)
@@ -157,48 +212,74 @@ def _add_resume(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text from a trained run",
-                       description="Print the prompt and its continuation by the run's model.")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a trained run",
+        description="Print the prompt and its continuation by the run's model.",
+    )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
     p.add_argument("--prompt", default="", help="text to continue (default: empty)")
     p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample", help="decoding strategy")
     p.add_argument("--max-new-tokens", type=int, default=100, metavar="N", help="tokens to generate")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="divide logits by T before sampling")
     p.add_argument("--top-k", type=int, metavar="K", help="keep only the K most likely tokens")
-    p.add_argument("--top-p", type=float, metavar="P",
-                   help="keep the smallest set of tokens with total probability >= P")
+    p.add_argument(
+        "--top-p", type=float, metavar="P", help="keep the smallest set of tokens with total probability >= P"
+    )
     p.add_argument("--min-p", type=float, metavar="M", help="drop tokens less likely than M times the top token")
     p.add_argument("--num-beams", type=int, default=4, metavar="B", help="beams for --strategy beam")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                   help="divide the logits of already seen tokens by R (>1 discourages repeats)")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="divide the logits of already seen tokens by R (>1 discourages repeats)",
+    )
     p.add_argument("--seed", type=int, metavar="S", help="seed for sampling (same seed, same text)")
-    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
-                   help="weights to use: best validation loss or the last step")
+    p.add_argument(
+        "--checkpoint",
+        choices=("best", "last"),
+        default="best",
+        help="weights to use: best validation loss or the last step",
+    )
     p.add_argument("--device", choices=DEVICES, default="cpu", help="where to run the model")
-    p.add_argument("--show-probs", action="store_true",
-                   help="after the text, list each generated token with its probability and rank")
+    p.add_argument(
+        "--show-probs",
+        action="store_true",
+        help="after the text, list each generated token with its probability and rank",
+    )
     p.set_defaults(func=cmd_generate)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a run as a Hugging Face GPT-2 folder",
-                       description="Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads.")
+    p = sub.add_parser(
+        "export",
+        help="export a run as a Hugging Face GPT-2 folder",
+        description="Write a folder that transformers.GPT2LMHeadModel.from_pretrained loads.",
+    )
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
     p.add_argument("--format", choices=("hf",), default="hf", help="export format (hf: Hugging Face GPT-2)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write (created if missing)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which weights to export")
-    p.add_argument("--verify", action="store_true",
-                   help="load the export with transformers and report the largest logit difference")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the export with transformers and report the largest logit difference",
+    )
     p.set_defaults(func=cmd_export)
 
 
 def _add_runs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("runs", help="list, show or delete runs in the run store",
-                       description="The run store: list (default), show RUN, delete RUN.")
+    p = sub.add_parser(
+        "runs",
+        help="list, show or delete runs in the run store",
+        description="The run store: list (default), show RUN, delete RUN.",
+    )
     p.add_argument("action", nargs="?", choices=("list", "show", "delete"), default="list", help="what to do")
     p.add_argument("run", nargs="?", metavar="RUN", help="run id (folder name in the store) or run folder path")
-    p.add_argument("--runs-dir", type=Path, metavar="DIR",
-                   help="run store folder (default: $TINYGPT_RUNS_DIR or ./runs)")
+    p.add_argument(
+        "--runs-dir", type=Path, metavar="DIR", help="run store folder (default: $TINYGPT_RUNS_DIR or ./runs)"
+    )
     p.add_argument("-y", "--yes", action="store_true", help="delete without asking")
     p.set_defaults(func=cmd_runs)
 
@@ -212,8 +293,9 @@ def spec_from_args(args: argparse.Namespace):
 
     if not args.corpus:
         raise ConfigError("--corpus is required: builtin:NAME (see `python -m tinygpt_core corpora`) or a text file.")
-    overrides = {name: value for name, value in vars(args).items()
-                 if name in _MODEL_FIELDS | _TRAIN_FIELDS and value is not None}
+    overrides = {
+        name: value for name, value in vars(args).items() if name in _MODEL_FIELDS | _TRAIN_FIELDS and value is not None
+    }
     if "lr" in overrides and "min_lr" not in overrides:
         overrides["min_lr"] = None  # follow the new lr (lr/10) rather than keep the preset's floor
     if args.tokenizer is not None:
@@ -233,11 +315,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import train
 
     if args.resume is not None:
-        given = [n for n, v in vars(args).items()
-                 if v is not None and n in (_MODEL_FIELDS | _TRAIN_FIELDS) - {"max_iters"}]
+        given = [
+            n for n, v in vars(args).items() if v is not None and n in (_MODEL_FIELDS | _TRAIN_FIELDS) - {"max_iters"}
+        ]
         if args.corpus or args.out or given:
             raise ConfigError(
-                "--resume continues a run with its saved settings; only --max-iters can be given with it.")
+                "--resume continues a run with its saved settings; only --max-iters can be given with it."
+            )
         _set_threads(args.threads)
         return _resume(args.resume, args.max_iters, args.no_progress)
 
@@ -289,7 +373,8 @@ def _prepare_out(out: Path) -> Path:
             raise RunError(f"--out {out} is a file; give a folder that does not exist yet (or is empty).")
         if any(out.iterdir()):
             raise RunError(
-                f"--out {out} is not empty; choose a new folder, or use --resume {out} to continue that run.")
+                f"--out {out} is not empty; choose a new folder, or use --resume {out} to continue that run."
+            )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -327,7 +412,7 @@ class _Progress:
         self.started = time.monotonic()
         self.params: int | None = None
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -340,14 +425,17 @@ class _Progress:
         if kind == "start":
             self.params = data.get("params")
             self.started = time.monotonic()
-            print(f"Training on {data.get('device')} ({data.get('precision')}), "
-                  f"{_fmt_int(self.params)} parameters, {data.get('max_iters')} steps → {data.get('run_dir')}",
-                  flush=True)
+            print(
+                f"Training on {data.get('device')} ({data.get('precision')}), "
+                f"{_fmt_int(self.params)} parameters, {data.get('max_iters')} steps → {data.get('run_dir')}",
+                flush=True,
+            )
             if self.enabled:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=data.get("max_iters"), initial=step, unit="step", dynamic_ncols=True,
-                                file=sys.stderr)
+                self.bar = tqdm(
+                    total=data.get("max_iters"), initial=step, unit="step", dynamic_ncols=True, file=sys.stderr
+                )
         elif kind == "step":
             self.loss, self.tokens_per_s = data.get("loss"), data.get("tokens_per_s")
             if self.bar is not None:
@@ -355,8 +443,10 @@ class _Progress:
                 self.bar.set_postfix_str(self._postfix(), refresh=False)
         elif kind == "eval":
             self.val_loss = data.get("val_loss")
-            line = (f"step {step}: train loss {_fmt(data.get('train_loss'))}, val loss {_fmt(self.val_loss)} "
-                    f"(best {_fmt(data.get('best_val_loss'))} at step {data.get('best_step')})")
+            line = (
+                f"step {step}: train loss {_fmt(data.get('train_loss'))}, val loss {_fmt(self.val_loss)} "
+                f"(best {_fmt(data.get('best_val_loss'))} at step {data.get('best_step')})"
+            )
             if self.bar is not None:
                 self.bar.set_postfix_str(self._postfix())
             else:
@@ -390,8 +480,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .sampling import SamplingSettings, generate
 
     settings = SamplingSettings(
-        strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+        strategy=args.strategy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
         seed=args.seed,
     )
     settings.validate()  # bad settings fail before the model is loaded

@@ -47,7 +47,7 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         _positive_ints(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ff_mult")
         if self.n_embd % self.n_head:
             raise ConfigError(
@@ -92,7 +92,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return _from_dict(cls, d)
 
 
@@ -121,7 +121,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
     compile: bool = False  # torch.compile the model
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         _positive_ints(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
         if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
             raise ConfigError(f"warmup_iters must be a whole number >= 0, got {self.warmup_iters!r}.")
@@ -156,7 +156,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return _from_dict(cls, d)
 
 
@@ -186,8 +186,17 @@ PRESETS: dict[str, Preset] = {
             "tiny",
             "2 layers, 2 heads, 64 dims, context 32: trains in seconds on a CPU; memorises builtin:tiny.",
             model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0),
-            train=dict(batch_size=16, max_iters=400, eval_interval=25, eval_iters=10, lr=3e-3, min_lr=3e-4,
-                       warmup_iters=20, weight_decay=0.0, sample_tokens=80),
+            train=dict(
+                batch_size=16,
+                max_iters=400,
+                eval_interval=25,
+                eval_iters=10,
+                lr=3e-3,
+                min_lr=3e-4,
+                warmup_iters=20,
+                weight_decay=0.0,
+                sample_tokens=80,
+            ),
         ),
         Preset(
             "baby",
@@ -202,8 +211,18 @@ PRESETS: dict[str, Preset] = {
             # Muon orthogonalised updates tolerate a 5x higher lr than AdamW here, and 24-sequence
             # batches keep a CPU's matmul units busier per token; 10 eval batches of 24 are the same
             # 240 windows that nanoGPT's 20 of 12 are. See bench/RESULTS.md for the measurements.
-            train=dict(batch_size=24, max_iters=400, eval_interval=50, eval_iters=10, optimizer="muon", lr=5e-3,
-                       min_lr=5e-4, warmup_iters=50, weight_decay=0.1, beta2=0.99),
+            train=dict(
+                batch_size=24,
+                max_iters=400,
+                eval_interval=50,
+                eval_iters=10,
+                optimizer="muon",
+                lr=5e-3,
+                min_lr=5e-4,
+                warmup_iters=50,
+                weight_decay=0.1,
+                beta2=0.99,
+            ),
         ),
         Preset(
             "shakespeare-char",
@@ -220,15 +239,22 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "mini-gpt",
             "Mini-GPT: 2 layers, 4 heads, 128 dims, FFN 512, learned positions up to 512, dropout 0.1.",
-            model=dict(n_layer=2, n_head=4, n_embd=128, ff_mult=4, block_size=512, pos_encoding="learned",
-                       dropout=0.1),
+            model=dict(n_layer=2, n_head=4, n_embd=128, ff_mult=4, block_size=512, pos_encoding="learned", dropout=0.1),
             train=dict(batch_size=16, max_iters=3000, eval_interval=250, eval_iters=50, lr=1e-3),
         ),
         Preset(
             "tinystories",
             "TinyStories-style: 4 layers, 8 heads, 256 dims, FFN 1024, context 512, sinusoidal, window 256, BPE.",
-            model=dict(n_layer=4, n_head=8, n_embd=256, ff_mult=4, block_size=512, pos_encoding="sinusoidal",
-                       attn_window=256, dropout=0.1),
+            model=dict(
+                n_layer=4,
+                n_head=8,
+                n_embd=256,
+                ff_mult=4,
+                block_size=512,
+                pos_encoding="sinusoidal",
+                attn_window=256,
+                dropout=0.1,
+            ),
             train=dict(batch_size=16, max_iters=5000, eval_interval=250, eval_iters=50, lr=5e-4, min_lr=5e-5),
             tokenizer="bpe",
             tokenizer_vocab_size=2048,

@@ -123,7 +123,14 @@ def _induction_text(seed: int = 1337, target_chars: int = 200_000) -> str:
 # Parts of the standard library with no prose worth learning from (tests, codec tables, vendored
 # or generated files); skipping them also saves parse time.
 _STDLIB_SKIP_DIRS = {
-    "site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "pydoc_data", "__pycache__",
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "encodings",
+    "pydoc_data",
+    "__pycache__",
 }
 
 
@@ -133,9 +140,7 @@ def _stdlib_docstrings(root: Path, max_chars: int = PYSTDLIB_MAX_CHARS) -> str:
     Files are only parsed (``ast.parse``), never imported or executed. Output is deterministic for a
     given Python version; docstrings that are not valid Unicode (lone surrogates) are dropped.
     """
-    files = sorted(
-        p for p in root.rglob("*.py") if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts)
-    )
+    files = sorted(p for p in root.rglob("*.py") if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts))
     parts: list[str] = []
     total = 0
     with warnings.catch_warnings():
@@ -190,7 +195,7 @@ def _shakespeare_candidates() -> list[Path]:
     return candidates
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _generated_builtin_text(name: str) -> str:
     # Cached for the life of the process (pystdlib is also cached on disk, see _pystdlib_text).
     if name == "tiny":
@@ -266,7 +271,7 @@ def load_corpus(source: str, max_bytes: int = MAX_CORPUS_BYTES) -> Corpus:
         raise DataError("No corpus given. Use builtin:NAME (e.g. builtin:tiny) or the path to a UTF-8 text file.")
     source = source.strip()
     if source.startswith("builtin:"):
-        return _load_builtin(source[len("builtin:"):].strip().lower())
+        return _load_builtin(source[len("builtin:") :].strip().lower())
     path = Path(source).expanduser()
     return Corpus(path.name, _read_text_file(path, max_bytes), source)
 
@@ -379,8 +384,7 @@ def download_corpus(
         write_bytes_atomic(target, data, fsync=True)
     except OSError as e:
         raise DataError(
-            f"Cannot write to the cache folder {cache}: {e.strerror or e}. "
-            "Set TINYGPT_CACHE_DIR to a writable folder."
+            f"Cannot write to the cache folder {cache}: {e.strerror or e}. Set TINYGPT_CACHE_DIR to a writable folder."
         ) from None
     return target
 

@@ -168,7 +168,7 @@ def _readme(cfg: ModelConfig, tokenizer: Any | None, source: dict[str, Any]) -> 
         "",
         "```python",
         "from transformers import GPT2LMHeadModel",
-        "model = GPT2LMHeadModel.from_pretrained(\"THIS_FOLDER\").eval()",
+        'model = GPT2LMHeadModel.from_pretrained("THIS_FOLDER").eval()',
         "```",
         "",
         "## Model",
@@ -201,8 +201,8 @@ def _readme(cfg: ModelConfig, tokenizer: Any | None, source: dict[str, Any]) -> 
             "```python",
             "import torch",
             "from tinygpt_core.tokenizers import load_tokenizer",
-            f"tok = load_tokenizer(\"THIS_FOLDER/{TOKENIZER_FILE}\")",
-            "prompt = \"...\"  # text made of symbols the training corpus had",
+            f'tok = load_tokenizer("THIS_FOLDER/{TOKENIZER_FILE}")',
+            'prompt = "..."  # text made of symbols the training corpus had',
             "ids = torch.tensor([tok.encode(prompt)])",
             f"out = model.generate(ids, max_new_tokens={max(1, cfg.block_size // 2)}, do_sample=True)",
             "print(tok.decode(out[0].tolist()))",
@@ -217,8 +217,9 @@ def _readme(cfg: ModelConfig, tokenizer: Any | None, source: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
-def export_model(model: GPT, out_dir: str | Path, tokenizer: Any | None = None,
-                 source: dict[str, Any] | None = None) -> Path:
+def export_model(
+    model: GPT, out_dir: str | Path, tokenizer: Any | None = None, source: dict[str, Any] | None = None
+) -> Path:
     """Write ``model`` (and its tokenizer, if given) as a GPT-2 folder; returns the folder."""
     cfg = model.config
     _require_exportable(cfg)
@@ -259,8 +260,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best"
     )
 
 
-def verify_export(model: GPT, out_dir: str | Path, *, batch: int = 2, seq_len: int | None = None,
-                  seed: int = 0) -> float:
+def verify_export(
+    model: GPT, out_dir: str | Path, *, batch: int = 2, seq_len: int | None = None, seed: int = 0
+) -> float:
     """Load the export with transformers and return the max |logit difference| on random ids."""
     try:
         from transformers import GPT2LMHeadModel

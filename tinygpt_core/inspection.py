@@ -121,7 +121,9 @@ def repeated_random_tokens(vocab_size: int, seq_len: int, batch: int, seed: int,
     """
     n = vocab_size - low
     if n < 1 or seq_len < 1 or batch < 1:
-        raise ValueError(f"Need a non-empty token range and seq_len, batch >= 1 (got [{low}, {vocab_size}), {seq_len}, {batch}).")
+        raise ValueError(
+            f"Need a non-empty token range and seq_len, batch >= 1 (got [{low}, {vocab_size}), {seq_len}, {batch})."
+        )
     g = torch.Generator().manual_seed(seed)
     if n >= seq_len:
         first = torch.stack([torch.randperm(n, generator=g)[:seq_len] for _ in range(batch)]) + low

@@ -155,8 +155,9 @@ class _Job:
 class LocalJobRunner(JobRunner):
     """Runs jobs on daemon threads of this process, at most ``max_jobs_per_device`` at a time per device."""
 
-    def __init__(self, store: RunStore | None = None, max_jobs_per_device: int | None = None,
-                 max_queued_jobs: int | None = None):
+    def __init__(
+        self, store: RunStore | None = None, max_jobs_per_device: int | None = None, max_queued_jobs: int | None = None
+    ):
         # None: the operator's limits (TINYGPT_MAX_JOBS_PER_DEVICE, TINYGPT_MAX_QUEUED_JOBS; see limits.py).
         if max_jobs_per_device is None:
             max_jobs_per_device = limits.current().max_jobs_per_device
@@ -179,8 +180,10 @@ class LocalJobRunner(JobRunner):
         with self._lock:
             waiting = sum(len(q) for q in self._queues.values())
         if waiting >= self.max_queued_jobs:
-            raise JobError(f"{waiting} jobs are already waiting for a free slot on this server (the limit is "
-                           f"{self.max_queued_jobs}); try again when some have finished.")
+            raise JobError(
+                f"{waiting} jobs are already waiting for a free slot on this server (the limit is "
+                f"{self.max_queued_jobs}); try again when some have finished."
+            )
         # Creating the run folder now makes the run id known at once (the page puts it in the URL).
         run_dir = Path(self.store.create(spec.name))
         job = _Job(
@@ -233,11 +236,22 @@ class LocalJobRunner(JobRunner):
                 raise JobError(f"Run {run_id} is already being resumed; watch that job instead.")
             waiting = sum(len(q) for q in self._queues.values())
             if waiting >= self.max_queued_jobs:
-                raise JobError(f"{waiting} jobs are already waiting for a free slot on this server (the limit is "
-                               f"{self.max_queued_jobs}); try again when some have finished.")
-            job = _Job(id=uuid.uuid4().hex[:12], seq=next(self._seq), spec=None, name=cfg.name or run_dir.name,
-                       device=device, run_dir=run_dir, created_at=time.time(), max_iters=target,
-                       step=int(extra["step"]), resume_max_iters=max_iters)
+                raise JobError(
+                    f"{waiting} jobs are already waiting for a free slot on this server (the limit is "
+                    f"{self.max_queued_jobs}); try again when some have finished."
+                )
+            job = _Job(
+                id=uuid.uuid4().hex[:12],
+                seq=next(self._seq),
+                spec=None,
+                name=cfg.name or run_dir.name,
+                device=device,
+                run_dir=run_dir,
+                created_at=time.time(),
+                max_iters=target,
+                step=int(extra["step"]),
+                resume_max_iters=max_iters,
+            )
             # Nothing is written to the folder until it starts: cancelled while queued, the run stays as it was.
             self._jobs[job.id] = job
             self._queues[device].append(job.id)
@@ -291,8 +305,10 @@ class LocalJobRunner(JobRunner):
         try:
             return self._jobs[job_id]
         except KeyError:
-            raise JobError(f"No job {job_id!r}: it never existed here or finished long ago; "
-                           "open its run from the runs list instead.") from None
+            raise JobError(
+                f"No job {job_id!r}: it never existed here or finished long ago; "
+                "open its run from the runs list instead."
+            ) from None
 
     def _start_ready(self, device: str) -> None:
         """Start queued jobs of ``device`` while it has free slots (FIFO)."""
@@ -318,11 +334,13 @@ class LocalJobRunner(JobRunner):
         try:
             callbacks = [lambda ev: self._publish(job, ev)]
             if job.spec is None:
-                result = training.resume(job.run_dir, max_iters=job.resume_max_iters, callbacks=callbacks,
-                                         stop_event=job.stop_event)
+                result = training.resume(
+                    job.run_dir, max_iters=job.resume_max_iters, callbacks=callbacks, stop_event=job.stop_event
+                )
             else:
-                result = training.train(job.spec, job.run_dir, store=self.store, callbacks=callbacks,
-                                        stop_event=job.stop_event)
+                result = training.train(
+                    job.spec, job.run_dir, store=self.store, callbacks=callbacks, stop_event=job.stop_event
+                )
             status, message = result.status, result.message
         except TinyGPTError as exc:  # e.g. the corpus file vanished between submit and start
             status, message = "error", str(exc)
@@ -405,8 +423,16 @@ def _apply_event(job: _Job, event: training.TrainEvent) -> None:
         job.step = event.step
         job.tokens_per_s = data.get("tokens_per_s")
         job.recent_steps.append((time.monotonic(), event.step))
-        _add_row(job, {"step": event.step, "loss": data.get("loss"), "lr": data.get("lr"),
-                       "tokens_per_s": data.get("tokens_per_s"), "elapsed_s": data.get("elapsed_s")})
+        _add_row(
+            job,
+            {
+                "step": event.step,
+                "loss": data.get("loss"),
+                "lr": data.get("lr"),
+                "tokens_per_s": data.get("tokens_per_s"),
+                "elapsed_s": data.get("elapsed_s"),
+            },
+        )
     elif event.kind == "eval":
         job.best_val_loss = data.get("best_val_loss")
         job.best_step = data.get("best_step")
@@ -462,8 +488,12 @@ def _eta(job: _Job) -> float | None:
 
 
 def _default_message(status: str) -> str:
-    return {"done": "Finished.", "stopped": "Stopped.", "diverged": "The loss diverged.",
-            "error": "Training failed."}.get(status, "")
+    return {
+        "done": "Finished.",
+        "stopped": "Stopped.",
+        "diverged": "The loss diverged.",
+        "error": "Training failed.",
+    }.get(status, "")
 
 
 def _write_status(run_dir: Path, status: str, message: str) -> None:

@@ -65,8 +65,9 @@ def _int(name: str, explicit_only: bool = False) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise ConfigError(f"{name}={os.environ[name]!r} is not a whole number >= 1; fix or unset it "
-                          f"(default {DEFAULTS[name]}).")
+        raise ConfigError(
+            f"{name}={os.environ[name]!r} is not a whole number >= 1; fix or unset it (default {DEFAULTS[name]})."
+        )
     return value
 
 
@@ -92,8 +93,10 @@ def current(explicit_only: bool = False) -> Limits:
     )
 
 
-READ_ONLY_NOTE = ("This lab is in read-only mode (TINYGPT_READ_ONLY is set by whoever runs it): you can open "
-                  "and compare runs, but not train, resume or delete them.")
+READ_ONLY_NOTE = (
+    "This lab is in read-only mode (TINYGPT_READ_ONLY is set by whoever runs it): you can open "
+    "and compare runs, but not train, resume or delete them."
+)
 
 
 def check_writable(action: str, lim: Limits | None = None) -> None:
@@ -105,15 +108,18 @@ def check_writable(action: str, lim: Limits | None = None) -> None:
 def check_max_iters(max_iters: int, lim: Limits | None = None) -> None:
     limit = (lim or current()).max_iters
     if max_iters > limit:
-        raise ConfigError(f"{max_iters:,} steps is more than this server allows ({limit:,}, TINYGPT_MAX_ITERS); "
-                          "ask for fewer steps.")
+        raise ConfigError(
+            f"{max_iters:,} steps is more than this server allows ({limit:,}, TINYGPT_MAX_ITERS); ask for fewer steps."
+        )
 
 
 def check_params(params: int, lim: Limits | None = None) -> None:
     limit = (lim or current()).max_params
     if params > limit:
-        raise ConfigError(f"The model has {params:,} parameters, more than this server allows ({limit:,}, "
-                          "TINYGPT_MAX_PARAMS); use fewer layers, a smaller width or a smaller vocabulary.")
+        raise ConfigError(
+            f"The model has {params:,} parameters, more than this server allows ({limit:,}, "
+            "TINYGPT_MAX_PARAMS); use fewer layers, a smaller width or a smaller vocabulary."
+        )
 
 
 def model_params(model_cfg: Any) -> int:
@@ -140,5 +146,14 @@ def check_spec(spec: Any, lim: Limits | None = None) -> None:
         check_params(model_params(dataclasses.replace(spec.model, vocab_size=vocab)), lim)
 
 
-__all__ = ["DEFAULTS", "Limits", "current", "check_writable", "check_max_iters", "check_params", "check_spec",
-           "model_params", "READ_ONLY_NOTE"]
+__all__ = [
+    "DEFAULTS",
+    "Limits",
+    "current",
+    "check_writable",
+    "check_max_iters",
+    "check_params",
+    "check_spec",
+    "model_params",
+    "READ_ONLY_NOTE",
+]

@@ -32,7 +32,7 @@ import struct
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ class RunConfig:
         }
 
     @classmethod
-    def from_dict(cls, d: Any) -> "RunConfig":
+    def from_dict(cls, d: Any) -> RunConfig:
         """Validate an untrusted dict (config.json); RunError says what is wrong."""
         if not isinstance(d, dict):
             raise RunError("config.json must hold a JSON object")
@@ -147,8 +147,16 @@ class RunConfig:
         name, preset, created = d.get("name", ""), d.get("preset"), d.get("created_at", "")
         if not isinstance(name, str) or not isinstance(created, str) or not (preset is None or isinstance(preset, str)):
             raise RunError("config.json is invalid: name, preset and created_at must be strings")
-        return cls(name=name, model=model, train=train, tokenizer=dict(tok), corpus=dict(d["corpus"]),
-                   preset=preset, created_at=created, version=version)
+        return cls(
+            name=name,
+            model=model,
+            train=train,
+            tokenizer=dict(tok),
+            corpus=dict(d["corpus"]),
+            preset=preset,
+            created_at=created,
+            version=version,
+        )
 
 
 @dataclass
@@ -278,15 +286,27 @@ def read_status(run_dir: str | os.PathLike[str]) -> RunStatus:
         updated_at=updated,
     )
     if st.status == "queued" and pid is not None and not _pid_alive(pid, started):
-        return RunStatus("interrupted", "The job was queued by a process that has ended; train it again.",
-                         st.step, pid, updated)
+        return RunStatus(
+            "interrupted", "The job was queued by a process that has ended; train it again.", st.step, pid, updated
+        )
     if st.status == "running":
         if pid is None or not _pid_alive(pid, started):
-            return RunStatus("interrupted", f"The training process ended unexpectedly at step {st.step}; "
-                             "resume the run to continue.", st.step, pid, updated)
+            return RunStatus(
+                "interrupted",
+                f"The training process ended unexpectedly at step {st.step}; resume the run to continue.",
+                st.step,
+                pid,
+                updated,
+            )
         if time.time() - updated > HEARTBEAT_TIMEOUT_S:
-            return RunStatus("interrupted", f"No progress reported for over {HEARTBEAT_TIMEOUT_S:.0f} s at step "
-                             f"{st.step}; resume the run to continue.", st.step, pid, updated)
+            return RunStatus(
+                "interrupted",
+                f"No progress reported for over {HEARTBEAT_TIMEOUT_S:.0f} s at step "
+                f"{st.step}; resume the run to continue.",
+                st.step,
+                pid,
+                updated,
+            )
     return st
 
 
@@ -325,8 +345,10 @@ def _safetensors_problem(path: Path) -> str | None:
         # Only now look for pickle signatures: a valid header length may begin with the same bytes.
         # Pickle protocol 2-5 starts with 0x80 and the protocol number; torch.save's zip with "PK\3\4".
         if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-            return (f"{path.name} is a pickle/PyTorch file, not safetensors; it was refused because pickles "
-                    "can run code. Re-save the weights with safetensors")
+            return (
+                f"{path.name} is a pickle/PyTorch file, not safetensors; it was refused because pickles "
+                "can run code. Re-save the weights with safetensors"
+            )
     return problem
 
 
@@ -427,8 +449,10 @@ def _load_model_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
         raise RunError(f"weights don't match config: {'; '.join(parts)}")
     for k, ref in expected.items():
         if tuple(state[k].shape) != tuple(ref.shape):
-            raise RunError(f"weights don't match config: {k} has shape {tuple(state[k].shape)}, "
-                           f"the config needs {tuple(ref.shape)}")
+            raise RunError(
+                f"weights don't match config: {k} has shape {tuple(state[k].shape)}, "
+                f"the config needs {tuple(ref.shape)}"
+            )
         if not state[k].is_floating_point():
             raise RunError(f"weights don't match config: {k} is not a floating-point tensor")
     full = {k: v.to(ref.dtype) for k, v in state.items() for ref in (expected[k],)}
@@ -459,8 +483,9 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best", device: 
         except TokenizerError as e:
             raise RunError(f"tokenizer.json is invalid: {e}") from None
         if tokenizer.vocab_size != cfg.model.vocab_size:
-            raise RunError(f"tokenizer.json has {tokenizer.vocab_size} tokens but the model expects "
-                           f"{cfg.model.vocab_size}")
+            raise RunError(
+                f"tokenizer.json has {tokenizer.vocab_size} tokens but the model expects {cfg.model.vocab_size}"
+            )
         metrics = read_metrics(path)
         tensors, _ = _read_safetensors(path / CHECKPOINT_FILES[checkpoint])
         model = GPT(cfg.model)
@@ -468,8 +493,16 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best", device: 
     except RunError as e:
         raise RunError(f"Cannot open run {path.name}: {e}.") from None
     model.to(device).eval()
-    return LoadedRun(path=path, config=cfg, model=model, tokenizer=tokenizer, metrics=metrics,
-                     status=read_status(path), samples=read_samples(path), checkpoint=checkpoint)
+    return LoadedRun(
+        path=path,
+        config=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        status=read_status(path),
+        samples=read_samples(path),
+        checkpoint=checkpoint,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,10 +651,17 @@ class RunWriter:
     def write_status(self, status: str, message: str = "", step: int = 0) -> None:
         if status not in RUN_STATUSES:
             raise ValueError(f"unknown run status {status!r}")
-        write_json_atomic(self.run_dir / "status.json", {
-            "status": status, "message": message, "step": int(step), "pid": os.getpid(),
-            "pid_start": _process_start(os.getpid()), "updated_at": time.time(),
-        })
+        write_json_atomic(
+            self.run_dir / "status.json",
+            {
+                "status": status,
+                "message": message,
+                "step": int(step),
+                "pid": os.getpid(),
+                "pid_start": _process_start(os.getpid()),
+                "updated_at": time.time(),
+            },
+        )
 
     def add_sample(self, step: int, text: str) -> None:
         self._samples.append({"step": int(step), "text": text})
@@ -631,8 +671,9 @@ class RunWriter:
         """An auxiliary text file (e.g. corpus.txt for uploads, so a run can resume without the upload)."""
         write_bytes_atomic(self.run_dir / name, text.encode("utf-8"))
 
-    def save_checkpoint(self, which: str, model: torch.nn.Module, optimizer: Any = None,
-                        extra: dict | None = None) -> None:
+    def save_checkpoint(
+        self, which: str, model: torch.nn.Module, optimizer: Any = None, extra: dict | None = None
+    ) -> None:
         """Save weights: "best" -> model.safetensors, "last" -> last.safetensors.
 
         With an optimizer (anything with ``state_dict()``), "last" also writes optimizer.safetensors:
@@ -682,7 +723,7 @@ class RunStore:
 
     def create(self, name: str | None = None) -> Path:
         """A new, empty, uniquely named run folder root/<slug>-<yyyymmdd-hhmmss>[-n]."""
-        base = f"{_slug(name)}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
+        base = f"{_slug(name)}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             for n in range(1, 10_000):
@@ -699,8 +740,15 @@ class RunStore:
 
     def path(self, run_id: str) -> Path:
         """The folder of an existing run; RunError for an unknown id or one pointing outside the store."""
-        if (not isinstance(run_id, str) or not run_id or run_id in (".", "..") or "/" in run_id
-                or "\\" in run_id or "\x00" in run_id or run_id.startswith(".")):
+        if (
+            not isinstance(run_id, str)
+            or not run_id
+            or run_id in (".", "..")
+            or "/" in run_id
+            or "\\" in run_id
+            or "\x00" in run_id
+            or run_id.startswith(".")
+        ):
             raise RunError(f"{run_id!r} is not a valid run id.")
         path = self.root / run_id
         if path.resolve().parent != self.root.resolve():
@@ -718,14 +766,16 @@ class RunStore:
         except OSError as e:
             raise RunError(f"Cannot list the runs in {self.root}: {_os_reason(e)}") from None
         out = [self._summarise(p) for p in folders]
+
         # ISO timestamps sort chronologically; folders without a config fall back to their mtime.
         def key(s: RunSummary) -> str:
             if s.created_at:
                 return s.created_at
             try:
-                return datetime.fromtimestamp(s.path.stat().st_mtime, timezone.utc).isoformat()
+                return datetime.fromtimestamp(s.path.stat().st_mtime, UTC).isoformat()
             except OSError:
                 return ""
+
         return sorted(out, key=key, reverse=True)
 
     def summary(self, run_id: str) -> RunSummary:
@@ -746,10 +796,27 @@ class RunStore:
 
     def _summarise(self, path: Path) -> RunSummary:
         status = read_status(path)
-        empty = dict(id=path.name, path=path, name=path.name, status=status.status, message=status.message,
-                     created_at="", preset=None, ablations=[], params=None, corpus=None, tokenizer=None,
-                     steps=status.step, max_iters=None, best_val_loss=None, best_step=None,
-                     final_train_loss=None, final_val_loss=None, elapsed_s=None, broken_reason=None)
+        empty = dict(
+            id=path.name,
+            path=path,
+            name=path.name,
+            status=status.status,
+            message=status.message,
+            created_at="",
+            preset=None,
+            ablations=[],
+            params=None,
+            corpus=None,
+            tokenizer=None,
+            steps=status.step,
+            max_iters=None,
+            best_val_loss=None,
+            best_step=None,
+            final_train_loss=None,
+            final_val_loss=None,
+            elapsed_s=None,
+            broken_reason=None,
+        )
         in_progress = status.status in ("queued", "running")
         try:
             cfg = read_config(path)
@@ -757,9 +824,16 @@ class RunStore:
             if in_progress and not (path / "config.json").exists():
                 return RunSummary(**empty)  # a job that has not written its config yet
             return RunSummary(**{**empty, "status": "broken", "message": str(e), "broken_reason": str(e)})
-        info = dict(empty, name=cfg.name or path.name, created_at=cfg.created_at, preset=cfg.preset,
-                    ablations=cfg.model.ablations(), corpus=cfg.corpus.get("name"),
-                    tokenizer=cfg.tokenizer.get("kind"), max_iters=cfg.train.max_iters)
+        info = dict(
+            empty,
+            name=cfg.name or path.name,
+            created_at=cfg.created_at,
+            preset=cfg.preset,
+            ablations=cfg.model.ablations(),
+            corpus=cfg.corpus.get("name"),
+            tokenizer=cfg.tokenizer.get("kind"),
+            max_iters=cfg.train.max_iters,
+        )
         reason = None
         weights = path / CHECKPOINT_FILES["best"]
         if not (in_progress and not weights.exists()):
@@ -802,16 +876,32 @@ def _os_reason(e: OSError) -> str:
     if e.errno == errno.ENOSPC:
         return f"{what}. Free some disk space (or delete old runs), then try again."
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{what}. The run store is not writable: fix its permissions or set TINYGPT_RUNS_DIR to a writable folder."
+        return (
+            f"{what}. The run store is not writable: fix its permissions or set TINYGPT_RUNS_DIR to a writable folder."
+        )
     return f"{what}."
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 __all__ = [
-    "RUN_STATUSES", "METRIC_COLUMNS", "RunConfig", "RunStatus", "RunSummary", "LoadedRun", "RunStore", "RunWriter",
-    "default_runs_dir", "load_run", "read_metrics", "read_status", "read_samples", "read_config",
-    "load_checkpoint_state", "write_json_atomic", "write_bytes_atomic",
+    "RUN_STATUSES",
+    "METRIC_COLUMNS",
+    "RunConfig",
+    "RunStatus",
+    "RunSummary",
+    "LoadedRun",
+    "RunStore",
+    "RunWriter",
+    "default_runs_dir",
+    "load_run",
+    "read_metrics",
+    "read_status",
+    "read_samples",
+    "read_config",
+    "load_checkpoint_state",
+    "write_json_atomic",
+    "write_bytes_atomic",
 ]

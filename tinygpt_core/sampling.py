@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 import operator
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError, TokenizerError
 
@@ -199,7 +199,7 @@ class SamplingSettings:
     max_new_tokens: int = 100
     seed: int | None = None  # sample only: the same seed gives the same text
 
-    def validate(self, vocab_size: int | None = None) -> "SamplingSettings":
+    def validate(self, vocab_size: int | None = None) -> SamplingSettings:
         """Check every field (ConfigError naming the fix); ``vocab_size`` bounds num_beams when given."""
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}.")
@@ -215,8 +215,9 @@ class SamplingSettings:
         if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
             raise ConfigError(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
         if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise ConfigError(f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, "
-                              f"got {self.max_new_tokens!r}.")
+            raise ConfigError(
+                f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, got {self.max_new_tokens!r}."
+            )
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ConfigError(f"seed must be a whole number >= 0 or None, got {self.seed!r}.")
         return self
@@ -579,9 +580,11 @@ def next_token_distribution(
     For beam search, "kept" is the num_beams tokens the first beam step continues with.
     """
     _check_pair(model, tokenizer)
-    items = list(settings_list.items()) if isinstance(settings_list, Mapping) else [
-        (s.describe(), s) for s in settings_list
-    ]
+    items = (
+        list(settings_list.items())
+        if isinstance(settings_list, Mapping)
+        else [(s.describe(), s) for s in settings_list]
+    )
     labelled: list[tuple[str, SamplingSettings]] = []
     used_labels: set[str] = set()
     for label, s in items:

@@ -24,8 +24,9 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .errors import TokenizerError
 from .fileio import write_text_atomic
@@ -60,9 +61,7 @@ _WORD_PATTERN = re.compile(r"[^\W\d_]+|\d+|\s+|.", re.DOTALL)
 # Merges never cross a chunk boundary, so "dog" and " dog" become tokens but "dog." does not.
 # Every character is matched by some alternative, which is what makes BPE round-trip any text.
 _BPE_PATTERN_NAME = "gpt2-like-re-v1"
-_BPE_PATTERN = re.compile(
-    r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
-)
+_BPE_PATTERN = re.compile(r"""'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+""")
 
 # Per-chunk encoding results are memoised; the cache is simply emptied when it grows past this.
 _BPE_CACHE_MAX = 200_000
@@ -81,9 +80,7 @@ class Tokenizer(ABC):
         self.special_tokens: tuple[str, ...] = _validate_special_tokens(special_tokens)
         # Longest first so that a special token that is a prefix of another never wins wrongly.
         ordered = sorted(self.special_tokens, key=len, reverse=True)
-        self._special_re = (
-            re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")") if ordered else None
-        )
+        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in ordered) + ")") if ordered else None
 
     # --- the interface -----------------------------------------------------------------------
 
@@ -153,9 +150,7 @@ class Tokenizer(ABC):
             try:
                 i = operator.index(i)
             except TypeError:
-                raise TokenizerError(
-                    f"Token ids must be integers, got {type(i).__name__} ({i!r})."
-                ) from None
+                raise TokenizerError(f"Token ids must be integers, got {type(i).__name__} ({i!r}).") from None
             if not 0 <= i < n:
                 raise TokenizerError(
                     f"Token id {i} is outside this tokenizer's vocabulary (0..{n - 1}). "
@@ -189,7 +184,7 @@ class CharTokenizer(Tokenizer):
         self._special_ids = self.special_token_ids
 
     @classmethod
-    def train(cls, text: str, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> "CharTokenizer":
+    def train(cls, text: str, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS) -> CharTokenizer:
         return cls(sorted(set(text)), special_tokens)
 
     @property
@@ -258,7 +253,7 @@ class WordTokenizer(Tokenizer):
         text: str,
         vocab_size: int | None = None,
         special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
-    ) -> "WordTokenizer":
+    ) -> WordTokenizer:
         special_tokens = _validate_special_tokens(special_tokens)
         reserved = 1 + len(special_tokens)  # <unk> and the special tokens
         if vocab_size is not None and vocab_size < reserved + 1:
@@ -366,7 +361,7 @@ class BPETokenizer(Tokenizer):
         text: str,
         vocab_size: int = DEFAULT_BPE_VOCAB_SIZE,
         special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
-    ) -> "BPETokenizer":
+    ) -> BPETokenizer:
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from (the first 2 MB of) ``text``.
 
         Stops early if the text has no pair left to merge, so the vocabulary can end up smaller.
@@ -552,9 +547,7 @@ def train_tokenizer(
         raise TokenizerError(f"Unknown tokenizer kind {kind!r}. Choose one of: {', '.join(TOKENIZER_KINDS)}.")
     if not isinstance(text, str) or not text:
         raise TokenizerError("Cannot train a tokenizer on empty text. Pick a corpus that has some text in it.")
-    if vocab_size is not None and (
-        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0
-    ):
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0):
         raise TokenizerError(f"The vocabulary size must be a positive whole number, got {vocab_size!r}.")
     if kind == "char":
         return CharTokenizer.train(text, special_tokens)

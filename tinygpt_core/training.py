@@ -22,9 +22,10 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -93,7 +94,7 @@ class TrainSpec:
     _prepared: _Prepared | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_preset(cls, preset: str, corpus: str | Corpus, **overrides: Any) -> "TrainSpec":
+    def from_preset(cls, preset: str, corpus: str | Corpus, **overrides: Any) -> TrainSpec:
         """A preset's spec; overrides may name ModelConfig or TrainConfig fields, tokenizer,
         tokenizer_vocab_size or name."""
         p = get_preset(preset)
@@ -106,13 +107,16 @@ class TrainSpec:
         model = p.model_config(**{k: v for k, v in overrides.items() if k in model_fields})
         train = p.train_config(**{k: v for k, v in overrides.items() if k in train_fields})
         return cls(
-            corpus=corpus, model=model, train=train,
+            corpus=corpus,
+            model=model,
+            train=train,
             tokenizer=overrides.get("tokenizer", p.tokenizer),
             tokenizer_vocab_size=overrides.get("tokenizer_vocab_size", p.tokenizer_vocab_size),
-            name=overrides.get("name"), preset=p.name,
+            name=overrides.get("name"),
+            preset=p.name,
         )
 
-    def validate(self) -> "TrainSpec":
+    def validate(self) -> TrainSpec:
         """Check every setting and that the corpus splits into windows of the context; nothing is written.
 
         Loads the corpus and trains the tokenizer (cached on the spec for ``train``), because only
@@ -245,8 +249,10 @@ def resume(
     if max_iters is not None:
         tcfg = dataclasses.replace(tcfg, max_iters=max_iters).validate()
     if step >= tcfg.max_iters:
-        raise RunError(f"Run {run_dir.name} is already at step {step} of {tcfg.max_iters}; "
-                       "give a larger max_iters to train further.")
+        raise RunError(
+            f"Run {run_dir.name} is already at step {step} of {tcfg.max_iters}; "
+            "give a larger max_iters to train further."
+        )
     try:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     except TokenizerError as e:
@@ -262,8 +268,17 @@ def resume(
         writer.write_config(cfg)  # max_iters may have changed
         writer.truncate_after(step)  # drop rows logged after the checkpoint by an interrupted process
 
-    session = _Session(run_dir, writer, cfg, tokenizer, train_ids, val_ids, callbacks, stop_event,
-                       resume_state=(model_state, optim_state, extra))
+    session = _Session(
+        run_dir,
+        writer,
+        cfg,
+        tokenizer,
+        train_ids,
+        val_ids,
+        callbacks,
+        stop_event,
+        resume_state=(model_state, optim_state, extra),
+    )
     return session.run(setup_files=write_files)
 
 
@@ -379,8 +394,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def _sample_text(model: GPT, tokenizer: Any, first_id: int, n_tokens: int, seed: int,
-                 device: torch.device) -> str:
+def _sample_text(model: GPT, tokenizer: Any, first_id: int, n_tokens: int, seed: int, device: torch.device) -> str:
     """A short sample for the run log: multinomial sampling at temperature 0.8, context cropped to block_size.
 
     Deliberately tiny and independent of the sampling module. Draws come from a CPU generator
@@ -411,8 +425,10 @@ def _resume_corpus_text(run_dir: Path, corpus: dict) -> str:
             raise RunError(f"Cannot resume {run_dir.name}: its corpus cannot be loaded: {e}") from None
     sha = corpus.get("sha256")
     if sha and hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest() != sha:
-        raise RunError(f"Cannot resume {run_dir.name}: its corpus {corpus.get('source')!r} has changed since "
-                       "the run was trained; start a new run instead.")
+        raise RunError(
+            f"Cannot resume {run_dir.name}: its corpus {corpus.get('source')!r} has changed since "
+            "the run was trained; start a new run instead."
+        )
     return text
 
 
@@ -435,9 +451,18 @@ class _Stop(Exception):
 class _Session:
     """One training process over one run folder (a fresh run or a resumed one)."""
 
-    def __init__(self, run_dir: Path, writer: RunWriter, cfg: RunConfig, tokenizer: Any,
-                 train_ids: torch.Tensor, val_ids: torch.Tensor, callbacks: Sequence[TrainCallback],
-                 stop_event: threading.Event | None, resume_state: tuple | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        writer: RunWriter,
+        cfg: RunConfig,
+        tokenizer: Any,
+        train_ids: torch.Tensor,
+        val_ids: torch.Tensor,
+        callbacks: Sequence[TrainCallback],
+        stop_event: threading.Event | None,
+        resume_state: tuple | None = None,
+    ):
         self.run_dir, self.writer, self.cfg, self.tokenizer = run_dir, writer, cfg, tokenizer
         self.train_ids, self.val_ids = train_ids, val_ids
         self.callbacks, self.stop_event, self.resume_state = list(callbacks), stop_event, resume_state
@@ -474,10 +499,16 @@ class _Session:
     def checkpoint(self, which: str) -> None:
         self.flush()  # a crash right after this checkpoint must not leave metrics.csv behind it
         extra: dict[str, Any] = {
-            "step": self.step, "best_val_loss": self.best_val, "best_step": self.best_step,
-            "evals_since_best": self.evals_since_best, "elapsed_s": self.elapsed(), "tokens_per_s": self.tps,
-            "last_train_loss": self.last_train, "last_val_loss": self.last_val,
-            "data_rng": self.data_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "best_val_loss": self.best_val,
+            "best_step": self.best_step,
+            "evals_since_best": self.evals_since_best,
+            "elapsed_s": self.elapsed(),
+            "tokens_per_s": self.tps,
+            "last_train_loss": self.last_train,
+            "last_val_loss": self.last_val,
+            "data_rng": self.data_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
         }
         if self.device.type == "cuda":
             extra["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -541,10 +572,16 @@ class _Session:
             setup_files()
             self.writer.write_status("running", "Starting…", self.step)
             self.setup()
-            self.emit("start", {
-                "params": self.model.num_params(), "device": str(self.device), "precision": self.precision,
-                "max_iters": tcfg.max_iters, "run_dir": str(self.run_dir),
-            })
+            self.emit(
+                "start",
+                {
+                    "params": self.model.num_params(),
+                    "device": str(self.device),
+                    "precision": self.precision,
+                    "max_iters": tcfg.max_iters,
+                    "run_dir": str(self.run_dir),
+                },
+            )
             self.t0 = time.perf_counter()  # elapsed counts training, not setup
             status, message = self.loop()
         except _Stop as s:
@@ -556,8 +593,13 @@ class _Session:
         except TinyGPTError as e:
             status, message = "error", str(e)
         except OSError as e:  # the run store is full or read-only; the last checkpoint on disk is intact
-            status, message = "error", (f"Could not write the run folder at step {self.step}: {_os_reason(e)} "
-                                        "The run resumes from its last checkpoint.")
+            status, message = (
+                "error",
+                (
+                    f"Could not write the run folder at step {self.step}: {_os_reason(e)} "
+                    "The run resumes from its last checkpoint."
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - every failure ends as a status with a message, never a crash
             if is_out_of_memory(e):
                 status, message = "error", self._oom_message()
@@ -570,8 +612,10 @@ class _Session:
     def _oom_message(self) -> str:
         t, m = self.cfg.train, self.cfg.model
         where = "GPU memory" if getattr(self, "device", torch.device("cpu")).type != "cpu" else "memory"
-        return (f"Out of {where}: reduce batch size ({t.batch_size}), block size ({m.block_size}) "
-                "or model size, then train again.")
+        return (
+            f"Out of {where}: reduce batch size ({t.batch_size}), block size ({m.block_size}) "
+            "or model size, then train again."
+        )
 
     def _finish(self, status: str, message: str) -> TrainResult:
         if self.notes:
@@ -584,9 +628,15 @@ class _Session:
         except OSError as e:
             message = f"{message} (The run folder could not be updated: {e.strerror or e}.)"
         self.emit("end", {"status": status, "message": message})
-        return TrainResult(status=status, message=message, run_dir=self.run_dir, steps=self.step,
-                           best_val_loss=self.best_val, final_train_loss=self.last_train,
-                           final_val_loss=self.last_val)
+        return TrainResult(
+            status=status,
+            message=message,
+            run_dir=self.run_dir,
+            steps=self.step,
+            best_val_loss=self.best_val,
+            final_train_loss=self.last_train,
+            final_val_loss=self.last_val,
+        )
 
     def heartbeat(self) -> None:
         """Refresh status.json at most every HEARTBEAT_INTERVAL_S, so readers can tell a live run from a dead one."""
@@ -615,10 +665,20 @@ class _Session:
                 return self._diverged(step, loss)
             self.step = step
             dt = max(time.perf_counter() - t_step, 1e-9)
-            self.tps = tokens_per_step / dt if self.tps is None else (
-                (1 - TPS_SMOOTHING) * self.tps + TPS_SMOOTHING * tokens_per_step / dt)
-            row = {"step": step, "loss": loss, "train_loss": None, "val_loss": None, "lr": lr,
-                   "tokens_per_s": self.tps, "elapsed_s": self.elapsed()}
+            self.tps = (
+                tokens_per_step / dt
+                if self.tps is None
+                else ((1 - TPS_SMOOTHING) * self.tps + TPS_SMOOTHING * tokens_per_step / dt)
+            )
+            row = {
+                "step": step,
+                "loss": loss,
+                "train_loss": None,
+                "val_loss": None,
+                "lr": lr,
+                "tokens_per_s": self.tps,
+                "elapsed_s": self.elapsed(),
+            }
             self.emit("step", {"loss": loss, "lr": lr, "tokens_per_s": self.tps, "elapsed_s": row["elapsed_s"]})
             # Buffered before the eval: _evaluate fills in its losses, and every checkpoint flushes the
             # buffer first, so metrics.csv always reaches at least the step of the checkpoint on disk.
@@ -720,13 +780,26 @@ class _Session:
             self.best_val, self.best_step, self.evals_since_best = val_loss, self.step, 0
         else:
             self.evals_since_best += 1
-        self.emit("eval", {"train_loss": train_loss, "val_loss": val_loss,
-                           "best_val_loss": self.best_val, "best_step": self.best_step})
+        self.emit(
+            "eval",
+            {
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "best_val_loss": self.best_val,
+                "best_step": self.best_step,
+            },
+        )
         if tcfg.sample_tokens > 0:
             self.model.eval()
             try:
-                text = _sample_text(self.model, self.tokenizer, int(self.train_ids[0]), tcfg.sample_tokens,
-                                    tcfg.seed + self.step, self.device)
+                text = _sample_text(
+                    self.model,
+                    self.tokenizer,
+                    int(self.train_ids[0]),
+                    tcfg.sample_tokens,
+                    tcfg.seed + self.step,
+                    self.device,
+                )
             finally:
                 self.model.train()
             self.writer.add_sample(self.step, text)
@@ -734,22 +807,27 @@ class _Session:
         if improved:
             self.checkpoint("best")
         self.checkpoint("last")
-        self.writer.write_status("running", f"Step {self.step} of {tcfg.max_iters}: val loss {val_loss:.4f}",
-                                 self.step)
+        self.writer.write_status("running", f"Step {self.step} of {tcfg.max_iters}: val loss {val_loss:.4f}", self.step)
         self.last_beat = time.monotonic()
         if tcfg.stop_at_val_loss is not None and val_loss <= tcfg.stop_at_val_loss:
-            return "done", (f"Reached val loss {val_loss:.4f} (target {tcfg.stop_at_val_loss}) at step "
-                            f"{self.step}; train loss {train_loss:.4f}.")
+            return "done", (
+                f"Reached val loss {val_loss:.4f} (target {tcfg.stop_at_val_loss}) at step "
+                f"{self.step}; train loss {train_loss:.4f}."
+            )
         if tcfg.early_stop_patience is not None and self.evals_since_best >= tcfg.early_stop_patience:
-            return "done", (f"Early stop at step {self.step}: val loss has not improved for "
-                            f"{self.evals_since_best} evals (best {self.best_val:.4f} at step {self.best_step}).")
+            return "done", (
+                f"Early stop at step {self.step}: val loss has not improved for "
+                f"{self.evals_since_best} evals (best {self.best_val:.4f} at step {self.best_step})."
+            )
         return None
 
     def _done_message(self) -> str:
         msg = f"Finished {self.step} steps in {self.elapsed():.1f} s"
         if _finite(self.last_val):
-            msg += (f": train loss {self.last_train:.4f}, val loss {self.last_val:.4f} "
-                    f"(best {self.best_val:.4f} at step {self.best_step})")
+            msg += (
+                f": train loss {self.last_train:.4f}, val loss {self.last_val:.4f} "
+                f"(best {self.best_val:.4f} at step {self.best_step})"
+            )
         return msg + "."
 
     def _ensure_best(self) -> None:
@@ -761,14 +839,16 @@ class _Session:
     def _stopped(self) -> tuple[str, str]:
         self.checkpoint("last")
         self._ensure_best()
-        return "stopped", (f"Stopped at step {self.step} of {self.cfg.train.max_iters}; "
-                           "resume the run to continue.")
+        return "stopped", (f"Stopped at step {self.step} of {self.cfg.train.max_iters}; resume the run to continue.")
 
     def _diverged(self, step: int, loss: float) -> tuple[str, str]:
         tcfg = self.cfg.train
         what = "NaN" if math.isnan(loss) else "infinite"
         advice = f"lower the learning rate (now {tcfg.lr:g})"
-        advice += " or enable gradient clipping" if tcfg.grad_clip == 0 else \
-            f" or lengthen the warm-up (now {tcfg.warmup_iters} steps)"
+        advice += (
+            " or enable gradient clipping"
+            if tcfg.grad_clip == 0
+            else f" or lengthen the warm-up (now {tcfg.warmup_iters} steps)"
+        )
         self._ensure_best()
         return "diverged", f"Loss became {what} at step {step}: {advice}."

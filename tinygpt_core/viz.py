@@ -32,8 +32,18 @@ BATCH_COLOR = "rgba(47, 111, 219, 0.28)"  # faint train blue: noisy per-step los
 GAP_FILL = "rgba(228, 87, 46, 0.13)"  # faint val colour: the train→val gap
 BEST_COLOR = "#f2b705"  # gold star
 BASELINE_COLOR = "#111827"  # near-black, drawn thicker
-RUN_COLORS = ["#2f6fdb", "#e4572e", "#17a398", "#8e44ad", "#f2b705", "#c2185b", "#5d6d7e", "#7cb342",
-              "#0097a7", "#ff7f0e"]
+RUN_COLORS = [
+    "#2f6fdb",
+    "#e4572e",
+    "#17a398",
+    "#8e44ad",
+    "#f2b705",
+    "#c2185b",
+    "#5d6d7e",
+    "#7cb342",
+    "#0097a7",
+    "#ff7f0e",
+]
 SETTING_COLORS = ["#2f6fdb", "#e4572e", "#17a398", "#8e44ad", "#c2185b", "#7cb342", "#0097a7", "#5d6d7e"]
 RAW_COLOR = "#9ca3af"  # grey bars: the unprocessed distribution
 ATTENTION_SCALE = "Blues"  # sequential, white at 0 so near-zero weights recede
@@ -69,19 +79,28 @@ def _style(fig: go.Figure, *, height: int, title: str | None = None, legend: boo
         hoverlabel=dict(font=dict(family=FONT["family"], size=12)),
         showlegend=legend,
         # "normal": plotly would otherwise reverse the legend of figures with filled traces.
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="left", x=0.0, bgcolor="rgba(0,0,0,0)",
-                    traceorder="normal"),
+        legend=dict(
+            orientation="h",
+            yanchor="bottom",
+            y=1.02,
+            xanchor="left",
+            x=0.0,
+            bgcolor="rgba(0,0,0,0)",
+            traceorder="normal",
+        ),
     )
     return fig
 
 
 def _empty(fig: go.Figure, message: str) -> go.Figure:
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
-                       font=dict(size=14, color="#6b7280"))
+    fig.add_annotation(
+        text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=14, color="#6b7280")
+    )
     return fig
 
 
 # ---- token labels -------------------------------------------------------------------------------
+
 
 def visible_token(tok: str) -> str:
     """Whitespace and control characters made visible: newline ↵, space ␣, tab ⇥, others as ␀-style pictures."""
@@ -117,6 +136,7 @@ def _tick_values(categories: Sequence[str], labels: Sequence[str], max_ticks: in
 
 # ---- loss curves --------------------------------------------------------------------------------
 
+
 def _column(df: pd.DataFrame, name: str) -> pd.Series:
     if name not in df.columns:
         return pd.Series(np.nan, index=df.index, dtype=float)
@@ -145,27 +165,40 @@ def loss_figure(
     what = "perplexity" if perplexity else "loss"
     _style(fig, height=LOSS_HEIGHT, title=title)
     fig.update_xaxes(title_text="step", rangemode="tozero")
-    fig.update_yaxes(title_text="perplexity" if perplexity else "loss (nats / token)",
-                     type="log" if log_y else "linear")
+    fig.update_yaxes(
+        title_text="perplexity" if perplexity else "loss (nats / token)", type="log" if log_y else "linear"
+    )
     if metrics is None or len(metrics) == 0:
         return _empty(fig, "No metrics yet: the curve appears after the first training step.")
 
-    df = pd.DataFrame({
-        "step": _column(metrics, "step"),
-        "loss": _column(metrics, "loss"),
-        "train_loss": _column(metrics, "train_loss"),
-        "val_loss": _column(metrics, "val_loss"),
-    }).dropna(subset=["step"]).sort_values("step", kind="stable")
+    df = (
+        pd.DataFrame(
+            {
+                "step": _column(metrics, "step"),
+                "loss": _column(metrics, "loss"),
+                "train_loss": _column(metrics, "train_loss"),
+                "val_loss": _column(metrics, "val_loss"),
+            }
+        )
+        .dropna(subset=["step"])
+        .sort_values("step", kind="stable")
+    )
     transform = _as_perplexity if perplexity else (lambda v: v)
     fmt = ":.2f" if perplexity else ":.3f"
 
     steps = df.dropna(subset=["loss"])
     if len(steps):
-        fig.add_trace(go.Scatter(
-            x=steps["step"], y=transform(steps["loss"].to_numpy()), mode="lines", name=f"batch {what}",
-            line=dict(color=BATCH_COLOR, width=1), legendrank=3,
-            hovertemplate=f"step %{{x}}<br>batch {what} %{{y{fmt}}}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=steps["step"],
+                y=transform(steps["loss"].to_numpy()),
+                mode="lines",
+                name=f"batch {what}",
+                line=dict(color=BATCH_COLOR, width=1),
+                legendrank=3,
+                hovertemplate=f"step %{{x}}<br>batch {what} %{{y{fmt}}}<extra></extra>",
+            )
+        )
 
     evals = df.dropna(subset=["train_loss", "val_loss"], how="all")
     train = evals.dropna(subset=["train_loss"])
@@ -175,47 +208,97 @@ def loss_figure(
     if show_gap and len(both) >= 2:
         # "tonexty" fills down to the trace added just before it, so an invisible copy of the train
         # curve goes first and the val curve of the fill trace closes the band.
-        fig.add_trace(go.Scatter(
-            x=both["step"], y=transform(both["train_loss"].to_numpy()), mode="lines",
-            line=dict(width=0, color=TRAIN_COLOR), showlegend=False, hoverinfo="skip", name="gap base",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=both["step"],
+                y=transform(both["train_loss"].to_numpy()),
+                mode="lines",
+                line=dict(width=0, color=TRAIN_COLOR),
+                showlegend=False,
+                hoverinfo="skip",
+                name="gap base",
+            )
+        )
         gap = transform(both["val_loss"].to_numpy()) - transform(both["train_loss"].to_numpy())
-        fig.add_trace(go.Scatter(
-            x=both["step"], y=transform(both["val_loss"].to_numpy()), mode="lines", name="generalisation gap",
-            fill="tonexty", fillcolor=GAP_FILL, line=dict(width=0, color=VAL_COLOR), customdata=gap,
-            legendrank=4, hovertemplate=f"step %{{x}}<br>val − train %{{customdata{fmt}}}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=both["step"],
+                y=transform(both["val_loss"].to_numpy()),
+                mode="lines",
+                name="generalisation gap",
+                fill="tonexty",
+                fillcolor=GAP_FILL,
+                line=dict(width=0, color=VAL_COLOR),
+                customdata=gap,
+                legendrank=4,
+                hovertemplate=f"step %{{x}}<br>val − train %{{customdata{fmt}}}<extra></extra>",
+            )
+        )
 
     if len(train):
-        fig.add_trace(go.Scatter(
-            x=train["step"], y=transform(train["train_loss"].to_numpy()), mode="lines+markers",
-            name=f"train {what}", line=dict(color=TRAIN_COLOR, width=2.2), marker=dict(size=6), legendrank=1,
-            hovertemplate=f"step %{{x}}<br>train {what} %{{y{fmt}}}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=train["step"],
+                y=transform(train["train_loss"].to_numpy()),
+                mode="lines+markers",
+                name=f"train {what}",
+                line=dict(color=TRAIN_COLOR, width=2.2),
+                marker=dict(size=6),
+                legendrank=1,
+                hovertemplate=f"step %{{x}}<br>train {what} %{{y{fmt}}}<extra></extra>",
+            )
+        )
     if len(val):
-        fig.add_trace(go.Scatter(
-            x=val["step"], y=transform(val["val_loss"].to_numpy()), mode="lines+markers",
-            name=f"val {what}", line=dict(color=VAL_COLOR, width=2.2), marker=dict(size=6), legendrank=2,
-            hovertemplate=f"step %{{x}}<br>val {what} %{{y{fmt}}}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=val["step"],
+                y=transform(val["val_loss"].to_numpy()),
+                mode="lines+markers",
+                name=f"val {what}",
+                line=dict(color=VAL_COLOR, width=2.2),
+                marker=dict(size=6),
+                legendrank=2,
+                hovertemplate=f"step %{{x}}<br>val {what} %{{y{fmt}}}<extra></extra>",
+            )
+        )
         if best_marker:
             best = val.loc[val["val_loss"].idxmin()]
             best_y = float(transform(np.array([best["val_loss"]]))[0])
             best_step = int(best["step"])
-            fig.add_trace(go.Scatter(
-                x=[best_step], y=[best_y], mode="markers", name="best val",
-                marker=dict(symbol="star", size=16, color=BEST_COLOR, line=dict(color="#7a5c00", width=1)),
-                hovertemplate=f"best val {what} %{{y{fmt}}}<br>at step %{{x}}<extra></extra>",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=[best_step],
+                    y=[best_y],
+                    mode="markers",
+                    name="best val",
+                    marker=dict(symbol="star", size=16, color=BEST_COLOR, line=dict(color="#7a5c00", width=1)),
+                    hovertemplate=f"best val {what} %{{y{fmt}}}<br>at step %{{x}}<extra></extra>",
+                )
+            )
             label = f"{best_y:.2f}" if perplexity else f"{best_y:.3f}"
-            fig.add_annotation(x=best_step, y=math.log10(best_y) if log_y and best_y > 0 else best_y,
-                               text=f"best val {label} @ step {best_step}", showarrow=True, arrowhead=0,
-                               ax=0, ay=-32, font=dict(size=12, color="#7a5c00"),
-                               bgcolor="rgba(255,255,255,0.8)")
+            fig.add_annotation(
+                x=best_step,
+                y=math.log10(best_y) if log_y and best_y > 0 else best_y,
+                text=f"best val {label} @ step {best_step}",
+                showarrow=True,
+                arrowhead=0,
+                ax=0,
+                ay=-32,
+                font=dict(size=12, color="#7a5c00"),
+                bgcolor="rgba(255,255,255,0.8)",
+            )
     elif len(steps):
-        fig.add_annotation(text="train/val loss appear at the first evaluation", x=1.0, y=1.0, xref="paper",
-                           yref="paper", xanchor="right", yanchor="top", showarrow=False,
-                           font=dict(size=12, color="#6b7280"))
+        fig.add_annotation(
+            text="train/val loss appear at the first evaluation",
+            x=1.0,
+            y=1.0,
+            xref="paper",
+            yref="paper",
+            xanchor="right",
+            yanchor="top",
+            showarrow=False,
+            font=dict(size=12, color="#6b7280"),
+        )
     return fig
 
 
@@ -250,13 +333,21 @@ def overlay_figure(
             ok = step.notna() & y.notna()
             if not ok.any():
                 continue
-            fig.add_trace(go.Scatter(
-                x=step[ok], y=y[ok], mode="lines+markers" if ok.sum() <= 60 else "lines", name=trace_name,
-                legendgroup=safe, line=dict(color=color, width=(3.5 if is_base else 1.8) * (1 if dash == "solid" else 0.7),
-                                           dash=dash),
-                marker=dict(size=5 if is_base else 4), opacity=1.0 if is_base or baseline is None else 0.85,
-                hovertemplate=f"{safe}<br>step %{{x}}<br>{METRIC_LABELS.get(col, col)} %{{y:.3f}}<extra></extra>",
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=step[ok],
+                    y=y[ok],
+                    mode="lines+markers" if ok.sum() <= 60 else "lines",
+                    name=trace_name,
+                    legendgroup=safe,
+                    line=dict(
+                        color=color, width=(3.5 if is_base else 1.8) * (1 if dash == "solid" else 0.7), dash=dash
+                    ),
+                    marker=dict(size=5 if is_base else 4),
+                    opacity=1.0 if is_base or baseline is None else 0.85,
+                    hovertemplate=f"{safe}<br>step %{{x}}<br>{METRIC_LABELS.get(col, col)} %{{y:.3f}}<extra></extra>",
+                )
+            )
             plotted += 1
     if plotted == 0:
         _empty(fig, f"No {label} to show yet: pick runs that have been evaluated.")
@@ -264,6 +355,7 @@ def overlay_figure(
 
 
 # ---- attention ----------------------------------------------------------------------------------
+
 
 def _masked_weights(w: np.ndarray, window: int | None) -> np.ndarray:
     """(T, T) weights as float with masked cells (future keys, keys outside the window) set to NaN."""
@@ -317,33 +409,74 @@ def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, c
     n_head, T = maps.weights.shape[1], maps.weights.shape[-1]
     cols = max(1, min(cols, n_head))
     rows = math.ceil(n_head / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in range(n_head)],
-                        horizontal_spacing=0.06 if T <= MAX_TICKS else 0.03, vertical_spacing=0.12 / rows)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[f"head {h}" for h in range(n_head)],
+        horizontal_spacing=0.06 if T <= MAX_TICKS else 0.03,
+        vertical_spacing=0.12 / rows,
+    )
     cats, ticks = _attention_axes(maps)
     axis_ticks = _tick_values(cats, ticks, max_ticks=16)
     for h in range(n_head):
         r, c = divmod(h, cols)
-        fig.add_trace(go.Heatmap(
-            z=_masked_weights(maps.weights[layer, h], window), x=cats, y=cats, coloraxis="coloraxis",
-            name=f"head {h}", hoverongaps=False, hovertemplate=_ATTN_HOVER, xgap=0, ygap=0,
-        ), row=r + 1, col=c + 1)
+        fig.add_trace(
+            go.Heatmap(
+                z=_masked_weights(maps.weights[layer, h], window),
+                x=cats,
+                y=cats,
+                coloraxis="coloraxis",
+                name=f"head {h}",
+                hoverongaps=False,
+                hovertemplate=_ATTN_HOVER,
+                xgap=0,
+                ygap=0,
+            ),
+            row=r + 1,
+            col=c + 1,
+        )
         # Square cells; "domain" shrinks the plot area rather than padding the axis range with blank space.
-        fig.update_xaxes(row=r + 1, col=c + 1, tickangle=-90 if T > 8 else 0, tickfont=dict(size=9),
-                         showgrid=False, constrain="domain", **axis_ticks)
-        fig.update_yaxes(row=r + 1, col=c + 1, autorange="reversed", tickfont=dict(size=9), showgrid=False,
-                         scaleanchor=f"x{h + 1 if h else ''}", constrain="domain", **axis_ticks)
+        fig.update_xaxes(
+            row=r + 1,
+            col=c + 1,
+            tickangle=-90 if T > 8 else 0,
+            tickfont=dict(size=9),
+            showgrid=False,
+            constrain="domain",
+            **axis_ticks,
+        )
+        fig.update_yaxes(
+            row=r + 1,
+            col=c + 1,
+            autorange="reversed",
+            tickfont=dict(size=9),
+            showgrid=False,
+            scaleanchor=f"x{h + 1 if h else ''}",
+            constrain="domain",
+            **axis_ticks,
+        )
         if window is not None:
-            fig.add_shape(type="path", path=_window_path(T, window), row=r + 1, col=c + 1,
-                          line=dict(color=VAL_COLOR, width=1.5), fillcolor="rgba(0,0,0,0)")
+            fig.add_shape(
+                type="path",
+                path=_window_path(T, window),
+                row=r + 1,
+                col=c + 1,
+                line=dict(color=VAL_COLOR, width=1.5),
+                fillcolor="rgba(0,0,0,0)",
+            )
     title = f"Layer {layer} attention · {n_head} heads"
     if getattr(maps, "cropped", False):
         title += f" · last {T} tokens"
     if window is not None:
         title += f" · window {window}"
     _style(fig, height=90 + rows * GRID_CELL, title=title, legend=False)
-    fig.update_layout(coloraxis=dict(colorscale=ATTENTION_SCALE, cmin=0.0, cmax=1.0,
-                                     colorbar=dict(title=dict(text="weight"), thickness=12)),
-                      margin=dict(l=50, r=20, t=80, b=40), plot_bgcolor="white")
+    fig.update_layout(
+        coloraxis=dict(
+            colorscale=ATTENTION_SCALE, cmin=0.0, cmax=1.0, colorbar=dict(title=dict(text="weight"), thickness=12)
+        ),
+        margin=dict(l=50, r=20, t=80, b=40),
+        plot_bgcolor="white",
+    )
     return fig
 
 
@@ -353,22 +486,39 @@ def attention_head_figure(maps: Any, layer: int, head: int, *, window: int | Non
     T = maps.weights.shape[-1]
     cats, ticks = _attention_axes(maps)
     axis_ticks = _tick_values(cats, ticks, max_ticks=48)
-    fig = go.Figure(go.Heatmap(
-        z=_masked_weights(maps.weights[layer, head], window), x=cats, y=cats, zmin=0.0, zmax=1.0,
-        colorscale=ATTENTION_SCALE, name=f"layer {layer} · head {head}", hoverongaps=False,
-        hovertemplate=_ATTN_HOVER, colorbar=dict(title=dict(text="weight"), thickness=12),
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=_masked_weights(maps.weights[layer, head], window),
+            x=cats,
+            y=cats,
+            zmin=0.0,
+            zmax=1.0,
+            colorscale=ATTENTION_SCALE,
+            name=f"layer {layer} · head {head}",
+            hoverongaps=False,
+            hovertemplate=_ATTN_HOVER,
+            colorbar=dict(title=dict(text="weight"), thickness=12),
+        )
+    )
     if window is not None:
-        fig.add_shape(type="path", path=_window_path(T, window), line=dict(color=VAL_COLOR, width=2),
-                      fillcolor="rgba(0,0,0,0)")
+        fig.add_shape(
+            type="path", path=_window_path(T, window), line=dict(color=VAL_COLOR, width=2), fillcolor="rgba(0,0,0,0)"
+        )
     title = f"Layer {layer} · head {head}"
     if getattr(maps, "cropped", False):
         title += f" · last {T} tokens"
     _style(fig, height=600, title=title, legend=False)
-    fig.update_xaxes(title_text="key (attended to)", tickangle=-90 if T > 8 else 0, showgrid=False,
-                     constrain="domain", **axis_ticks)
-    fig.update_yaxes(title_text="query (attending)", autorange="reversed", showgrid=False, scaleanchor="x",
-                     constrain="domain", **axis_ticks)
+    fig.update_xaxes(
+        title_text="key (attended to)", tickangle=-90 if T > 8 else 0, showgrid=False, constrain="domain", **axis_ticks
+    )
+    fig.update_yaxes(
+        title_text="query (attending)",
+        autorange="reversed",
+        showgrid=False,
+        scaleanchor="x",
+        constrain="domain",
+        **axis_ticks,
+    )
     fig.update_layout(plot_bgcolor="white", margin=dict(l=90, r=20, t=70, b=90))
     return fig
 
@@ -383,12 +533,22 @@ def head_stats_figure(stats: dict[str, np.ndarray], metric: str) -> go.Figure:
     n_layer, n_head = z.shape
     label = METRIC_LABELS.get(metric, metric)
     bounds = dict(zmin=0.0, zmax=1.0) if metric in _UNIT_INTERVAL_STATS else {}
-    fig = go.Figure(go.Heatmap(
-        z=z, x=[f"head {h}" for h in range(n_head)], y=[f"layer {l}" for l in range(n_layer)],
-        colorscale=STAT_SCALE, texttemplate="%{z:.2f}", textfont=dict(size=12), name=label,
-        hovertemplate=f"%{{y}} · %{{x}}<br>{label} %{{z:.3f}}<extra></extra>",
-        colorbar=dict(title=dict(text=label.split(" (")[0]), thickness=12), xgap=2, ygap=2, **bounds,
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[f"head {h}" for h in range(n_head)],
+            y=[f"layer {layer}" for layer in range(n_layer)],
+            colorscale=STAT_SCALE,
+            texttemplate="%{z:.2f}",
+            textfont=dict(size=12),
+            name=label,
+            hovertemplate=f"%{{y}} · %{{x}}<br>{label} %{{z:.3f}}<extra></extra>",
+            colorbar=dict(title=dict(text=label.split(" (")[0]), thickness=12),
+            xgap=2,
+            ygap=2,
+            **bounds,
+        )
+    )
     _style(fig, height=min(140 + 56 * n_layer, 700), title=label, legend=False)
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_xaxes(showgrid=False, side="top")
@@ -397,6 +557,7 @@ def head_stats_figure(stats: dict[str, np.ndarray], metric: str) -> go.Figure:
 
 
 # ---- sampling -----------------------------------------------------------------------------------
+
 
 def distribution_figure(
     tokens: list[str], probs: np.ndarray, kept: dict[str, np.ndarray], top_n: int = 30
@@ -416,14 +577,27 @@ def distribution_figure(
     n_set = len(kept)
 
     if n_set:
-        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.04,
-                            row_heights=[0.62, 0.38] if n_set > 2 else [0.75, 0.25])
+        fig = make_subplots(
+            rows=2,
+            cols=1,
+            shared_xaxes=True,
+            vertical_spacing=0.04,
+            row_heights=[0.62, 0.38] if n_set > 2 else [0.75, 0.25],
+        )
     else:
         fig = make_subplots(rows=1, cols=1)
-    fig.add_trace(go.Bar(
-        x=cats, y=p[order], name="raw probability", marker=dict(color=RAW_COLOR), customdata=np.arange(1, len(order) + 1),
-        hovertemplate="%{x}<br>raw probability %{y:.3f}<br>rank %{customdata}<extra></extra>",
-    ), row=1, col=1)
+    fig.add_trace(
+        go.Bar(
+            x=cats,
+            y=p[order],
+            name="raw probability",
+            marker=dict(color=RAW_COLOR),
+            customdata=np.arange(1, len(order) + 1),
+            hovertemplate="%{x}<br>raw probability %{y:.3f}<br>rank %{customdata}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
 
     row_names = []
     for k, (name, mask) in enumerate(kept.items()):
@@ -435,14 +609,24 @@ def distribution_figure(
         row_name = f"{html.escape(name, quote=False)} · {int(m.sum())} kept · {mass:.0%} mass"
         row_names.append(row_name)
         sel = m[order]
-        fig.add_trace(go.Scatter(
-            x=cats, y=[row_name] * len(order), mode="markers", name=html.escape(name, quote=False),
-            marker=dict(symbol=np.where(sel, "circle", "x-thin-open").tolist(), size=np.where(sel, 11, 8).tolist(),
-                        color=[color if s else "rgba(156,163,175,0.6)" for s in sel],
-                        line=dict(width=1.2, color=[color if s else "rgba(156,163,175,0.6)" for s in sel])),
-            customdata=np.where(sel, "kept", "cut"),
-            hovertemplate=f"%{{x}}<br>{html.escape(name, quote=False)}: %{{customdata}}<extra></extra>",
-        ), row=2, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=cats,
+                y=[row_name] * len(order),
+                mode="markers",
+                name=html.escape(name, quote=False),
+                marker=dict(
+                    symbol=np.where(sel, "circle", "x-thin-open").tolist(),
+                    size=np.where(sel, 11, 8).tolist(),
+                    color=[color if s else "rgba(156,163,175,0.6)" for s in sel],
+                    line=dict(width=1.2, color=[color if s else "rgba(156,163,175,0.6)" for s in sel]),
+                ),
+                customdata=np.where(sel, "kept", "cut"),
+                hovertemplate=f"%{{x}}<br>{html.escape(name, quote=False)}: %{{customdata}}<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
 
     height = 340 + 34 * n_set
     _style(fig, height=height, title=f"Next-token distribution · top {len(order)}", legend=False)
@@ -451,13 +635,21 @@ def distribution_figure(
     fig.update_xaxes(tickangle=-60 if len(order) > 12 else 0, **tick_args, row=2 if n_set else 1, col=1)
     if n_set:
         fig.update_xaxes(showticklabels=False, row=1, col=1)
-        fig.update_yaxes(autorange="reversed", categoryorder="array", categoryarray=row_names, showgrid=False,
-                         tickfont=dict(size=11), row=2, col=1)
+        fig.update_yaxes(
+            autorange="reversed",
+            categoryorder="array",
+            categoryarray=row_names,
+            showgrid=False,
+            tickfont=dict(size=11),
+            row=2,
+            col=1,
+        )
     fig.update_layout(bargap=0.25, margin=dict(l=220 if n_set else 60, r=20, t=60, b=70))
     return fig
 
 
 # ---- token colouring (HTML) ---------------------------------------------------------------------
+
 
 def _scale_color(value: float) -> str:
     v = min(1.0, max(0.0, value))
@@ -481,8 +673,9 @@ def token_html(tokens: list[str], values: list[float] | None = None, titles: lis
         raise ValueError(f"{len(titles)} titles for {len(tokens)} tokens; pass one title per token.")
     spans = []
     for k, tok in enumerate(tokens):
-        style = ("display:inline-block;padding:1px 2px;margin:1px 1px;border-radius:4px;"
-                 "border:1px solid rgba(0,0,0,0.08);")
+        style = (
+            "display:inline-block;padding:1px 2px;margin:1px 1px;border-radius:4px;border:1px solid rgba(0,0,0,0.08);"
+        )
         v = None if values is None else values[k]
         if v is not None and np.isfinite(v):
             style += f"background:{_scale_color(float(v))};"
@@ -493,11 +686,14 @@ def token_html(tokens: list[str], values: list[float] | None = None, titles: lis
         spans.append(f'<span style="{style}"{title}>{text}</span>')
         if "\n" in tok:
             spans.append("<br>")  # keep the text's own line structure readable
-    return ('<div class="tinygpt-tokens" style="font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;'
-            'font-size:14px;line-height:1.9;color:#111827;word-break:break-word;">' + "".join(spans) + "</div>")
+    return (
+        '<div class="tinygpt-tokens" style="font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;'
+        'font-size:14px;line-height:1.9;color:#111827;word-break:break-word;">' + "".join(spans) + "</div>"
+    )
 
 
 # ---- downloads ----------------------------------------------------------------------------------
+
 
 def figure_to_html(fig: go.Figure) -> str:
     """A self-contained HTML page of the figure; plotly.js is inlined (~4.5 MB) so it opens offline."""
