@@ -12,7 +12,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from tinygpt_core import limits
+from tinygpt_core import checkpoints, limits
 from tinygpt_core.data import load_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.jobs import LocalJobRunner, get_runner
@@ -130,7 +130,8 @@ def _load(path: str, checkpoint: str, mtime: float) -> LoadedRun:  # mtime: relo
 def weights_mtime(run: RunSummary, checkpoint: str) -> float | None:
     """When a run's checkpoint was last written (None: not there): cache keys that follow retraining."""
     try:
-        return os.path.getmtime(run.path / ("model.safetensors" if checkpoint == "best" else "last.safetensors"))
+        path = checkpoints.weights_path(run.path, checkpoint)
+        return None if path is None else os.path.getmtime(path)
     except OSError:
         return None
 

@@ -32,7 +32,7 @@ from tinygpt_core.data import list_builtin_corpora
 from tinygpt_core.errors import RunError, TinyGPTError
 from tinygpt_core.jobs import JobSnapshot
 from tinygpt_core.runs import RunSummary, read_metrics
-from tinygpt_core.training import TrainSpec
+from tinygpt_core.training import TrainSpec, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID_PARAM = "grid"
@@ -408,7 +408,7 @@ def launch_grid_form() -> None:
         base = TrainSpec.from_preset(preset, f"builtin:{corpus}", max_iters=int(max_iters), seed=int(seed))
         specs = grid_specs(base, labels)
         for spec in specs:  # refuse the whole grid before queueing any of it
-            spec.validate()
+            prepare(spec)  # settings, corpus and context checked; nothing is kept
         job_ids = [runner().submit(spec) for spec in specs]
         launched = (parse_grid_name(specs[0].name)[0], job_ids)
     if launched:

@@ -29,7 +29,7 @@ from pages._common import (
     store,
     user_errors,
 )
-from tinygpt_core import limits, viz
+from tinygpt_core import checkpoints, limits, viz
 from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
 from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora
 from tinygpt_core.errors import TinyGPTError
@@ -765,7 +765,7 @@ def _resume_button(v: RunView) -> None:
     if v.status not in ("stopped", "interrupted") or read_only():
         return
     try:
-        resumable = (store().path(v.run_id) / "optimizer.safetensors").exists()
+        resumable = checkpoints.can_resume(store().path(v.run_id))
     except TinyGPTError:
         return
     if not resumable:

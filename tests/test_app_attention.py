@@ -14,6 +14,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from tinygpt_core import checkpoints
 from tinygpt_core.runs import RunStore
 from tinygpt_core.training import TrainSpec, train
 
@@ -196,11 +197,12 @@ def test_a_damaged_checkpoint_shows_an_error(trained_store, use_store, tmp_path)
     root, run_id = trained_store
     copy = tmp_path / run_id
     shutil.copytree(root / run_id, copy)
-    (copy / "last.safetensors").write_bytes((root / run_id / "last.safetensors").read_bytes()[:200])
+    last = checkpoints.find_checkpoint(copy, "last").weights
+    last.write_bytes(last.read_bytes()[:200])
     use_store(tmp_path)
     at = open_page()
     assert not at.error and at.get("plotly_chart")  # the best checkpoint is intact
     at.radio(key="attn_checkpoint").set_value("last").run()
     assert not at.exception
-    assert len(at.error) == 1 and "last.safetensors" in at.error[0].value
+    assert len(at.error) == 1 and "model.safetensors is truncated" in at.error[0].value
     assert not at.get("plotly_chart")

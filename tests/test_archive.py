@@ -46,6 +46,20 @@ def test_zip_leaves_out_links_subfolders_and_temp_files(run_dir, tmp_path):
     assert len(names) == 3
 
 
+def test_zip_holds_the_checkpoint_folders_so_the_run_can_resume(run_dir):
+    step = run_dir / "checkpoints" / "step-000020"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes(b"w")
+    (step / "optimizer.safetensors").write_bytes(b"o")
+    (run_dir / "checkpoints" / ".tmp-step-000030-x").mkdir()  # a checkpoint being written: not one yet
+    (run_dir / "checkpoints" / ".tmp-step-000030-x" / "model.safetensors").write_bytes(b"half")
+    names = zipfile.ZipFile(io.BytesIO(zip_run(run_dir))).namelist()
+    assert [n for n in names if "checkpoints" in n] == [
+        "my-run-20240101-000000/checkpoints/step-000020/model.safetensors",
+        "my-run-20240101-000000/checkpoints/step-000020/optimizer.safetensors",
+    ]
+
+
 def test_zip_is_deterministic(run_dir):
     assert zip_run(run_dir) == zip_run(run_dir)
 

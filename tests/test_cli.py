@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinygpt_core import cli
+from tinygpt_core import checkpoints, cli
 from tinygpt_core.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +249,7 @@ def test_ctrl_c_stops_gracefully_and_saves(tmp_path):
     assert proc.returncode == 0, stderr
     assert "status:     stopped" in stdout and "Traceback" not in stderr
     run = load_run(out, checkpoint="last")
-    assert run.status.status == "stopped" and (out / "optimizer.safetensors").exists()
+    assert run.status.status == "stopped" and checkpoints.can_resume(out)
 
 
 def test_run_failure_exit_code():

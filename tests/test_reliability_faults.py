@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinygpt_core import jobs, runs, training
+from tinygpt_core import checkpoints, jobs, runs, training
 from tinygpt_core.cli import main
 from tinygpt_core.errors import RunError
 from tinygpt_core.jobs import LocalJobRunner
@@ -75,7 +76,11 @@ def runner(store):
 
 def folder_digest(path: Path) -> dict[str, str]:
     """sha256 of every file in a run folder: "loses no finished run" means these do not change."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def temp_files(root: Path) -> list[Path]:
@@ -202,6 +207,113 @@ def test_a_kill_right_after_a_checkpoint_leaves_metrics_up_to_that_checkpoint(tm
     assert list(read_metrics(out)["step"]) == list(range(1, 15))
 
 
+# --- a checkpoint is atomic as a whole ---------------------------------------------------------------
+
+KILL_INSIDE_CHECKPOINT = """
+import os, signal, sys
+import torch
+from tinygpt_core import checkpoints
+from tinygpt_core.training import TrainSpec, train
+
+torch.set_num_threads(1)
+where, calls = sys.argv[2], []
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "between-files":  # the weights of step 10 are on disk, its optimizer state is not
+    real_write = checkpoints._write_synced
+    def write(path, data):
+        real_write(path, data)
+        calls.append(path.name)
+        if path.name == "model.safetensors" and len(calls) == 3:  # step 5: 2 files; step 10: the 1st
+            die()
+    checkpoints._write_synced = write
+elif where == "before-cleanup":  # step 10 is complete, step 5 not yet removed
+    def remove(folder):
+        die()
+    checkpoints._remove_folder = remove
+train(TrainSpec.from_preset("tiny", "builtin:tiny", **eval(sys.argv[3])), sys.argv[1])
+"""
+
+ATOMIC_SPEC = dict(
+    n_layer=1, n_embd=32, block_size=16, batch_size=4, max_iters=20, eval_interval=5, eval_iters=1,
+    device="cpu", sample_tokens=6, dropout=0.1,
+)  # fmt: skip
+
+
+def _run_state(run_dir: Path) -> tuple[dict, dict, list, object]:
+    """What "bit-exactly the same run" means: last and best weights, the curves, the samples."""
+    last, _, _ = load_checkpoint_state(run_dir, "last")
+    best, _, _ = load_checkpoint_state(run_dir, "best")
+    m = read_metrics(run_dir)[["step", "loss", "train_loss", "val_loss", "lr"]]
+    return last, best, runs.read_samples(run_dir), m
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    la, ba, sa, ma = _run_state(a)
+    lb, bb, sb, mb = _run_state(b)
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    assert ba.keys() == bb.keys() and all(torch.equal(ba[k], bb[k]) for k in ba)
+    assert sa == sb
+    pd_equal = ma.reset_index(drop=True).equals(mb.reset_index(drop=True))
+    assert pd_equal, f"curves differ:\n{ma}\n{mb}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert train(TrainSpec.from_preset("tiny", "builtin:tiny", **ATOMIC_SPEC), out).status == "done"
+    return out
+
+
+@pytest.mark.parametrize("where", ["between-files", "before-cleanup"])
+def test_a_kill_inside_a_checkpoint_resumes_bit_exactly_from_the_last_complete_one(tmp_path, uninterrupted, where):
+    """Issue 11: a SIGKILL between the checkpoint's files (or before the old one is removed) must
+    leave the last complete checkpoint, and resuming from it must give the uninterrupted run."""
+    out = tmp_path / "run"
+    _kill_inside_checkpoint(out, where)
+    expected = 5 if where == "between-files" else 10
+    assert checkpoints.last_checkpoint(out).step == expected
+    assert int(load_checkpoint_state(out, "last")[2]["step"]) == expected
+    if where == "before-cleanup":
+        assert checkpoints.checkpoint_steps(out) == [5, 10]  # both complete; the newer one wins
+    else:
+        assert checkpoints.checkpoint_steps(out) == [5]  # the half-written step 10 is not a checkpoint
+    assert resume(out).status == "done"
+    _assert_same_run(out, uninterrupted)
+    assert checkpoints.checkpoint_steps(out) == [20]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def _kill_inside_checkpoint(out: Path, where: str) -> None:
+    p = subprocess.run(
+        [sys.executable, "-c", KILL_INSIDE_CHECKPOINT, str(out), where, repr(ATOMIC_SPEC)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+
+
+def test_a_run_in_the_old_two_file_layout_opens_and_resumes_exactly(tmp_path, uninterrupted):
+    """Runs written before checkpoint folders (last.safetensors + optimizer.safetensors) open and resume."""
+    out = tmp_path / "old"
+    _kill_inside_checkpoint(out, "before-cleanup")  # a run interrupted at step 10 ...
+    folder = checkpoints.find_checkpoint(out, "last").weights.parent
+    os.replace(folder / "model.safetensors", out / "last.safetensors")  # ... in the old layout
+    os.replace(folder / "optimizer.safetensors", out / "optimizer.safetensors")
+    shutil.rmtree(out / "checkpoints")
+    assert checkpoints.checkpoint_steps(out) == [] and checkpoints.can_resume(out)
+    assert load_run(out, checkpoint="last").model is not None
+    assert int(load_checkpoint_state(out, "last")[2]["step"]) == 10
+    assert resume(out).status == "done"
+    _assert_same_run(out, uninterrupted)
+    assert not (out / "last.safetensors").exists() and not (out / "optimizer.safetensors").exists()
+    assert checkpoints.checkpoint_steps(out) == [20]
+
+
 # --- broken and half-written run folders ----------------------------------------------------------
 
 
@@ -231,14 +343,12 @@ def damaged_store(tmp_path_factory) -> tuple[RunStore, str, dict[str, str], Path
         "missing-tokenizer": lambda d: (d / "tokenizer.json").unlink(),
         "pickle-weights": lambda d: torch.save({"w": _Payload(marker)}, d / "model.safetensors"),
         "raw-pickle-weights": lambda d: (d / "model.safetensors").write_bytes(pickle.dumps(_Payload(marker))),
-        "empty-folder": lambda d: [p.unlink() for p in d.iterdir()],
+        "empty-folder": lambda d: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in d.iterdir()],
     }
     ids = {}
     for fault, damage in faults.items():
         d = root / f"{fault}-20200101-000000"
-        d.mkdir()
-        for f in good.iterdir():
-            (d / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(good, d)
         damage(d)
         ids[d.name] = fault
     return store, good.name, ids, marker
@@ -295,8 +405,8 @@ def test_the_cli_lists_broken_runs_with_reasons_and_refuses_to_open_them(damaged
 
 def test_a_truncated_last_checkpoint_refuses_to_resume_with_the_reason(tmp_path):
     run_dir = train(tiny_spec(max_iters=6, eval_interval=3), store=RunStore(tmp_path)).run_dir
-    _cut(run_dir / "last.safetensors", 0.7)
-    with pytest.raises(RunError, match="last.safetensors is truncated"):
+    _cut(checkpoints.find_checkpoint(run_dir, "last").weights, 0.7)
+    with pytest.raises(RunError, match="checkpoints/step-000006/model.safetensors is truncated"):
         resume(run_dir, max_iters=10)
     assert load_run(run_dir).model is not None  # the best weights are separate and intact
 
@@ -567,7 +677,7 @@ def test_the_runner_resumes_an_interrupted_run_once_and_refuses_a_duplicate(runn
 
 def test_resume_refuses_runs_it_cannot_continue(runner, store, monkeypatch):
     run_dir = interrupted_run(store)
-    (run_dir / "optimizer.safetensors").unlink()
+    checkpoints.last_checkpoint(run_dir).optimizer.unlink()
     with pytest.raises(RunError, match="no optimizer.safetensors"):
         runner.resume(run_dir.name)
     with pytest.raises(RunError, match="not a valid run id"):

@@ -29,7 +29,7 @@ from tinygpt_core.model import GPT
 from tinygpt_core.runs import RunStore
 from tinygpt_core.sampling import SamplingSettings, generate, process_logits
 from tinygpt_core.tokenizers import load_tokenizer, tokenizer_from_dict, train_tokenizer
-from tinygpt_core.training import TrainSpec, train
+from tinygpt_core.training import TrainSpec, prepare, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -187,7 +187,7 @@ def test_a_large_corpus_trains_a_tokenizer_and_splits_in_seconds(tmp_path):
         device="cpu",
         warmup_iters=0,
     )
-    spec.validate()
+    prepare(spec)  # loads the corpus, trains the BPE tokenizer, encodes and splits
 
 
 # --- prompts and sampling settings ----------------------------------------------------------------

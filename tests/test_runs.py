@@ -152,9 +152,9 @@ def test_untied_model_round_trips(tmp_path):
     state, _, _ = load_checkpoint_state(tmp_path, "best")
     assert "lm_head.weight" in state
     other = GPT(cfg)
-    from tinygpt_core.runs import _load_model_state
+    from tinygpt_core.checkpoints import load_model_state
 
-    _load_model_state(other, state)
+    load_model_state(other, state)
     x = torch.randint(11, (2, 8))
     assert torch.equal(model.eval()(x).logits, other.eval()(x).logits)
 
@@ -358,7 +358,7 @@ def test_valid_file_whose_header_looks_like_a_pickle_opcode_is_accepted(tmp_path
     # length byte and must not be mistaken for the pickle protocol marker.
     from safetensors.torch import save
 
-    from tinygpt_core.runs import _safetensors_problem
+    from tinygpt_core.checkpoints import safetensors_problem
 
     for pad in range(200):
         data = save({"w": torch.zeros(2)}, metadata={"pad": "x" * pad})
@@ -367,7 +367,7 @@ def test_valid_file_whose_header_looks_like_a_pickle_opcode_is_accepted(tmp_path
     assert data[0] == 0x80
     p = tmp_path / "model.safetensors"
     p.write_bytes(data)
-    assert _safetensors_problem(p) is None
+    assert safetensors_problem(p) is None
 
 
 def test_queued_by_a_dead_process_reads_as_interrupted(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import tinygpt_core.training as training
+import tinygpt_core.trainstate as trainstate
+from tinygpt_core import checkpoints
 from tinygpt_core.config import ModelConfig, TrainConfig
 from tinygpt_core.data import Corpus
 from tinygpt_core.errors import ConfigError, DataError, RunError
@@ -72,8 +74,8 @@ def test_loss_falls_and_run_folder_is_complete(tmp_path):
         "config.json",
         "metrics.csv",
         "model.safetensors",
-        "last.safetensors",
-        "optimizer.safetensors",
+        "checkpoints/step-000060/model.safetensors",
+        "checkpoints/step-000060/optimizer.safetensors",
         "tokenizer.json",
         "status.json",
         "samples.json",
@@ -219,7 +221,7 @@ def test_cancel_from_another_thread_within_one_step(tmp_path):
     r = box["r"]
     assert r.status == "stopped"
     assert at_stop <= r.steps <= at_stop + 1  # the step in flight finishes, no further one starts
-    assert (r.run_dir / "last.safetensors").is_file() and (r.run_dir / "optimizer.safetensors").is_file()
+    assert checkpoints.checkpoint_steps(r.run_dir) == [r.steps] and checkpoints.can_resume(r.run_dir)
 
 
 def test_early_stopping_on_patience(tmp_path, monkeypatch):
@@ -241,13 +243,13 @@ def test_stop_at_val_loss(tmp_path):
 
 def test_grad_accumulation_draws_accum_batches_per_step(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = training.get_batch
+    real = trainstate.get_batch
 
     def counting(*a, **kw):
         calls["n"] += 1
         return real(*a, **kw)
 
-    monkeypatch.setattr(training, "get_batch", counting)
+    monkeypatch.setattr(trainstate, "get_batch", counting)
     result, events = run(tmp_path, spec(max_iters=5, grad_accum=3, eval_interval=100, eval_iters=2))
     assert result.status == "done"
     assert calls["n"] == 5 * 3 + 2 * 2  # 3 micro-batches per step + one final eval of 2 batches per split

@@ -312,7 +312,7 @@ def spec_from_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .runs import RunStore
-    from .training import train
+    from .training import prepare, train
 
     if args.resume is not None:
         given = [
@@ -327,14 +327,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     spec = spec_from_args(args)  # bad flags fail here, before any folder is created
+    prepared = prepare(spec)  # corpus, tokenizer, split and device, once; DataError before any folder
     # The operator's limits, where set (TINYGPT_READ_ONLY, _MAX_ITERS, _MAX_PARAMS; see limits.py).
-    limits.check_spec(spec, limits.current(explicit_only=True))
+    limits.check_spec(prepared, limits.current(explicit_only=True))
     run_dir = None
     if args.out is not None:
         run_dir = _prepare_out(args.out)
     store = RunStore(args.runs_dir) if args.runs_dir is not None else None
     with _Progress(enabled=not args.no_progress) as progress, _graceful_stop() as stop:
-        result = train(spec, run_dir, store=store, callbacks=[progress], stop_event=stop)
+        result = train(prepared, run_dir, store=store, callbacks=[progress], stop_event=stop)
     return _report(result, progress)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from . import limits, training
 from .device import resolve_device
 from .errors import JobError, RunError, TinyGPTError
-from .runs import RunStore, RunWriter, _os_reason
+from .runs import RunStore, RunWriter, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,12 @@ class LocalJobRunner(JobRunner):
     # --- the JobRunner interface -----------------------------------------------------------------
 
     def submit(self, spec: training.TrainSpec) -> str:
-        spec.validate()  # ConfigError/DataError reach the caller before anything is written or queued
-        limits.check_spec(spec)  # read-only mode, max steps and max parameters set by the operator
-        device = resolve_device(spec.train.device).type  # ConfigError when the device is absent
+        # Validate, load the corpus, train the tokenizer, check the split, resolve the device:
+        # ConfigError/DataError reach the caller before anything is written or queued.
+        prepared = training.prepare(spec)
+        limits.check_spec(prepared)  # read-only mode, max steps and max parameters set by the operator
+        device = prepared.device.type
+        del prepared  # the worker prepares again when the job starts: a queued job holds no token ids
         with self._lock:
             waiting = sum(len(q) for q in self._queues.values())
         if waiting >= self.max_queued_jobs:
@@ -201,7 +204,7 @@ class LocalJobRunner(JobRunner):
             RunWriter(run_dir).write_status("queued", "Waiting for a free slot on " + device + ".")
         except OSError as e:  # disk full or read-only: nothing is queued, and no empty folder is left behind
             _remove_unstarted(run_dir)
-            raise RunError(f"Cannot write to the run store {self.store.root}: {_os_reason(e)}") from None
+            raise RunError(f"Cannot write to the run store {self.store.root}: {os_reason(e)}") from None
         with self._lock:
             self._jobs[job.id] = job
             self._queues[device].append(job.id)

@@ -22,7 +22,6 @@ training too, but an unset TINYGPT_MAX_ITERS does not cap a long run started fro
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -132,18 +131,24 @@ def model_params(model_cfg: Any) -> int:
         return GPT(model_cfg).num_params()
 
 
-def check_spec(spec: Any, lim: Limits | None = None) -> None:
+def check_spec(run: Any, lim: Limits | None = None) -> None:
     """Every limit a training request must respect: read-only, max_iters, parameters.
 
-    ``spec`` is a validated TrainSpec; its tokenizer (trained by validate, cached) gives the real
-    vocabulary size, so the parameter count is the one the run would have.
+    ``run`` is the PreparedRun of ``training.prepare(spec)``: its model config carries the
+    tokenizer's real vocabulary, so the parameter count is the one the run would have. A bare
+    TrainSpec is prepared here, and only when the parameter limit is in force (prepare it yourself
+    and pass the result on to ``train`` to do that work once).
     """
     lim = lim or current()
     check_writable("training", lim)
+    spec = getattr(run, "spec", run)
     check_max_iters(spec.train.max_iters, lim)
     if lim.max_params < sys.maxsize:
-        vocab = spec._prepare().tokenizer.vocab_size
-        check_params(model_params(dataclasses.replace(spec.model, vocab_size=vocab)), lim)
+        if not hasattr(run, "model_config"):
+            from .spec import prepare
+
+            run = prepare(run)
+        check_params(model_params(run.model_config), lim)
 
 
 __all__ = [

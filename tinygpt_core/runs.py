@@ -7,15 +7,15 @@ reads it):
     tokenizer.json       the trained tokenizer
     metrics.csv          one row per optimizer step (train/val loss on eval steps only)
     model.safetensors    weights with the best validation loss so far
-    last.safetensors     weights at the last checkpoint (for resuming)
-    optimizer.safetensors  optimizer state + JSON metadata (step, RNG states, counters)
+    checkpoints/step-N/  the last checkpoint (weights + optimizer state), atomic as a whole (checkpoints.py)
     status.json          queued | running | done | stopped | diverged | error | interrupted, with a heartbeat
     samples.json         [{"step", "text"}] generated at each eval
 
-Every JSON and safetensors file is written to a temporary file in the same folder and renamed over
-the target, so a reader (another thread, the app, a crash) never sees half a file. Weights are only
-ever read with safetensors: a file handed to us by someone else cannot run code. ``RunWriter`` is the
-only code that writes into a run folder.
+Every JSON file is written to a temporary file in the same folder and renamed over the target, so
+a reader (another thread, the app, a crash) never sees half a file. The checkpoint format (weights,
+optimizer state, how a checkpoint is made atomic, reading weights safely) is ``checkpoints``' job;
+this module is the store: folders, listing, status, metrics, samples. ``RunWriter`` is the only
+code that writes into a run folder.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shutil
-import struct
 import time
 import unicodedata
 from dataclasses import dataclass, field
@@ -38,10 +37,8 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from . import limits
+from . import checkpoints, limits
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError, RunError, TokenizerError
 from .fileio import write_bytes_atomic
@@ -51,8 +48,6 @@ RUN_STATUSES = ("queued", "running", "done", "stopped", "diverged", "error", "in
 FINISHED_STATUSES = ("done", "stopped", "diverged", "error", "interrupted")
 RUN_CONFIG_VERSION = 1
 METRIC_COLUMNS = ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
-CHECKPOINT_FILES = {"best": "model.safetensors", "last": "last.safetensors"}
-OPTIMIZER_FILE = "optimizer.safetensors"
 HEARTBEAT_TIMEOUT_S = 120.0  # a "running" run whose status was not refreshed for this long is dead
 
 _MAX_JSON_BYTES = 20_000_000  # config/status/samples files are small; refuse anything absurd
@@ -204,7 +199,9 @@ class LoadedRun:
     metrics: pd.DataFrame
     status: RunStatus
     samples: list[dict] = field(default_factory=list)
-    checkpoint: str = "best"
+    checkpoint: str = "best"  # "best" or "last"; with ``step``, the weights kept at that step
+    step: int | None = None
+    checkpoint_steps: list[int] = field(default_factory=list)  # the steps load_run(step=K) can open
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,142 +326,13 @@ def read_config(run_dir: str | os.PathLike[str]) -> RunConfig:
     return RunConfig.from_dict(_read_json(Path(run_dir) / "config.json"))
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete safetensors file, or None. Reads only the header.
-
-    Checking the header first gives a precise reason (missing, pickle, truncated) without reading
-    megabytes of weights; it is also what lets list() spot broken runs cheaply.
-    """
-    problem = _safetensors_header_problem(path)
-    if problem and problem.endswith("not a safetensors file"):
-        try:
-            with open(path, "rb") as f:
-                head = f.read(4)
-        except OSError:
-            return problem
-        # Only now look for pickle signatures: a valid header length may begin with the same bytes.
-        # Pickle protocol 2-5 starts with 0x80 and the protocol number; torch.save's zip with "PK\3\4".
-        if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-            return (
-                f"{path.name} is a pickle/PyTorch file, not safetensors; it was refused because pickles "
-                "can run code. Re-save the weights with safetensors"
-            )
-    return problem
-
-
-def _safetensors_header_problem(path: Path) -> str | None:
-    name = path.name
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{name} is truncated or not a safetensors file"
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_SAFETENSORS_HEADER or 8 + n > size:
-                return f"{name} is truncated or not a safetensors file"
-            header = json.loads(f.read(n).decode("utf-8"))
-    except FileNotFoundError:
-        return f"{name} is missing"
-    except OSError as e:
-        return f"{name} cannot be read: {e.strerror or e}"
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return f"{name} is truncated or not a safetensors file"
-    if not isinstance(header, dict):
-        return f"{name} is truncated or not a safetensors file"
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            return f"{name} is truncated or not a safetensors file"
-        end = max(end, offsets[1])
-    if 8 + n + end != size:
-        return f"{name} is truncated or not a safetensors file"
-    return None
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a checked safetensors file (never unpickles)."""
-    problem = _safetensors_problem(path)
-    if problem:
-        raise RunError(problem)
-    try:
-        data = path.read_bytes()
-        tensors = st_load(data)
-        meta = _safetensors_metadata(data)
-    except Exception as e:  # noqa: BLE001 - any decoding failure means a damaged file
-        raise RunError(f"{path.name} is truncated or not a safetensors file ({e})") from None
-    return tensors, meta
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    (n,) = struct.unpack("<Q", data[:8])
-    meta = json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
-
-
-def _param_count(path: Path) -> int | None:
-    """Number of parameters in a checkpoint, from its header (tied weights are stored once)."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n).decode("utf-8"))
-        return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    except Exception:  # noqa: BLE001 - only an informative column
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading weights into a model
-
-
-def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to store: CPU, contiguous, float32; a tied lm_head.weight is dropped (it is wte.weight)."""
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: save the real module
-    state = model.state_dict()
-    if getattr(getattr(model, "config", None), "tie_weights", False):
-        state.pop("lm_head.weight", None)
-    out = {}
-    for k, v in state.items():
-        v = v.detach().to("cpu")
-        out[k] = (v.float() if v.is_floating_point() else v).contiguous().clone()
-    return out
-
-
-def _load_model_state(model: GPT, state: dict[str, torch.Tensor]) -> None:
-    """Load ``state`` into ``model`` strictly; RunError "weights don't match config: ..." otherwise."""
-    expected = model.state_dict()
-    if model.config.tie_weights:
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
-        raise RunError(f"weights don't match config: {'; '.join(parts)}")
-    for k, ref in expected.items():
-        if tuple(state[k].shape) != tuple(ref.shape):
-            raise RunError(
-                f"weights don't match config: {k} has shape {tuple(state[k].shape)}, "
-                f"the config needs {tuple(ref.shape)}"
-            )
-        if not state[k].is_floating_point():
-            raise RunError(f"weights don't match config: {k} is not a floating-point tensor")
-    full = {k: v.to(ref.dtype) for k, v in state.items() for ref in (expected[k],)}
-    if model.config.tie_weights:
-        full["lm_head.weight"] = full["wte.weight"]  # the same Parameter in the model; loading once is enough
-    model.load_state_dict(full, strict=True)
-
-
-def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+def load_run(
+    run_dir: str | os.PathLike[str], checkpoint: str = "best", device: str = "cpu", *, step: int | None = None
+) -> LoadedRun:
     """Open a run folder: model (eval mode, on ``device``), tokenizer, config, metrics, status, samples.
 
-    ``checkpoint`` is "best" (model.safetensors, lowest val loss) or "last" (last.safetensors).
+    ``checkpoint`` is "best" (model.safetensors, lowest val loss) or "last" (the last checkpoint);
+    ``step`` opens the checkpoint kept at that step instead (``.checkpoint_steps`` lists them).
     Any problem raises RunError naming the file and what is wrong. Nothing is unpickled.
     """
     from .tokenizers import load_tokenizer  # imported lazily: a sibling module written in parallel
@@ -472,7 +340,7 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best", device: 
     path = Path(run_dir)
     if not path.is_dir():
         raise RunError(f"Run folder {path} does not exist. Check the path, or pick a run from the runs list.")
-    if checkpoint not in CHECKPOINT_FILES:
+    if checkpoint not in checkpoints.CHECKPOINT_KINDS:
         raise RunError(f"Unknown checkpoint {checkpoint!r}: use 'best' or 'last'.")
     try:
         cfg = read_config(path)
@@ -487,9 +355,9 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best", device: 
                 f"tokenizer.json has {tokenizer.vocab_size} tokens but the model expects {cfg.model.vocab_size}"
             )
         metrics = read_metrics(path)
-        tensors, _ = _read_safetensors(path / CHECKPOINT_FILES[checkpoint])
+        tensors = checkpoints.read_weights(path, checkpoint, step)
         model = GPT(cfg.model)
-        _load_model_state(model, tensors)
+        checkpoints.load_model_state(model, tensors)
     except RunError as e:
         raise RunError(f"Cannot open run {path.name}: {e}.") from None
     model.to(device).eval()
@@ -502,77 +370,9 @@ def load_run(run_dir: str | os.PathLike[str], checkpoint: str = "best", device: 
         status=read_status(path),
         samples=read_samples(path),
         checkpoint=checkpoint,
+        step=step,
+        checkpoint_steps=checkpoints.checkpoint_steps(path),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer state <-> safetensors + JSON
-
-
-def _encode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON skeleton of a nested state (dicts, lists, scalars) with tensors moved into ``tensors``.
-
-    Dict keys may be ints (optimizer state is keyed by parameter index), so dicts are stored as
-    key/value pair lists; tuples are marked so they come back as tuples (betas).
-    """
-    if isinstance(obj, torch.Tensor):
-        key = f"t{len(tensors)}"
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": key}
-    if isinstance(obj, dict):
-        return {"__dict__": [[k, _encode_state(v, tensors)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode_state(v, tensors) for v in obj]}
-    if isinstance(obj, list):
-        return [_encode_state(v, tensors) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
-
-
-def _decode_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            key = obj["__tensor__"]
-            if key not in tensors:
-                raise RunError(f"{OPTIMIZER_FILE} is inconsistent: tensor {key} is missing")
-            return tensors[key]
-        if "__dict__" in obj:
-            return {k: _decode_state(v, tensors) for k, v in obj["__dict__"]}
-        if "__tuple__" in obj:
-            return tuple(_decode_state(v, tensors) for v in obj["__tuple__"])
-        raise RunError(f"{OPTIMIZER_FILE} is inconsistent: unknown entry")
-    if isinstance(obj, list):
-        return [_decode_state(v, tensors) for v in obj]
-    return obj
-
-
-def load_checkpoint_state(
-    run_dir: str | os.PathLike[str], which: str = "last"
-) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
-    """(model state, optimizer state or None, extra metadata) of a checkpoint.
-
-    The model state has the tied ``lm_head.weight`` dropped, as stored. The optimizer state (only
-    with "last") is the structure ``optimizer.state_dict()`` returned when it was saved; ``extra`` is
-    what training passed to ``save_checkpoint`` (tensors included), RunError on any damage.
-    """
-    path = Path(run_dir)
-    if which not in CHECKPOINT_FILES:
-        raise RunError(f"Unknown checkpoint {which!r}: use 'best' or 'last'.")
-    model_state, meta = _read_safetensors(path / CHECKPOINT_FILES[which])
-    try:
-        extra = _decode_state(json.loads(meta.get("tinygpt_extra", "null")), {}) or {}
-    except (ValueError, RunError):
-        raise RunError(f"{CHECKPOINT_FILES[which]} has damaged metadata") from None
-    optim_state = None
-    if which == "last" and (path / OPTIMIZER_FILE).exists():
-        tensors, ometa = _read_safetensors(path / OPTIMIZER_FILE)
-        try:
-            optim_state = _decode_state(json.loads(ometa["optimizer"]), tensors)
-            extra.update(_decode_state(json.loads(ometa.get("extra", "null")), tensors) or {})
-        except (KeyError, ValueError, TypeError):
-            raise RunError(f"{OPTIMIZER_FILE} has damaged metadata") from None
-    return model_state, optim_state, extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,26 +474,18 @@ class RunWriter:
     def save_checkpoint(
         self, which: str, model: torch.nn.Module, optimizer: Any = None, extra: dict | None = None
     ) -> None:
-        """Save weights: "best" -> model.safetensors, "last" -> last.safetensors.
+        """Save weights: "best" -> model.safetensors; "last" -> a new checkpoint folder (checkpoints.py).
 
-        With an optimizer (anything with ``state_dict()``), "last" also writes optimizer.safetensors:
-        its tensors plus the JSON skeleton of the state, and ``extra`` (step, RNG states, counters;
-        tensors allowed). Without one, the JSON-able part of ``extra`` goes into the weights' metadata.
+        "last" holds the weights and, with an optimizer (anything with ``state_dict()``), its state and
+        ``extra`` (step, RNG states, counters; tensors allowed), written as one atomic folder. "best"
+        keeps the JSON-able part of ``extra`` in the weights' metadata.
         """
-        if which not in CHECKPOINT_FILES:
+        if which == "best":
+            checkpoints.save_best(self.run_dir, model, extra)
+        elif which == "last":
+            checkpoints.save_checkpoint(self.run_dir, int((extra or {}).get("step", 0)), model, optimizer, extra)
+        else:
             raise ValueError(f"unknown checkpoint {which!r}")
-        extra = extra or {}
-        plain = {k: v for k, v in extra.items() if not isinstance(v, torch.Tensor)}
-        meta = {"format": "pt", "tinygpt_extra": json.dumps(_encode_state(plain, {}))}
-        write_bytes_atomic(self.run_dir / CHECKPOINT_FILES[which], st_save(_model_state(model), metadata=meta))
-        if which == "last" and optimizer is not None:
-            tensors: dict[str, torch.Tensor] = {}
-            ometa = {
-                "format": "pt",
-                "optimizer": json.dumps(_encode_state(optimizer.state_dict(), tensors)),
-                "extra": json.dumps(_encode_state(extra, tensors)),
-            }
-            write_bytes_atomic(self.run_dir / OPTIMIZER_FILE, st_save(tensors, metadata=ometa))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,7 +527,7 @@ class RunStore:
                     continue
                 return path
         except OSError as e:  # a full disk, a read-only mount, no permission: say so, not a traceback
-            raise RunError(f"Cannot create a run folder in {self.root}: {_os_reason(e)}") from None
+            raise RunError(f"Cannot create a run folder in {self.root}: {os_reason(e)}") from None
         raise RunError(f"Could not create a new run folder in {self.root}; too many runs named {base}.")
 
     def path(self, run_id: str) -> Path:
@@ -764,7 +556,7 @@ class RunStore:
         try:
             folders = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
         except OSError as e:
-            raise RunError(f"Cannot list the runs in {self.root}: {_os_reason(e)}") from None
+            raise RunError(f"Cannot list the runs in {self.root}: {os_reason(e)}") from None
         out = [self._summarise(p) for p in folders]
 
         # ISO timestamps sort chronologically; folders without a config fall back to their mtime.
@@ -792,7 +584,7 @@ class RunStore:
         try:
             shutil.rmtree(path)
         except OSError as e:
-            raise RunError(f"Could not delete run {run_id}: {_os_reason(e)}") from None
+            raise RunError(f"Could not delete run {run_id}: {os_reason(e)}") from None
 
     def _summarise(self, path: Path) -> RunSummary:
         status = read_status(path)
@@ -835,9 +627,9 @@ class RunStore:
             max_iters=cfg.train.max_iters,
         )
         reason = None
-        weights = path / CHECKPOINT_FILES["best"]
+        weights = path / checkpoints.BEST_FILE
         if not (in_progress and not weights.exists()):
-            reason = _safetensors_problem(weights)
+            reason = checkpoints.safetensors_problem(weights)
         if reason is None and not (path / "tokenizer.json").is_file():
             reason = "tokenizer.json is missing"
         try:
@@ -847,7 +639,7 @@ class RunStore:
             if not in_progress:
                 reason = reason or str(e)
         if reason is None and weights.exists():
-            info["params"] = _param_count(weights)
+            info["params"] = checkpoints.param_count(weights)
         if info["params"] is None:
             try:
                 with torch.device("meta"):  # count without allocating memory
@@ -870,7 +662,7 @@ class RunStore:
         return RunSummary(**info)
 
 
-def _os_reason(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
     """An OSError as a sentence with what to do (a full disk and a read-only store are the usual ones)."""
     what = e.strerror or str(e)
     if e.errno == errno.ENOSPC:
@@ -880,6 +672,10 @@ def _os_reason(e: OSError) -> str:
             f"{what}. The run store is not writable: fix its permissions or set TINYGPT_RUNS_DIR to a writable folder."
         )
     return f"{what}."
+
+
+# The checkpoint reader, still importable from here (the run store's callers used it from runs).
+load_checkpoint_state = checkpoints.load_checkpoint_state
 
 
 def utc_now_iso() -> str:
@@ -902,6 +698,7 @@ __all__ = [
     "read_samples",
     "read_config",
     "load_checkpoint_state",
+    "os_reason",
     "write_json_atomic",
     "write_bytes_atomic",
 ]
