@@ -1,6 +1,6 @@
 """Training steps to time: ours exactly as the training loop runs it, and transformers' GPT-2 as a peer.
 
-``our_step`` drives the loop's own per-step code (``training._Session._train_step``: forward and
+``our_step`` drives the loop's own per-step code (``TrainState.train_step``: forward and
 backward under the run's precision, NaN check, clipping, optimizer update), so what is timed is
 what a user's run does, not a re-implementation. ``hf_step`` builds ``GPT2LMHeadModel`` from the
 same sizes (``export.hf_config``) and trains it the standard way on the same batches, with the
@@ -11,19 +11,17 @@ and the precision handling.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from tinygpt_core import training
 from tinygpt_core.config import ModelConfig, TrainConfig
 from tinygpt_core.data import get_batch
 from tinygpt_core.device import autocast, resolve_device, resolve_precision
-from tinygpt_core.runs import RunConfig, RunWriter
+from tinygpt_core.optim import lr_at
+from tinygpt_core.trainstate import TrainState
 
 
 @dataclass
@@ -51,35 +49,23 @@ def our_step(
     seed: int = 1337,
     name: str | None = None,
 ) -> Stepper:
-    """Our training step, through the training loop's own session object (nothing is written to disk)."""
+    """Our training step, through the training loop's own TrainState (nothing is written to disk)."""
     tcfg = dataclasses.replace(_seeded(train_cfg, seed), precision=precision)
-    run_dir = Path(tempfile.mkdtemp(prefix="tinygpt-bench-"))
-    cfg = RunConfig(
-        name="bench",
-        model=model_cfg,
-        train=tcfg,
-        tokenizer={"kind": "char", "vocab_size": 0},
-        corpus={"name": "bench", "source": "bench", "sha256": "", "chars": 0},
-    )
-    session = training._Session(run_dir, RunWriter(run_dir), cfg, None, train_ids, train_ids[:0], [], None)
-    session.setup()
-    session.model.train()
-    state = {"step": 0}
+    device = resolve_device(tcfg.device)
+    state = TrainState(model_cfg, tcfg, train_ids, device, resolve_precision(tcfg.precision, device))
+    counter = {"step": 0}
 
     def step() -> float:
-        state["step"] += 1
-        lr = training.lr_at(state["step"], tcfg)
-        for g in session.optimizer.param_groups:
-            g["lr"] = lr
-        return session._train_step(state["step"])
+        counter["step"] += 1
+        return state.train_step(lr_at(counter["step"], tcfg))
 
     return Stepper(
-        name or f"ours {session.precision}",
+        name or f"ours {state.precision}",
         step,
-        session.precision,
-        tcfg.batch_size * tcfg.grad_accum * model_cfg.block_size,
-        session.model.flops_per_token(),
-        session.model,
+        state.precision,
+        state.tokens_per_step,
+        state.model.flops_per_token(),
+        state.model,
     )
 
 
@@ -115,7 +101,7 @@ def hf_step(
 
     def step() -> float:
         state["step"] += 1
-        lr = training.lr_at(state["step"], tcfg)
+        lr = lr_at(state["step"], tcfg)
         for g in opt.param_groups:
             g["lr"] = lr
         loss_sum = 0.0

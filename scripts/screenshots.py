@@ -18,10 +18,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from _server import CHROMIUM, start_streamlit, stop_streamlit  # noqa: E402
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
-from tests.conftest import CHROMIUM, start_streamlit, stop_streamlit  # noqa: E402
 from tinygpt_core.ablations import grid_specs  # noqa: E402
 from tinygpt_core.runs import RunStore  # noqa: E402
 from tinygpt_core.training import TrainSpec, train  # noqa: E402
