@@ -577,10 +577,11 @@ def _locate_run(store, run: str):
 def _runs_table(runs: list, root: Path) -> str:
     if not runs:
         return f"No runs in {root}."
-    header = ("id", "status", "preset", "ablations", "params", "best val", "steps")
+    header = ("id", "name", "status", "preset", "ablations", "params", "best val", "steps")
     rows = [
         (
             r.id,
+            _clip(r.name or "–", 40),
             r.status,
             r.preset or "–",
             ",".join(r.ablations) or "–",
@@ -597,6 +598,12 @@ def _runs_table(runs: list, root: Path) -> str:
     broken = [r for r in runs if r.broken_reason]
     lines += [f"{r.id}: {r.broken_reason}" for r in broken]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _clip(text: str, width: int) -> str:
+    """One table cell: at most ``width`` characters, an ellipsis where it was cut (``runs show`` has it whole)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _run_details(store, run_id: str) -> str:
