@@ -81,7 +81,8 @@ class CausalSelfAttention(nn.Module):
             q, k = k, q
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if self.q_norm is not None:  # QK-norm, per head, before the cache and both attention paths
-            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # autocast may run norms in fp32
+            # In float32 (the gains' dtype) whatever autocast made of q and k, then back to v's dtype.
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nh, T_total, hs)
             v = torch.cat([past[1], v], dim=2)
