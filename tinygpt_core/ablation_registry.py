@@ -75,7 +75,7 @@ class Ablation:
         return re.sub(r"[^a-z0-9]+", "_", self.name.replace(PARAM, "")).strip("_")
 
     def label(self, n: int | None = None) -> str:
-        """Its label; a parametric ablation's for window n (default: its own default)."""
+        """Its label; a parametric ablation's for the number n (default: its own default)."""
         return self.name.replace(PARAM, str(self._n(n))) if self.parametric else self.name
 
     def label_of(self, cfg: ModelConfig) -> str:
@@ -86,7 +86,7 @@ class Ablation:
         return self.removes.replace(PARAM, str(self._n(n))) if self.parametric else self.removes
 
     def overrides(self, n: int | None = None) -> dict[str, Any]:
-        """The ModelConfig change it makes (for a parametric one, with window n)."""
+        """The ModelConfig change it makes (for a parametric one, with the number n)."""
         return {self.field: self._n(n) if self.parametric else self.value}
 
     def active(self, cfg: ModelConfig) -> bool:
