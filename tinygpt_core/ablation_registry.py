@@ -346,7 +346,6 @@ REGISTRY = Registry(
             removes="The MLP uses the older, sharper ReLU non-linearity instead of GELU.",
             flag="--activation",
             export_as="`activation_function: relu`",
-            flag_help="MLP non-linearity: gelu (GPT-2's) or relu",
         ),
         Ablation(
             "untied",
