@@ -19,6 +19,13 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
+# Chart PNG downloads: kaleido renders with a local Chromium (Debian's, pinned by the base image's release).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends chromium fonts-dejavu-core \
+    && rm -rf /var/lib/apt/lists/*
+ENV BROWSER_PATH=/usr/bin/chromium
+
 # Dependencies first, in their own layer, so code edits do not reinstall torch.
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt

@@ -8,10 +8,14 @@ recent runs. All logic lives in tinygpt_core; this file only places widgets.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import streamlit as st
 
-st.set_page_config(page_title="TinyGPT Lab", layout="wide", page_icon=":material/neurology:")
+# A local icon: a ":material/…:" icon would make every visitor's browser fetch it from a font host.
+st.set_page_config(
+    page_title="TinyGPT Lab", layout="wide", page_icon=str(Path(__file__).parent / "assets" / "favicon.png")
+)
 
 # (file, nav title, icon, one line for Home). Order is the nav order after Home.
 PAGES: list[tuple[str, str, str, str]] = [

@@ -19,7 +19,7 @@ from tinygpt_core.inspection import (
     repeated_random_tokens,
 )
 from tinygpt_core.runs import LoadedRun
-from tinygpt_core.viz import attention_grid_figure, attention_head_figure, head_stats_figure
+from tinygpt_core.viz import attention_grid_figure, attention_head_figure, head_stats_figure, plural
 
 FALLBACK_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 DEFAULT_PROMPT_TOKENS = 48  # long enough to show structure, short enough for readable heatmaps
@@ -123,8 +123,8 @@ cfg = run.config.model
 tok = run.tokenizer
 corpus_name = run.config.corpus.get("name") or run.config.corpus.get("source") or "?"
 facts = (
-    f"{cfg.n_layer} layers × {cfg.n_head} heads · context {cfg.block_size} · {tok.kind} tokenizer "
-    f"({tok.vocab_size:,} tokens) · trained on {corpus_name}"
+    f"{plural(cfg.n_layer, 'layer')} × {plural(cfg.n_head, 'head')} · context {cfg.block_size} · "
+    f"{tok.kind} tokenizer ({plural(tok.vocab_size, 'token')}) · trained on {corpus_name}"
 )
 ablations = cfg.ablations()
 if ablations:

@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from pages._ablation_widgets import grid_ablation_picker
 from pages._common import read_only, read_only_notice, remember_run, runner, selected_run_id, store, user_errors
 from tinygpt_core import viz
+from tinygpt_core.ablation_registry import REGISTRY as ABLATION_REGISTRY
 from tinygpt_core.ablations import (
-    ABLATIONS,
     BASELINE,
-    WINDOW_PREFIX,
     compare_to_baseline,
     grid_specs,
     metrics_summary,
@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GRID_PARAM = "grid"
 CURVES = {"val loss": "val_loss", "train loss": "train_loss", "gap (val − train)": "gap"}
 LIVE_STATUSES = ("queued", "running")
-_WINDOW_KEY = next(k for k in ABLATIONS if k.startswith(WINDOW_PREFIX))  # the "window-N" entry
 
 
 # ---- data for the page (no widgets) --------------------------------------------------------------
@@ -332,12 +331,7 @@ def manage_run(run: RunSummary) -> None:
 
 
 def _ablation_order(label: str) -> int:
-    keys = list(ABLATIONS)
-    if label == BASELINE:
-        return -1
-    if label.startswith(WINDOW_PREFIX):
-        return keys.index(_WINDOW_KEY)
-    return keys.index(label) if label in keys else len(keys)
+    return -1 if label == BASELINE else ABLATION_REGISTRY.order(label)
 
 
 def _grid_members(runs: list[RunSummary], grid_id: str) -> list[dict]:
@@ -383,26 +377,10 @@ def launch_grid_form() -> None:
             "Steps per run (max_iters)", min_value=10, max_value=100_000, value=300, step=50, key="grid_max_iters"
         )
         seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=1337, step=1, key="grid_seed")
-        c5, c6 = st.columns([3, 1])
-        chosen = c5.multiselect(
-            "Ablations",
-            list(ABLATIONS),
-            default=["no-layernorm", "pos-none"],
-            key="grid_ablations",
-            format_func=lambda k: "window-N (local attention)" if k == _WINDOW_KEY else k,
-            help="\n".join(f"- **{k}**: {d}" for k, (d, _) in ABLATIONS.items()),
-        )
-        window = c6.number_input(
-            "N for window-N",
-            min_value=1,
-            max_value=4096,
-            value=int(ABLATIONS[_WINDOW_KEY][1]["attn_window"]),
-            key="grid_window",
-        )
+        labels = grid_ablation_picker("grid_")
         submitted = st.form_submit_button("Launch grid", type="primary", icon=":material/play_arrow:")
     if not submitted:
         return
-    labels = [f"{WINDOW_PREFIX}{int(window)}" if k == _WINDOW_KEY else k for k in chosen]
     launched = None
     with user_errors("Could not launch the grid: "):
         base = TrainSpec.from_preset(preset, f"builtin:{corpus}", max_iters=int(max_iters), seed=int(seed))

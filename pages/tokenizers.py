@@ -13,13 +13,14 @@ import pandas as pd
 import streamlit as st
 
 from pages._common import user_errors
-from tinygpt_core.data import list_builtin_corpora, load_corpus
+from tinygpt_core import limits
+from tinygpt_core.data import corpus_from_bytes, list_builtin_corpora, load_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.tokenizers import Tokenizer, train_tokenizer
 from tinygpt_core.viz import token_html, visible_token
 
 DEFAULT_TEXT = "Hello, world! <user> Tokenizers don't split text the way you'd expect 🙂 — do they?"
-BPE_SIZES = [260, 300, 384, 512, 768, 1024, 2048, 4096]
+BPE_MIN_SIZE, BPE_MAX_SIZE = 260, 8192  # 256 bytes + 3 special tokens + at least one merge; bounded training work
 # Preferred default corpus, best first: real prose teaches BPE the most readable merges.
 PREFERRED_CORPORA = ("shakespeare", "pystdlib", "tiny")
 # token_html colours values 0..1 from red through yellow to green; two light neighbours alternate.
@@ -27,31 +28,32 @@ ALTERNATE = (0.55, 0.95)
 
 
 @st.cache_data(show_spinner="Loading corpus…", max_entries=4)
-def _corpus_text(name: str) -> str:
+def _builtin_text(name: str) -> str:
     return load_corpus(f"builtin:{name}").text
 
 
-@st.cache_data(show_spinner=False)
-def _available(name: str) -> bool:
+@st.cache_data(show_spinner=False, ttl=60)  # re-checked now and then: a download may have landed since
+def _missing(name: str) -> str | None:
+    """Why builtin:NAME cannot be loaded here (e.g. Shakespeare not downloaded yet), or None."""
     try:
-        _corpus_text(name)
-        return True
-    except TinyGPTError:
-        return False
+        _builtin_text(name)
+        return None
+    except TinyGPTError as exc:
+        return str(exc)
 
 
-# Keyed by corpus + kind + size; a trained tokenizer is read-only afterwards, so one per server.
+# Keyed by the corpus text's hash + kind + size (the text itself is not hashed on every rerun); a
+# trained tokenizer is read-only afterwards, so one per server.
 @st.cache_resource(show_spinner="Training tokenizer…", max_entries=12)
-def _trained(corpus: str, kind: str, vocab_size: int | None) -> tuple[Tokenizer, float]:
-    text = _corpus_text(corpus)
+def _trained(corpus_sha: str, kind: str, vocab_size: int | None, _text: str) -> tuple[Tokenizer, float]:
     start = time.perf_counter()
-    tok = train_tokenizer(kind, text, vocab_size)
+    tok = train_tokenizer(kind, _text, vocab_size)
     return tok, time.perf_counter() - start
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def _bpe_steps(corpus: str, vocab_size: int, text: str) -> list[list[str]]:
-    tok, _ = _trained(corpus, "bpe", vocab_size)
+def _bpe_steps(corpus_sha: str, vocab_size: int, text: str, _corpus_text: str) -> list[list[str]]:
+    tok, _ = _trained(corpus_sha, "bpe", vocab_size, _corpus_text)
     return tok.encode_steps(text)
 
 
@@ -77,46 +79,77 @@ st.caption(
 
 names = [n for n, _ in list_builtin_corpora()]
 descriptions = dict(list_builtin_corpora())
-default_corpus = next((n for n in PREFERRED_CORPORA if n in names and _available(n)), names[0])
+default_corpus = next((n for n in PREFERRED_CORPORA if n in names and not _missing(n)), names[0])
+UPLOAD = "upload"
+max_mb = limits.current().max_upload_mb
 
 with st.form("tok_train_form", border=True):
     f1, f2, f3 = st.columns([3, 3, 1], vertical_alignment="bottom")
-    corpus = f1.selectbox(
+    choice = f1.selectbox(
         "Corpus the tokenizers learn from",
-        names,
+        [*names, UPLOAD],
         index=names.index(default_corpus),
-        format_func=lambda n: f"builtin:{n}",
+        format_func=lambda n: (
+            "Your own .txt file…" if n == UPLOAD else f"builtin:{n}" + (" (not downloaded)" if _missing(n) else "")
+        ),
         key="tok_corpus",
         help="\n\n".join(f"**builtin:{n}**: {d}" for n, d in descriptions.items()),
     )
-    bpe_size = f2.select_slider(
+    bpe_size = f2.number_input(
         "BPE vocabulary size",
-        options=BPE_SIZES,
+        min_value=BPE_MIN_SIZE,
+        max_value=BPE_MAX_SIZE,
         value=512,
+        step=64,
         key="tok_bpe_size",
-        help="256 byte tokens + learned merges + 3 special tokens. Bigger vocabularies give fewer, longer tokens.",
+        help=f"256 byte tokens + learned merges + 3 special tokens ({BPE_MIN_SIZE:,} to {BPE_MAX_SIZE:,}). "
+        "Bigger vocabularies give fewer, longer tokens.",
+    )
+    uploaded = st.file_uploader(
+        f"Your own corpus: a UTF-8 .txt file of up to {max_mb} MB (used when the corpus is 'Your own .txt file')",
+        type=["txt"],
+        key="tok_upload",
+        max_upload_size=max_mb,
     )
     f3.form_submit_button("Train", type="primary", icon=":material/play_arrow:", width="stretch")
-st.caption(f"builtin:{corpus} — {descriptions.get(corpus, '')}")
+
+if choice == UPLOAD:
+    if uploaded is None:
+        st.info("Choose a .txt file above, then press **Train**.", icon=":material/upload_file:")
+        st.stop()
+    try:
+        upload = corpus_from_bytes(uploaded.name, uploaded.getvalue(), max_bytes=limits.current().max_upload_bytes)
+    except TinyGPTError as exc:
+        st.error(f"Cannot use that file: {exc}", icon=":material/error:")
+        st.stop()
+    corpus_label, corpus_text, corpus_sha = upload.name, upload.text, upload.sha256
+    st.caption(f"{corpus_label} — your file, {len(corpus_text):,} characters (kept only in this server's memory).")
+else:
+    if why := _missing(choice):
+        st.warning(f"builtin:{choice} cannot be used on this server: {why}", icon=":material/cloud_off:")
+        st.stop()
+    corpus_label, corpus_text = f"builtin:{choice}", _builtin_text(choice)
+    corpus_sha = f"builtin:{choice}"
+    st.caption(f"builtin:{choice} — {descriptions.get(choice, '')}")
 
 text = st.text_area("Text to tokenize", DEFAULT_TEXT, key="tok_text", height=90)
 
 tokenizers: dict[str, tuple[Tokenizer, float]] = {}
 with user_errors("Cannot train the tokenizers: "):
     for kind in ("char", "word", "bpe"):
-        tokenizers[kind] = _trained(corpus, kind, bpe_size if kind == "bpe" else None)
+        tokenizers[kind] = _trained(corpus_sha, kind, bpe_size if kind == "bpe" else None, corpus_text)
 if len(tokenizers) < 3:
     st.stop()
 
 bpe, bpe_seconds = tokenizers["bpe"]
 st.success(
-    f"BPE tokenizer with {bpe.vocab_size:,} tokens ({len(bpe.merges):,} merges) trained on builtin:{corpus} "
+    f"BPE tokenizer with {bpe.vocab_size:,} tokens ({len(bpe.merges):,} merges) trained on {corpus_label} "
     f"in {bpe_seconds:.2f} s.",
     icon=":material/timer:",
 )
 if bpe.vocab_size < bpe_size:
     st.info(
-        f"builtin:{corpus} ran out of pairs to merge after {len(bpe.merges):,} merges, so the BPE vocabulary "
+        f"{corpus_label} ran out of pairs to merge after {len(bpe.merges):,} merges, so the BPE vocabulary "
         f"is {bpe.vocab_size:,} instead of {bpe_size:,}. Pick a larger corpus for a larger vocabulary."
     )
 
@@ -141,7 +174,7 @@ for col, kind in zip(cols, ("char", "word", "bpe")):
         shown_text = text
         if kind == "char" and unknown:
             st.warning(
-                f"{len(unknown)} symbol(s) never appear in builtin:{corpus}, so a character model trained on it "
+                f"{len(unknown)} symbol(s) never appear in {corpus_label}, so a character model trained on it "
                 f"cannot read them: {', '.join(repr(u) for u in unknown[:20])}. They are left out below; pick a "
                 "corpus that contains them, or use BPE, which reads any text.",
                 icon=":material/warning:",
@@ -171,7 +204,7 @@ st.caption(
     "BPE encodes by starting from the text's UTF-8 bytes and applying the learned merges in the order they "
     "were learned. Drag the slider to apply them one at a time to your text."
 )
-steps = _bpe_steps(corpus, bpe_size, text) if text else [[]]
+steps = _bpe_steps(corpus_sha, bpe_size, text, corpus_text) if text else [[]]
 left, right = st.columns([3, 2], gap="large")
 with left:
     if len(steps) > 1:

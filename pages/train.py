@@ -17,6 +17,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from pages._ablation_widgets import ablation_overrides, ablation_toggles, ablation_widget_values
 from pages._common import (
     JOB_PARAM,
     RUN_PARAM,
@@ -78,16 +79,7 @@ def preset_defaults(name: str) -> dict[str, Any]:
         "block_size": m.block_size,
         "ff_mult": m.ff_mult,
         "dropout": float(m.dropout),
-        "no_ln": not m.use_layernorm,
-        "no_res": not m.use_residual,
-        "pos": m.pos_encoding,
-        "post_norm": m.norm_position == "post",
-        "swap_qk": m.swap_qk,
-        "window_on": m.attn_window is not None,
-        "window": m.attn_window or 16,
-        "relu": m.activation == "relu",
-        "untied": not m.tie_weights,
-        "no_bias": not m.bias,
+        **ablation_widget_values(m),  # one toggle per registered ablation
         "max_iters": t.max_iters,
         "batch_size": t.batch_size,
         "lr": float(t.lr),
@@ -134,15 +126,7 @@ def model_overrides(f: dict[str, Any]) -> dict[str, Any]:
         block_size=int(f["block_size"]),
         ff_mult=int(f["ff_mult"]),
         dropout=float(f["dropout"]),
-        use_layernorm=not f["no_ln"],
-        use_residual=not f["no_res"],
-        pos_encoding=f["pos"],
-        norm_position="post" if f["post_norm"] else "pre",
-        swap_qk=bool(f["swap_qk"]),
-        attn_window=int(f["window"]) if f["window_on"] else None,
-        activation="relu" if f["relu"] else "gelu",
-        tie_weights=not f["untied"],
-        bias=not f["no_bias"],
+        **ablation_overrides(f),
     )
 
 
@@ -340,60 +324,9 @@ def _model_section() -> None:
     c[2].number_input("Dropout", 0.0, 0.9, step=0.05, key=K + "dropout", format="%.2f")
 
 
-ABLATIONS: list[tuple[str, str, str]] = [
-    (
-        "no_ln",
-        "No LayerNorm",
-        "Removes the normalisation that keeps activations in range; expect slower or unstable training.",
-    ),
-    (
-        "no_res",
-        "No residual connections",
-        "Removes the skip paths around attention and MLP: each block must carry everything forward; deep models stall.",
-    ),
-    (
-        "post_norm",
-        "Post-norm (original Transformer)",
-        "Normalises after adding each branch instead of before it; less stable without warm-up.",
-    ),
-    (
-        "swap_qk",
-        "Swap Q and K",
-        "Queries use the key projection and keys the query projection; attention stops being what it learned.",
-    ),
-    ("relu", "ReLU instead of GELU", "The MLP uses the older, sharper ReLU non-linearity."),
-    (
-        "untied",
-        "Untied embeddings",
-        "The output layer gets its own matrix instead of sharing the token embeddings: more parameters.",
-    ),
-    ("no_bias", "No biases", "Removes the bias terms of every linear and LayerNorm layer (as in many modern LLMs)."),
-]
-POS_HELP = {
-    "learned": "a learned vector per position (GPT-2)",
-    "sinusoidal": "fixed sine/cosine waves (original Transformer): nothing to learn",
-    "none": "no position information at all: only the causal mask tells tokens apart by order",
-}
-
-
 def _ablation_section() -> None:
     with st.expander("Ablations: switch parts of the architecture off", icon=":material/science:"):
-        cols = st.columns(2, gap="large")
-        for i, (key, label, explanation) in enumerate(ABLATIONS):
-            cols[i % 2].toggle(label, key=K + key, help=explanation)
-            cols[i % 2].caption(explanation)
-        with cols[len(ABLATIONS) % 2]:
-            pos = st.radio("Positional encoding", list(POS_HELP), key=K + "pos", horizontal=True)
-            st.caption(POS_HELP[pos])
-        with cols[(len(ABLATIONS) + 1) % 2]:
-            on = st.toggle(
-                "Local attention window",
-                key=K + "window_on",
-                help="Each token attends only to the last N tokens (itself included).",
-            )
-            if on:
-                st.number_input("Window (tokens)", 1, 8192, step=1, key=K + "window")
-            st.caption("Limits how far back each token can look; long-range patterns become impossible to learn.")
+        ablation_toggles(K)
 
 
 def _training_section() -> None:

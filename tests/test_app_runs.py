@@ -236,3 +236,13 @@ def test_a_pointless_grid_is_refused_before_anything_is_queued(runs_dir):
     assert "smaller than 32" in texts(at.error)
     assert jobs.get_runner().list_jobs() == []
     assert list(runs_dir.iterdir()) == []
+
+
+def test_grid_form_offers_every_registered_ablation(runs_dir):
+    from tinygpt_core.ablation_registry import REGISTRY
+
+    at = open_page()
+    shown = at.multiselect(key="grid_ablations").options
+    expected = [f"{a.name.replace('{n}', 'N')} ({a.title.lower()})" if a.parametric else a.label() for a in REGISTRY]
+    assert shown == expected and "qk-norm" in shown and "no-bias" in shown and "one-head" in shown
+    assert at.number_input(key="grid_window").value == REGISTRY.get("window-{n}").value

@@ -39,7 +39,7 @@ def open_page(corpus: str | None = "tiny", size: int | None = None) -> AppTest:
         if corpus is not None:
             at.selectbox(key="tok_corpus").set_value(corpus)
         if size is not None:
-            at.select_slider(key="tok_bpe_size").set_value(size)
+            at.number_input(key="tok_bpe_size").set_value(size)
         at.button[0].click().run()  # the form's Train button
         assert not at.exception
     return at
@@ -101,8 +101,31 @@ def test_bigger_vocabulary_gives_fewer_tokens(empty_store):
     at.text_area(key="tok_text").set_value("The light held, and the keeper slept.").run()
     assert metrics(at, "Vocabulary")[2] == 260
     small = metrics(at, "Tokens")[2]
-    at.select_slider(key="tok_bpe_size").set_value(512)
+    at.number_input(key="tok_bpe_size").set_value(512)
     at.button[0].click().run()
     assert not at.exception and not at.error
     assert metrics(at, "Vocabulary")[2] == 512
     assert metrics(at, "Tokens")[2] < small
+
+
+def test_any_bpe_size_in_range_trains_and_bpe_bytes_read_as_byte_labels(empty_store):
+    at = open_page("tiny", size=333)
+    assert not at.error
+    bpe_strip = at.get("html")[2].proto.body  # char, word, bpe strips in that order
+    # The emoji's bytes are never merged on the tiny corpus: each shows its value, never U+FFFD.
+    assert "<0xF0>" in bpe_strip.replace("&lt;", "<").replace("&gt;", ">") and "\ufffd" not in bpe_strip
+
+
+def test_a_builtin_corpus_missing_here_is_marked_and_explained(empty_store, monkeypatch):
+    from tinygpt_core import data
+
+    monkeypatch.setattr(data, "_shakespeare_candidates", lambda: [empty_store / "nowhere.txt"])
+    st.cache_data.clear()  # forget that the corpus loaded in the tests before this one
+    at = open_page(None)
+    box = at.selectbox(key="tok_corpus")
+    assert box.format_func("shakespeare").endswith("(not downloaded)")
+    assert not box.format_func("tiny").endswith("(not downloaded)")
+    box.set_value("shakespeare")
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("builtin:shakespeare cannot be used" in w.value for w in at.warning)

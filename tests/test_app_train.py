@@ -175,3 +175,34 @@ def test_diverged_run_shows_the_message(runs_dir, monkeypatch):
     errors = texts(at.error)
     assert "Diverged" in errors and "learning rate" in errors
     assert not at.success
+
+
+def test_ablation_toggles_come_from_the_registry_and_reach_the_run(runs_dir):
+    from tinygpt_core.ablation_registry import REGISTRY
+    from tinygpt_core.runs import read_config
+
+    at = open_train(max_iters=2, eval_interval=2)
+    toggles = {t.key: t for t in at.toggle if t.key.startswith("train_abl_")}
+    assert set(toggles) == {f"train_abl_{a.key}" for a in REGISTRY.toggles()}
+    assert not any(t.value for t in toggles.values())  # tiny is the GPT-2 baseline
+
+    # A preset's ablations show on its toggles (the reverse mapping config -> toggles).
+    at.selectbox(key="train_preset").set_value("tinystories").run()
+    assert at.toggle(key="train_abl_pos_sinusoidal").value and at.toggle(key="train_abl_window").value
+    assert at.number_input(key="train_abl_window_n").value == 256
+    at.selectbox(key="train_preset").set_value("tiny").run()
+    for key, value in dict(max_iters=2, eval_interval=2).items():
+        at.number_input(key=f"train_{key}").set_value(value)
+    assert not at.toggle(key="train_abl_window").value
+
+    at.toggle(key="train_abl_qk_norm").set_value(True).run()
+    at.toggle(key="train_abl_pos_sinusoidal").set_value(True).run()
+    at.toggle(key="train_abl_pos_none").set_value(True).run()
+    assert not at.toggle(key="train_abl_pos_sinusoidal").value  # alternatives on one field: one at a time
+    at.toggle(key="train_abl_window").set_value(True).run()
+    at.number_input(key="train_abl_window_n").set_value(4).run()
+    assert not at.exception and not at.error
+    at.button(key="train_start").click().run()
+    run_id = at.query_params["run"]
+    wait_until_finished(at)
+    assert read_config(runs_dir / run_id).model.ablations() == ["pos-none", "window-4", "qk-norm"]

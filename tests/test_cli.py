@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tinygpt_core import checkpoints, cli
-from tinygpt_core.runs import load_run
+from tinygpt_core.runs import RunStore, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -402,9 +402,22 @@ def test_runs_list_shows_the_run(trained):
     proc = run_cli("runs", "list", "--runs-dir", str(trained.parent))
     assert proc.returncode == 0, proc.stderr
     header, _, row = proc.stdout.splitlines()[:3]
-    for column in ("id", "status", "preset", "ablations", "params", "best val", "steps"):
+    for column in ("id", "name", "status", "preset", "ablations", "params", "best val", "steps"):
         assert column in header
-    assert row.split()[:3] == ["cli-run", "done", "tiny"] and "20/20" in row
+    assert row.split()[0] == "cli-run" and " done " in row and " tiny " in row and "20/20" in row
+
+
+def test_runs_list_names_each_run_and_clips_long_names(tmp_path):
+    from tinygpt_core.training import TrainSpec, train
+
+    long_name = "a rather long and descriptive name for this run, " * 3
+    for name in ("grid-241201-101500-ab12/no-layernorm", long_name):
+        spec = TrainSpec.from_preset("tiny", "builtin:tiny", max_iters=2, eval_interval=2, eval_iters=1, name=name)
+        train(spec, store=RunStore(tmp_path))
+    proc = run_cli("runs", "list", "--runs-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "grid-241201-101500-ab12/no-layernorm" in proc.stdout  # which grid and which ablation
+    assert long_name[:39] + "…" in proc.stdout and long_name[:41] not in proc.stdout
 
 
 def test_runs_show_and_delete(tmp_path, capsys):

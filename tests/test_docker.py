@@ -138,3 +138,13 @@ def test_hadolint_passes():
         [hadolint, "--failure-threshold", "warning", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_image_can_render_chart_pngs():
+    """The app's chart PNG download needs kaleido and a local Chromium: both must be in the image."""
+    requirements = (ROOT / "requirements.txt").read_text().splitlines()
+    assert any(re.match(r"^kaleido\b", line.strip()) for line in requirements), "kaleido must be a requirement"
+    apt = [a for a in args_of("RUN") if "apt-get install" in a]
+    assert apt and "chromium" in apt[0] and "--no-install-recommends" in apt[0]
+    assert "rm -rf /var/lib/apt/lists" in apt[0], "drop apt's lists in the same layer"
+    assert any("BROWSER_PATH=/usr/bin/chromium" in a for a in args_of("ENV"))

@@ -30,7 +30,7 @@ from tinygpt_core.errors import RunError
 from tinygpt_core.runs import RunStore, load_checkpoint_state, load_run, read_metrics, read_status
 from tinygpt_core.training import TrainSpec, train
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.heavy]
 
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 SESSION_TTL_S = 3  # server.disconnectedSessionTTL for the soak (default 120 s): closed sessions are freed sooner

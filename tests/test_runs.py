@@ -94,6 +94,18 @@ def test_create_slugs_names(tmp_path):
     assert a != b and a.is_dir() and b.is_dir()
 
 
+def test_grid_members_get_folders_named_after_their_grid_and_ablation(tmp_path):
+    from tinygpt_core.ablations import grid_run_name
+
+    store = RunStore(tmp_path)
+    for label in ("baseline", "no-layernorm", "window-8"):
+        path = store.create(grid_run_name("241201-101500-ab12", label))
+        assert path.name.startswith(f"grid-241201-101500-ab12-{label}-"), path.name
+    # Only the grid shape is trusted: any other slash or dot-dot still gives a plain "run".
+    for name in ("grid-x/../../etc", "grid-x/a/b", "other/thing"):
+        assert store.create(name).name.startswith("run-")
+
+
 @pytest.mark.parametrize("run_id", ["..", ".", "", "../x", "/etc", "a/b", "missing-run"])
 def test_path_rejects_bad_or_unknown_ids(tmp_path, run_id):
     (tmp_path / "x").mkdir()

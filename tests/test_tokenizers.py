@@ -191,10 +191,21 @@ def test_decode_accepts_tensors(bpe: BPETokenizer) -> None:
     assert bpe.decode(torch.tensor(ids)) == "the fox"
 
 
-def test_bpe_token_strings_replace_partial_bytes(bpe: BPETokenizer) -> None:
+def test_bpe_token_strings_label_partial_bytes_readably(bpe: BPETokenizer) -> None:
     labels = bpe.token_strings(bpe.encode(" the 😀"))
-    assert labels[0] == " the" and "\ufffd" in labels  # the emoji's four bytes are separate tokens
+    # The emoji's four bytes are separate tokens, each labelled by its byte value, never U+FFFD.
+    assert labels[0] == " the" and labels[-4:] == ["<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    assert not any("\ufffd" in t for t in labels)
+    assert bpe.decode(bpe.encode("😀")) == "😀"  # decoding joins the bytes back into the character
     assert bpe.decode(bpe.encode("😀")[:1]) == "\ufffd"  # half a character decodes, replaced
+
+
+def test_readable_bytes_keeps_whole_characters_and_labels_stray_bytes() -> None:
+    from tinygpt_core.tokenizers import readable_bytes
+
+    assert readable_bytes("é—a".encode()) == "é—a"
+    assert readable_bytes(b"\xe2\x80") == "<0xE2><0x80>"
+    assert readable_bytes(b"ok\xff") == "ok<0xFF>"
 
 
 # --- training errors -------------------------------------------------------------------------

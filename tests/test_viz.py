@@ -279,3 +279,27 @@ def test_figure_to_png_with_local_chromium(monkeypatch: pytest.MonkeyPatch) -> N
     png = viz.figure_to_png(viz.head_stats_figure({"entropy": np.ones((2, 2))}, "entropy"), scale=1)
     assert png is not None, viz.png_unavailable_reason()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("T", [5, 20, 24])
+def test_attention_grid_labels_every_token_of_a_short_prompt(T: int) -> None:
+    fig = viz.attention_grid_figure(_maps(T=T, n_head=4), 0)
+    for axis in ("xaxis", "yaxis", "xaxis4", "yaxis4"):
+        assert len(fig.layout[axis].ticktext) == T, f"{axis} labels only some of the {T} tokens"
+
+
+def test_attention_grid_thins_labels_of_a_long_prompt() -> None:
+    fig = viz.attention_grid_figure(_maps(T=60, n_head=2), 0)
+    assert 12 <= len(fig.layout.xaxis.ticktext) <= viz.MAX_TICKS
+
+
+def test_counts_read_in_the_singular_and_the_plural() -> None:
+    assert viz.plural(1, "layer") == "1 layer" and viz.plural(2, "layer") == "2 layers"
+    assert viz.plural(1_000, "token") == "1,000 tokens" and viz.plural(0, "head") == "0 heads"
+    assert "1 head" in viz.attention_grid_figure(_maps(n_head=1), 0).layout.title.text
+
+
+def test_head_stats_titles_put_their_qualifier_on_a_second_line() -> None:
+    fig = viz.head_stats_figure({"mean_distance": np.ones((1, 2))}, "mean_distance")
+    first, _, second = fig.layout.title.text.partition("<br>")
+    assert first == "mean distance attended" and "(tokens)" in second

@@ -1,6 +1,7 @@
 """Ablation grids: which runs a grid makes from one baseline, and how they compare to it.
 
-A grid is one baseline ``TrainSpec`` plus one run per ablation, each differing from the baseline
+A grid is one baseline ``TrainSpec`` plus one run per ablation (a label of the ablation registry,
+``REGISTRY.grid_options()``, with any window size: "window-12"), each differing from the baseline
 in exactly one ``ModelConfig`` choice. Everything else (corpus, tokenizer, training settings,
 seed, hence initialisation RNG stream and batch order) is copied, so a difference in loss is the
 ablation's doing. Runs are named ``grid-<id>/<label>`` so the grid can be found again on disk.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from .ablation_registry import REGISTRY
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -26,45 +28,19 @@ if TYPE_CHECKING:  # training imports torch and the whole loop; only the type is
 
 GRID_PREFIX = "grid-"
 BASELINE = "baseline"
-WINDOW_PREFIX = "window-"
-DEFAULT_WINDOW = 8
 
-# label -> (one-line description, ModelConfig overrides). "window-N" is parametric: any
-# "window-<int>" label is accepted by ablation_overrides(); the entry here is the default size.
-ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "no-layernorm": ("Every LayerNorm replaced by the identity.", {"use_layernorm": False}),
-    "no-residual": ("No skip connections: each block computes x = f(x).", {"use_residual": False}),
-    "pos-none": ("No position information at all (only the causal mask orders tokens).", {"pos_encoding": "none"}),
-    "pos-sinusoidal": ("Fixed sinusoidal positions instead of learned ones.", {"pos_encoding": "sinusoidal"}),
-    "post-norm": (
-        "LayerNorm after the residual add (original Transformer) instead of before.",
-        {"norm_position": "post"},
-    ),
-    "swap-qk": ("Queries use the key projection and keys the query projection.", {"swap_qk": True}),
-    f"{WINDOW_PREFIX}{DEFAULT_WINDOW}": (
-        f"Local attention: each token sees at most {DEFAULT_WINDOW} tokens.",
-        {"attn_window": DEFAULT_WINDOW},
-    ),
-    "one-head": ("A single attention head of full width (n_head = 1).", {"n_head": 1}),
-    "relu": ("ReLU instead of GELU in the MLP.", {"activation": "relu"}),
-    "untied": ("Separate output head instead of sharing the token embedding matrix.", {"tie_weights": False}),
-}
-
-_WINDOW_RE = re.compile(rf"^{WINDOW_PREFIX}(\d+)$")
 _GRID_NAME_RE = re.compile(rf"^({GRID_PREFIX}[A-Za-z0-9_.-]+)/(.+)$")
 
 
 def ablation_overrides(label: str) -> tuple[str, dict[str, Any]]:
-    """(description, ModelConfig overrides) for an ablation label, including any "window-<N>"."""
-    if label in ABLATIONS:
-        return ABLATIONS[label]
-    m = _WINDOW_RE.match(label)
-    if m:
-        n = int(m.group(1))
-        if n < 1:
-            raise ConfigError(f"Ablation {label!r}: the attention window must be at least 1 token.")
-        return f"Local attention: each token sees at most {n} tokens.", {"attn_window": n}
-    raise ConfigError(f"Unknown ablation {label!r}. Choose from: {', '.join(ABLATIONS)} (or window-<N>).")
+    """(one-line description, ModelConfig overrides) of a grid label, any "window-<N>" included.
+
+    The labels are the ablation registry's (tinygpt_core.ablation_registry); unknown ones are refused.
+    """
+    ablation, overrides = REGISTRY.parse(label)
+    if not ablation.grid:
+        raise ConfigError(f"Ablation {label!r} cannot be used in a grid.")
+    return ablation.describe(overrides[ablation.field] if ablation.parametric else None), overrides
 
 
 def new_grid_id() -> str:

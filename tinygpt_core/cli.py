@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from . import limits
+from .ablation_registry import REGISTRY as ABLATIONS
 from .config import (
-    ACTIVATIONS,
     DEVICES,
-    NORM_POSITIONS,
     OPTIMIZERS,
-    POS_ENCODINGS,
     PRECISIONS,
     PRESETS,
     TOKENIZER_KINDS,
@@ -114,50 +112,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help=f"named starting configuration: {', '.join(PRESETS)} (default: tiny; see `presets`)",
     )
     model.add_argument("--n-layer", type=int, metavar="N", help="transformer blocks")
-    model.add_argument("--n-head", type=int, metavar="N", help="attention heads per block (must divide --n-embd)")
     model.add_argument("--n-embd", type=int, metavar="N", help="width of the residual stream")
     model.add_argument("--block-size", type=int, metavar="N", help="context length in tokens")
     model.add_argument("--dropout", type=float, metavar="P", help="dropout probability in [0, 1)")
     model.add_argument("--ff-mult", type=int, metavar="N", help="MLP hidden width as a multiple of --n-embd")
-    model.add_argument("--activation", choices=ACTIVATIONS, help="MLP non-linearity")
 
+    # One flag per ablation, from the registry (tinygpt_core.ablation_registry): --no-layernorm,
+    # --pos-encoding, --attn-window N, --n-head N, --activation, --qk-norm, …
     abl = p.add_argument_group("ablations", "switch parts of the GPT-2 architecture off or change them")
-    abl.add_argument(
-        "--no-layernorm",
-        dest="use_layernorm",
-        action="store_const",
-        const=False,
-        help="replace every LayerNorm by the identity",
-    )
-    abl.add_argument(
-        "--no-residual",
-        dest="use_residual",
-        action="store_const",
-        const=False,
-        help="drop the residual (skip) connections",
-    )
-    abl.add_argument(
-        "--swap-qk",
-        dest="swap_qk",
-        action="store_const",
-        const=True,
-        help="queries use the key projection and keys the query projection",
-    )
-    abl.add_argument("--pos-encoding", choices=POS_ENCODINGS, help="position information: learned, sinusoidal or none")
-    abl.add_argument(
-        "--norm-position", choices=NORM_POSITIONS, help="LayerNorm before (pre, GPT-2) or after (post) each sub-layer"
-    )
-    abl.add_argument("--attn-window", type=int, metavar="N", help="local attention: each token sees at most N tokens")
-    abl.add_argument(
-        "--no-bias", dest="bias", action="store_const", const=False, help="no biases in Linear and LayerNorm layers"
-    )
-    abl.add_argument(
-        "--untie-weights",
-        dest="tie_weights",
-        action="store_const",
-        const=False,
-        help="give the output head its own matrix instead of sharing the token embedding",
-    )
+    ABLATIONS.add_cli_flags(abl)
 
     tr = p.add_argument_group("training")
     tr.add_argument("--batch-size", type=int, metavar="N", help="sequences per micro-batch")
@@ -578,10 +541,11 @@ def _locate_run(store, run: str):
 def _runs_table(runs: list, root: Path) -> str:
     if not runs:
         return f"No runs in {root}."
-    header = ("id", "status", "preset", "ablations", "params", "best val", "steps")
+    header = ("id", "name", "status", "preset", "ablations", "params", "best val", "steps")
     rows = [
         (
             r.id,
+            _clip(r.name or "–", 40),
             r.status,
             r.preset or "–",
             ",".join(r.ablations) or "–",
@@ -598,6 +562,12 @@ def _runs_table(runs: list, root: Path) -> str:
     broken = [r for r in runs if r.broken_reason]
     lines += [f"{r.id}: {r.broken_reason}" for r in broken]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _clip(text: str, width: int) -> str:
+    """One table cell: at most ``width`` characters, an ellipsis where it was cut (``runs show`` has it whole)."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _run_details(store, run_id: str) -> str:

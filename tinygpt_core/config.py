@@ -42,6 +42,7 @@ class ModelConfig:
     swap_qk: bool = False  # queries take the key projection and keys the query projection
     attn_window: int | None = None  # local attention: a token sees at most this many tokens (itself included)
     tie_weights: bool = True  # the output head shares the token embedding matrix
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before q·kᵀ
 
     @property
     def head_size(self) -> int:
@@ -66,27 +67,13 @@ class ModelConfig:
         return self
 
     def ablations(self) -> list[str]:
-        """Short labels for every architecture choice that departs from the GPT-2 baseline."""
-        labels = []
-        if not self.use_layernorm:
-            labels.append("no-layernorm")
-        if not self.use_residual:
-            labels.append("no-residual")
-        if self.pos_encoding != "learned":
-            labels.append(f"pos-{self.pos_encoding}")
-        if self.norm_position != "pre":
-            labels.append("post-norm")
-        if self.swap_qk:
-            labels.append("swap-qk")
-        if self.attn_window is not None:
-            labels.append(f"window-{self.attn_window}")
-        if self.activation != "gelu":
-            labels.append(self.activation)
-        if not self.tie_weights:
-            labels.append("untied")
-        if not self.bias:
-            labels.append("no-bias")
-        return labels
+        """Short labels for every architecture choice that departs from the GPT-2 baseline.
+
+        Generated from the ablation registry (tinygpt_core.ablation_registry), in its order.
+        """
+        from .ablation_registry import REGISTRY  # the registry reads ModelConfig's defaults
+
+        return REGISTRY.labels(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,9 +20,9 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("Device 'cuda' was asked for but no CUDA GPU is available; use --device auto or cpu.")
+        raise ConfigError("Device 'cuda' was asked for but this machine has no CUDA GPU; choose device auto or cpu.")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("Device 'mps' was asked for but Apple's MPS backend is not available; use auto or cpu.")
+        raise ConfigError("Device 'mps' was asked for but this machine has no Apple MPS backend; choose auto or cpu.")
     if name not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"Unknown device {name!r}: choose auto, cpu, cuda or mps.")
     return torch.device(name)

@@ -4,9 +4,10 @@ The export folder loads with ``transformers.GPT2LMHeadModel.from_pretrained(DIR)
 same logits as the run's own model. GPT-2 is one fixed architecture, so an ablation is exported only
 when it can be written as GPT-2 weights and config: relu is an activation setting, swapped q/k is a
 swap of two weight blocks, sinusoidal or absent positions are a fixed (or zero) position table,
-missing biases are zero biases, untied heads are a separate ``lm_head``. Post-norm, no LayerNorm,
-no residual and windowed attention change the computation itself; those runs are refused with an
-``ExportError`` that names each reason (``check_exportable`` lists them up front).
+missing biases are zero biases, untied heads are a separate ``lm_head``. The ablation registry says
+which ablations GPT-2 cannot express (post-norm, no LayerNorm, no residual, windowed attention,
+QK-norm change the computation itself) and why; those runs are refused with an ``ExportError`` that
+names each reason (``check_exportable`` lists them up front).
 
 transformers itself is only needed to *check* an export (``verify_export``), not to write one.
 Weights are written with safetensors; nothing here unpickles.
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
+from .ablation_registry import REGISTRY
 from .config import ModelConfig
 from .errors import ExportError, RunError
 from .model import GPT
@@ -36,20 +38,11 @@ README_FILE = "README.md"
 
 
 def check_exportable(cfg: ModelConfig) -> list[str]:
-    """Reasons GPT-2 cannot express this architecture; an empty list means it can be exported."""
-    reasons = []
-    if cfg.norm_position == "post":
-        reasons.append("GPT-2 applies LayerNorm before each sub-layer; this run uses post-norm")
-    if not cfg.use_layernorm:
-        reasons.append("GPT-2 always has LayerNorm layers; this run has no LayerNorm")
-    if not cfg.use_residual:
-        reasons.append("GPT-2 always adds residual connections; this run has no residual connections")
-    if cfg.attn_window is not None:
-        reasons.append(
-            f"GPT-2 lets every token attend to all earlier tokens; this run uses an attention window "
-            f"of {cfg.attn_window} tokens"
-        )
-    return reasons
+    """Reasons GPT-2 cannot express this architecture; an empty list means it can be exported.
+
+    Each reason is the ``export_refusal`` of an ablation the config has (tinygpt_core.ablation_registry).
+    """
+    return REGISTRY.export_refusals(cfg)
 
 
 def _require_exportable(cfg: ModelConfig) -> None:
@@ -153,14 +146,6 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def _readme(cfg: ModelConfig, tokenizer: Any | None, source: dict[str, Any]) -> str:
     ablations = cfg.ablations()
-    mapping = {
-        "relu": "`activation_function: relu`",
-        "swap-qk": "the query and key blocks of each `c_attn` weight and bias are swapped",
-        "pos-sinusoidal": "the fixed sinusoidal table is written into `wpe` (it becomes trainable if you fine-tune)",
-        "pos-none": "`wpe` is all zeros (it becomes trainable if you fine-tune)",
-        "untied": "`tie_word_embeddings: false` with its own `lm_head.weight`",
-        "no-bias": "all biases (Linear and LayerNorm) are zeros",
-    }
     lines = [
         "# TinyGPT Lab export (Hugging Face GPT-2 format)",
         "",
@@ -180,9 +165,9 @@ def _readme(cfg: ModelConfig, tokenizer: Any | None, source: dict[str, Any]) -> 
         else f"- Activation `{cfg.activation}`.",
         f"- Ablations: {', '.join(ablations) if ablations else 'none (the GPT-2 baseline)'}.",
     ]
-    for a in ablations:
-        if a in mapping:
-            lines.append(f"  - {a}: {mapping[a]}.")
+    for a in REGISTRY:
+        if a.labelled and a.export_as and a.active(cfg):
+            lines.append(f"  - {a.label_of(cfg)}: {a.export_as}.")
     lines += [
         "",
         "## Tokenizer: not GPT-2's",

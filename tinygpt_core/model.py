@@ -22,6 +22,7 @@ from .errors import ConfigError
 
 # A layer's cached keys and values for incremental decoding: (k, v), each (B, nh, T_past, hs).
 KVCache = tuple[torch.Tensor, torch.Tensor]
+QK_NORM_EPS = 1e-6
 
 
 @dataclass
@@ -60,6 +61,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.window, self.swap_qk = cfg.n_head, cfg.attn_window, cfg.swap_qk
+        if cfg.qk_norm:  # one RMSNorm (gain per channel, shared by the heads) for queries, one for keys
+            self.q_norm = nn.RMSNorm(cfg.head_size, eps=QK_NORM_EPS)
+            self.k_norm = nn.RMSNorm(cfg.head_size, eps=QK_NORM_EPS)
+        else:
+            self.q_norm = self.k_norm = None
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -74,6 +80,9 @@ class CausalSelfAttention(nn.Module):
         if self.swap_qk:  # the ablation: each projection plays the other's role
             q, k = k, q
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if self.q_norm is not None:  # QK-norm, per head, before the cache and both attention paths
+            # In float32 (the gains' dtype) whatever autocast made of q and k, then back to v's dtype.
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)  # (B, nh, T_total, hs)
             v = torch.cat([past[1], v], dim=2)

@@ -493,13 +493,18 @@ class RunWriter:
 
 
 _SLUG_OK = re.compile(r"[^a-z0-9._-]+")
+_GRID_NAME = re.compile(r"^grid-[A-Za-z0-9_-]+/[A-Za-z0-9_-]+$")  # ablations.grid_run_name: one "/", no dots
 
 
 def _slug(name: str | None) -> str:
     """A folder-safe version of a run name: [a-z0-9-_.], at most 60 chars; "run" when nothing is left.
 
-    Anything that looks like a path ("/", "\\", "..") is not trusted at all and becomes "run".
+    A grid member's name "grid-<id>/<label>" becomes "grid-<id>-<label>", so its folder says which grid
+    and which ablation it is. Anything else that looks like a path ("/", "\\", "..") is not trusted at
+    all and becomes "run".
     """
+    if isinstance(name, str) and _GRID_NAME.match(name):
+        name = name.replace("/", "-")
     if not isinstance(name, str) or "/" in name or "\\" in name or ".." in name:
         return "run"
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii").lower()

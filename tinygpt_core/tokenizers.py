@@ -16,6 +16,7 @@ encodes to a single id and decodes back to itself.
 
 from __future__ import annotations
 
+import codecs
 import heapq
 import json
 import math
@@ -41,6 +42,7 @@ DEFAULT_BPE_VOCAB_SIZE = 512
 BPE_TRAIN_MAX_CHARS = 2_000_000
 
 UNK_TOKEN = "<unk>"
+BYTE_LABEL = "<0x{:02X}>"  # how a byte that is not a whole UTF-8 character is labelled, e.g. <0xE2>
 
 # Limits on what a tokenizer file may contain. They are far above anything the lab trains and only
 # exist so a hostile or corrupted file cannot make loading allocate unbounded memory.
@@ -322,6 +324,23 @@ def _merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]
     return out
 
 
+def readable_bytes(data: bytes) -> str:
+    """A token's bytes as text: whole UTF-8 characters as themselves, any other byte as ``<0xE2>``.
+
+    A byte-level BPE token can hold part of a multi-byte character (an emoji is four byte tokens
+    until merges join them); a label of U+FFFD would hide which byte it is.
+    """
+    return data.decode("utf-8", errors=_BYTE_LABEL_ERRORS)
+
+
+def _label_bytes(err: UnicodeDecodeError) -> tuple[str, int]:
+    return "".join(BYTE_LABEL.format(b) for b in err.object[err.start : err.end]), err.end
+
+
+_BYTE_LABEL_ERRORS = "tinygpt-byte-labels"
+codecs.register_error(_BYTE_LABEL_ERRORS, _label_bytes)
+
+
 def _to_bytes(text: str) -> bytes:
     # surrogatepass: a str holding a lone surrogate still encodes (BPE never fails); such text is
     # not valid Unicode, so it cannot come back exactly anyway.
@@ -471,12 +490,13 @@ class BPETokenizer(Tokenizer):
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
+        # Decoded as a whole, not token by token: a character split over several byte tokens joins up.
         raw = b"".join(self._bytes[i] for i in self._check_ids(ids))
         # A model can emit half of a multi-byte character; show U+FFFD rather than failing.
         return raw.decode("utf-8", errors="replace")
 
     def _id_to_text(self, i: int) -> str:
-        return self._bytes[i].decode("utf-8", errors="replace")
+        return readable_bytes(self._bytes[i])
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -121,6 +121,17 @@ def visible_token(tok: str) -> str:
     return "".join(out)
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """ "1 layer", "2 layers": a count with its noun (``many`` for irregular plurals)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def _two_line_title(label: str) -> str:
+    """A metric label for a narrow chart: its qualifier "(…)" on a second, smaller line, so nothing is clipped."""
+    head, sep, tail = label.partition(" (")
+    return f"{head}<br><span style='font-size:12px'>({tail}</span>" if sep else label
+
+
 def _label(tok: str, max_len: int = 12) -> str:
     """A token as plotly text: visible whitespace, shortened, HTML-escaped (plotly decodes &lt; &gt; &amp;)."""
     s = visible_token(tok)
@@ -409,6 +420,7 @@ def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, c
     n_head, T = maps.weights.shape[1], maps.weights.shape[-1]
     cols = max(1, min(cols, n_head))
     rows = math.ceil(n_head / cols)
+    tick_size = 9 if T <= 16 else 8  # every label must fit its cell, or plotly would skip some
     fig = make_subplots(
         rows=rows,
         cols=cols,
@@ -417,7 +429,7 @@ def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, c
         vertical_spacing=0.12 / rows,
     )
     cats, ticks = _attention_axes(maps)
-    axis_ticks = _tick_values(cats, ticks, max_ticks=16)
+    axis_ticks = _tick_values(cats, ticks)  # every token up to MAX_TICKS; beyond that every k-th
     for h in range(n_head):
         r, c = divmod(h, cols)
         fig.add_trace(
@@ -440,7 +452,7 @@ def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, c
             row=r + 1,
             col=c + 1,
             tickangle=-90 if T > 8 else 0,
-            tickfont=dict(size=9),
+            tickfont=dict(size=tick_size),
             showgrid=False,
             constrain="domain",
             **axis_ticks,
@@ -449,7 +461,7 @@ def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, c
             row=r + 1,
             col=c + 1,
             autorange="reversed",
-            tickfont=dict(size=9),
+            tickfont=dict(size=tick_size),
             showgrid=False,
             scaleanchor=f"x{h + 1 if h else ''}",
             constrain="domain",
@@ -464,7 +476,7 @@ def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, c
                 line=dict(color=VAL_COLOR, width=1.5),
                 fillcolor="rgba(0,0,0,0)",
             )
-    title = f"Layer {layer} attention · {n_head} heads"
+    title = f"Layer {layer} attention · {plural(n_head, 'head')}"
     if getattr(maps, "cropped", False):
         title += f" · last {T} tokens"
     if window is not None:
@@ -549,7 +561,7 @@ def head_stats_figure(stats: dict[str, np.ndarray], metric: str) -> go.Figure:
             **bounds,
         )
     )
-    _style(fig, height=min(140 + 56 * n_layer, 700), title=label, legend=False)
+    _style(fig, height=min(140 + 56 * n_layer, 700), title=_two_line_title(label), legend=False)
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_xaxes(showgrid=False, side="top")
     fig.update_layout(margin=dict(l=70, r=20, t=90, b=20))
