@@ -361,3 +361,70 @@ def test_estimate_step_time_leaves_global_rng_alone():
     t = estimate_step_time(spec(), device="cpu", steps=2)
     assert t > 0
     assert torch.equal(state, torch.get_rng_state())
+
+
+# --- validation is pure; preparing is one explicit step -------------------------------------------
+
+
+def test_validate_reads_no_file_and_prepare_does_the_work(tmp_path, monkeypatch):
+    import tinygpt_core.spec as spec_mod
+    import tinygpt_core.tokenizers as tokenizers
+
+    trained = []
+    real = tokenizers.train_tokenizer
+    monkeypatch.setattr(tokenizers, "train_tokenizer", lambda *a, **kw: trained.append(a[0]) or real(*a, **kw))
+    missing = TrainSpec.from_preset("tiny", str(tmp_path / "missing.txt"), device="cpu")
+    assert missing.validate() is missing  # a path is not opened by validation
+    short = TrainSpec(
+        corpus=Corpus("short", "hello world " * 2, "upload:short.txt"),
+        model=ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16),
+        train=TrainConfig(max_iters=5, device="cpu"),
+    )
+    short.validate()  # too short for the context, but only preparing can know
+    assert trained == [] and not hasattr(short, "_prepared")
+    with pytest.raises(ConfigError):
+        TrainSpec.from_preset("tiny", "builtin:tiny", tokenizer="nope").validate()
+    with pytest.raises(DataError):
+        spec_mod.prepare(missing)
+    with pytest.raises(DataError, match="context"):
+        spec_mod.prepare(short)
+    run = training.prepare(spec(max_iters=3, eval_interval=3))
+    assert run.model_config.vocab_size == run.tokenizer.vocab_size
+    assert run.device == torch.device("cpu") and run.precision == "fp32"
+    assert len(run.train_ids) > len(run.val_ids) > 16
+
+
+def test_a_prepared_run_is_trained_without_preparing_again(tmp_path, monkeypatch):
+    from tinygpt_core import limits
+
+    run = training.prepare(spec(max_iters=3, eval_interval=3))
+    monkeypatch.setattr(training, "prepare", lambda s: pytest.fail("prepared twice"))
+    monkeypatch.setenv("TINYGPT_MAX_PARAMS", "10000000")
+    limits.check_spec(run)  # counts parameters with the tokenizer's real vocabulary
+    monkeypatch.setenv("TINYGPT_MAX_PARAMS", "10")
+    with pytest.raises(ConfigError, match="parameters"):
+        limits.check_spec(run)
+    result = train(run, store=RunStore(tmp_path))
+    assert result.status == "done" and load_run(result.run_dir).config.model.vocab_size == run.tokenizer.vocab_size
+
+
+def test_load_run_opens_a_kept_step_and_lists_the_steps(tmp_path):
+    result, _ = run(tmp_path, spec(max_iters=6, eval_interval=3))
+    loaded = load_run(result.run_dir, step=6)
+    assert loaded.checkpoint_steps == [6] and loaded.step == 6
+    last = load_run(result.run_dir, checkpoint="last")
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(loaded.model(x).logits, last.model(x).logits)
+    with pytest.raises(RunError, match="no checkpoint at step 3; kept steps: 6"):
+        load_run(result.run_dir, step=3)
+
+
+def test_samples_come_from_the_one_sampler(tmp_path, monkeypatch):
+    import tinygpt_core.sampling as sampling
+
+    calls = []
+    real = sampling.generate_ids
+    monkeypatch.setattr(sampling, "generate_ids", lambda *a, **kw: calls.append(a[3].strategy) or real(*a, **kw))
+    result, events = run(tmp_path, spec(max_iters=6, eval_interval=3))
+    assert calls == ["sample", "sample"]
+    assert [e.data["text"] for e in events if e.kind == "sample"] == [s["text"] for s in read_samples(result.run_dir)]
