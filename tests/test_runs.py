@@ -390,3 +390,27 @@ def test_queued_by_a_dead_process_reads_as_interrupted(tmp_path):
     assert read_status(tmp_path).status == "interrupted"
     RunWriter(tmp_path).write_status("queued", "Waiting")
     assert read_status(tmp_path).status == "queued"
+
+
+def test_a_reader_racing_a_new_checkpoint_reads_the_new_one(tmp_path, monkeypatch):
+    """The writer removes the previous step folder once the new one is in place; a reader that had
+    found the old folder just before then reads the new checkpoint instead of failing."""
+    from tinygpt_core import checkpoints
+
+    model = GPT(ModelConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    checkpoints.save_checkpoint(tmp_path, 5, model, opt, {"note": "old"})
+    real, raced = checkpoints._read_labelled, []
+
+    def read_while_training(path):
+        if not raced:  # the training thread checkpoints step 10 between find and read
+            raced.append(path)
+            checkpoints.save_checkpoint(tmp_path, 10, model, opt, {"note": "new"})
+        return real(path)
+
+    monkeypatch.setattr(checkpoints, "_read_labelled", read_while_training)
+    _, ostate, extra = load_checkpoint_state(tmp_path, "last")
+    assert raced and "step-000005" in str(raced[0]) and extra["step"] == 10 and extra["note"] == "new"
+    assert checkpoints.checkpoint_steps(tmp_path) == [10] and ostate is not None
+    with pytest.raises(RunError, match="no checkpoint at step 5"):
+        load_checkpoint_state(tmp_path, "last", step=5)

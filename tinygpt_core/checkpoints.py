@@ -292,8 +292,23 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 def read_weights(run_dir: str | os.PathLike[str], which: str = "best", step: int | None = None) -> dict:
     """The stored weights of a checkpoint (tied lm_head dropped); RunError names the damaged file."""
-    tensors, _ = _read_labelled(find_checkpoint(run_dir, which, step).weights)
-    return tensors
+    return _while_training(run_dir, which, step, lambda ckpt: _read_labelled(ckpt.weights)[0])
+
+
+def _while_training(run_dir: Any, which: str, step: int | None, read: Any) -> Any:
+    """``read(checkpoint)``, found again if a run training meanwhile replaced its last checkpoint.
+
+    A reader that found step-N just before the writer removed it (a newer step-M is then in
+    place) would otherwise report a missing file; it reads step-M instead. Other errors stand.
+    """
+    for attempt in range(3):
+        ckpt = find_checkpoint(run_dir, which, step)
+        try:
+            return read(ckpt)
+        except RunError:
+            if attempt == 2 or which != "last" or step is not None or ckpt.weights.parent.is_dir():
+                raise
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +379,10 @@ def load_checkpoint_state(
     it was saved; ``extra`` is what training passed to ``save_checkpoint`` (tensors included). The
     weights and the optimizer state always come from one checkpoint. RunError on any damage.
     """
-    ckpt = find_checkpoint(run_dir, which, step)
+    return _while_training(run_dir, which, step, _load_state)
+
+
+def _load_state(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], dict | None, dict]:
     model, meta = _read_labelled(ckpt.weights)
     try:
         extra = _decode_state(json.loads(meta.get("tinygpt_extra", "null")), {}) or {}
