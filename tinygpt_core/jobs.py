@@ -156,14 +156,15 @@ class JobRunner(ABC):
         """Every job the runner remembers, newest first (see ``list_jobs``)."""
         return self.list_jobs()
 
-    def submit_all(self, specs: Sequence[training.TrainSpec]) -> list[str]:
+    def submit_all(self, specs: Sequence[training.TrainSpec], **options: Any) -> list[str]:
         """Submit every spec or none: if one is refused, the ones already submitted are stopped and
-        the refusal (naming the spec) is raised. Returns the job ids in the order of ``specs``."""
+        the refusal (naming the spec) is raised. Returns the job ids in the order of ``specs``.
+        ``options`` (keyword-only extras of ``submit``) go to every submit."""
         specs = list(specs)
         job_ids: list[str] = []
         try:
             for spec in specs:
-                job_ids.append(self.submit(spec))
+                job_ids.append(self.submit(spec, **options))
         except TinyGPTError as exc:
             for job_id in reversed(job_ids):
                 with contextlib.suppress(TinyGPTError):
@@ -274,7 +275,7 @@ class LocalJobRunner(JobRunner):
             self._start_ready(device)
         return job.id
 
-    def submit_all(self, specs: Sequence[training.TrainSpec]) -> list[str]:
+    def submit_all(self, specs: Sequence[training.TrainSpec], **options: Any) -> list[str]:
         """All or none: every spec is validated and the queue's room checked before any is queued."""
         specs = list(specs)
         for i, spec in enumerate(specs):
@@ -296,7 +297,7 @@ class LocalJobRunner(JobRunner):
                 f"{self.max_queued_jobs} wait ({waiting} already do); nothing was launched. Choose fewer "
                 "runs, or try again when some have finished."
             )
-        return super().submit_all(specs)
+        return super().submit_all(specs, **options)
 
     def describe(self) -> str:
         n = self.max_jobs_per_device

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -211,15 +211,18 @@ def known_grids(states: list[RunState]) -> list[str]:
     return sorted({s.grid[0] for s in states if s.grid is not None}, reverse=True)
 
 
-def launch_grid(runner: JobRunner, base: TrainSpec, ablations: list[str], grid_id: str | None = None) -> GridLaunch:
+def launch_grid(
+    runner: JobRunner, base: TrainSpec, ablations: list[str], grid_id: str | None = None, **submit_options: Any
+) -> GridLaunch:
     """Queue an ablation grid: the baseline plus one run per ablation, all of them or none.
 
     Every member is validated, and the runner's room checked, before any is queued; a refusal names
-    the member and says why (ConfigError, DataError, JobError), and nothing is left queued."""
+    the member and says why (ConfigError, DataError, JobError), and nothing is left queued.
+    ``submit_options`` go to the runner's submit for every member."""
     from .ablations import grid_specs
 
     specs = grid_specs(base, ablations, grid_id)
-    job_ids = runner.submit_all(specs)
+    job_ids = runner.submit_all(specs, **submit_options)
     snaps = [runner.snapshot(j) for j in job_ids]
     grid = _grid_of(specs[0].name)
     return GridLaunch(
