@@ -41,12 +41,7 @@ any_text = hs.text(hs.characters(codec=None, exclude_categories=()), max_size=30
 binary = hs.binary(max_size=2000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
