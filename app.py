@@ -1,13 +1,13 @@
 """TinyGPT Lab's entry point: `streamlit run app.py`.
 
-Sets up the process once (page config, torch threads), routes to the pages with st.navigation and
-draws the Home page: the device in use, what the lab can do, a one-click quick start and the
-recent runs. All logic lives in tinygpt_core; this file only places widgets.
+Routes to the pages with st.navigation, sets up the process once (torch threads, through the core)
+and draws the Home page: the device in use, what the lab can do, a one-click quick start and the
+recent runs. All logic lives in tinygpt_core; this file only places widgets, and imports nothing
+slow (no torch) before the navigation is drawn.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import streamlit as st
@@ -53,15 +53,11 @@ PAGES: list[tuple[str, str, str, str]] = [
 
 
 @st.cache_resource
-def _init_torch_once() -> int:
-    """torch.set_num_threads is process-wide: set it exactly once per server process.
+def _configure_threads_once() -> int:
+    """torch's thread count is process-wide: the core sets it once per server ($TINYGPT_NUM_THREADS)."""
+    from tinygpt_core.device import configure_threads
 
-    $TINYGPT_NUM_THREADS overrides torch's default (the number of physical cores)."""
-    import torch
-
-    threads = int(os.environ.get("TINYGPT_NUM_THREADS", "0") or 0) or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    return threads
+    return configure_threads()
 
 
 def home() -> None:
@@ -108,7 +104,7 @@ def home() -> None:
                 with user_errors("Could not start the quick-start run: "):
                     job_id = runner().submit(TrainSpec.from_preset("tiny", "builtin:tiny", name="quick-start"))
                 if job_id is not None:
-                    snap = runner().snapshot(job_id)
+                    snap = runner().state(job_id)
                     remember_job(job_id)
                     if snap.run_id:
                         remember_run(snap.run_id)
@@ -136,14 +132,14 @@ def home() -> None:
             c1.markdown(f"**{r.name}**" + (f"  \n`{r.id}`" if r.id != r.name else ""))
             extra = f" · {', '.join(r.ablations)}" if r.ablations else ""
             c1.caption(f"{r.preset or 'custom'} · {r.corpus or '?'} · {r.tokenizer or '?'}{extra}")
-            steps = f"{r.steps}/{r.max_iters}" if r.max_iters else str(r.steps)
+            steps = f"{r.step}/{r.max_iters}" if r.max_iters else str(r.step)
             c2.markdown(f"{_status_badge(r.status)}  \nbest val **{format_loss(r.best_val_loss)}** · step {steps}")
             with c3:
                 links = st.columns(3)
                 links[0].page_link(
                     "pages/train.py", label="Open", icon=":material/open_in_new:", query_params={"run": r.id}
                 )
-                if r.broken_reason is None and (r.path / "model.safetensors").exists():
+                if r.has_weights:
                     links[1].page_link(
                         "pages/attention.py", label="Attention", icon=":material/grid_on:", query_params={"run": r.id}
                     )
@@ -167,9 +163,19 @@ def _status_badge(status: str) -> str:
     return f":{colour}-badge[{status}]"
 
 
-_init_torch_once()
+# The sidebar shows this navigation, and nothing else, from the first frame. A `pages/` folder next to
+# the entry script makes Streamlit treat the app as an old-style multipage app until a script run
+# reaches st.navigation: the first session of a fresh server would first list every file of pages/
+# ("app", "common", ...) for as long as the imports before st.navigation take. .streamlit/config.toml
+# therefore hides that automatic list (client.showSidebarNavigation = false), and the app turns the
+# sidebar navigation back on for its own st.navigation, drawn before anything slow is imported.
+st.set_option("client.showSidebarNavigation", True)
 nav = st.navigation(
     [st.Page(home, title="Home", icon=":material/home:", default=True)]
     + [st.Page(path, title=title, icon=icon) for path, title, icon, _ in PAGES]
 )
+try:
+    _configure_threads_once()
+except Exception as exc:  # noqa: BLE001 - e.g. a malformed TINYGPT_NUM_THREADS: say so on every page
+    st.error(f"Server settings: {exc}")
 nav.run()

@@ -7,16 +7,18 @@ logic lives in tinygpt_core.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 
 import streamlit as st
 
-from tinygpt_core import checkpoints, limits
+from tinygpt_core import checkpoints, limits, state
 from tinygpt_core.data import load_corpus
 from tinygpt_core.errors import TinyGPTError
-from tinygpt_core.jobs import LocalJobRunner, get_runner
-from tinygpt_core.runs import LoadedRun, RunStore, RunSummary
+from tinygpt_core.jobs import JobRunner, get_runner
+from tinygpt_core.runs import LoadedRun, RunStore
+from tinygpt_core.state import RunState
 
 # Query-parameter and session keys shared across pages, so a reload or a second tab finds the run.
 RUN_PARAM = "run"
@@ -29,7 +31,7 @@ def store() -> RunStore:
     return RunStore()
 
 
-def runner() -> LocalJobRunner:
+def runner() -> JobRunner:
     """The process-wide job runner; a malformed operator limit stops the page with the reason."""
     try:
         return _runner()
@@ -39,7 +41,7 @@ def runner() -> LocalJobRunner:
 
 
 @st.cache_resource
-def _runner() -> LocalJobRunner:
+def _runner() -> JobRunner:
     """The process-wide job runner, shared by every browser session.
 
     Held in st.cache_resource as well as in tinygpt_core.jobs: when a source file changes,
@@ -49,13 +51,24 @@ def _runner() -> LocalJobRunner:
     return get_runner()
 
 
-def list_runs() -> list[RunSummary]:
-    return store().list()
+def list_runs() -> list[RunState]:
+    """Every run to list (on disk and this server's jobs, merged by the core), newest first."""
+    return state.list_runs(store(), runner())
 
 
-def openable_runs() -> list[RunSummary]:
+def run_state(run_id: str | None, job_id: str | None = None) -> RunState:
+    """One run's current state, with metrics and samples; RunError when nobody knows it."""
+    return state.run_state(store(), runner(), run_id, job_id)
+
+
+def active_runs() -> list[RunState]:
+    """The runs this server is training or has queued (from the runner alone: no disk read), newest first."""
+    return state.active_runs(runner())
+
+
+def openable_runs() -> list[RunState]:
     """Runs with weights to open (not broken, not still queued)."""
-    return [r for r in list_runs() if r.broken_reason is None and (r.path / "model.safetensors").exists()]
+    return [r for r in list_runs() if r.has_weights]
 
 
 def selected_run_id() -> str | None:
@@ -69,7 +82,7 @@ def remember_run(run_id: str | None) -> None:
         st.query_params[RUN_PARAM] = run_id
 
 
-def run_picker(label: str = "Run", *, key: str) -> RunSummary | None:
+def run_picker(label: str = "Run", *, key: str) -> RunState | None:
     """A selectbox of openable runs, defaulting to the current run; None (with a hint) when there are none."""
     runs = openable_runs()
     if not runs:
@@ -99,7 +112,30 @@ def format_loss(x: float | None) -> str:
     return _fmt(x)
 
 
-def recent_runs(n: int = 5) -> list[RunSummary]:
+def format_count(n: int | float | None) -> str:
+    """A count for display: 1.23M, 45.6k, 789, or a dash."""
+    if n is None:
+        return "–"
+    n = float(n)
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_duration(s: float | None) -> str:
+    """Seconds for display: 42s, 3m 05s, 1h 02m, or a dash."""
+    if s is None or not math.isfinite(s):
+        return "–"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def recent_runs(n: int = 5) -> list[RunState]:
     """The newest n runs on disk (broken ones included, so a user sees why they cannot open them)."""
     try:
         return list_runs()[:n]
@@ -127,8 +163,10 @@ def _load(path: str, checkpoint: str, mtime: float) -> LoadedRun:  # mtime: relo
     return store().load(Path(path).name, checkpoint=checkpoint)
 
 
-def weights_mtime(run: RunSummary, checkpoint: str) -> float | None:
+def weights_mtime(run: RunState, checkpoint: str) -> float | None:
     """When a run's checkpoint was last written (None: not there): cache keys that follow retraining."""
+    if run.path is None:
+        return None
     try:
         path = checkpoints.weights_path(run.path, checkpoint)
         return None if path is None else os.path.getmtime(path)
@@ -150,7 +188,7 @@ def corpus_start(run: LoadedRun) -> str | None:
     return _corpus_start(run.config.corpus.get("source") or run.config.corpus.get("name") or "")
 
 
-def load_run_cached(run: RunSummary, checkpoint: str = "best") -> LoadedRun | None:
+def load_run_cached(run: RunState, checkpoint: str = "best") -> LoadedRun | None:
     """Load a run's model once per server (eval mode); shows the reason and returns None when it cannot."""
     mtime = weights_mtime(run, checkpoint)
     if mtime is None:
@@ -163,7 +201,7 @@ def load_run_cached(run: RunSummary, checkpoint: str = "best") -> LoadedRun | No
         return None
 
 
-def open_run_picker(prefix: str) -> tuple[RunSummary, str, LoadedRun] | None:
+def open_run_picker(prefix: str) -> tuple[RunState, str, LoadedRun] | None:
     """The Run picker and Best/Last checkpoint radio of the model pages: (summary, checkpoint, loaded run),
     or None (with the reason shown) when there is nothing to open. ``prefix`` keeps each page's keys apart."""
     left, right = st.columns([4, 2], vertical_alignment="bottom")

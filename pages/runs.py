@@ -1,13 +1,12 @@
 """Runs & ablations: every run on disk, their curves overlaid, and grids of ablations against a baseline.
 
-Thin page: the run store (tinygpt_core.runs), the job runner (tinygpt_core.jobs), grid building and
-comparison (tinygpt_core.ablations), zips (tinygpt_core.archive) and figures (tinygpt_core.viz) do
-the work; this file places widgets and charts.
+Thin page: the run state (tinygpt_core.state: the store and the runner's jobs merged, grid launches),
+grid comparison (tinygpt_core.ablations), zips (tinygpt_core.archive) and figures (tinygpt_core.viz)
+do the work; this file places widgets and charts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -15,66 +14,39 @@ import pandas as pd
 import streamlit as st
 
 from pages._ablation_widgets import grid_ablation_picker
-from pages._common import read_only, read_only_notice, remember_run, runner, selected_run_id, store, user_errors
-from tinygpt_core import viz
+from pages._common import (
+    list_runs,
+    read_only,
+    read_only_notice,
+    remember_run,
+    run_state,
+    runner,
+    selected_run_id,
+    store,
+    user_errors,
+)
+from tinygpt_core import state, viz
 from tinygpt_core.ablation_registry import REGISTRY as ABLATION_REGISTRY
 from tinygpt_core.ablations import (
     BASELINE,
     compare_to_baseline,
-    grid_specs,
     metrics_summary,
-    parse_grid_name,
     with_gap,
 )
 from tinygpt_core.archive import zip_run
 from tinygpt_core.config import PRESETS
 from tinygpt_core.data import list_builtin_corpora
 from tinygpt_core.errors import RunError, TinyGPTError
-from tinygpt_core.jobs import JobSnapshot
-from tinygpt_core.runs import RunSummary, read_metrics
-from tinygpt_core.training import TrainSpec, prepare
+from tinygpt_core.runs import ACTIVE_STATUSES, read_metrics
+from tinygpt_core.state import RunState
+from tinygpt_core.training import TrainSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID_PARAM = "grid"
 CURVES = {"val loss": "val_loss", "train loss": "train_loss", "gap (val − train)": "gap"}
-LIVE_STATUSES = ("queued", "running")
 
 
 # ---- data for the page (no widgets) --------------------------------------------------------------
-
-
-def _jobs_by_run() -> dict[str, JobSnapshot]:
-    """The runner's jobs keyed by run id (newest job wins), to show live status over the disk's."""
-    out: dict[str, JobSnapshot] = {}
-    for job in reversed(runner().list_jobs()):  # list_jobs is newest first: iterate oldest → newest
-        if job.run_id:
-            out[job.run_id] = job
-    return out
-
-
-def _live_summaries() -> list[RunSummary]:
-    """store().list() with the status of unfinished jobs laid over it.
-
-    A queued job's folder is empty until training starts; on disk alone it reads as broken.
-    """
-    jobs = _jobs_by_run()
-    out = []
-    for s in store().list():
-        job = jobs.get(s.id)
-        if job is not None and not job.finished:
-            s = dataclasses.replace(
-                s,
-                status=job.status,
-                message=job.message,
-                name=job.name,
-                broken_reason=None,
-                steps=max(s.steps, job.step),
-            )
-        elif job is not None and s.status in LIVE_STATUSES:
-            # The job ended but could not write its final status (a full disk): trust the runner.
-            s = dataclasses.replace(s, status=job.status, message=job.message)
-        out.append(s)
-    return out
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -82,19 +54,16 @@ def _metrics_cached(path: str, mtime: float) -> pd.DataFrame:  # mtime: re-read 
     return read_metrics(path)
 
 
-def _metrics(path: Path) -> pd.DataFrame | None:
+def _metrics(path: Path | None) -> pd.DataFrame | None:
+    if path is None:
+        return None
     try:
         return _metrics_cached(str(path), os.path.getmtime(path / "metrics.csv"))
     except (OSError, RunError):
         return None
 
 
-def _runs_frame(runs: list[RunSummary]) -> pd.DataFrame:
-    def gap(r: RunSummary) -> float | None:
-        if r.final_val_loss is None or r.final_train_loss is None:
-            return None
-        return r.final_val_loss - r.final_train_loss
-
+def _runs_frame(runs: list[RunState]) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "name": [r.name for r in runs],
@@ -105,13 +74,13 @@ def _runs_frame(runs: list[RunSummary]) -> pd.DataFrame:
             "best_val": [r.best_val_loss for r in runs],
             "final_train": [r.final_train_loss for r in runs],
             "final_val": [r.final_val_loss for r in runs],
-            "gap": [gap(r) for r in runs],
-            "steps": [r.steps for r in runs],
+            "gap": [r.gap for r in runs],
+            "steps": [r.step for r in runs],
             "max_iters": [r.max_iters for r in runs],
             "time": [r.elapsed_s for r in runs],
             "created": pd.to_datetime([r.created_at or None for r in runs], utc=True, errors="coerce"),
             "corpus": [r.corpus for r in runs],
-            "message": [r.broken_reason or r.message for r in runs],
+            "message": [r.error or r.message for r in runs],
             "id": [r.id for r in runs],
         }
     )
@@ -176,7 +145,7 @@ def _sync_overlay_from_table(ids: list[str]) -> None:
     st.session_state["runs_overlay"] = [ids[i] for i in rows if i < len(ids)]
 
 
-def all_runs_section(runs: list[RunSummary]) -> None:
+def all_runs_section(runs: list[RunState]) -> None:
     if not runs:
         st.info(
             "No runs yet. Train one on the **Train** page, press **Quick start** on Home, "
@@ -187,7 +156,7 @@ def all_runs_section(runs: list[RunSummary]) -> None:
     df = _runs_frame(runs)
     ids = df["id"].tolist()
     by_id = {r.id: r for r in runs}
-    n_broken = sum(r.status == "broken" for r in runs)
+    n_broken = sum(r.broken for r in runs)
     st.caption(
         f"{len(runs)} run(s) in `{store().root}`"
         + (f" · {n_broken} broken (see *message*)" if n_broken else "")
@@ -205,7 +174,7 @@ def all_runs_section(runs: list[RunSummary]) -> None:
     )
 
     st.subheader("Overlay curves")
-    comparable = [r.id for r in runs if r.broken_reason is None]
+    comparable = [r.id for r in runs if not r.broken]
     # Keep the multiselect's state valid when runs were deleted elsewhere (another tab, the CLI).
     st.session_state["runs_overlay"] = [i for i in st.session_state.get("runs_overlay", []) if i in comparable]
     chosen = st.multiselect(
@@ -266,12 +235,12 @@ def _unique(existing: dict, name: str) -> str:
     return f"{name} ({n})"
 
 
-def manage_run(run: RunSummary) -> None:
-    if run.broken_reason:
-        st.warning(f"Run **{run.name}** cannot be opened: {run.broken_reason}")
+def manage_run(run: RunState) -> None:
+    if run.broken:
+        st.warning(f"Run **{run.name}** cannot be opened: {run.error}")
     elif run.message:
         st.caption(f"{run.status}: {run.message}")
-    live = run.status in LIVE_STATUSES
+    live = run.active
     cols = st.columns(5)
 
     def _zip() -> bytes:
@@ -288,9 +257,9 @@ def manage_run(run: RunSummary) -> None:
         mime="application/zip",
         key="runs_zip",
         icon=":material/folder_zip:",
-        disabled=run.broken_reason is not None and not (run.path / "config.json").exists(),
+        disabled=run.path is None or (run.broken and not (run.path / "config.json").exists()),
     )
-    openable = run.broken_reason is None and (run.path / "model.safetensors").exists()
+    openable = run.has_weights
     links = [
         ("pages/train.py", "Open in Train", ":material/model_training:", True),
         ("pages/attention.py", "Attention", ":material/grid_on:", openable),
@@ -334,25 +303,9 @@ def _ablation_order(label: str) -> int:
     return -1 if label == BASELINE else ABLATION_REGISTRY.order(label)
 
 
-def _grid_members(runs: list[RunSummary], grid_id: str) -> list[dict]:
-    """Every run of one grid: label, run summary (if on disk), job (if this server runs it)."""
-    jobs = _jobs_by_run()
-    members: dict[str, dict] = {}
-    for r in runs:
-        parsed = parse_grid_name(r.name)
-        if parsed and parsed[0] == grid_id:
-            members[r.id] = {"label": parsed[1], "run": r, "job": jobs.get(r.id)}
-    for run_id, job in jobs.items():  # queued jobs may not be listed under their grid name yet
-        parsed = parse_grid_name(job.name)
-        if parsed and parsed[0] == grid_id and run_id not in members:
-            members[run_id] = {"label": parsed[1], "run": None, "job": job}
-    return sorted(members.values(), key=lambda m: (_ablation_order(m["label"]), m["label"]))
-
-
-def _known_grids(runs: list[RunSummary]) -> list[str]:
-    names = [r.name for r in runs] + [j.name for j in runner().list_jobs()]
-    grids = {p[0] for p in map(parse_grid_name, names) if p}
-    return sorted(grids, reverse=True)  # ids start with a UTC timestamp: newest first
+def _grid_members(runs: list[RunState], grid_id: str) -> list[RunState]:
+    """Every run of one grid (the core finds them), baseline first, then in the ablation list's order."""
+    return sorted(state.grid_members(runs, grid_id), key=lambda m: (_ablation_order(m.grid[1]), m.grid[1]))
 
 
 def launch_grid_form() -> None:
@@ -384,27 +337,21 @@ def launch_grid_form() -> None:
     launched = None
     with user_errors("Could not launch the grid: "):
         base = TrainSpec.from_preset(preset, f"builtin:{corpus}", max_iters=int(max_iters), seed=int(seed))
-        specs = grid_specs(base, labels)
-        for spec in specs:  # refuse the whole grid before queueing any of it
-            prepare(spec)  # settings, corpus and context checked; nothing is kept
-        job_ids = [runner().submit(spec) for spec in specs]
-        launched = (parse_grid_name(specs[0].name)[0], job_ids)
+        launched = state.launch_grid(runner(), base, labels)  # all of the grid or none of it
     if launched:
-        grid_id, job_ids = launched
-        snap = runner().snapshot(job_ids[0])
-        st.session_state["runs_grid"] = grid_id
-        st.query_params[GRID_PARAM] = grid_id
-        per_device = getattr(runner(), "max_jobs_per_device", 1)
+        st.session_state["runs_grid"] = launched.grid_id
+        st.query_params[GRID_PARAM] = launched.grid_id
+        how = f" ({launched.note})" if launched.note else ""
         st.session_state["runs_flash"] = (
-            f"Launched **{grid_id}**: {len(job_ids)} runs on {snap.device}. They queue and train "
-            f"{per_device} at a time on each device; the curves below update as they go."
+            f"Launched **{launched.grid_id}**: {len(launched.job_ids)} runs on {launched.device}. They queue "
+            f"and train in turn{how}; the curves below update as they go."
         )
         st.rerun()
 
 
-def grid_section(runs: list[RunSummary]) -> None:
+def grid_section(runs: list[RunState]) -> None:
     launch_grid_form()
-    grids = _known_grids(runs)
+    grids = state.known_grids(runs)
     if not grids:
         st.info("No grids yet. Pick a baseline and some ablations above and press **Launch grid**.")
         return
@@ -415,7 +362,7 @@ def grid_section(runs: list[RunSummary]) -> None:
     if grid_id != st.query_params.get(GRID_PARAM):
         st.query_params[GRID_PARAM] = grid_id
     st.session_state["runs_grid"] = grid_id
-    live = any(m["job"] is not None and not m["job"].finished for m in _grid_members(runs, grid_id))
+    live = any(m.active for m in _grid_members(runs, grid_id))
     grid_live_view(grid_id, live)
 
 
@@ -423,26 +370,23 @@ def grid_live_view(grid_id: str, live: bool) -> None:
     # run_every is fixed when the fragment is defined: poll only while some job of the grid is unfinished.
     @st.fragment(run_every=1.0 if live else None)
     def _view() -> None:
-        members = _grid_members(_live_summaries(), grid_id)
+        members = _grid_members(list_runs(), grid_id)
         rows, curves = [], {}
         for m in members:
-            job, run = m["job"], m["run"]
-            if job is not None and not job.finished:
-                metrics = job.metrics_frame()  # in memory: no disk reads while it trains
-                status, message = job.status, job.message
+            label = m.grid[1]
+            if m.active:  # the live job's metrics (in memory while it trains: no disk reads)
+                metrics = _live_metrics(m)
             else:
-                metrics = _metrics(run.path) if run is not None else None
-                status = run.status if run is not None else (job.status if job else "?")
-                message = (run.broken_reason or run.message) if run is not None else (job.message if job else "")
+                metrics = _metrics(m.path)
             stats = metrics_summary(metrics) if metrics is not None else {}
-            rows.append({"name": f"{grid_id}/{m['label']}", "status": status, **stats, "message": message})
+            rows.append({"name": f"{grid_id}/{label}", "status": m.status, **stats, "message": m.error or m.message})
             if metrics is not None and len(metrics):
-                curves[m["label"]] = with_gap(metrics)
+                curves[label] = with_gap(metrics)
 
-        still_live = any(r["status"] in LIVE_STATUSES for r in rows)
+        still_live = any(r["status"] in ACTIVE_STATUSES for r in rows)
         if live and not still_live:
             st.rerun()  # the grid finished: a full rerun stops this fragment's timer
-        done = sum(r["status"] not in LIVE_STATUSES for r in rows)
+        done = sum(r["status"] not in ACTIVE_STATUSES for r in rows)
         st.progress(done / max(1, len(rows)), text=f"{done} of {len(rows)} runs finished")
 
         c1, c2 = st.columns([2, 1])
@@ -479,7 +423,7 @@ def grid_live_view(grid_id: str, live: bool) -> None:
         )
         if not live:
             _chart_downloads(fig, "grid_overlay", grid_id)
-        unfinished = [m["job"].id for m in members if m["job"] is not None and not m["job"].finished]
+        unfinished = [m.job_id for m in members if m.can_stop]
         if unfinished and st.button(
             "Stop this grid",
             icon=":material/stop:",
@@ -488,10 +432,17 @@ def grid_live_view(grid_id: str, live: bool) -> None:
         ):
             with user_errors("Could not stop: "):
                 for job_id in reversed(unfinished):  # queued ones first, so none starts as another stops
-                    runner().cancel(job_id)
+                    runner().stop(job_id)
             st.rerun()
 
     _view()
+
+
+def _live_metrics(run: RunState) -> pd.DataFrame | None:
+    try:
+        return run_state(run.run_id, run.job_id).metrics
+    except TinyGPTError:
+        return None
 
 
 # ---- the page ------------------------------------------------------------------------------------
@@ -506,7 +457,7 @@ flash = st.session_state.pop("runs_flash", None)
 if flash:
     st.success(flash)
 
-runs = _live_summaries()
+runs = list_runs()
 tab_runs, tab_grid = st.tabs(["All runs", "Ablation grid"])
 with tab_runs:
     all_runs_section(runs)

@@ -1,7 +1,11 @@
-"""Browser-test fixtures: Debian's chromium for playwright, a real `streamlit run app.py` server,
-and a screenshot of the page when a browser test fails.
+"""Fixtures shared by the test modules.
 
-Only browser tests use these; AppTest files keep their own small fixtures.
+- Core: ``tiny_spec`` (a seconds-long TrainSpec), the ``store`` and ``runner`` fixtures (a run store
+  in tmp_path and a LocalJobRunner on it, one job per device, shut down after the test),
+  ``one_torch_thread`` (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)
+  and ``wait_until``.
+- Browser: Debian's chromium for playwright, a real `streamlit run app.py` server, and a screenshot
+  of the page when a browser test fails.
 """
 
 from __future__ import annotations
@@ -19,11 +23,74 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 SERVER_START_TIMEOUT_S = 90  # importing torch and streamlit on a 2-core machine takes a while
+
+
+# --- the core: tiny specs, a run store, a runner ------------------------------------------------------
+
+TINY_SETTINGS = dict(  # a tiny spec's training: seconds on one CPU thread
+    max_iters=12,
+    eval_interval=6,
+    eval_iters=1,
+    n_layer=1,
+    n_head=2,
+    n_embd=32,
+    block_size=16,
+    batch_size=4,
+    sample_tokens=8,
+    device="cpu",
+    warmup_iters=1,
+)
+
+
+def tiny_spec(**overrides):
+    """A TrainSpec of the tiny preset on builtin:tiny that trains in seconds; ``overrides`` as from_preset's."""
+    from tinygpt_core.training import TrainSpec
+
+    return TrainSpec.from_preset("tiny", "builtin:tiny", **{**TINY_SETTINGS, **overrides})
+
+
+def wait_until(predicate, timeout: float = 30.0, every_s: float = 0.02) -> None:
+    """Wait for ``predicate()`` to hold; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(every_s)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they make each op crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty run store in the test's tmp_path."""
+    from tinygpt_core.runs import RunStore
+
+    return RunStore(tmp_path / "runs")
+
+
+@pytest.fixture
+def runner(store):
+    """A LocalJobRunner on ``store`` running one job at a time per device; its jobs are stopped after the test."""
+    from tinygpt_core.jobs import LocalJobRunner
+
+    r = LocalJobRunner(store, max_jobs_per_device=1)
+    yield r
+    r.shutdown()
+
+
+# --- the browser ------------------------------------------------------------------------------------
 
 
 def _playwright_missing() -> str | None:

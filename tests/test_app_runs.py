@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import conftest
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -22,19 +23,9 @@ PAGE = "pages/runs.py"
 
 
 def small_spec(name: str, **overrides) -> TrainSpec:
-    settings = dict(
-        max_iters=20,
-        eval_interval=10,
-        eval_iters=2,
-        n_layer=1,
-        n_embd=32,
-        block_size=16,
-        batch_size=8,
-        sample_tokens=10,
-        device="cpu",
-        warmup_iters=2,
-    )
-    return TrainSpec.from_preset("tiny", "builtin:tiny", name=name, **{**settings, **overrides})
+    """tests/conftest.py's tiny spec: 20 steps, evals (and samples) at 10 and 20."""
+    settings = dict(max_iters=20, eval_interval=10, eval_iters=2, batch_size=8, sample_tokens=10, warmup_iters=2)
+    return conftest.tiny_spec(name=name, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,49 @@
-"""Device errors speak to both front ends: the app has no --flags, so the core never names one."""
+"""Devices and process set-up: torch threads set once, parameters counted without memory, and device errors
+that speak to both front ends (the app has no --flags, so the core never names one)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tinygpt_core import device
+from tinygpt_core.config import ModelConfig
 from tinygpt_core.device import resolve_device
 from tinygpt_core.errors import ConfigError
+from tinygpt_core.model import GPT, count_params
+
+
+@pytest.fixture
+def fresh_threads(monkeypatch):
+    """Forget any earlier configure_threads call, and put torch's thread count back afterwards."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(device, "_threads_configured", None)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_configure_threads_sets_once_and_keeps_the_first_value(fresh_threads, monkeypatch):
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "1")
+    assert device.configure_threads() == 1 and torch.get_num_threads() == 1
+    assert device.configure_threads(2) == 1 and torch.get_num_threads() == 1  # process-wide: set once
+
+
+def test_configure_threads_defaults_to_torchs_own(fresh_threads, monkeypatch):
+    monkeypatch.delenv("TINYGPT_NUM_THREADS", raising=False)
+    assert device.configure_threads() == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("raw", ["lots", "-1", "1.5"])
+def test_a_malformed_thread_count_is_a_config_error(fresh_threads, monkeypatch, raw):
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", raw)
+    with pytest.raises(ConfigError, match="TINYGPT_NUM_THREADS|threads"):
+        device.configure_threads()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_weights": False}, {"pos_encoding": "none", "bias": False}])
+def test_count_params_matches_a_built_model(overrides):
+    cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, **overrides)
+    assert count_params(cfg) == GPT(cfg).num_params()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

@@ -21,14 +21,7 @@ TEXT = "the quick brown fox jumps over the lazy dog.\nA <b>bold</b> & 'quoted' l
 TINY = dict(block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tensors this small gain nothing from threads, and on a busy 2-core machine thread hand-offs
-    # make each step 100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _trained_model(cfg: ModelConfig, seed: int, steps: int = 4) -> GPT:

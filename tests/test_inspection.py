@@ -22,13 +22,7 @@ from tinygpt_core.tokenizers import CharTokenizer
 TEXT = "the cat sat on the mat.\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: on a busy 2-core machine, intra-op threads cost far more than they save.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

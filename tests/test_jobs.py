@@ -6,60 +6,26 @@ import math
 import threading
 import time
 
+import conftest
 import pandas as pd
 import pytest
-import torch
+from conftest import wait_until
 
 from tinygpt_core import checkpoints, jobs, training
 from tinygpt_core.errors import ConfigError, DataError, JobError
 from tinygpt_core.jobs import LocalJobRunner
-from tinygpt_core.runs import RunStore, load_run
+from tinygpt_core.runs import load_run
 from tinygpt_core.training import TrainEvent, TrainResult, TrainSpec
+
+# This module's jobs run 20 steps with evals (and samples) at 10 and 20.
+JOB_SETTINGS = dict(max_iters=20, eval_interval=10, eval_iters=2, batch_size=8, sample_tokens=20, warmup_iters=2)
 
 
 def tiny_spec(**overrides) -> TrainSpec:
-    settings = dict(
-        max_iters=20,
-        eval_interval=10,
-        eval_iters=2,
-        n_layer=1,
-        n_embd=32,
-        block_size=16,
-        batch_size=8,
-        sample_tokens=20,
-        device="cpu",
-        warmup_iters=2,
-    )
-    settings.update(overrides)
-    return TrainSpec.from_preset("tiny", "builtin:tiny", **settings)
+    return conftest.tiny_spec(**{**JOB_SETTINGS, **overrides})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they make each op crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def store(tmp_path) -> RunStore:
-    return RunStore(tmp_path / "runs")
-
-
-@pytest.fixture
-def runner(store):
-    r = LocalJobRunner(store, max_jobs_per_device=1)
-    yield r
-    r.shutdown()
-
-
-def wait_until(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 class FakeTrainer:

@@ -20,13 +20,7 @@ from tinygpt_core.model import GPT, attention_mask, sinusoidal_table
 V, BLOCK, T = 13, 16, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: on a busy 2-core machine, intra-op threads cost far more than they save.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # Every ablation on its own, plus a few combinations.

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_spec
 
 from tinygpt_core import checkpoints, jobs, runs, training
 from tinygpt_core.cli import main
@@ -36,42 +37,7 @@ from tinygpt_core.training import TrainSpec, resume, train
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_spec(**overrides) -> TrainSpec:
-    settings = dict(
-        max_iters=12,
-        eval_interval=6,
-        eval_iters=1,
-        n_layer=1,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        batch_size=4,
-        sample_tokens=8,
-        device="cpu",
-        warmup_iters=1,
-    )
-    settings.update(overrides)
-    return TrainSpec.from_preset("tiny", "builtin:tiny", **settings)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def store(tmp_path) -> RunStore:
-    return RunStore(tmp_path / "runs")
-
-
-@pytest.fixture
-def runner(store):
-    r = LocalJobRunner(store, max_jobs_per_device=1)
-    yield r
-    r.shutdown()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py (also: tiny_spec, store, runner)
 
 
 def folder_digest(path: Path) -> dict[str, str]:

@@ -10,6 +10,7 @@ import os
 import threading
 from pathlib import Path
 
+import conftest
 import pytest
 import streamlit as st
 import torch
@@ -30,21 +31,8 @@ LIMIT_VARS = list(limits.DEFAULTS)
 
 
 def tiny_spec(**overrides) -> TrainSpec:
-    settings_ = dict(
-        max_iters=6,
-        eval_interval=3,
-        eval_iters=1,
-        n_layer=1,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        batch_size=4,
-        sample_tokens=0,
-        device="cpu",
-        warmup_iters=1,
-    )
-    settings_.update(overrides)
-    return TrainSpec.from_preset("tiny", "builtin:tiny", **settings_)
+    """tests/conftest.py's tiny spec, shorter and without samples."""
+    return conftest.tiny_spec(**{"max_iters": 6, "eval_interval": 3, "sample_tokens": 0, **overrides})
 
 
 @pytest.fixture(autouse=True)

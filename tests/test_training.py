@@ -19,14 +19,7 @@ from tinygpt_core.model import GPT, ModelOutput
 from tinygpt_core.runs import RunStore, load_run, read_metrics, read_samples, read_status
 from tinygpt_core.training import TrainSpec, estimate_step_time, lr_at, resume, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Models this small run faster on one thread, and the test machine is shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def spec(**train_overrides) -> TrainSpec:

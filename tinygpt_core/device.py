@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,34 @@ def _cpu_name() -> str:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     return os.uname().machine if hasattr(os, "uname") else "CPU"
+
+
+_threads_lock = threading.Lock()
+_threads_configured: int | None = None
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads once per process and return the number in use.
+
+    ``torch.set_num_threads`` is process-wide, so a server (the app) calls this once at start-up; later
+    calls return the number set the first time. ``threads`` (else $TINYGPT_NUM_THREADS, else torch's
+    default: the physical cores) must be a whole number >= 1."""
+    global _threads_configured
+    with _threads_lock:
+        if _threads_configured is not None:
+            return _threads_configured
+        if threads is None:
+            raw = os.environ.get("TINYGPT_NUM_THREADS", "").strip()
+            try:
+                threads = int(raw) if raw else 0
+            except ValueError:
+                raise ConfigError(f"TINYGPT_NUM_THREADS must be a whole number >= 1, got {raw!r}.") from None
+        if threads < 0:
+            raise ConfigError(f"The number of torch threads must be >= 1, got {threads}.")
+        threads = threads or torch.get_num_threads()
+        torch.set_num_threads(threads)
+        _threads_configured = threads
+        return threads
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

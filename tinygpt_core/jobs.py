@@ -1,19 +1,48 @@
-"""Background training jobs, shared by every browser session of one server process.
+"""Background training jobs: the runner interface, and the local runner that is the default.
 
-A page never trains in its own script run: it submits a ``TrainSpec`` to a ``JobRunner`` and polls
-``snapshot(job_id)``. ``LocalJobRunner`` runs each job on a daemon worker thread that calls
-``training.train`` with a callback feeding a lock-guarded progress record; a snapshot is a copy of
-that record, so a page can read it (and even mutate it) without racing the training thread. Jobs
-are bounded per device: beyond ``max_jobs_per_device`` they wait in a FIFO queue and start when a
-slot frees up.
+The runner interface
+--------------------
+A *runner* is where training jobs run. Every browser session of one server shares one runner (and
+the CLI may use one too); a page never trains in its own script run. ``JobRunner`` is the whole
+contract, five operations:
 
-``JobRunner`` is the small interface pages code against, so a backend that sends jobs to remote GPU
-workers can replace the local one later without touching a page.
+``submit(spec) -> job_id``
+    Validate a ``TrainSpec`` (ConfigError/DataError/JobError raised right here, before anything is
+    written or queued), then queue it or start it. The job's run folder in the store gets a run id
+    at once (``state(job_id).run_id``), but what the folder holds while the job waits is the
+    runner's business: a page must not expect it to be empty, or to exist yet.
+    ``submit_all(specs)`` submits several specs all or none (an ablation grid).
+``stop(job_id)``
+    Queued: dropped, status "stopped". Running: asked to stop; it saves a checkpoint and ends
+    within a step. (``cancel`` is the historical name of the same call.)
+``resume(run_id, max_iters=None) -> job_id``
+    Continue a stopped or interrupted run of the store from its last checkpoint, as a new job.
+``list() -> [JobSnapshot]``
+    Every job the runner still remembers, newest first (``list_jobs`` is the same call).
+``state(job_id) -> JobSnapshot``
+    A copy of one job's progress (``snapshot`` is the same call); ``find_by_run(run_id)`` finds
+    the newest job writing a run.
+
+A ``JobSnapshot`` is plain data (status, message, queue position, step, metric rows, samples,
+tokens/s, ETA), safe to keep and read from any thread. Jobs report through snapshots only: the
+runner writes their run folders (config, metrics, checkpoints, status) in the store as they go, and
+the store is what outlives a job. Nothing outside this module may depend on how a runner runs a job
+(a thread, a child process, a remote GPU worker): pages and the CLI see the run through
+``tinygpt_core.state`` (the disk and the runner's jobs merged) and drive jobs through the five
+calls above. Implementations may take extra keyword-only options (for example who owns a job).
+
+The local runner
+----------------
+``LocalJobRunner`` runs each job in this process, feeding a lock-guarded progress record from the
+training callback; a snapshot is a copy of that record, so a page can read it (and even mutate it)
+without racing the training thread. Jobs are bounded per device: beyond ``max_jobs_per_device``
+they wait in a FIFO queue and start when a slot frees up; at most ``max_queued_jobs`` wait.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import math
@@ -21,6 +50,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +58,13 @@ from typing import Any
 from . import limits, training
 from .device import resolve_device
 from .errors import JobError, RunError, TinyGPTError
-from .runs import RunStore, RunWriter, os_reason
+from .runs import FINISHED_STATUSES, METRIC_COLUMNS, RUN_STATUSES, RunStore, RunWriter, os_reason
 
 log = logging.getLogger(__name__)
 
-JOB_STATUSES = ("queued", "running", "done", "stopped", "diverged", "error")
-FINISHED_STATUSES = frozenset({"done", "stopped", "diverged", "error"})
-METRIC_COLUMNS = ("step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s")
+# The statuses a job can have: the run statuses (declared once, in runs) but "interrupted", which only
+# the disk reports for a run whose process died. FINISHED_STATUSES and METRIC_COLUMNS are runs' own.
+JOB_STATUSES = tuple(s for s in RUN_STATUSES if s != "interrupted")
 
 MAX_METRIC_ROWS = 5_000  # per job in memory; the full history is in the run's metrics.csv
 MAX_SAMPLES = 200  # most recent samples kept per job
@@ -83,7 +113,10 @@ class JobSnapshot:
 
 
 class JobRunner(ABC):
-    """Where training jobs run. Pages use only these methods."""
+    """Where training jobs run: submit, stop, resume, list, state (see the module docstring).
+
+    An implementation provides the abstract methods; ``stop``, ``list``, ``state``, ``submit_all``
+    and ``wait`` are built on them."""
 
     @abstractmethod
     def submit(self, spec: training.TrainSpec) -> str:
@@ -108,6 +141,40 @@ class JobRunner(ABC):
     @abstractmethod
     def list_jobs(self) -> list[JobSnapshot]:
         """Every job the runner remembers, newest first."""
+
+    # --- the interface's names for the calls above -------------------------------------------------
+
+    def stop(self, job_id: str) -> None:
+        """Stop a job (see ``cancel``)."""
+        self.cancel(job_id)
+
+    def state(self, job_id: str) -> JobSnapshot:
+        """One job's progress (see ``snapshot``)."""
+        return self.snapshot(job_id)
+
+    def list(self) -> list[JobSnapshot]:  # noqa: A003 - the interface's own word, like RunStore.list
+        """Every job the runner remembers, newest first (see ``list_jobs``)."""
+        return self.list_jobs()
+
+    def submit_all(self, specs: Sequence[training.TrainSpec], **options: Any) -> list[str]:
+        """Submit every spec or none: if one is refused, the ones already submitted are stopped and
+        the refusal (naming the spec) is raised. Returns the job ids in the order of ``specs``.
+        ``options`` (keyword-only extras of ``submit``) go to every submit."""
+        specs = list(specs)
+        job_ids: list[str] = []
+        try:
+            for spec in specs:
+                job_ids.append(self.submit(spec, **options))
+        except TinyGPTError as exc:
+            for job_id in reversed(job_ids):
+                with contextlib.suppress(TinyGPTError):
+                    self.cancel(job_id)
+            raise type(exc)(_refused(specs, len(job_ids), exc)) from None
+        return job_ids
+
+    def describe(self) -> str:
+        """One line on where and how many jobs run at once, for the user (e.g. after a grid launch)."""
+        return ""
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.05) -> JobSnapshot:
         """Block until the job has finished (or ``timeout`` seconds passed); returns its last snapshot."""
@@ -210,6 +277,35 @@ class LocalJobRunner(JobRunner):
             self._queues[device].append(job.id)
             self._start_ready(device)
         return job.id
+
+    def submit_all(self, specs: Sequence[training.TrainSpec], **options: Any) -> list[str]:
+        """All or none: every spec is validated and the queue's room checked before any is queued."""
+        specs = list(specs)
+        devices = set()
+        for i, spec in enumerate(specs):
+            try:
+                prepared = training.prepare(spec)  # settings, corpus, context and device, as in submit
+                limits.check_spec(prepared)
+                devices.add(prepared.device.type)
+            except TinyGPTError as exc:
+                raise type(exc)(_refused(specs, i, exc)) from None
+            del prepared
+        with self._lock:
+            waiting = sum(len(q) for q in self._queues.values())
+            running = sum(1 for j in self._jobs.values() if j.status == "running")
+        free = max(0, self.max_jobs_per_device * len(devices) - running)
+        must_wait = max(0, len(specs) - free)
+        if waiting + must_wait > self.max_queued_jobs:
+            raise JobError(
+                f"These {len(specs)} runs would have to wait for a free slot, and this server lets at most "
+                f"{self.max_queued_jobs} wait ({waiting} already do); nothing was launched. Choose fewer "
+                "runs, or try again when some have finished."
+            )
+        return super().submit_all(specs, **options)
+
+    def describe(self) -> str:
+        n = self.max_jobs_per_device
+        return f"{n} job{'s' if n != 1 else ''} at a time on each device of this server"
 
     def resume(self, run_id: str, max_iters: int | None = None) -> str:
         """Queue the continuation of a stopped or interrupted run from its last checkpoint; returns a job id.
@@ -488,6 +584,12 @@ def _eta(job: _Job) -> float | None:
         return None
     rate = (s1 - s0) / (t1 - t0)  # steps per second
     return max(0.0, (job.max_iters - job.step) / rate)
+
+
+def _refused(specs: Sequence[training.TrainSpec], index: int, exc: Exception) -> str:
+    """Why a batch was refused, naming the member: "Run 3 of 5 (grid-…/relu) was refused: …"."""
+    name = specs[index].name or f"#{index + 1}"
+    return f"Run {index + 1} of {len(specs)} ({name}) was refused, so none was launched: {exc}"
 
 
 def _default_message(status: str) -> str:

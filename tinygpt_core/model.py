@@ -253,3 +253,12 @@ class GPT(nn.Module):
         cfg = self.config
         T = T or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+def count_params(config: ModelConfig) -> int:
+    """The parameters a model of ``config`` has (tied weights once), counted without allocating them.
+
+    The model is built on torch's meta device, so even a large configuration is counted in milliseconds;
+    pages and the run store ask this instead of building a model (or importing torch) themselves."""
+    with torch.device("meta"):
+        return GPT(config).num_params()

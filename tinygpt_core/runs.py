@@ -43,10 +43,16 @@ from . import checkpoints, limits
 from .config import ModelConfig, TrainConfig
 from .errors import ConfigError, RunError, TokenizerError
 from .fileio import write_bytes_atomic
-from .model import GPT
+from .model import GPT, count_params
 
+# The statuses of a run, declared once for the whole lab (jobs, the run state and the pages import them).
+# A job is only ever queued, running or one of the first four finished ones; "interrupted" is what the
+# disk says of a run whose process ended without finishing it. A run folder that cannot be opened is
+# listed with the extra status BROKEN.
 RUN_STATUSES = ("queued", "running", "done", "stopped", "diverged", "error", "interrupted")
+ACTIVE_STATUSES = ("queued", "running")
 FINISHED_STATUSES = ("done", "stopped", "diverged", "error", "interrupted")
+BROKEN = "broken"
 RUN_CONFIG_VERSION = 1
 METRIC_COLUMNS = ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
 HEARTBEAT_TIMEOUT_S = 120.0  # a "running" run whose status was not refreshed for this long is dead
@@ -615,13 +621,13 @@ class RunStore:
             elapsed_s=None,
             broken_reason=None,
         )
-        in_progress = status.status in ("queued", "running")
+        in_progress = status.status in ACTIVE_STATUSES
         try:
             cfg = read_config(path)
         except RunError as e:
             if in_progress and not (path / "config.json").exists():
                 return RunSummary(**empty)  # a job that has not written its config yet
-            return RunSummary(**{**empty, "status": "broken", "message": str(e), "broken_reason": str(e)})
+            return RunSummary(**{**empty, "status": BROKEN, "message": str(e), "broken_reason": str(e)})
         info = dict(
             empty,
             name=cfg.name or path.name,
@@ -648,8 +654,7 @@ class RunStore:
             info["params"] = checkpoints.param_count(weights)
         if info["params"] is None:
             try:
-                with torch.device("meta"):  # count without allocating memory
-                    info["params"] = GPT(cfg.model).num_params()
+                info["params"] = count_params(cfg.model)
             except Exception:  # noqa: BLE001 - only an informative column
                 pass
         if m is not None and len(m):
@@ -664,7 +669,7 @@ class RunStore:
             tr = m["train_loss"].dropna()
             info["final_train_loss"] = float(tr.iloc[-1]) if len(tr) else None
         if reason:
-            info.update(status="broken", message=reason, broken_reason=reason)
+            info.update(status=BROKEN, message=reason, broken_reason=reason)
         return RunSummary(**info)
 
 
@@ -690,6 +695,9 @@ def utc_now_iso() -> str:
 
 __all__ = [
     "RUN_STATUSES",
+    "ACTIVE_STATUSES",
+    "FINISHED_STATUSES",
+    "BROKEN",
     "METRIC_COLUMNS",
     "RunConfig",
     "RunStatus",

@@ -29,11 +29,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .config import TOKENIZER_KINDS  # declared once, with the other config choices
 from .errors import TokenizerError
 from .fileio import write_text_atomic
 
 DEFAULT_SPECIAL_TOKENS = ("<user>", "<assistant>", "<system>")
-TOKENIZER_KINDS = ("char", "word", "bpe")
 FORMAT_VERSION = 1
 
 DEFAULT_BPE_VOCAB_SIZE = 512

@@ -1,0 +1,230 @@
+"""The Train page's run view: one run, live while it trains (polled by fragments) and its outcome
+once it has ended (not a page: the underscore keeps it out of navigation).
+
+Everything shown comes from the core's run state (``tinygpt_core.state``: the disk and the runner's
+job merged); this module only renders it.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from pages._common import (
+    RUN_PARAM,
+    format_count,
+    format_duration,
+    format_loss,
+    read_only,
+    remember_job,
+    remember_run,
+    run_state,
+    runner,
+    user_errors,
+)
+from pages._train_form import K
+from tinygpt_core import viz
+from tinygpt_core.errors import TinyGPTError
+from tinygpt_core.state import RunState
+
+POLL_S = 0.5  # status refresh while a job is queued or running
+CHART_POLL_S = 1.0  # the chart remounts on every refresh (zoom resets), so a little slower
+SHOWN_SAMPLES = 3  # newest samples shown in full; older ones go in an expander
+
+
+def load_view(job_id: str | None, run_id: str | None) -> RunState | None:
+    """The run to show, from the core (live job and disk merged); None, with the reason, when unknown."""
+    try:
+        return run_state(run_id, job_id)
+    except TinyGPTError as exc:
+        if run_id:
+            st.error(f"Cannot open run {run_id!r}: {exc}")
+        return None
+
+
+def _last(df: pd.DataFrame | None, col: str) -> float | None:
+    if df is None or df.empty or col not in df:
+        return None
+    s = df[col].dropna()
+    return float(s.iloc[-1]) if len(s) else None
+
+
+def run_view(job_id: str | None, run_id: str | None) -> None:
+    view = load_view(job_id, run_id)
+    top = st.columns([5, 1], vertical_alignment="bottom")
+    with top[1]:
+        if st.button("New run", icon=":material/add:", key=K + "new", width="stretch"):
+            remember_job(None)
+            if RUN_PARAM in st.query_params:
+                del st.query_params[RUN_PARAM]
+            st.rerun()
+    if view is None:
+        top[0].title("Train")
+        st.warning("This run is not known here (it may have been deleted). Press **New run** to start one.")
+        return
+    top[0].title(view.name)
+    if view.job_id and view.job_id != job_id:
+        remember_job(view.job_id)  # found by run id (a reload or a second tab): keep watching that job
+
+    started_active = view.active
+
+    @st.fragment(run_every=POLL_S if started_active else None)
+    def status_panel() -> None:
+        v = load_view(view.job_id, view.run_id) or view
+        if started_active and not v.active:
+            st.rerun()  # it just ended: redraw the whole page once, without the timers
+        _status(v)
+
+    status_panel()
+
+    opts = st.columns([1, 1, 1, 3])
+    follow = opts[0].toggle(
+        "Follow live",
+        value=True,
+        key=K + "follow",
+        disabled=not started_active,
+        help="Redraws the chart as it trains (which resets zoom). Turn off to zoom in.",
+    )
+    ppl = opts[1].toggle("Perplexity", key=K + "ppl", help="Show exp(loss): the effective number of choices.")
+    log_y = opts[2].toggle("Log scale", key=K + "logy")
+
+    @st.fragment(run_every=CHART_POLL_S if started_active and follow else None)
+    def chart_panel() -> None:
+        v = (load_view(view.job_id, view.run_id) or view) if (started_active and follow) else view
+        chart_col, sample_col = st.columns([3, 2], gap="large")
+        with chart_col:
+            _chart(v, ppl, log_y)
+            if started_active and not follow:
+                st.caption("Chart paused: turn on *Follow live* to see new steps.")
+        with sample_col:
+            _samples(v)
+
+    chart_panel()
+
+
+def _status(v: RunState) -> None:
+    if v.status == "queued":
+        st.info(v.message or "Queued: waiting for a free slot.", icon=":material/hourglass_top:")
+    elif v.status == "running":
+        frac = min(1.0, v.step / v.max_iters) if v.max_iters else 0.0
+        of = f" / {v.max_iters:,}" if v.max_iters else ""
+        st.progress(frac, text=f"Step {v.step:,}{of} · {v.message}")
+    elif v.status == "done":
+        at = f" (step {v.best_step:,})" if v.best_step is not None else ""
+        st.success(
+            f"**Done**: best validation loss {format_loss(v.best_val_loss)}{at}. {v.message}".strip(),
+            icon=":material/check_circle:",
+        )
+    elif v.status == "stopped":
+        st.info(f"Stopped. {v.message}".strip(), icon=":material/stop_circle:")
+    elif v.status in ("diverged", "error", "broken"):
+        st.error(f"{v.status.capitalize()}: {v.message or 'no message'}")
+    elif v.status == "interrupted":
+        st.warning(
+            f"Interrupted: {v.message or 'the process training it ended.'} "
+            "Resume it from its last checkpoint, or start a new run."
+        )
+    else:
+        st.info(f"{v.status}: {v.message}")
+
+    m = st.columns(6)
+    m[0].metric("Step", f"{v.step:,}" + (f" / {v.max_iters:,}" if v.max_iters else ""))
+    m[1].metric("Train loss", format_loss(_last(v.metrics, "train_loss")))
+    m[2].metric("Val loss", format_loss(_last(v.metrics, "val_loss")))
+    m[3].metric(
+        "Best val", format_loss(v.best_val_loss), help=f"at step {v.best_step}" if v.best_step is not None else None
+    )
+    m[4].metric("Tokens/s", format_count(v.tokens_per_s))
+    if v.active:
+        m[5].metric("ETA", format_duration(v.eta_s), help=f"Elapsed {format_duration(v.elapsed_s)}")
+    else:
+        m[5].metric("Time", format_duration(v.elapsed_s))
+    facts = [
+        f"{format_count(v.params)} parameters" if v.params else None,
+        f"on {v.device}" if v.device else None,
+        f"run `{v.run_id}`",
+    ]
+    st.caption(" · ".join(x for x in facts if x))
+
+    if v.active:
+        if v.can_stop:
+            if st.button("Stop", icon=":material/stop:", key=K + "stop", type="secondary"):
+                with user_errors("Cannot stop: "):
+                    runner().stop(v.job_id)
+                st.toast("Stopping after the current step…")
+        else:
+            st.caption("This run is being trained by another process; stop it there.")
+    else:
+        _resume_button(v)
+        _links(v)
+
+
+def _resume_button(v: RunState) -> None:
+    """A stopped or interrupted run continues from its last checkpoint, in a background job like any run."""
+    if not v.can_resume or read_only():
+        return
+    if st.button(
+        "Resume",
+        icon=":material/play_arrow:",
+        key=K + "resume",
+        type="primary",
+        help="Continue from the last checkpoint (weights, optimizer and data order), up to its max_iters.",
+    ):
+        job_id = None
+        with user_errors("Cannot resume: "):
+            job_id = runner().resume(v.run_id)
+        if job_id is not None:
+            remember_job(job_id)
+            remember_run(v.run_id)
+            st.rerun()
+
+
+def _links(v: RunState) -> None:
+    cols = st.columns(4)
+    if v.has_weights:
+        with cols[0]:
+            st.page_link(
+                "pages/attention.py",
+                label="Open in Attention",
+                icon=":material/grid_on:",
+                query_params={RUN_PARAM: v.run_id},
+            )
+        with cols[1]:
+            st.page_link(
+                "pages/sampling.py",
+                label="Sample from it",
+                icon=":material/casino:",
+                query_params={RUN_PARAM: v.run_id},
+            )
+    with cols[2]:
+        st.page_link(
+            "pages/runs.py",
+            label="Compare in Runs",
+            icon=":material/stacked_line_chart:",
+            query_params={RUN_PARAM: v.run_id},
+        )
+
+
+def _chart(v: RunState, perplexity: bool, log_y: bool) -> None:
+    # An empty frame draws an empty chart with a note (viz handles it), so the layout does not jump.
+    fig = viz.loss_figure(v.metrics, perplexity=perplexity, log_y=log_y)
+    st.plotly_chart(fig, key=K + "loss_chart", width="stretch")
+
+
+def _samples(v: RunState) -> None:
+    st.markdown("**What it writes** (a sample at each evaluation, newest first)")
+    if not v.samples:
+        st.caption("No samples yet: the first one comes with the first evaluation.")
+        return
+    newest = sorted(v.samples, key=lambda s: s["step"], reverse=True)
+    for s in newest[:SHOWN_SAMPLES]:
+        st.caption(f"step {s['step']:,}")
+        st.code(s["text"], language=None, wrap_lines=True)
+    if len(newest) > SHOWN_SAMPLES:
+        with st.expander(f"{len(newest) - SHOWN_SAMPLES} older samples"):
+            for s in newest[SHOWN_SAMPLES:20]:
+                st.caption(f"step {s['step']:,}")
+                st.code(s["text"], language=None, wrap_lines=True)
+
+
+# --- page ------------------------------------------------------------------------------------------

@@ -1,0 +1,347 @@
+"""The Train page's setup view: corpus, tokenizer, preset or sizes, ablations, training settings,
+estimates and Start (not a page: the underscore keeps it out of navigation).
+
+The form's values and the specs they stand for are in ``pages._train_form``; the job runs in the
+core's runner, never in this script.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import streamlit as st
+
+from pages._ablation_widgets import ablation_toggles
+from pages._common import (
+    JOB_PARAM,
+    RUN_PARAM,
+    active_runs,
+    format_count,
+    format_duration,
+    read_only_notice,
+    remember_job,
+    remember_run,
+    runner,
+    user_errors,
+)
+from pages._train_form import (
+    LAST_FORM,
+    SOURCES,
+    K,
+    apply_preset,
+    build_spec,
+    form_values,
+    init_form,
+    model_overrides,
+    param_count,
+    train_overrides,
+)
+from tinygpt_core import limits
+from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora
+from tinygpt_core.errors import TinyGPTError
+from tinygpt_core.training import TrainSpec, estimate_step_time
+
+TOKENIZER_HELP = {
+    "char": "one token per character: tiny vocabulary, long sequences",
+    "word": "one token per word or punctuation mark: large vocabulary",
+    "bpe": "byte-level BPE: merges frequent byte pairs up to the vocabulary size",
+}
+ESTIMATES = "trainpage_estimates"  # measured seconds per step, by configuration
+
+
+def corpus_from_upload(uploaded) -> Corpus | None:
+    """Decode an uploaded file (size cap, UTF-8 check); st.error and None when it cannot be used."""
+    if uploaded is None:
+        return None
+    try:
+        return corpus_from_bytes(uploaded.name, uploaded.getvalue(), max_bytes=limits.current().max_upload_bytes)
+    except TinyGPTError as exc:
+        st.error(str(exc))
+        return None
+
+
+def setup_view() -> None:
+    init_form()
+    st.title("Train a tiny GPT")
+    _active_jobs_banner()
+    if read_only_notice("Training is turned off here."):
+        return
+
+    corpus_col, model_col = st.columns(2, gap="large")
+    with corpus_col:
+        corpus = _corpus_section()
+        _tokenizer_section()
+    with model_col:
+        _model_section()
+    _ablation_section()
+    _training_section()
+
+    f = form_values()
+    model_cfg, train_cfg = _check_configs(f)
+    _estimates(f, model_cfg, train_cfg, corpus)
+
+    ready = model_cfg is not None and train_cfg is not None and corpus is not None
+    name_col, start_col = st.columns([3, 1], vertical_alignment="bottom")
+    name_col.text_input(
+        "Run name (optional)",
+        key=K + "name",
+        max_chars=60,
+        placeholder="e.g. no-layernorm-test",
+        help="Shown in the runs list; the run folder gets this name plus the date and time.",
+    )
+    clicked = start_col.button(
+        "Start training",
+        type="primary",
+        icon=":material/play_arrow:",
+        key=K + "start",
+        disabled=not ready,
+        width="stretch",
+    )
+    if clicked:
+        _start(f, corpus)
+    elif corpus is None:
+        st.caption("Pick a corpus above to start.")
+
+
+def _active_jobs_banner() -> None:
+    """Runs training right now on this server (from any browser session), each with a link to watch it."""
+    try:
+        active = active_runs()
+    except TinyGPTError:
+        return
+    for r in active[:5]:
+        with st.container(border=True):
+            c1, c2 = st.columns([4, 1], vertical_alignment="center")
+            what = r.message if r.status == "queued" else f"step {r.step}/{r.max_iters}"
+            c1.markdown(f":material/progress_activity: **{r.name}** is {r.status} on {r.device} · {what}")
+            c2.page_link(
+                "pages/train.py",
+                label="Watch",
+                icon=":material/visibility:",
+                query_params={RUN_PARAM: r.run_id, JOB_PARAM: r.job_id},
+            )
+
+
+def _corpus_section() -> Corpus | str | None:
+    """The corpus to train on: "builtin:NAME", a server path, an uploaded Corpus; None when not usable."""
+    st.subheader("Corpus")
+    source = st.radio("Source", SOURCES, key=K + "source", horizontal=True, label_visibility="collapsed")
+    if source == SOURCES[0]:
+        builtins = dict(list_builtin_corpora())
+        if st.session_state.get(K + "builtin") not in builtins:
+            st.session_state[K + "builtin"] = next(iter(builtins))
+        name = st.selectbox("Built-in corpus", list(builtins), key=K + "builtin", format_func=lambda n: f"builtin:{n}")
+        st.caption(builtins[name])
+        return f"builtin:{name}"
+    if source == SOURCES[1]:
+        mb = limits.current().max_upload_mb  # TINYGPT_MAX_UPLOAD_MB; checked again on the bytes received
+        uploaded = st.file_uploader(
+            f"A UTF-8 text file (up to {mb} MB)", type=["txt"], key=K + "upload", max_upload_size=mb
+        )
+        corpus = corpus_from_upload(uploaded)
+        if corpus is not None:
+            st.caption(f"{corpus.name}: {corpus.chars:,} characters.")
+        return corpus
+    path = st.text_input("Path of a UTF-8 text file on the server", key=K + "path", placeholder="/data/my_corpus.txt")
+    if not path.strip():
+        return None
+    return path.strip()
+
+
+def _tokenizer_section() -> None:
+    st.subheader("Tokenizer")
+    kind = st.radio(
+        "Tokenizer", list(TOKENIZER_HELP), key=K + "tokenizer", horizontal=True, label_visibility="collapsed"
+    )
+    st.caption(TOKENIZER_HELP[kind])
+    if kind in ("bpe", "word"):
+        st.number_input(
+            "Vocabulary size",
+            min_value=16,
+            max_value=50_000,
+            step=64,
+            key=K + "vocab",
+            help="BPE: the target size after merges. Word: the most frequent words kept "
+            "(the rest share one unknown token).",
+        )
+
+
+def _model_section() -> None:
+    st.subheader("Model")
+    preset = st.selectbox(
+        "Preset",
+        list(PRESETS),
+        key=K + "preset",
+        on_change=apply_preset,
+        help="Picking a preset fills in every setting below; change any of them after.",
+    )
+    st.caption(PRESETS[preset].description)
+    c = st.columns(3)
+    c[0].number_input("Layers", 1, 48, step=1, key=K + "n_layer", help="Transformer blocks (n_layer).")
+    c[1].number_input(
+        "Heads", 1, 64, step=1, key=K + "n_head", help="Attention heads per block; must divide the width."
+    )
+    c[2].number_input("Width", 8, 4096, step=8, key=K + "n_embd", help="Residual stream width (n_embd).")
+    c = st.columns(3)
+    c[0].number_input(
+        "Context",
+        2,
+        8192,
+        step=8,
+        key=K + "block_size",
+        help="Block size: the longest context the model sees, in tokens.",
+    )
+    c[1].number_input("MLP multiplier", 1, 16, step=1, key=K + "ff_mult", help="MLP hidden width = this × width.")
+    c[2].number_input("Dropout", 0.0, 0.9, step=0.05, key=K + "dropout", format="%.2f")
+
+
+def _ablation_section() -> None:
+    with st.expander("Ablations: switch parts of the architecture off", icon=":material/science:"):
+        ablation_toggles(K)
+
+
+def _training_section() -> None:
+    with st.expander("Training settings", icon=":material/tune:", expanded=True):
+        c = st.columns(4)
+        c[0].number_input("Steps (max_iters)", 1, 1_000_000, step=50, key=K + "max_iters")
+        c[1].number_input("Batch size", 1, 4096, step=4, key=K + "batch_size")
+        c[2].number_input(
+            "Learning rate",
+            1e-6,
+            1.0,
+            step=1e-4,
+            format="%.1e",
+            key=K + "lr",
+            help="Peak learning rate, after warm-up; cosine decay to a tenth of it.",
+        )
+        c[3].number_input(
+            "Eval every (steps)",
+            1,
+            1_000_000,
+            step=25,
+            key=K + "eval_interval",
+            help="Estimate train and val loss and write a sample every this many steps.",
+        )
+        c = st.columns(4)
+        c[0].number_input("Seed", 0, 2**31 - 1, step=1, key=K + "seed")
+        c[1].number_input(
+            "Early-stop patience (0 = off)",
+            0,
+            10_000,
+            step=1,
+            key=K + "patience",
+            help="Stop after this many evals without a better validation loss.",
+        )
+        c[2].number_input("Stop at val loss (0 = off)", 0.0, 100.0, step=0.1, format="%.3f", key=K + "stop_val")
+        c[3].number_input(
+            "Grad clip (0 = off)",
+            0.0,
+            100.0,
+            step=0.5,
+            format="%.2f",
+            key=K + "grad_clip",
+            help="Clips the gradient norm; protects against sudden jumps in the loss.",
+        )
+        c = st.columns(4)
+        c[0].number_input("Warm-up steps", 0, 1_000_000, step=10, key=K + "warmup")
+        c[1].selectbox(
+            "Device",
+            ["auto", "cpu", "cuda", "mps"],
+            key=K + "device",
+            help="auto: the GPU when there is one, else the CPU.",
+        )
+        c[2].selectbox(
+            "Precision",
+            ["auto", "fp32", "bf16"],
+            key=K + "precision",
+            help="auto: bf16 on GPUs that support it, else fp32.",
+        )
+        with c[3]:
+            st.toggle(
+                "torch.compile",
+                key=K + "compile",
+                help="Compiles the model first: faster steps on a GPU after a slow start.",
+            )
+
+
+def _check_configs(f: dict[str, Any]) -> tuple[ModelConfig | None, TrainConfig | None]:
+    """Validate the sizes and settings as they are typed, so mistakes show before Start."""
+    model_cfg = train_cfg = None
+    try:
+        cfg = get_preset(f["preset"]).model_config(**model_overrides(f)).validate()
+        # The server's TINYGPT_MAX_PARAMS, on the vocabulary the form asks for (the runner checks the real one).
+        vocab = int(f["vocab"]) if f["tokenizer"] in ("bpe", "word") else cfg.vocab_size
+        limits.check_params(param_count(cfg, vocab))
+        model_cfg = cfg
+    except TinyGPTError as exc:
+        st.error(f"Model: {exc}")
+    try:
+        cfg = get_preset(f["preset"]).train_config(**train_overrides(f)).validate()
+        limits.check_max_iters(cfg.max_iters)  # TINYGPT_MAX_ITERS
+        train_cfg = cfg
+    except TinyGPTError as exc:
+        st.error(f"Training: {exc}")
+    return model_cfg, train_cfg
+
+
+def _estimates(
+    f: dict[str, Any], model_cfg: ModelConfig | None, train_cfg: TrainConfig | None, corpus: Corpus | str | None
+) -> None:
+    if model_cfg is None or train_cfg is None:
+        return
+    vocab = int(f["vocab"]) if f["tokenizer"] in ("bpe", "word") else model_cfg.vocab_size
+    approx = "≈ " if f["tokenizer"] == "char" else "≤ "  # char: the vocabulary is the corpus's own characters
+    sized = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": vocab})
+    params = param_count(sized)
+    c1, c2, c3 = st.columns([1, 1, 2], vertical_alignment="center")
+    c1.metric(
+        "Parameters",
+        f"{approx}{format_count(params)}",
+        help="Counted on a model built without memory; the exact vocabulary comes from the tokenizer.",
+    )
+    key = json.dumps([sized.to_dict(), train_cfg.to_dict()], sort_keys=True)
+    est = st.session_state.get(ESTIMATES, {})
+    if c3.button(
+        "Estimate time",
+        icon=":material/timer:",
+        key=K + "estimate",
+        help="Runs a few training steps on random data with these settings.",
+    ):
+        with st.spinner("Timing a few steps…"), user_errors("Cannot estimate: "):
+            spec = TrainSpec(
+                corpus="builtin:tiny",
+                model=sized,
+                train=train_cfg,
+                tokenizer=f["tokenizer"],
+                tokenizer_vocab_size=int(f["vocab"]) if f["tokenizer"] != "char" else None,
+            )
+            est = {key: estimate_step_time(spec, device=train_cfg.device)}
+            st.session_state[ESTIMATES] = est
+    if key in est:
+        per_step = est[key]
+        c2.metric(
+            "Time",
+            f"{per_step * 1000:.0f} ms/step",
+            help=f"About {format_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters} steps, "
+            "plus evaluation.",
+        )
+        c3.caption(
+            f"≈ {format_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters:,} steps (plus evals)."
+        )
+    else:
+        c2.metric("Time", "–", help="Press Estimate time.")
+
+
+def _start(f: dict[str, Any], corpus: Corpus | str) -> None:
+    """Submit the job (the runner validates first: a bad spec writes nothing) and switch to its view."""
+    job_id = None
+    with st.spinner("Checking the corpus and settings…"), user_errors("Cannot start: "):
+        job_id = runner().submit(build_spec(f, corpus))
+    if job_id is None:
+        return
+    st.session_state[LAST_FORM] = {k: v for k, v in f.items() if k not in ("source", "path", "name")}
+    remember_job(job_id)
+    remember_run(runner().state(job_id).run_id)
+    st.rerun()
