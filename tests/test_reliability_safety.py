@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -371,9 +372,7 @@ TOKENIZER_ATTACKS = {
 @pytest.mark.parametrize("attack", list(TOKENIZER_ATTACKS))
 def test_a_tokenizer_json_with_unexpected_content_is_refused_with_a_message(trained, tmp_path, capsys, attack):
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for f in trained.iterdir():
-        (run_dir / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(trained, run_dir)
     original = json.loads((trained / "tokenizer.json").read_text())
     if attack == "NaN constant":
         (run_dir / "tokenizer.json").write_text('{"kind": "char", "version": NaN}')
