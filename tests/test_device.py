@@ -59,3 +59,13 @@ def test_unknown_device_lists_the_choices():
     with pytest.raises(ConfigError, match="auto, cpu, cuda or mps"):
         resolve_device("tpu")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "cap, capped", [("AVX2", True), ("avx512_core", True), ("AVX512_CORE_AMX", False), ("", False)]
+)
+def test_a_onednn_isa_cap_below_bf16_means_no_native_bf16(monkeypatch, cap, capped):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # the hardware has it…
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert device.cpu_has_native_bf16() is (not capped)  # …but oneDNN may be told not to use it
+    assert device.resolve_precision("auto", torch.device("cpu")) == ("fp32" if capped else "bf16")

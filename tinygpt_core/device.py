@@ -29,12 +29,35 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# oneDNN ISA names (ONEDNN_MAX_CPU_ISA values) at or above the first one with bf16 dot products.
+_ONEDNN_ISAS_WITH_BF16 = frozenset(
+    {
+        "ALL",
+        "DEFAULT",
+        "AVX512_CORE_BF16",
+        "AVX512_CORE_FP16",
+        "AVX512_CORE_AMX",
+        "AVX512_CORE_AMX_FP16",
+        "AVX10_1_512",
+        "AVX10_1_512_AMX",
+        "AVX10_1_512_AMX_FP16",
+        "AVX10_2_512",
+        "AVX10_2_512_AMX_2",
+    }
+)
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU multiplies bf16 matrices in hardware (AMX or AVX-512 BF16).
 
     There oneDNN runs bf16 matmuls several times faster than fp32 (about 6x measured on a 2-core
     Xeon with AMX); elsewhere bf16 is emulated and slower than fp32, so it is never picked by auto.
     """
+    # oneDNN can be capped below the CPU's own ISA (ONEDNN_MAX_CPU_ISA=AVX2 makes an AMX machine behave
+    # like an AVX2-only one, bf16 emulated): torch's probes still see the hardware, so read the cap too.
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap and cap not in _ONEDNN_ISAS_WITH_BF16:
+        return False
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         fn = getattr(torch.cpu, probe, None)
         if fn is not None:

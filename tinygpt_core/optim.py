@@ -1,7 +1,7 @@
 """Optimizer set-up and the learning-rate schedule of a training run.
 
 ``build_optimizer`` gives AdamW (weight decay on matrices only; fused kernels on CUDA and CPU) or, with
-``optimizer="muon"``, Muon on the blocks' 2-D hidden matrices plus AdamW on everything else, behind
+``optimizer="muon"``, Muon (``muon.py``) on the blocks' 2-D hidden matrices plus AdamW on everything else, behind
 one ``OptimizerSet`` that steps, zeroes and (de)serialises them together. ``lr_at`` is the schedule:
 linear warm-up, then cosine decay to ``min_lr`` at ``max_iters`` (or constant).
 """
@@ -15,6 +15,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import RunError
+from .muon import Muon
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -78,8 +79,9 @@ def build_optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> Optim
         {"params": [p for p in g["params"] if id(p) not in hidden_ids], "weight_decay": g["weight_decay"]}
         for g in model.optimizer_groups(cfg.weight_decay)
     ]
-    # "match_rms_adamw" scales Muon's update to AdamW's RMS so the same lr and decay carry over.
-    muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    # Our Muon: torch's maths (RMS matched to AdamW, so the same lr and decay carry over), with its
+    # Newton–Schulz in the precision this hardware runs natively and same-shape matrices batched.
+    muon = Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return OptimizerSet([muon, torch.optim.AdamW([g for g in groups if g["params"]], **adam_kw)])
 
 
