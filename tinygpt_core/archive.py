@@ -15,6 +15,8 @@ from .errors import RunError
 
 # Atomic writes go through a temp file in the same folder; one may exist mid-write.
 _TMP_SUFFIXES = (".tmp", ".partial")
+# Who owns the run on this server (owners.py) is not part of the run: a download carries no owner.
+_LEFT_OUT = frozenset({"owner.json"})
 # Fixed timestamp so the same run folder always zips to the same bytes.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -34,7 +36,11 @@ def zip_run(run_dir: str | Path, max_bytes: int | None = 2 * 1024**3) -> bytes:
     files = sorted(
         p
         for p in run_dir.iterdir()
-        if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and not p.name.endswith(_TMP_SUFFIXES)
+        if p.is_file()
+        and not p.is_symlink()
+        and not p.name.startswith(".")
+        and not p.name.endswith(_TMP_SUFFIXES)
+        and p.name not in _LEFT_OUT
     )
     total = sum(p.stat().st_size for p in files)
     if max_bytes is not None and total > max_bytes:

@@ -1,0 +1,371 @@
+"""Serving the lab to untrusted visitors, tried as an attacker would (issue 11).
+
+- Server paths: off unless the operator lists folders (TINYGPT_CORPUS_DIRS); traversal, symlinks out
+  of an allowed folder, NUL bytes, relative tricks and a link swapped in after the check are refused
+  with a message that names no other file. The CLI still reads any path.
+- Ownership: owners.can_manage is the one rule; the runner records the owner, applies the
+  per-visitor cap (TINYGPT_MAX_JOBS_PER_VISITOR) and reads a visitor's path corpus only through
+  the visitor check.
+- Decoding: the per-request bounds (TINYGPT_MAX_NEW_TOKENS, TINYGPT_MAX_BEAMS, TINYGPT_MAX_DECODE_WORK).
+- Run ids in URLs and archive names cannot leave the run store.
+
+The browser half (the same attacks through the real pages) is at the end, marked ``browser``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from tinygpt_core import limits, owners, training
+from tinygpt_core.archive import zip_run
+from tinygpt_core.data import load_corpus, load_visitor_corpus, resolve_visitor_corpus
+from tinygpt_core.errors import ConfigError, DataError, JobError, RunError
+from tinygpt_core.jobs import LocalJobRunner
+from tinygpt_core.runs import RunStore
+from tinygpt_core.sampling import SamplingSettings
+from tinygpt_core.training import TrainResult, TrainSpec
+
+SECRET = "vault code 4417-XK"
+SERVING_VARS = [
+    "TINYGPT_CORPUS_DIRS",
+    "TINYGPT_ADMIN_PASSWORD",
+    *limits.DEFAULTS,
+]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in SERVING_VARS:
+        monkeypatch.delenv(name, raising=False)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """An allowed folder with one corpus, a secret outside it, and links that try to lead out."""
+    allowed = tmp_path / "corpora"
+    allowed.mkdir()
+    (allowed / "notes.txt").write_text("The lighthouse keeper wrote three lines every night. " * 20)
+    secret_dir = tmp_path / "private"
+    secret_dir.mkdir()
+    secret = secret_dir / "secret.txt"
+    secret.write_text(SECRET * 50)
+    (allowed / "link-out.txt").symlink_to(secret)
+    (allowed / "dir-link").symlink_to(secret_dir, target_is_directory=True)
+    (allowed / "sub").mkdir()
+    return {"allowed": allowed, "secret": secret, "root": tmp_path}
+
+
+def tiny_spec(corpus="builtin:tiny", **overrides) -> TrainSpec:
+    settings_ = dict(
+        max_iters=6,
+        eval_interval=3,
+        eval_iters=1,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        sample_tokens=0,
+        device="cpu",
+        warmup_iters=1,
+    )
+    settings_.update(overrides)
+    return TrainSpec.from_preset("tiny", corpus, **settings_)
+
+
+# --- server paths ---------------------------------------------------------------------------------
+
+
+def test_without_corpus_dirs_every_server_path_is_refused(disk):
+    with pytest.raises(DataError, match="TINYGPT_CORPUS_DIRS") as err:
+        load_visitor_corpus(str(disk["allowed"] / "notes.txt"))
+    assert "notes.txt" not in str(err.value)
+    assert limits.corpus_dirs() == ()
+
+
+def test_a_file_inside_an_allowed_folder_is_read(disk, monkeypatch):
+    monkeypatch.setenv("TINYGPT_CORPUS_DIRS", str(disk["allowed"]))
+    corpus = load_visitor_corpus(str(disk["allowed"] / "notes.txt"))
+    assert corpus.text.startswith("The lighthouse") and corpus.name == "notes.txt"
+    assert load_visitor_corpus("notes.txt").text == corpus.text  # relative: inside the allowed folder
+    assert load_visitor_corpus("builtin:tiny").source == "builtin:tiny"
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "{secret}",  # an absolute path elsewhere
+        "/etc/passwd",
+        "{allowed}/../private/secret.txt",  # .. out of the allowed folder
+        "../private/secret.txt",  # relative .. out
+        "sub/../../private/secret.txt",
+        "{allowed}/link-out.txt",  # a symlink inside the folder pointing out
+        "link-out.txt",
+        "{allowed}/dir-link/secret.txt",  # a linked folder pointing out
+        "{allowed}",  # the allowed folder itself
+        "{allowed}\x00/notes.txt",  # NUL byte
+        "~/.ssh/id_rsa",  # not expanded: a missing file inside the allowed folder
+        "{allowed}/../private",
+    ],
+)
+def test_paths_out_of_the_allowed_folder_are_refused_naming_no_other_file(disk, monkeypatch, attack):
+    monkeypatch.setenv("TINYGPT_CORPUS_DIRS", str(disk["allowed"]))
+    path = attack.format(secret=disk["secret"], allowed=disk["allowed"])
+    with pytest.raises(DataError) as err:
+        load_visitor_corpus(path)
+    message = str(err.value)
+    assert SECRET not in message
+    assert "secret" not in message and "private" not in message and "passwd" not in message
+    assert str(Path.home()) not in message  # "~" is not expanded: it stays inside the allowed folder
+
+
+def test_a_missing_file_outside_reads_the_same_as_an_existing_one(disk, monkeypatch):
+    """No existence oracle: the refusal does not tell whether a path outside exists."""
+    monkeypatch.setenv("TINYGPT_CORPUS_DIRS", str(disk["allowed"]))
+    with pytest.raises(DataError) as a:
+        load_visitor_corpus(str(disk["secret"]))
+    with pytest.raises(DataError) as b:
+        load_visitor_corpus(str(disk["root"] / "private" / "no-such-file.txt"))
+    assert str(a.value) == str(b.value)
+
+
+def test_a_link_swapped_in_after_the_check_is_refused(disk, monkeypatch):
+    """Time of check vs time of use: the file is opened without following a last-part link."""
+    monkeypatch.setenv("TINYGPT_CORPUS_DIRS", str(disk["allowed"]))
+    target = disk["allowed"] / "swap.txt"
+    target.write_text("harmless text " * 20)
+    real = resolve_visitor_corpus(str(target))
+    target.unlink()
+    target.symlink_to(disk["secret"])  # the attacker swaps the file for a link between check and open
+    from tinygpt_core import data
+
+    monkeypatch.setattr(data, "resolve_visitor_corpus", lambda *a, **k: real)
+    with pytest.raises(DataError) as err:
+        data.load_visitor_corpus(str(target))
+    assert SECRET not in str(err.value) and "secret" not in str(err.value)
+
+
+def test_a_fifo_in_an_allowed_folder_does_not_hang_the_server(disk, monkeypatch):
+    monkeypatch.setenv("TINYGPT_CORPUS_DIRS", str(disk["allowed"]))
+    os.mkfifo(disk["allowed"] / "pipe.txt")
+    with pytest.raises(DataError, match="regular file"):
+        load_visitor_corpus("pipe.txt")
+
+
+def test_a_malformed_corpus_dirs_setting_names_the_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("TINYGPT_CORPUS_DIRS", "relative/folder")
+    with pytest.raises(ConfigError, match="TINYGPT_CORPUS_DIRS"):
+        limits.corpus_dirs()
+    monkeypatch.setenv("TINYGPT_CORPUS_DIRS", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="TINYGPT_CORPUS_DIRS"):
+        limits.corpus_dirs()
+    monkeypatch.setenv("TINYGPT_CORPUS_DIRS", os.pathsep.join([str(tmp_path), "", str(tmp_path)]))
+    assert limits.corpus_dirs() == (tmp_path.resolve(),)
+
+
+def test_the_cli_keeps_reading_any_path(disk):
+    assert load_corpus(str(disk["secret"])).text.startswith(SECRET)
+
+
+# --- ownership ------------------------------------------------------------------------------------
+
+
+def test_can_manage_is_the_one_rule():
+    alice = owners.visitor_owner(owners.new_token())
+    bob = owners.visitor_owner(owners.new_token())
+    assert owners.can_manage(alice, alice)
+    assert not owners.can_manage(alice, bob)
+    assert not owners.can_manage(None, alice)  # a CLI run: the machine's user's
+    assert not owners.can_manage(alice, None)
+    assert owners.can_manage(None, None, is_admin=True) and owners.can_manage(alice, bob, is_admin=True)
+    # Login users and visitor tokens never collide, and the token itself is never what is stored.
+    token = owners.new_token()
+    assert owners.visitor_owner(token) != owners.user_owner(token)
+    assert token not in owners.visitor_owner(token)
+
+
+@pytest.mark.parametrize("bad", ["", "short", "x" * 200, "../../etc", "<script>", None, 42])
+def test_malformed_visitor_tokens_are_rejected(bad):
+    assert not owners.valid_token(bad)
+    with pytest.raises(ValueError):
+        owners.visitor_owner(bad)
+
+
+def test_the_admin_password(monkeypatch):
+    assert not owners.check_admin_password("")  # unset: nobody is operator
+    assert not owners.check_admin_password("anything")
+    monkeypatch.setenv("TINYGPT_ADMIN_PASSWORD", "correct horse")
+    assert owners.check_admin_password("correct horse")
+    assert not owners.check_admin_password("correct hors")
+    assert not owners.check_admin_password("")
+
+
+def test_owner_files_are_validated(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert owners.read_owner(run) is None
+    alice = owners.visitor_owner(owners.new_token())
+    owners.write_owner(run, alice)
+    assert owners.read_owner(run) == alice
+    (run / owners.OWNER_FILE).write_text('{"owner": "visitor:not-a-hash"}')
+    assert owners.read_owner(run) is None  # a forged or damaged file: only the operator may manage it
+    (run / owners.OWNER_FILE).write_text("not json")
+    assert owners.read_owner(run) is None
+    with pytest.raises(ValueError):
+        owners.write_owner(run, "../../etc")
+
+
+class Blocking:
+    """Stands in for training.train: holds its slot until released."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.corpora = []
+
+    def __call__(self, spec, run_dir=None, *, store=None, callbacks=(), stop_event=None):
+        self.corpora.append(spec.corpus)
+        while not self.release.wait(0.01):
+            if stop_event is not None and stop_event.is_set():
+                return TrainResult("stopped", "Stopped.", run_dir, 0, None, None, None)
+        return TrainResult("done", "", run_dir, 1, None, None, None)
+
+
+def test_the_runner_records_the_owner_and_caps_each_visitor(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYGPT_MAX_JOBS_PER_VISITOR", "2")
+    fake = Blocking()
+    monkeypatch.setattr(training, "train", fake)
+    runner = LocalJobRunner(RunStore(tmp_path / "runs"), max_jobs_per_device=1, max_queued_jobs=32)
+    alice = owners.visitor_owner(owners.new_token())
+    bob = owners.visitor_owner(owners.new_token())
+    try:
+        a1 = runner.submit(tiny_spec(name="a1"), owner=alice)
+        runner.submit(tiny_spec(name="a2"), owner=alice)
+        with pytest.raises(JobError, match="TINYGPT_MAX_JOBS_PER_VISITOR") as err:
+            runner.submit(tiny_spec(name="a3"), owner=alice)
+        assert "Stop one of yours" in str(err.value) and "at most 2" in str(err.value)
+        with pytest.raises(JobError):
+            runner.check_visitor_capacity(alice, 1)
+        runner.check_visitor_capacity(bob, 2)  # the cap is per visitor: Bob still has room
+        b1 = runner.submit(tiny_spec(name="b1"), owner=bob)
+        runner.submit(tiny_spec(name="cli"))  # no owner: the machine's user, not capped per visitor
+        assert len(list((tmp_path / "runs").iterdir())) == 4  # the refused one left no folder
+        assert owners.read_owner(runner.snapshot(a1).run_dir) == alice
+        assert owners.read_owner(runner.snapshot(b1).run_dir) == bob
+        # A queued job cancelled leaves no folder behind, owner file and all.
+        runner.cancel(b1)
+        assert not runner.snapshot(b1).run_dir.exists()
+        # Once one of Alice's finishes, she may start another.
+        runner.cancel(a1)
+        runner.wait(a1, timeout=10)
+        runner.submit(tiny_spec(name="a3"), owner=alice)
+    finally:
+        fake.release.set()
+        runner.shutdown()
+
+
+def test_a_visitors_path_corpus_goes_through_the_visitor_check(disk, tmp_path, monkeypatch):
+    runner = LocalJobRunner(RunStore(tmp_path / "runs"), max_jobs_per_device=1, max_queued_jobs=32)
+    visitor = owners.visitor_owner(owners.new_token())
+    try:
+        with pytest.raises(DataError, match="TINYGPT_CORPUS_DIRS"):
+            runner.submit(tiny_spec(str(disk["secret"])), owner=visitor)
+        monkeypatch.setenv("TINYGPT_CORPUS_DIRS", str(disk["allowed"]))
+        for attack in (str(disk["secret"]), str(disk["allowed"] / "link-out.txt"), "../private/secret.txt"):
+            with pytest.raises(DataError) as err:
+                runner.submit(tiny_spec(attack), owner=visitor)
+            assert "secret" not in str(err.value)
+        assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+        fake = Blocking()
+        monkeypatch.setattr(training, "train", fake)
+        job = runner.submit(tiny_spec(str(disk["allowed"] / "notes.txt")), owner=visitor)
+        fake.release.set()
+        runner.wait(job, timeout=10)
+        assert fake.corpora[0].text.startswith("The lighthouse")  # read once, by the check, as text
+    finally:
+        runner.shutdown()
+
+
+def test_resume_counts_against_the_visitors_cap(tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYGPT_MAX_JOBS_PER_VISITOR", "1")
+    store = RunStore(tmp_path / "runs")
+    stopped = training.train(tiny_spec(name="old", max_iters=20), store=store, stop_event=_set_event())
+    fake = Blocking()
+    monkeypatch.setattr(training, "train", fake)
+    runner = LocalJobRunner(store, max_jobs_per_device=1, max_queued_jobs=32)
+    alice = owners.visitor_owner(owners.new_token())
+    try:
+        runner.submit(tiny_spec(name="busy"), owner=alice)
+        with pytest.raises(JobError, match="TINYGPT_MAX_JOBS_PER_VISITOR"):
+            runner.resume(stopped.run_dir.name, owner=alice)
+    finally:
+        fake.release.set()
+        runner.shutdown()
+
+
+def _set_event() -> threading.Event:
+    e = threading.Event()
+    e.set()
+    return e
+
+
+# --- decoding bounds ------------------------------------------------------------------------------
+
+
+def test_decode_requests_over_the_bounds_get_a_message(monkeypatch):
+    beam = SamplingSettings(strategy="beam", num_beams=8, max_new_tokens=400)
+    sample = SamplingSettings(strategy="sample", max_new_tokens=400)
+    limits.check_decode([beam])  # 3,200: the default bound exactly
+    with pytest.raises(ConfigError, match="TINYGPT_MAX_DECODE_WORK"):
+        limits.check_decode([beam, sample])
+    with pytest.raises(ConfigError, match="TINYGPT_MAX_NEW_TOKENS"):
+        limits.check_decode([SamplingSettings(strategy="greedy", max_new_tokens=401)])
+    with pytest.raises(ConfigError, match="TINYGPT_MAX_BEAMS"):
+        limits.check_decode([SamplingSettings(strategy="beam", num_beams=17, max_new_tokens=10)])
+    monkeypatch.setenv("TINYGPT_MAX_NEW_TOKENS", "50")
+    with pytest.raises(ConfigError, match="TINYGPT_MAX_NEW_TOKENS"):
+        limits.check_decode([sample])
+    assert limits.decode_work(beam) == 3200 and limits.decode_work(sample) == 400
+
+
+# --- run ids and archives -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run_id", ["../../etc", "..", ".", "/etc/passwd", "a/../../b", "..\\x", "\x00", ".hidden"])
+def test_run_ids_from_urls_cannot_leave_the_store(tmp_path, run_id):
+    store = RunStore(tmp_path / "runs")
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(RunError):
+        store.path(run_id)
+    with pytest.raises(RunError):
+        store.delete(run_id)
+
+
+def test_a_symlinked_run_folder_pointing_out_is_not_a_run(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "runs" / "evil").symlink_to(tmp_path / "outside", target_is_directory=True)
+    with pytest.raises(RunError):
+        RunStore(tmp_path / "runs").path("evil")
+
+
+def test_the_zip_holds_only_the_runs_own_files_under_its_id(tmp_path, disk):
+    store = RunStore(tmp_path / "runs")
+    run_dir = training.train(tiny_spec(name="../../evil name"), store=store).run_dir
+    (run_dir / "leak.txt").symlink_to(disk["secret"])  # a link planted in the folder
+    owners.write_owner(run_dir, owners.visitor_owner(owners.new_token()))
+    names = zipfile.ZipFile(io.BytesIO(zip_run(run_dir))).namelist()
+    assert all(n.startswith(run_dir.name + "/") and ".." not in n for n in names)
+    assert not any(n.endswith("leak.txt") for n in names)
+    assert not any(n.endswith(owners.OWNER_FILE) for n in names)  # a download carries no owner
+    assert ".." not in run_dir.name and "/" not in run_dir.name
