@@ -14,7 +14,19 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages._common import read_only, read_only_notice, remember_run, runner, selected_run_id, store, user_errors
+from pages._common import (
+    NOT_YOURS,
+    can_manage,
+    md,
+    read_only,
+    read_only_notice,
+    remember_run,
+    runner,
+    selected_run_id,
+    store,
+    user_errors,
+    visitor,
+)
 from tinygpt_core import viz
 from tinygpt_core.ablations import (
     ABLATIONS,
@@ -232,7 +244,7 @@ def all_runs_section(runs: list[RunSummary]) -> None:
         for run_id in chosen:
             m = _metrics(by_id[run_id].path)
             if m is None:
-                st.warning(f"Run **{by_id[run_id].name}** has no readable metrics yet; it is left out.")
+                st.warning(f"Run **{md(by_id[run_id].name)}** has no readable metrics yet; it is left out.")
                 continue
             curves[_unique(curves, by_id[run_id].name)] = with_gap(m)
         metric = CURVES[curve]
@@ -269,9 +281,9 @@ def _unique(existing: dict, name: str) -> str:
 
 def manage_run(run: RunSummary) -> None:
     if run.broken_reason:
-        st.warning(f"Run **{run.name}** cannot be opened: {run.broken_reason}")
+        st.warning(f"Run **{md(run.name)}** cannot be opened: {md(run.broken_reason)}")
     elif run.message:
-        st.caption(f"{run.status}: {run.message}")
+        st.caption(f"{run.status}: {md(run.message)}")
     live = run.status in LIVE_STATUSES
     cols = st.columns(5)
 
@@ -301,22 +313,29 @@ def manage_run(run: RunSummary) -> None:
         if (ROOT / page).exists():  # pages are optional in navigation; never link to a missing one
             col.page_link(page, label=label, icon=icon, query_params={"run": run.id}, disabled=not enabled)
     locked = read_only()
+    mine = can_manage(run.path)  # issue 11: only the run's owner (or the operator) may delete it
     with cols[4].popover(
         "Delete…",
         icon=":material/delete:",
-        disabled=live or locked,
+        disabled=live or locked or not mine,
         help="Deleting is turned off on this server (read-only mode)."
         if locked
+        else NOT_YOURS
+        if not mine
         else "Stop the run first."
         if live
         else "Remove this run's folder from disk.",
     ):
-        st.markdown(f"Delete **{run.name}** (`{run.id}`) and all its files? This cannot be undone.")
+        st.markdown(f"Delete **{md(run.name)}** (`{run.id}`) and all its files? This cannot be undone.")
         if locked:  # a disabled popover cannot open; draw no button behind it either
             st.caption("Deleting is turned off on this server (read-only mode).")
+        elif not mine:
+            st.caption(NOT_YOURS)
         elif st.button("Delete permanently", type="primary", key="runs_delete_confirm"):
             deleted = False
             with user_errors("Could not delete: "):
+                if not can_manage(run.path):  # checked again at the click: the owner file is the truth
+                    raise RunError(NOT_YOURS)
                 store().delete(run.id)
                 deleted = True
             if deleted:
@@ -324,7 +343,7 @@ def manage_run(run: RunSummary) -> None:
                     remember_run(None)
                     st.query_params.pop("run", None)
                 # No need to touch "runs_overlay": it drops ids that are gone before it is drawn.
-                st.session_state["runs_flash"] = f"Deleted run {run.name} ({run.id})."
+                st.session_state["runs_flash"] = f"Deleted run {md(run.name)} ({md(run.id)})."
                 st.rerun()
 
 
@@ -409,7 +428,8 @@ def launch_grid_form() -> None:
         specs = grid_specs(base, labels)
         for spec in specs:  # refuse the whole grid before queueing any of it
             spec.validate()
-        job_ids = [runner().submit(spec) for spec in specs]
+        runner().check_visitor_capacity(visitor(), len(specs))  # TINYGPT_MAX_JOBS_PER_VISITOR, for all of it
+        job_ids = [runner().submit(spec, owner=visitor()) for spec in specs]
         launched = (parse_grid_name(specs[0].name)[0], job_ids)
     if launched:
         grid_id, job_ids = launched
@@ -501,7 +521,11 @@ def grid_live_view(grid_id: str, live: bool) -> None:
         )
         if not live:
             _chart_downloads(fig, "grid_overlay", grid_id)
-        unfinished = [m["job"].id for m in members if m["job"] is not None and not m["job"].finished]
+        unfinished = [
+            m["job"].id
+            for m in members
+            if m["job"] is not None and not m["job"].finished and can_manage(m["job"].run_dir)  # issue 11
+        ]
         if unfinished and st.button(
             "Stop this grid",
             icon=":material/stop:",

@@ -19,8 +19,11 @@ import torch
 
 from pages._common import (
     JOB_PARAM,
+    NOT_YOURS,
     RUN_PARAM,
+    can_manage,
     format_loss,
+    md,
     read_only,
     read_only_notice,
     remember_job,
@@ -28,10 +31,11 @@ from pages._common import (
     runner,
     store,
     user_errors,
+    visitor,
 )
 from tinygpt_core import limits, viz
 from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora
+from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora, load_visitor_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.model import GPT
 from tinygpt_core.runs import read_metrics, read_samples, read_status
@@ -258,7 +262,7 @@ def _active_jobs_banner() -> None:
         with st.container(border=True):
             c1, c2 = st.columns([4, 1], vertical_alignment="center")
             what = j.message if j.status == "queued" else f"step {j.step}/{j.max_iters}"
-            c1.markdown(f":material/progress_activity: **{j.name}** is {j.status} on {j.device} · {what}")
+            c1.markdown(f":material/progress_activity: **{md(j.name)}** is {j.status} on {j.device} · {md(what)}")
             c2.page_link(
                 "pages/train.py",
                 label="Watch",
@@ -270,7 +274,16 @@ def _active_jobs_banner() -> None:
 def _corpus_section() -> Corpus | str | None:
     """The corpus to train on: "builtin:NAME", a server path, an uploaded Corpus; None when not usable."""
     st.subheader("Corpus")
-    source = st.radio("Source", SOURCES, key=K + "source", horizontal=True, label_visibility="collapsed")
+    # Server paths only where the operator allowed folders (TINYGPT_CORPUS_DIRS); otherwise not offered at all.
+    try:
+        allowed = limits.corpus_dirs()
+    except TinyGPTError as exc:
+        st.error(f"Server settings: {md(exc)}")
+        allowed = ()
+    sources = SOURCES if allowed else SOURCES[:2]
+    if st.session_state.get(K + "source") not in sources:
+        st.session_state[K + "source"] = SOURCES[0]
+    source = st.radio("Source", sources, key=K + "source", horizontal=True, label_visibility="collapsed")
     if source == SOURCES[0]:
         builtins = dict(list_builtin_corpora())
         if st.session_state.get(K + "builtin") not in builtins:
@@ -285,12 +298,23 @@ def _corpus_section() -> Corpus | str | None:
         )
         corpus = corpus_from_upload(uploaded)
         if corpus is not None:
-            st.caption(f"{corpus.name}: {corpus.chars:,} characters.")
+            st.caption(f"{md(corpus.name)}: {corpus.chars:,} characters.")
         return corpus
-    path = st.text_input("Path of a UTF-8 text file on the server", key=K + "path", placeholder="/data/my_corpus.txt")
+    path = st.text_input(
+        "Path of a UTF-8 text file on the server",
+        key=K + "path",
+        placeholder=str(allowed[0] / "my_corpus.txt"),
+        help="Only files inside these folders: " + ", ".join(str(a) for a in allowed),
+    )
     if not path.strip():
         return None
-    return path.strip()
+    try:  # the one visitor check (tinygpt_core.data): inside the allowed folders, links and .. resolved
+        corpus = load_visitor_corpus(path.strip())
+    except TinyGPTError as exc:
+        st.error(md(exc), icon=":material/block:")
+        return None
+    st.caption(f"{md(corpus.name)}: {corpus.chars:,} characters.")
+    return corpus
 
 
 def _tokenizer_section() -> None:
@@ -543,7 +567,7 @@ def _start(f: dict[str, Any], corpus: Corpus | str) -> None:
     """Submit the job (the runner validates first: a bad spec writes nothing) and switch to its view."""
     job_id = None
     with st.spinner("Checking the corpus and settings…"), user_errors("Cannot start: "):
-        job_id = runner().submit(_build_spec(f, corpus))
+        job_id = runner().submit(_build_spec(f, corpus), owner=visitor())
     if job_id is None:
         return
     st.session_state[LAST_FORM] = {k: v for k, v in f.items() if k not in ("source", "path", "name")}
@@ -618,7 +642,7 @@ def load_view(job_id: str | None, run_id: str | None) -> RunView | None:
     try:
         summary = store().summary(run_id)
     except TinyGPTError as exc:
-        st.error(f"Cannot open run {run_id!r}: {exc}")
+        st.error(f"Cannot open run {md(repr(run_id))}: {md(exc)}")
         return None
     status = read_status(summary.path)
     try:
@@ -663,7 +687,7 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
         top[0].title("Train")
         st.warning("This run is not known here (it may have been deleted). Press **New run** to start one.")
         return
-    top[0].title(view.name)
+    top[0].title(md(view.name))
     if view.job_id and view.job_id != job_id:
         remember_job(view.job_id)  # found by run id (a reload or a second tab): keep watching that job
 
@@ -705,7 +729,7 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
 
 def _status(v: RunView) -> None:
     if v.status == "queued":
-        st.info(v.message or "Queued: waiting for a free slot.", icon=":material/hourglass_top:")
+        st.info(md(v.message) or "Queued: waiting for a free slot.", icon=":material/hourglass_top:")
     elif v.status == "running":
         frac = min(1.0, v.step / v.max_iters) if v.max_iters else 0.0
         of = f" / {v.max_iters:,}" if v.max_iters else ""
@@ -717,16 +741,16 @@ def _status(v: RunView) -> None:
             icon=":material/check_circle:",
         )
     elif v.status == "stopped":
-        st.info(f"Stopped. {v.message}".strip(), icon=":material/stop_circle:")
+        st.info(f"Stopped. {md(v.message)}".strip(), icon=":material/stop_circle:")
     elif v.status in ("diverged", "error", "broken"):
-        st.error(f"{v.status.capitalize()}: {v.message or 'no message'}")
+        st.error(f"{v.status.capitalize()}: {md(v.message or 'no message')}")
     elif v.status == "interrupted":
         st.warning(
-            f"Interrupted: {v.message or 'the process training it ended.'} "
+            f"Interrupted: {md(v.message or 'the process training it ended.')} "
             "Resume it from its last checkpoint, or start a new run."
         )
     else:
-        st.info(f"{v.status}: {v.message}")
+        st.info(f"{v.status}: {md(v.message)}")
 
     m = st.columns(6)
     m[0].metric("Step", f"{v.step:,}" + (f" / {v.max_iters:,}" if v.max_iters else ""))
@@ -748,7 +772,9 @@ def _status(v: RunView) -> None:
     st.caption(" · ".join(x for x in facts if x))
 
     if v.active:
-        if v.job_id:
+        if v.job_id and not can_manage(_run_path(v)):  # issue 11: only the run's owner (or the operator)
+            st.caption(NOT_YOURS)
+        elif v.job_id:
             if st.button("Stop", icon=":material/stop:", key=K + "stop", type="secondary"):
                 with user_errors("Cannot stop: "):
                     runner().cancel(v.job_id)
@@ -763,6 +789,9 @@ def _status(v: RunView) -> None:
 def _resume_button(v: RunView) -> None:
     """A stopped or interrupted run continues from its last checkpoint, in a background job like any run."""
     if v.status not in ("stopped", "interrupted") or read_only():
+        return
+    if not can_manage(_run_path(v)):  # issue 11: only the run's owner (or the operator) may resume it
+        st.caption(NOT_YOURS)
         return
     try:
         resumable = (store().path(v.run_id) / "optimizer.safetensors").exists()
@@ -779,11 +808,19 @@ def _resume_button(v: RunView) -> None:
     ):
         job_id = None
         with user_errors("Cannot resume: "):
-            job_id = runner().resume(v.run_id)
+            job_id = runner().resume(v.run_id, owner=visitor())
         if job_id is not None:
             remember_job(job_id)
             remember_run(v.run_id)
             st.rerun()
+
+
+def _run_path(v: RunView):
+    """The run's folder (where its owner is recorded), or None when it is not in the store."""
+    try:
+        return store().path(v.run_id)
+    except TinyGPTError:
+        return None
 
 
 def _links(v: RunView) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 import zipfile
 from pathlib import Path
@@ -369,3 +370,310 @@ def test_the_zip_holds_only_the_runs_own_files_under_its_id(tmp_path, disk):
     assert not any(n.endswith("leak.txt") for n in names)
     assert not any(n.endswith(owners.OWNER_FILE) for n in names)  # a download carries no owner
     assert ".." not in run_dir.name and "/" not in run_dir.name
+
+
+# --- the same attacks through the real pages, in a browser ------------------------------------------
+
+XSS_NAME = '<img src=x onerror="window.__xss=1">*b*[click](http://evil.example)'
+XSS_TEXT = "<script>window.__xss=3</script><b>bold</b> <img src=y onerror=window.__xss=4> the cat sat. " * 12
+ADMIN_PASSWORD = "operator-pass-7"
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+
+
+def _seed_runs(runs_dir: Path, alice_token: str) -> dict[str, str]:
+    from tinygpt_core.data import Corpus
+
+    store = RunStore(runs_dir)
+    stopped = threading.Event()
+    stopped.set()  # stops at once with a checkpoint: a resumable "stopped" run
+    alice = training.train(tiny_spec(name="alice-run", max_iters=50), store=store, stop_event=stopped).run_dir
+    owners.write_owner(alice, owners.visitor_owner(alice_token))
+    cli = training.train(tiny_spec(name="cli-run", max_iters=50), store=store, stop_event=stopped).run_dir
+    evil_corpus = Corpus("evil.txt", XSS_TEXT, "upload:evil.txt")
+    evil = training.train(tiny_spec(evil_corpus, name=XSS_NAME, max_iters=20, tokenizer="char"), store=store).run_dir
+    return {"alice": alice.name, "cli": cli.name, "evil": evil.name}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A served lab: one allowed corpus folder, an operator password, one job per visitor."""
+    from conftest import ARTIFACTS, start_streamlit, stop_streamlit
+
+    root = tmp_path_factory.mktemp("serving")
+    allowed = root / "corpora"
+    allowed.mkdir()
+    (allowed / "notes.txt").write_text("The lighthouse keeper wrote three lines every night. " * 20)
+    (root / "private").mkdir()
+    (root / "private" / "secret.txt").write_text(SECRET * 50)
+    (allowed / "link-out.txt").symlink_to(root / "private" / "secret.txt")
+    alice_token = owners.new_token()
+    runs = _seed_runs(root / "runs", alice_token)
+    log = ARTIFACTS / f"streamlit-serving-{os.getpid()}.log"
+    import conftest
+
+    conftest._SERVER_LOGS.append(log)
+    proc, url = start_streamlit(
+        root / "runs",
+        log,
+        extra_env={
+            "TINYGPT_CORPUS_DIRS": str(allowed),
+            "TINYGPT_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "TINYGPT_MAX_JOBS_PER_VISITOR": "1",
+            "TINYGPT_MAX_DECODE_WORK": "600",
+        },
+    )
+    try:
+        yield {"url": url, "root": root, "runs_dir": root / "runs", "alice": alice_token, **runs}
+    finally:
+        stop_streamlit(proc)
+
+
+def _context(browser, lab, token: str | None = None):
+    context = browser.new_context(base_url=lab["url"], viewport={"width": 1400, "height": 1000})
+    if token:
+        context.add_cookies([{"name": "tinygpt_owner", "value": token, "url": lab["url"]}])
+    context.add_init_script("window.__xss = 0;")
+    return context
+
+
+def _ready(page, timeout_ms: int = 90_000) -> None:
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
+    page.wait_for_timeout(300)
+    page.wait_for_selector(IDLE, timeout=timeout_ms)
+
+
+def _clean(page, where: str) -> None:
+    """No exception, no traceback, no injected script ran, nothing secret on the page."""
+    body = page.locator("body").inner_text()
+    assert page.get_by_test_id("stException").count() == 0, f"{where}: exception shown"
+    assert "Traceback" not in body, f"{where}: traceback"
+    assert SECRET not in body, f"{where}: the secret file's text is on the page"
+    assert page.evaluate("window.__xss") == 0, f"{where}: injected script ran"
+    assert page.locator("img[src=x], img[src=y]").count() == 0, f"{where}: injected <img> in the DOM"
+    assert page.locator('a[href^="http://evil"]').count() == 0, f"{where}: injected link"
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_server_paths_only_inside_the_allowed_folder(lab, browser):
+    context = _context(browser, lab)
+    page = context.new_page()
+    try:
+        page.goto("/train")
+        _ready(page)
+        page.get_by_text("File on the server").click()
+        _ready(page)
+        box = page.get_by_label("Path of a UTF-8 text file on the server")
+        secret = str(lab["root"] / "private" / "secret.txt")
+        for attack in (
+            secret,
+            "../private/secret.txt",
+            "link-out.txt",
+            "/etc/passwd",
+            f"{lab['root']}/corpora/../private",
+        ):
+            box.fill(attack)
+            box.press("Enter")
+            _ready(page)
+            body = page.locator("body").inner_text()
+            assert "not inside a folder this server lets visitors read" in body, attack
+            assert "secret" not in body.replace(secret, "") and "passwd" not in body.split("server")[-1]
+            _clean(page, attack)
+            assert page.get_by_role("button", name="Start training").is_disabled()
+        box.fill("notes.txt")
+        box.press("Enter")
+        _ready(page)
+        assert "notes.txt: 1,060 characters" in page.locator("body").inner_text()
+        assert page.get_by_role("button", name="Start training").is_enabled()
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_run_ids_in_the_url_stay_in_the_store(lab, browser):
+    context = _context(browser, lab)
+    page = context.new_page()
+    try:
+        for path in ("/train", "/runs", "/attention", "/sampling"):
+            for attack in ("../../etc", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "../private"):
+                page.goto(f"{path}?run={attack}&job=../../x")
+                _ready(page)
+                _clean(page, f"{path}?run={attack}")
+                assert "root:x:0:0" not in page.locator("body").inner_text()
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_another_visitors_run_opens_but_cannot_be_managed_until_the_operator_unlocks(lab, browser):
+    owner = _context(browser, lab, token=lab["alice"])
+    stranger = _context(browser, lab)
+    try:
+        # The owner (her cookie) sees Resume on her stopped run.
+        page = owner.new_page()
+        page.goto(f"/train?run={lab['alice']}")
+        _ready(page)
+        assert page.get_by_role("button", name="Resume").count() == 1
+        _clean(page, "owner")
+
+        # Another browser with the same URL: it opens (curves, links), but no Resume, and says why.
+        other = stranger.new_page()
+        other.goto(f"/train?run={lab['alice']}")
+        _ready(other)
+        assert other.get_by_role("heading", name="alice-run").count() == 1
+        assert other.get_by_role("button", name="Resume").count() == 0
+        assert "Only whoever started this run" in other.locator("body").inner_text()
+        # Nor on the CLI's run (the machine user's).
+        other.goto(f"/train?run={lab['cli']}")
+        _ready(other)
+        assert other.get_by_role("button", name="Resume").count() == 0
+        # The Runs page: Delete is disabled for a run that is not yours.
+        other.goto(f"/runs?run={lab['alice']}")
+        _ready(other)
+        assert other.get_by_role("button", name="Delete…").is_disabled()
+        # Sampling and Attention open it for everyone.
+        other.goto(f"/sampling?run={lab['alice']}")
+        _ready(other)
+        _clean(other, "stranger sampling")
+        assert other.get_by_role("heading", name="Sampling").count() == 1
+
+        # A wrong operator password unlocks nothing; the right one unlocks every run.
+        other.goto(f"/train?run={lab['cli']}")
+        _ready(other)
+        other.get_by_text("Operator", exact=True).click()
+        other.get_by_label("Operator password").fill("guess")
+        other.get_by_role("button", name="Unlock").click()
+        _ready(other)
+        assert "Wrong password" in other.locator("body").inner_text()
+        assert other.get_by_role("button", name="Resume").count() == 0
+        other.get_by_label("Operator password").fill(ADMIN_PASSWORD)
+        other.get_by_role("button", name="Unlock").click()
+        _ready(other)
+        assert other.get_by_role("button", name="Resume").count() == 1
+    finally:
+        owner.close()
+        stranger.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_visitor_owns_what_they_start_across_reloads_and_is_capped(lab, browser):
+    from test_reliability_server import set_number
+
+    context = _context(browser, lab)  # a first visit: no cookie yet
+    page = context.new_page()
+    stranger = _context(browser, lab)
+    try:
+        page.goto("/")
+        _ready(page)
+        cookie = next(c for c in context.cookies() if c["name"] == "tinygpt_owner")  # written by the app
+        assert owners.valid_token(cookie["value"]) and cookie["sameSite"] == "Strict"
+        assert cookie["value"] not in page.url
+
+        page.goto("/train")
+        _ready(page)
+        set_number(page, "Steps (max_iters)", 50_000)
+        page.get_by_role("button", name="Start training").click()
+        page.wait_for_url(re.compile(r"[?&]run="), timeout=90_000)
+        run_id = re.search(r"[?&]run=([^&]+)", page.url).group(1)
+        assert owners.read_owner(lab["runs_dir"] / run_id) == owners.visitor_owner(cookie["value"])
+        assert cookie["value"] not in (lab["runs_dir"] / run_id / owners.OWNER_FILE).read_text()
+
+        # A reload (a new session: only the cookie carries who this is) still may stop it.
+        page.reload()
+        _ready(page)
+        page.get_by_role("button", name="Stop", exact=True).wait_for(timeout=60_000)
+
+        # Someone else with the very same URL may watch it but not stop it.
+        spy = stranger.new_page()
+        spy.goto(page.url)
+        _ready(spy)
+        assert spy.get_by_role("button", name="Stop", exact=True).count() == 0
+        assert "Only whoever started this run" in spy.locator("body").inner_text()
+
+        # One job per visitor on this server: a second start is refused with the reason and the way out.
+        page.goto("/train")
+        _ready(page)
+        page.get_by_role("button", name="Start training").click()
+        _ready(page)
+        body = page.locator("body").inner_text()
+        assert "TINYGPT_MAX_JOBS_PER_VISITOR" in body and "Stop one of yours" in body
+
+        # Stop it (as its owner) so the server is idle for the next tests.
+        page.goto(f"/train?run={run_id}")
+        _ready(page)
+        page.get_by_role("button", name="Stop", exact=True).click()
+        page.get_by_text(re.compile(r"^Stopped\b")).first.wait_for(timeout=120_000)
+    finally:
+        context.close()
+        stranger.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_html_and_script_in_names_corpora_and_prompts_render_as_text(lab, browser):
+    context = _context(browser, lab)
+    page = context.new_page()
+    try:
+        for path in ("/", "/runs", f"/train?run={lab['evil']}", f"/attention?run={lab['evil']}"):
+            page.goto(path)
+            _ready(page)
+            _clean(page, path)
+        page.goto(f"/train?run={lab['evil']}")
+        _ready(page)
+        assert page.get_by_role("heading").filter(has_text=XSS_NAME).count() == 1  # shown as the characters typed
+        # Sampling: the default prompt is the corpus's start (HTML and a script), decoded and coloured.
+        page.goto(f"/sampling?run={lab['evil']}")
+        _ready(page)
+        _clean(page, "sampling")
+        assert "<script>window.__xss=3</script>" in page.locator("body").inner_text()
+        prompt = page.get_by_label("Prompt")
+        prompt.fill('<script>window.__xss=5</script><img src=x onerror="window.__xss=6">')
+        prompt.press("Control+Enter")
+        _ready(page)
+        _clean(page, "sampling with a script prompt")
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_decoding_request_over_the_budget_gets_a_message(lab, browser):
+    context = _context(browser, lab)
+    page = context.new_page()
+    try:
+        page.goto(f"/sampling?run={lab['alice']}")
+        _ready(page)
+        assert "TINYGPT_MAX_DECODE_WORK" not in page.locator("body").inner_text()  # 560 token steps: fits 600
+        page.get_by_text("Settings").last.click()  # the beam column's settings
+        box = page.get_by_role("spinbutton", name="Beams", exact=True)
+        box.fill("5")
+        box.press("Enter")
+        _ready(page)
+        body = page.locator("body").inner_text()
+        assert "TINYGPT_MAX_DECODE_WORK" in body and "640" in body  # 3 x 80 + 5 x 80
+        assert "Not decoded" in body
+    finally:
+        context.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_zip_download_holds_only_the_run_under_its_id(lab, browser):
+    context = _context(browser, lab)
+    page = context.new_page()
+    try:
+        page.goto(f"/runs?run={lab['evil']}")
+        _ready(page)
+        with page.expect_download() as info:
+            page.get_by_role("button", name="Download .zip").click()
+        data = Path(info.value.path()).read_bytes()
+        names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        assert names and all(n.startswith(lab["evil"] + "/") and ".." not in n for n in names)
+        assert info.value.suggested_filename == f"{lab['evil']}.zip"
+        assert not any(n.endswith(owners.OWNER_FILE) for n in names)
+    finally:
+        context.close()

@@ -19,12 +19,15 @@ unset: nobody is operator in the app).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets
+import threading
+import time
 from pathlib import Path
 
 from .fileio import write_bytes_atomic
@@ -95,6 +98,30 @@ def check_admin_password(given: str) -> bool:
     return hmac.compare_digest(a, b)
 
 
+# Guessing the password through the app: every wrong try costs a second, and the whole server accepts
+# at most ADMIN_TRIES_PER_MINUTE wrong tries a minute (a new browser session does not reset it).
+ADMIN_TRIES_PER_MINUTE = 10
+WRONG_PASSWORD_DELAY_S = 1.0
+_failures: collections.deque[float] = collections.deque()
+_failures_lock = threading.Lock()
+
+
+def admin_login(given: str) -> bool:
+    """check_admin_password, rate-limited for a server open to visitors: False while too many wrong tries."""
+    now = time.monotonic()
+    with _failures_lock:
+        while _failures and now - _failures[0] > 60:
+            _failures.popleft()
+        if len(_failures) >= ADMIN_TRIES_PER_MINUTE:
+            return False
+    if check_admin_password(given):
+        return True
+    with _failures_lock:
+        _failures.append(now)
+    time.sleep(WRONG_PASSWORD_DELAY_S)
+    return False
+
+
 def read_owner(run_dir: str | os.PathLike[str]) -> str | None:
     """The owner recorded in a run folder; None when there is none (or it is unreadable or malformed:
     then only the operator may manage the run, the safe side)."""
@@ -122,6 +149,7 @@ __all__ = [
     "can_manage",
     "admin_password_set",
     "check_admin_password",
+    "admin_login",
     "read_owner",
     "write_owner",
 ]
