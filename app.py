@@ -172,7 +172,4 @@ nav = st.navigation(
     [st.Page(home, title="Home", icon=":material/home:", default=True)]
     + [st.Page(path, title=title, icon=icon) for path, title, icon, _ in PAGES]
 )
-from pages._common import operator_sidebar  # noqa: E402 - after set_page_config and the navigation
-
-operator_sidebar()  # this browser's owner cookie, and the operator unlock when TINYGPT_ADMIN_PASSWORD is set
 nav.run()

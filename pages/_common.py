@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from tinygpt_core import limits, owners
 from tinygpt_core.data import load_visitor_corpus
@@ -284,23 +285,39 @@ def visitor() -> str:
     account = _login_account()
     if account:
         return owners.user_owner(account)
-    return owners.visitor_owner(_owner_token())
-
-
-def _write_owner_cookie() -> None:
-    """Once per session, when the browser did not send the token: store it in the lab's cookie.
-
-    In the sidebar so it takes no room on the page (and never inside a fragment). The token is the
-    visitor's own and URL-safe (owners.valid_token), so it needs no escaping in the script."""
     token = _owner_token()
-    if st.context.cookies.get(OWNER_COOKIE) == token or st.session_state.get(_COOKIE_WRITTEN):
+    _write_owner_cookie(token)
+    return owners.visitor_owner(token)
+
+
+def _write_owner_cookie(token: str) -> None:
+    """Until the browser sends the token back (st.context.cookies is read once, at connection), each
+    full script run stores it in the lab's cookie with a one-line script in the sidebar (no room on
+    the page; never from inside a fragment, where the sidebar is off limits). Once per run. The
+    token is the visitor's own and URL-safe (owners.valid_token), so it needs no escaping."""
+    if st.context.cookies.get(OWNER_COOKIE) == token:
         return
+    ctx = get_script_run_ctx()
+    if ctx is None or _in_fragment():
+        return
+    run_marker = id(ctx.cursors) if hasattr(ctx, "cursors") else None
+    if st.session_state.get(_COOKIE_WRITTEN) == (run_marker, ctx.page_script_hash):
+        return
+    st.session_state[_COOKIE_WRITTEN] = (run_marker, ctx.page_script_hash)
     st.sidebar.html(
         f"<script>document.cookie = '{OWNER_COOKIE}={token}; Max-Age={COOKIE_MAX_AGE_S}; Path=/; "
         f"SameSite=Strict' + (location.protocol === 'https:' ? '; Secure' : '');</script>",
         unsafe_allow_javascript=True,
     )
-    st.session_state[_COOKIE_WRITTEN] = True
+
+
+def _in_fragment() -> bool:
+    try:  # Streamlit-internal: which fragment (if any) this thread is running
+        from streamlit.runtime.scriptrunner_utils.script_run_context import ThreadState
+
+        return ThreadState.get().fragment_id is not None
+    except Exception:  # noqa: BLE001 - another Streamlit: assume a full run
+        return False
 
 
 def is_operator() -> bool:
@@ -323,33 +340,32 @@ NOT_YOURS = (
 )
 
 
-def operator_sidebar() -> None:
-    """The sidebar's operator unlock; shown only when TINYGPT_ADMIN_PASSWORD is set."""
-    if _login_account() is None:
-        _write_owner_cookie()  # every page: make sure this browser keeps its owner token
+def not_yours(key: str) -> None:
+    """Say why this visitor may not manage a run, and (when TINYGPT_ADMIN_PASSWORD is set) let the
+    operator unlock managing every run for this browser session. ``key`` keeps widget keys apart."""
+    st.caption(NOT_YOURS)
     if not owners.admin_password_set():
         return
-    with st.sidebar.expander("Operator", icon=":material/admin_panel_settings:"):
-        if is_operator():
-            st.caption("Unlocked: you can stop, resume and delete every run.")
-            if st.button("Lock", key="_operator_lock"):
-                st.session_state[_ADMIN] = False
-                st.rerun()
-            return
-        with st.form("_operator_form", border=False):
-            password = st.text_input("Operator password", type="password", key="_operator_password")
-            if st.form_submit_button("Unlock"):
-                if owners.admin_login(password):
-                    st.session_state[_ADMIN] = True
-                    st.rerun()
-                else:
-                    st.error("Wrong password (or too many tries: wait a minute).")
+    with st.popover("Operator", icon=":material/admin_panel_settings:"):
+        with st.form(f"_operator_form_{key}", border=False):
+            password = st.text_input("Operator password", type="password", key=f"_operator_password_{key}")
+            unlock = st.form_submit_button("Unlock")
+        if unlock:
+            if owners.admin_login(password):  # constant-time compare, rate-limited (owners.py)
+                st.session_state[_ADMIN] = True
+                st.rerun(scope="app")
+            else:
+                st.error("Wrong password (or too many tries: wait a minute).")
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~$])")  # what makes links, images, HTML, code, emphasis, maths
+# What makes links (also bare "http://…", "www.…" and e-mail autolinks), images, HTML, code, emphasis, maths.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~$:@])|(?<=www)(\.)", re.IGNORECASE)
 
 
 def md(text: object) -> str:
     """``text`` escaped for st.markdown and friends: names, prompts and messages a visitor typed render
     as the characters they typed (no links, images, HTML, colours or icons)."""
-    return _MD_SPECIAL.sub(r"\\\1", str(text)).replace("\n", " ")
+    escaped = _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), str(text)).replace("\n", " ")
+    # Streamlit links bare addresses after markdown is parsed (escapes do not stop it): an invisible
+    # word joiner inside "://" and "www." keeps them text.
+    return escaped.replace("\\://", "\\:\u2060//").replace("www\\.", "www\u2060\\.")

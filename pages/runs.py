@@ -18,6 +18,7 @@ from pages._common import (
     NOT_YOURS,
     can_manage,
     md,
+    not_yours,
     read_only,
     read_only_notice,
     remember_run,
@@ -314,6 +315,8 @@ def manage_run(run: RunSummary) -> None:
             col.page_link(page, label=label, icon=icon, query_params={"run": run.id}, disabled=not enabled)
     locked = read_only()
     mine = can_manage(run.path)  # issue 11: only the run's owner (or the operator) may delete it
+    if not mine and not locked:
+        not_yours("runs_manage")
     with cols[4].popover(
         "Delete…",
         icon=":material/delete:",
@@ -542,6 +545,7 @@ def grid_live_view(grid_id: str, live: bool) -> None:
 
 # ---- the page ------------------------------------------------------------------------------------
 
+visitor()  # issue 11: keeps this browser's owner token in its cookie (pages/_common.py)
 st.title("Runs & ablations")
 st.caption(
     "Every run on disk, their curves side by side, and ablation grids: switch one part of the "

@@ -19,11 +19,11 @@ import torch
 
 from pages._common import (
     JOB_PARAM,
-    NOT_YOURS,
     RUN_PARAM,
     can_manage,
     format_loss,
     md,
+    not_yours,
     read_only,
     read_only_notice,
     remember_job,
@@ -773,7 +773,7 @@ def _status(v: RunView) -> None:
 
     if v.active:
         if v.job_id and not can_manage(_run_path(v)):  # issue 11: only the run's owner (or the operator)
-            st.caption(NOT_YOURS)
+            not_yours("train_stop")
         elif v.job_id:
             if st.button("Stop", icon=":material/stop:", key=K + "stop", type="secondary"):
                 with user_errors("Cannot stop: "):
@@ -791,7 +791,7 @@ def _resume_button(v: RunView) -> None:
     if v.status not in ("stopped", "interrupted") or read_only():
         return
     if not can_manage(_run_path(v)):  # issue 11: only the run's owner (or the operator) may resume it
-        st.caption(NOT_YOURS)
+        not_yours("train_resume")
         return
     try:
         resumable = (store().path(v.run_id) / "optimizer.safetensors").exists()
@@ -873,6 +873,7 @@ def _samples(v: RunView) -> None:
 
 # --- page ------------------------------------------------------------------------------------------
 
+visitor()  # issue 11: keeps this browser's owner token in its cookie (pages/_common.py)
 _job = st.query_params.get(JOB_PARAM)
 _run = st.query_params.get(RUN_PARAM)
 if _job or _run:
