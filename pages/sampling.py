@@ -180,7 +180,10 @@ def _generate(
     run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str, _run: LoadedRun
 ) -> GenerationResult:
     # run_path + checkpoint + mtime identify the weights, settings_json the decoding (seed included).
-    return generate(_run.model, _run.tokenizer, prompt, SamplingSettings(**json.loads(settings_json)))
+    # A cache miss takes one of the server's decoding slots (TINYGPT_MAX_DECODES_AT_ONCE): requests
+    # take turns instead of all competing for the cores other visitors' pages need (issue 11).
+    with limits.decode_slot():
+        return generate(_run.model, _run.tokenizer, prompt, SamplingSettings(**json.loads(settings_json)))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

@@ -727,12 +727,21 @@ def _heavy_visitor(url: str, run_id: str, seconds: float, tag: str, out) -> None
     allow, again and again with fresh prompts (no cache hits): 400 new tokens in the default columns
     (greedy, temperature, top-p) and beam search with 5 beams: 3 x 400 + 5 x 400 = 3,200 token steps,
     exactly TINYGPT_MAX_DECODE_WORK. Puts (requests completed, seconds per request, errors) on ``out``."""
+
+    took, errors = [], []
+    try:
+        _heavy_loop(url, run_id, seconds, tag, took, errors)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the test with it
+        errors.append(f"{type(exc).__name__}: {exc}")
+    out.put((tag, len(took), took, errors))
+
+
+def _heavy_loop(url, run_id, seconds, tag, took, errors) -> None:
     import random
     import time as _time
 
     from playwright.sync_api import sync_playwright
 
-    done, took, errors = 0, [], []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_context(base_url=url, viewport={"width": 1400, "height": 1000}).new_page()
@@ -760,14 +769,12 @@ def _heavy_visitor(url: str, run_id: str, seconds: float, tag: str, out) -> None
             body = page.locator("body").inner_text()
             if "TINYGPT_MAX_DECODE_WORK" in body or page.get_by_test_id("stException").count():
                 errors.append(body[-500:])
-            done += 1
         browser.close()
-    out.put((tag, done, took, errors))
 
 
 @pytest.mark.browser
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_two_visitors_decoding_the_heaviest_request_leave_a_third_responsive(tmp_path_factory, browser):
     """Behaviour only (pages render, the heavy requests are served, not refused); the figures are
     printed for docs/RELIABILITY.md: the third visitor's rerender times (median, p95) and the load."""
@@ -784,13 +791,14 @@ def test_two_visitors_decoding_the_heaviest_request_leave_a_third_responsive(tmp
     import conftest
 
     conftest._SERVER_LOGS.append(log)
-    # The server as an operator would run it: defaults, torch on every core.
-    proc, url = start_streamlit(root / "runs", log, extra_env={"TINYGPT_NUM_THREADS": str(os.cpu_count() or 1)})
-    seconds = 75.0
+    # Default limits; one torch thread (the tests' default: with every core already busy, a torch pool of
+    # 2 threads per decode made a 400-token greedy decode 20x slower here, 45 s instead of 2 s).
+    proc, url = start_streamlit(root / "runs", log)
+    seconds = 90.0
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     heavy = [ctx.Process(target=_heavy_visitor, args=(url, run_id, seconds, f"v{i}", out)) for i in range(2)]
-    context = browser.new_context(base_url=url, viewport={"width": 1400, "height": 1000})
+    context = _context(browser, {"url": url})
     try:
         page = context.new_page()
         page.goto("/runs")
@@ -811,7 +819,8 @@ def test_two_visitors_decoding_the_heaviest_request_leave_a_third_responsive(tmp
             _clean(page, "third visitor")
             _time.sleep(0.5)
         load_during = os.getloadavg()
-        results = [out.get(timeout=300) for _ in heavy]
+        print(f"\nthird visitor: {len(times)} rerenders, sorted: {[round(t, 2) for t in sorted(times)]}")
+        results = [out.get(timeout=400) for _ in heavy]
         for p in heavy:
             p.join(60)
     finally:
@@ -831,3 +840,30 @@ def test_two_visitors_decoding_the_heaviest_request_leave_a_third_responsive(tmp
     for tag, n, _, errors in results:
         assert n >= 1, f"{tag} completed no request"
         assert not errors, f"{tag}: {errors[0]}"
+
+
+def test_decoding_requests_take_turns_and_a_long_wait_gets_a_message(monkeypatch):
+    import time as _time
+
+    order = []
+
+    def second_request():
+        order.append("waiting")
+        with limits.decode_slot():
+            order.append("in")
+
+    with limits.decode_slot():
+        t = threading.Thread(target=second_request)
+        t.start()
+        _time.sleep(0.2)
+        assert order == ["waiting"]  # the second request waits for the slot
+        with pytest.raises(JobError, match="TINYGPT_MAX_DECODES_AT_ONCE"):
+            with limits.decode_slot(wait_s=0.05):
+                pass
+    t.join(5)
+    assert order == ["waiting", "in"]
+    with limits.decode_slot(wait_s=0.05):  # every slot was given back
+        pass
+    monkeypatch.setenv("TINYGPT_MAX_DECODES_AT_ONCE", "2")  # a new setting takes effect at once
+    with limits.decode_slot(), limits.decode_slot(wait_s=0.05):
+        pass

@@ -14,6 +14,7 @@ this module instead of hard-coding a number:
     TINYGPT_MAX_NEW_TOKENS       most tokens one decoding column may write      (default 400)
     TINYGPT_MAX_BEAMS            most beams of one beam-search column           (default 16)
     TINYGPT_MAX_DECODE_WORK      new tokens x beams, summed over a request's columns (default 3_200)
+    TINYGPT_MAX_DECODES_AT_ONCE  decoding requests served at once; others wait their turn (default 1)
     TINYGPT_CORPUS_DIRS          folders (os.pathsep-separated) whose files visitors may train on
                                  (default none: the app offers no server path at all; see data.py)
 
@@ -28,9 +29,11 @@ training too, but an unset TINYGPT_MAX_ITERS does not cap a long run started fro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "TINYGPT_MAX_NEW_TOKENS": 400,
     "TINYGPT_MAX_BEAMS": 16,
     "TINYGPT_MAX_DECODE_WORK": 3_200,  # e.g. 400 tokens x 8 beams, or 4 columns x 400 tokens x 2
+    "TINYGPT_MAX_DECODES_AT_ONCE": 1,
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -66,6 +70,7 @@ class Limits:
     max_new_tokens: int = DEFAULTS["TINYGPT_MAX_NEW_TOKENS"]
     max_beams: int = DEFAULTS["TINYGPT_MAX_BEAMS"]
     max_decode_work: int = DEFAULTS["TINYGPT_MAX_DECODE_WORK"]
+    max_decodes_at_once: int = DEFAULTS["TINYGPT_MAX_DECODES_AT_ONCE"]
 
     @property
     def max_upload_mb(self) -> int:
@@ -110,6 +115,7 @@ def current(explicit_only: bool = False) -> Limits:
         max_new_tokens=_int("TINYGPT_MAX_NEW_TOKENS"),
         max_beams=_int("TINYGPT_MAX_BEAMS"),
         max_decode_work=_int("TINYGPT_MAX_DECODE_WORK"),
+        max_decodes_at_once=_int("TINYGPT_MAX_DECODES_AT_ONCE"),
     )
 
 
@@ -224,6 +230,38 @@ def check_decode(settings_list: Any, lim: Limits | None = None) -> None:
         )
 
 
+_decode_slots: tuple[int, threading.BoundedSemaphore] | None = None
+_decode_slots_lock = threading.Lock()
+DECODE_WAIT_S = 120.0
+
+
+@contextlib.contextmanager
+def decode_slot(wait_s: float = DECODE_WAIT_S, lim: Limits | None = None):
+    """Hold one of the server's TINYGPT_MAX_DECODES_AT_ONCE decoding slots while decoding.
+
+    Decoding runs in a visitor's own script thread, on the cores every other visitor's page needs
+    too; queueing requests (instead of running them all at once) keeps the other pages responsive.
+    After ``wait_s`` seconds without a slot: JobError saying the server is busy and what to do.
+    """
+    global _decode_slots
+    from .errors import JobError
+
+    n = (lim or current()).max_decodes_at_once
+    with _decode_slots_lock:
+        if _decode_slots is None or _decode_slots[0] != n:
+            _decode_slots = (n, threading.BoundedSemaphore(n))
+        slots = _decode_slots[1]
+    if not slots.acquire(timeout=wait_s):
+        raise JobError(
+            f"The server is busy decoding for other visitors (it decodes {n} request(s) at a time, "
+            "TINYGPT_MAX_DECODES_AT_ONCE); try again in a moment, or ask for fewer tokens."
+        )
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 __all__ = [
     "DEFAULTS",
     "Limits",
@@ -237,4 +275,5 @@ __all__ = [
     "corpus_dirs",
     "decode_work",
     "check_decode",
+    "decode_slot",
 ]
