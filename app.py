@@ -64,12 +64,14 @@ def home() -> None:
     # Imported here so the navigation itself never fails on a core import problem.
     from pages._common import (
         format_loss,
+        md,
         read_only,
         recent_runs,
         remember_job,
         remember_run,
         runner,
         user_errors,
+        visitor,
     )
     from tinygpt_core.device import device_info
     from tinygpt_core.training import TrainSpec
@@ -102,7 +104,9 @@ def home() -> None:
             elif st.button("Quick start", type="primary", icon=":material/play_arrow:", key="quick_start"):
                 job_id = None
                 with user_errors("Could not start the quick-start run: "):
-                    job_id = runner().submit(TrainSpec.from_preset("tiny", "builtin:tiny", name="quick-start"))
+                    job_id = runner().submit(
+                        TrainSpec.from_preset("tiny", "builtin:tiny", name="quick-start"), owner=visitor()
+                    )
                 if job_id is not None:
                     snap = runner().state(job_id)
                     remember_job(job_id)
@@ -129,9 +133,9 @@ def home() -> None:
     for r in runs:
         with st.container(border=True):
             c1, c2, c3 = st.columns([3, 2, 3])
-            c1.markdown(f"**{r.name}**" + (f"  \n`{r.id}`" if r.id != r.name else ""))
+            c1.markdown(f"**{md(r.name)}**" + (f"  \n`{r.id}`" if r.id != r.name else ""))
             extra = f" · {', '.join(r.ablations)}" if r.ablations else ""
-            c1.caption(f"{r.preset or 'custom'} · {r.corpus or '?'} · {r.tokenizer or '?'}{extra}")
+            c1.caption(f"{md(r.preset or 'custom')} · {md(r.corpus or '?')} · {r.tokenizer or '?'}{extra}")
             steps = f"{r.step}/{r.max_iters}" if r.max_iters else str(r.step)
             c2.markdown(f"{_status_badge(r.status)}  \nbest val **{format_loss(r.best_val_loss)}** · step {steps}")
             with c3:

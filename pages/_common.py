@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from pathlib import Path
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from tinygpt_core import checkpoints, limits, state
-from tinygpt_core.data import load_corpus
+from tinygpt_core import checkpoints, limits, owners, state
+from tinygpt_core.data import load_visitor_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.jobs import JobRunner, get_runner
 from tinygpt_core.runs import LoadedRun, RunStore
@@ -175,29 +177,36 @@ def weights_mtime(run: RunState, checkpoint: str) -> float | None:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _corpus_start(source: str) -> str | None:
+def _corpus_start(run_path: str, source: str) -> str | None:
+    # The run's own copy first (kept for every non-built-in corpus); a path only through the visitor
+    # check (TINYGPT_CORPUS_DIRS): a run made by the CLI from any file must not open that file to visitors.
     try:
-        return load_corpus(source).text[:4000]
+        with open(Path(run_path) / "corpus.txt", encoding="utf-8") as f:
+            return f.read(4000)
+    except (OSError, UnicodeDecodeError):
+        pass
+    try:
+        return load_visitor_corpus(source).text[:4000]
     except TinyGPTError:
         return None
 
 
 def corpus_start(run: LoadedRun) -> str | None:
     """The first few thousand characters of the run's corpus (for default prompts), or None when the
-    corpus cannot be read any more (an upload, a moved file)."""
-    return _corpus_start(run.config.corpus.get("source") or run.config.corpus.get("name") or "")
+    corpus cannot be read any more (an upload, a moved file) or is not the visitor's to read."""
+    return _corpus_start(str(run.path), run.config.corpus.get("source") or run.config.corpus.get("name") or "")
 
 
 def load_run_cached(run: RunState, checkpoint: str = "best") -> LoadedRun | None:
     """Load a run's model once per server (eval mode); shows the reason and returns None when it cannot."""
     mtime = weights_mtime(run, checkpoint)
     if mtime is None:
-        st.error(f"Run **{run.name}** has no {checkpoint} checkpoint yet. Pick another checkpoint or run.")
+        st.error(f"Run **{md(run.name)}** has no {checkpoint} checkpoint yet. Pick another checkpoint or run.")
         return None
     try:
         return _load(str(run.path), checkpoint, mtime)
     except TinyGPTError as exc:
-        st.error(f"Cannot open run **{run.name}**: {exc}")
+        st.error(f"Cannot open run **{md(run.name)}**: {md(exc)}")
         return None
 
 
@@ -249,7 +258,7 @@ def user_errors(prefix: str = ""):
     try:
         yield
     except TinyGPTError as exc:
-        st.error(f"{prefix}{exc}")
+        st.error(f"{prefix}{md(exc)}")
 
 
 def read_only() -> bool:
@@ -269,3 +278,133 @@ def read_only_notice(what: str) -> bool:
         return False
     st.info(f"{what} {limits.READ_ONLY_NOTE}", icon=":material/lock:")
     return True
+
+
+# --- serving to visitors: who is here, what they may manage, escaping (issue 11) ----------------------
+#
+# Owner identity. A visitor is whoever holds this browser's owner token: a random secret kept in a
+# cookie (OWNER_COOKIE) of the lab's own origin, so it survives a reload, a new tab and a page switch,
+# and is sent only to this server. Not in the URL: a shared or bookmarked link (?run=…) must never
+# hand over the right to stop or delete a run, and URLs end up in histories, screenshots and logs.
+# Streamlit's st.context.cookies is read-only and read when the websocket connects, so the token is
+# made on the server at the first visit, kept in the session, and written to the cookie by a tiny
+# script (st.html with JavaScript); every later connection reads it back. Only its hash reaches disk
+# (owners.visitor_owner). Where Streamlit's login is configured, the signed-in account is the owner.
+# Clearing cookies (or a private window) makes a new visitor: their earlier runs then need the operator.
+
+OWNER_COOKIE = "tinygpt_owner"
+_OWNER_TOKEN = "_tinygpt_owner_token"
+_COOKIE_WRITTEN = "_tinygpt_owner_cookie_written"
+_ADMIN = "_tinygpt_is_operator"
+COOKIE_MAX_AGE_S = 400 * 24 * 3600  # browsers cap cookie lifetimes at about 400 days
+
+
+def _login_account() -> str | None:
+    """The signed-in account (st.user's sub, else e-mail) when Streamlit's login is configured and used."""
+    try:
+        if not st.user.is_logged_in:
+            return None
+        account = st.user.get("sub") or st.user.get("email")
+    except Exception:  # noqa: BLE001 - no auth configured (or an older Streamlit): no login identity
+        return None
+    return str(account) if account else None
+
+
+def _owner_token() -> str:
+    token = st.session_state.get(_OWNER_TOKEN)
+    if not owners.valid_token(token):
+        cookie = st.context.cookies.get(OWNER_COOKIE)
+        token = cookie if owners.valid_token(cookie) else owners.new_token()
+        st.session_state[_OWNER_TOKEN] = token
+    return token
+
+
+def visitor() -> str:
+    """This browser's owner id (owners.py): the signed-in account, else the cookie-held visitor token."""
+    account = _login_account()
+    if account:
+        return owners.user_owner(account)
+    token = _owner_token()
+    _write_owner_cookie(token)
+    return owners.visitor_owner(token)
+
+
+def _write_owner_cookie(token: str) -> None:
+    """Until the browser sends the token back (st.context.cookies is read once, at connection), each
+    full script run stores it in the lab's cookie with a one-line script in the sidebar (no room on
+    the page; never from inside a fragment, where the sidebar is off limits). Once per run. The
+    token is the visitor's own and URL-safe (owners.valid_token), so it needs no escaping."""
+    if st.context.cookies.get(OWNER_COOKIE) == token:
+        return
+    ctx = get_script_run_ctx()
+    if ctx is None or _in_fragment():
+        return
+    run_marker = id(ctx.cursors) if hasattr(ctx, "cursors") else None
+    if st.session_state.get(_COOKIE_WRITTEN) == (run_marker, ctx.page_script_hash):
+        return
+    st.session_state[_COOKIE_WRITTEN] = (run_marker, ctx.page_script_hash)
+    st.sidebar.html(
+        f"<script>document.cookie = '{OWNER_COOKIE}={token}; Max-Age={COOKIE_MAX_AGE_S}; Path=/; "
+        f"SameSite=Strict' + (location.protocol === 'https:' ? '; Secure' : '');</script>",
+        unsafe_allow_javascript=True,
+    )
+
+
+def _in_fragment() -> bool:
+    try:  # Streamlit-internal: which fragment (if any) this thread is running
+        from streamlit.runtime.scriptrunner_utils.script_run_context import ThreadState
+
+        return ThreadState.get().fragment_id is not None
+    except Exception:  # noqa: BLE001 - another Streamlit: assume a full run
+        return False
+
+
+def is_operator() -> bool:
+    """Whether this session has unlocked managing every run with TINYGPT_ADMIN_PASSWORD."""
+    return bool(st.session_state.get(_ADMIN)) and owners.admin_password_set()
+
+
+def run_owner(run_path: Path | str | None) -> str | None:
+    return owners.read_owner(run_path) if run_path else None
+
+
+def can_manage(run_path: Path | str | None) -> bool:
+    """May this visitor stop, resume or delete the run in ``run_path``? (owners.can_manage decides.)"""
+    return owners.can_manage(run_owner(run_path), visitor(), is_operator())
+
+
+NOT_YOURS = (
+    "Only whoever started this run (from their own browser) or the lab's operator can stop, resume or "
+    "delete it. You can still open, compare and sample it."
+)
+
+
+def not_yours(key: str) -> None:
+    """Say why this visitor may not manage a run, and (when TINYGPT_ADMIN_PASSWORD is set) let the
+    operator unlock managing every run for this browser session. ``key`` keeps widget keys apart."""
+    st.caption(NOT_YOURS)
+    if not owners.admin_password_set():
+        return
+    with st.popover("Operator", icon=":material/admin_panel_settings:"):
+        with st.form(f"_operator_form_{key}", border=False):
+            password = st.text_input("Operator password", type="password", key=f"_operator_password_{key}")
+            unlock = st.form_submit_button("Unlock")
+        if unlock:
+            if owners.admin_login(password):  # constant-time compare, rate-limited (owners.py)
+                st.session_state[_ADMIN] = True
+                st.rerun(scope="app")
+            else:
+                st.error("Wrong password (or too many tries: wait a minute).")
+
+
+# What makes links (also bare "http://…", "www.…" and e-mail autolinks), images, HTML, code, emphasis, maths.
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~$:@])|(?<=www)(\.)", re.IGNORECASE)
+
+
+def md(text: object) -> str:
+    """``text`` escaped for st.markdown and friends: names, prompts and messages a visitor typed render
+    as the characters they typed (no links, images, HTML, colours or icons)."""
+    escaped = _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), str(text)).replace("\n", " ")
+    # Streamlit links bare addresses after markdown is parsed (escapes do not stop it): an invisible
+    # word joiner inside "://" and "www." keeps them text.
+    return escaped.replace("\\://", "\\:\u2060//").replace("www\\.", "www\u2060\\.")

@@ -12,15 +12,19 @@ import streamlit as st
 
 from pages._common import (
     RUN_PARAM,
+    can_manage,
     format_count,
     format_duration,
     format_loss,
+    md,
+    not_yours,
     read_only,
     remember_job,
     remember_run,
     run_state,
     runner,
     user_errors,
+    visitor,
 )
 from pages._train_form import K
 from tinygpt_core import viz
@@ -38,7 +42,7 @@ def load_view(job_id: str | None, run_id: str | None) -> RunState | None:
         return run_state(run_id, job_id)
     except TinyGPTError as exc:
         if run_id:
-            st.error(f"Cannot open run {run_id!r}: {exc}")
+            st.error(f"Cannot open run {md(repr(run_id))}: {md(exc)}")
         return None
 
 
@@ -62,7 +66,7 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
         top[0].title("Train")
         st.warning("This run is not known here (it may have been deleted). Press **New run** to start one.")
         return
-    top[0].title(view.name)
+    top[0].title(md(view.name))
     if view.job_id and view.job_id != job_id:
         remember_job(view.job_id)  # found by run id (a reload or a second tab): keep watching that job
 
@@ -104,28 +108,28 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
 
 def _status(v: RunState) -> None:
     if v.status == "queued":
-        st.info(v.message or "Queued: waiting for a free slot.", icon=":material/hourglass_top:")
+        st.info(md(v.message) or "Queued: waiting for a free slot.", icon=":material/hourglass_top:")
     elif v.status == "running":
         frac = min(1.0, v.step / v.max_iters) if v.max_iters else 0.0
         of = f" / {v.max_iters:,}" if v.max_iters else ""
-        st.progress(frac, text=f"Step {v.step:,}{of} · {v.message}")
+        st.progress(frac, text=f"Step {v.step:,}{of} · {md(v.message)}")
     elif v.status == "done":
         at = f" (step {v.best_step:,})" if v.best_step is not None else ""
         st.success(
-            f"**Done**: best validation loss {format_loss(v.best_val_loss)}{at}. {v.message}".strip(),
+            f"**Done**: best validation loss {format_loss(v.best_val_loss)}{at}. {md(v.message)}".strip(),
             icon=":material/check_circle:",
         )
     elif v.status == "stopped":
-        st.info(f"Stopped. {v.message}".strip(), icon=":material/stop_circle:")
+        st.info(f"Stopped. {md(v.message)}".strip(), icon=":material/stop_circle:")
     elif v.status in ("diverged", "error", "broken"):
-        st.error(f"{v.status.capitalize()}: {v.message or 'no message'}")
+        st.error(f"{v.status.capitalize()}: {md(v.message or 'no message')}")
     elif v.status == "interrupted":
         st.warning(
-            f"Interrupted: {v.message or 'the process training it ended.'} "
+            f"Interrupted: {md(v.message or 'the process training it ended.')} "
             "Resume it from its last checkpoint, or start a new run."
         )
     else:
-        st.info(f"{v.status}: {v.message}")
+        st.info(f"{v.status}: {md(v.message)}")
 
     m = st.columns(6)
     m[0].metric("Step", f"{v.step:,}" + (f" / {v.max_iters:,}" if v.max_iters else ""))
@@ -147,7 +151,9 @@ def _status(v: RunState) -> None:
     st.caption(" · ".join(x for x in facts if x))
 
     if v.active:
-        if v.can_stop:
+        if v.can_stop and not can_manage(v.path):  # only the run's owner (or the operator) may stop it
+            not_yours("train_stop")
+        elif v.can_stop:
             if st.button("Stop", icon=":material/stop:", key=K + "stop", type="secondary"):
                 with user_errors("Cannot stop: "):
                     runner().stop(v.job_id)
@@ -163,6 +169,9 @@ def _resume_button(v: RunState) -> None:
     """A stopped or interrupted run continues from its last checkpoint, in a background job like any run."""
     if not v.can_resume or read_only():
         return
+    if not can_manage(v.path):  # only the run's owner (or the operator) may resume it
+        not_yours("train_resume")
+        return
     if st.button(
         "Resume",
         icon=":material/play_arrow:",
@@ -172,7 +181,7 @@ def _resume_button(v: RunState) -> None:
     ):
         job_id = None
         with user_errors("Cannot resume: "):
-            job_id = runner().resume(v.run_id)
+            job_id = runner().resume(v.run_id, owner=visitor())
         if job_id is not None:
             remember_job(job_id)
             remember_run(v.run_id)

@@ -19,11 +19,13 @@ from pages._common import (
     active_runs,
     format_count,
     format_duration,
+    md,
     read_only_notice,
     remember_job,
     remember_run,
     runner,
     user_errors,
+    visitor,
 )
 from pages._train_form import (
     LAST_FORM,
@@ -39,7 +41,7 @@ from pages._train_form import (
 )
 from tinygpt_core import limits
 from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora
+from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora, load_visitor_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.training import TrainSpec, estimate_step_time
 
@@ -115,7 +117,7 @@ def _active_jobs_banner() -> None:
         with st.container(border=True):
             c1, c2 = st.columns([4, 1], vertical_alignment="center")
             what = r.message if r.status == "queued" else f"step {r.step}/{r.max_iters}"
-            c1.markdown(f":material/progress_activity: **{r.name}** is {r.status} on {r.device} · {what}")
+            c1.markdown(f":material/progress_activity: **{md(r.name)}** is {r.status} on {r.device} · {md(what)}")
             c2.page_link(
                 "pages/train.py",
                 label="Watch",
@@ -127,7 +129,16 @@ def _active_jobs_banner() -> None:
 def _corpus_section() -> Corpus | str | None:
     """The corpus to train on: "builtin:NAME", a server path, an uploaded Corpus; None when not usable."""
     st.subheader("Corpus")
-    source = st.radio("Source", SOURCES, key=K + "source", horizontal=True, label_visibility="collapsed")
+    # Server paths only where the operator allowed folders (TINYGPT_CORPUS_DIRS); otherwise not offered at all.
+    try:
+        allowed = limits.corpus_dirs()
+    except TinyGPTError as exc:
+        st.error(f"Server settings: {md(exc)}")
+        allowed = ()
+    sources = SOURCES if allowed else SOURCES[:2]
+    if st.session_state.get(K + "source") not in sources:
+        st.session_state[K + "source"] = SOURCES[0]
+    source = st.radio("Source", sources, key=K + "source", horizontal=True, label_visibility="collapsed")
     if source == SOURCES[0]:
         builtins = dict(list_builtin_corpora())
         if st.session_state.get(K + "builtin") not in builtins:
@@ -142,12 +153,23 @@ def _corpus_section() -> Corpus | str | None:
         )
         corpus = corpus_from_upload(uploaded)
         if corpus is not None:
-            st.caption(f"{corpus.name}: {corpus.chars:,} characters.")
+            st.caption(f"{md(corpus.name)}: {corpus.chars:,} characters.")
         return corpus
-    path = st.text_input("Path of a UTF-8 text file on the server", key=K + "path", placeholder="/data/my_corpus.txt")
+    path = st.text_input(
+        "Path of a UTF-8 text file on the server",
+        key=K + "path",
+        placeholder=str(allowed[0] / "my_corpus.txt"),
+        help="Only files inside these folders: " + ", ".join(str(a) for a in allowed),
+    )
     if not path.strip():
         return None
-    return path.strip()
+    try:  # the one visitor check (tinygpt_core.data): inside the allowed folders, links and .. resolved
+        corpus = load_visitor_corpus(path.strip())
+    except TinyGPTError as exc:
+        st.error(md(exc), icon=":material/block:")
+        return None
+    st.caption(f"{md(corpus.name)}: {corpus.chars:,} characters.")
+    return corpus
 
 
 def _tokenizer_section() -> None:
@@ -338,7 +360,7 @@ def _start(f: dict[str, Any], corpus: Corpus | str) -> None:
     """Submit the job (the runner validates first: a bad spec writes nothing) and switch to its view."""
     job_id = None
     with st.spinner("Checking the corpus and settings…"), user_errors("Cannot start: "):
-        job_id = runner().submit(build_spec(f, corpus))
+        job_id = runner().submit(build_spec(f, corpus), owner=visitor())
     if job_id is None:
         return
     st.session_state[LAST_FORM] = {k: v for k, v in f.items() if k not in ("source", "path", "name")}

@@ -15,7 +15,11 @@ import streamlit as st
 
 from pages._ablation_widgets import grid_ablation_picker
 from pages._common import (
+    NOT_YOURS,
+    can_manage,
     list_runs,
+    md,
+    not_yours,
     read_only,
     read_only_notice,
     remember_run,
@@ -24,6 +28,7 @@ from pages._common import (
     selected_run_id,
     store,
     user_errors,
+    visitor,
 )
 from tinygpt_core import state, viz
 from tinygpt_core.ablation_registry import REGISTRY as ABLATION_REGISTRY
@@ -200,7 +205,7 @@ def all_runs_section(runs: list[RunState]) -> None:
         for run_id in chosen:
             m = _metrics(by_id[run_id].path)
             if m is None:
-                st.warning(f"Run **{by_id[run_id].name}** has no readable metrics yet; it is left out.")
+                st.warning(f"Run **{md(by_id[run_id].name)}** has no readable metrics yet; it is left out.")
                 continue
             curves[_unique(curves, by_id[run_id].name)] = with_gap(m)
         metric = CURVES[curve]
@@ -237,9 +242,9 @@ def _unique(existing: dict, name: str) -> str:
 
 def manage_run(run: RunState) -> None:
     if run.broken:
-        st.warning(f"Run **{run.name}** cannot be opened: {run.error}")
+        st.warning(f"Run **{md(run.name)}** cannot be opened: {md(run.error)}")
     elif run.message:
-        st.caption(f"{run.status}: {run.message}")
+        st.caption(f"{run.status}: {md(run.message)}")
     live = run.active
     cols = st.columns(5)
 
@@ -269,22 +274,31 @@ def manage_run(run: RunState) -> None:
         if (ROOT / page).exists():  # pages are optional in navigation; never link to a missing one
             col.page_link(page, label=label, icon=icon, query_params={"run": run.id}, disabled=not enabled)
     locked = read_only()
+    mine = can_manage(run.path)  # issue 11: only the run's owner (or the operator) may delete it
+    if not mine and not locked:
+        not_yours("runs_manage")
     with cols[4].popover(
         "Delete…",
         icon=":material/delete:",
-        disabled=live or locked,
+        disabled=live or locked or not mine,
         help="Deleting is turned off on this server (read-only mode)."
         if locked
+        else NOT_YOURS
+        if not mine
         else "Stop the run first."
         if live
         else "Remove this run's folder from disk.",
     ):
-        st.markdown(f"Delete **{run.name}** (`{run.id}`) and all its files? This cannot be undone.")
+        st.markdown(f"Delete **{md(run.name)}** (`{run.id}`) and all its files? This cannot be undone.")
         if locked:  # a disabled popover cannot open; draw no button behind it either
             st.caption("Deleting is turned off on this server (read-only mode).")
+        elif not mine:
+            st.caption(NOT_YOURS)
         elif st.button("Delete permanently", type="primary", key="runs_delete_confirm"):
             deleted = False
             with user_errors("Could not delete: "):
+                if not can_manage(run.path):  # checked again at the click: the owner file is the truth
+                    raise RunError(NOT_YOURS)
                 store().delete(run.id)
                 deleted = True
             if deleted:
@@ -292,7 +306,7 @@ def manage_run(run: RunState) -> None:
                     remember_run(None)
                     st.query_params.pop("run", None)
                 # No need to touch "runs_overlay": it drops ids that are gone before it is drawn.
-                st.session_state["runs_flash"] = f"Deleted run {run.name} ({run.id})."
+                st.session_state["runs_flash"] = f"Deleted run {md(run.name)} ({md(run.id)})."
                 st.rerun()
 
 
@@ -337,7 +351,8 @@ def launch_grid_form() -> None:
     launched = None
     with user_errors("Could not launch the grid: "):
         base = TrainSpec.from_preset(preset, f"builtin:{corpus}", max_iters=int(max_iters), seed=int(seed))
-        launched = state.launch_grid(runner(), base, labels)  # all of the grid or none of it
+        # All of the grid or none of it; the visitor's job cap (TINYGPT_MAX_JOBS_PER_VISITOR) counts every member.
+        launched = state.launch_grid(runner(), base, labels, owner=visitor())
     if launched:
         st.session_state["runs_grid"] = launched.grid_id
         st.query_params[GRID_PARAM] = launched.grid_id
@@ -423,7 +438,7 @@ def grid_live_view(grid_id: str, live: bool) -> None:
         )
         if not live:
             _chart_downloads(fig, "grid_overlay", grid_id)
-        unfinished = [m.job_id for m in members if m.can_stop]
+        unfinished = [m.job_id for m in members if m.can_stop and can_manage(m.path)]  # only the owner's
         if unfinished and st.button(
             "Stop this grid",
             icon=":material/stop:",
@@ -447,6 +462,7 @@ def _live_metrics(run: RunState) -> pd.DataFrame | None:
 
 # ---- the page ------------------------------------------------------------------------------------
 
+visitor()  # issue 11: keeps this browser's owner token in its cookie (pages/_common.py)
 st.title("Runs & ablations")
 st.caption(
     "Every run on disk, their curves side by side, and ablation grids: switch one part of the "

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import pandas as pd
 import streamlit as st
 
-from pages._common import corpus_start, known_symbols_only, open_run_picker, user_errors, weights_mtime
+from pages._common import corpus_start, known_symbols_only, md, open_run_picker, user_errors, weights_mtime
+from tinygpt_core import limits
 from tinygpt_core.errors import ConfigError, TinyGPTError
 from tinygpt_core.runs import LoadedRun
 from tinygpt_core.sampling import (
@@ -94,7 +95,7 @@ def _default_prompt(run: LoadedRun) -> str:
     return prompt[:cut] if cut > 0 else prompt
 
 
-def _settings_widgets(cid: str, vocab_size: int) -> SamplingSettings:
+def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSettings:
     """The expander of one column; returns its settings (not yet validated: the caller shows errors)."""
     base = COLUMNS[cid].settings
     k = f"smp_{cid}_"
@@ -145,11 +146,12 @@ def _settings_widgets(cid: str, vocab_size: int) -> SamplingSettings:
             s.num_beams = st.number_input(
                 "Beams",
                 1,
-                64,
-                int(base.num_beams),
+                max_beams,  # TINYGPT_MAX_BEAMS
+                min(int(base.num_beams), max_beams),
                 1,
                 key=k + "num_beams",
-                help="How many partial texts are kept at each step (at most the vocabulary size).",
+                help=f"How many partial texts are kept at each step (at most the vocabulary size, and {max_beams} "
+                "on this server).",
             )
             s.length_penalty = st.number_input(
                 "Length penalty",
@@ -178,7 +180,10 @@ def _generate(
     run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str, _run: LoadedRun
 ) -> GenerationResult:
     # run_path + checkpoint + mtime identify the weights, settings_json the decoding (seed included).
-    return generate(_run.model, _run.tokenizer, prompt, SamplingSettings(**json.loads(settings_json)))
+    # A cache miss takes one of the server's decoding slots (TINYGPT_MAX_DECODES_AT_ONCE): requests
+    # take turns instead of all competing for the cores other visitors' pages need (issue 11).
+    with limits.decode_slot():
+        return generate(_run.model, _run.tokenizer, prompt, SamplingSettings(**json.loads(settings_json)))
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -236,6 +241,12 @@ st.caption(
     "keeps and cuts of the distribution."
 )
 
+try:  # the server's decoding bounds (TINYGPT_MAX_NEW_TOKENS, TINYGPT_MAX_BEAMS, TINYGPT_MAX_DECODE_WORK)
+    LIMITS = limits.current()
+except TinyGPTError as exc:
+    st.error(f"Server settings: {md(exc)}")
+    st.stop()
+
 picked = open_run_picker("smp")
 if picked is None:
     st.stop()
@@ -254,7 +265,8 @@ with c_prompt:
         "Prompt", key=prompt_key, height=124, help="Empty is allowed: the model then starts from a newline."
     )
 with c_len:
-    max_new = st.slider("New tokens", 10, 400, 80, 10, key="smp_max_new")
+    top = LIMITS.max_new_tokens
+    max_new = st.slider("New tokens", min(10, top), top, min(80, top), min(10, top), key="smp_max_new")
     c_seed, c_new = st.columns([3, 2], vertical_alignment="bottom")
     if "smp_seed" not in st.session_state:
         st.session_state["smp_seed"] = 1234
@@ -281,7 +293,9 @@ if not chosen:
     st.stop()
 
 mtime = weights_mtime(summary, checkpoint)
+budget_box = st.empty()  # the decoding budget's message, above the columns
 valid: dict[str, SamplingSettings] = {}
+boxes = {}
 # At most three columns per row (two when there are four), so token strips stay readable.
 per_row = len(chosen) if len(chosen) <= 3 else (2 if len(chosen) == 4 else 3)
 cols = [c for start in range(0, len(chosen), per_row) for c in st.columns(per_row, gap="medium")][: len(chosen)]
@@ -290,7 +304,7 @@ for col, cid in zip(cols, chosen):
     with col, st.container(border=True):
         st.markdown(f"**{spec.title}**")
         st.caption(spec.blurb)
-        settings = _settings_widgets(cid, vocab)
+        settings = _settings_widgets(cid, vocab, LIMITS.max_beams)
         settings.max_new_tokens = int(max_new)
         settings.seed = int(seed) if settings.strategy == "sample" else None
         try:
@@ -300,6 +314,21 @@ for col, cid in zip(cols, chosen):
             continue
         st.caption(f"`{settings.describe()}`")
         valid[spec.title] = settings
+        boxes[spec.title] = st.container()
+
+# The whole request is checked against the server's decoding budget before any column decodes, so a
+# request over it gets a message at once instead of tying up the server's cores (issue 11).
+over_budget = None
+try:
+    limits.check_decode(valid.values(), LIMITS)
+except ConfigError as exc:
+    over_budget = str(exc)
+    budget_box.error(md(over_budget), icon=":material/speed:")
+for title, settings in valid.items():
+    if over_budget:
+        boxes[title].caption("Not decoded: the request is over this server's decoding budget (see above).")
+        continue
+    with boxes[title]:
         result = None
         with st.spinner("Generating…"), user_errors("Cannot generate: "):
             result = _generate(

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages._common import JOB_PARAM, RUN_PARAM
+from pages._common import JOB_PARAM, RUN_PARAM, visitor
 from pages._train_run import run_view
 from pages._train_setup import setup_view
 
+visitor()  # keeps this browser's owner token in its cookie (pages/_common.py)
 _job = st.query_params.get(JOB_PARAM)
 _run = st.query_params.get(RUN_PARAM)
 if _job or _run:

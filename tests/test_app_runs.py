@@ -14,7 +14,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from tinygpt_core import jobs
+from tinygpt_core import jobs, owners
 from tinygpt_core.runs import RunStore, read_config
 from tinygpt_core.training import TrainSpec, train
 
@@ -147,10 +147,21 @@ def _pick_run(at: AppTest, name: str) -> str:
     return run_id
 
 
+def _own(at: AppTest, run_dir: Path) -> None:
+    """Make this AppTest session the run's owner (issue 11), as if its browser had started it."""
+    token = owners.new_token()
+    at.session_state["_tinygpt_owner_token"] = token
+    owners.write_owner(run_dir, owners.visitor_owner(token))
+    at.run()
+
+
 def test_delete_asks_first_and_removes_the_folder(with_runs):
     at = open_page()
     run_id = _pick_run(at, "a")
     assert (with_runs / run_id).is_dir()
+    # Not ours (made outside the app: the machine user's): the delete button is not there at all.
+    assert "runs_delete_confirm" not in {b.key for b in at.button}
+    _own(at, with_runs / run_id)
     assert any(d.label == "Download .zip" for d in at.get("download_button"))
     at.button(key="runs_delete_confirm").click().run()
     assert not at.exception and not at.error
@@ -162,6 +173,7 @@ def test_delete_asks_first_and_removes_the_folder(with_runs):
 def test_a_running_run_is_not_deleted(with_runs):
     at = open_page()
     run_id = _pick_run(at, "b")
+    _own(at, with_runs / run_id)
     # Pretend this process is training it: a fresh heartbeat from a live pid.
     (with_runs / run_id / "status.json").write_text(
         json.dumps({"status": "running", "message": "", "step": 3, "pid": os.getpid(), "updated_at": time.time()})

@@ -109,8 +109,10 @@ def test_stop_and_second_tab_sees_the_live_job(runs_dir):
     run_id = at.query_params["run"]
     assert "train_stop" in keys(at.button)
 
-    # A second tab that only knows the run id finds the live job (and could stop it too).
+    # A second tab of the same browser (same owner cookie: AppTest has no cookies, so the session's
+    # token is copied) that only knows the run id finds the live job and can stop it too.
     other = AppTest.from_file(APP, default_timeout=60)
+    other.session_state["_tinygpt_owner_token"] = at.session_state["_tinygpt_owner_token"]
     other.run()
     other.switch_page("pages/train.py")
     other.query_params["run"] = run_id
@@ -118,6 +120,16 @@ def test_stop_and_second_tab_sees_the_live_job(runs_dir):
     assert not other.exception
     assert "train_stop" in keys(other.button)
     assert other.get("progress")  # running (the runner starts it at once: the slot is free), shown live
+
+    # Another browser sees it live too, but may not stop it (issue 11: runs belong to who started them).
+    stranger = AppTest.from_file(APP, default_timeout=60)
+    stranger.run()
+    stranger.switch_page("pages/train.py")
+    stranger.query_params["run"] = run_id
+    stranger.run()
+    assert not stranger.exception and stranger.get("progress")
+    assert "train_stop" not in keys(stranger.button)
+    assert any("Only whoever started this run" in c.value for c in stranger.caption)
 
     at.button(key="train_stop").click().run()
     wait_until_finished(at, timeout=30)

@@ -666,6 +666,12 @@ def test_the_train_page_resumes_an_interrupted_run_from_its_checkpoint(tmp_path,
     try:
         run_dir = interrupted_run(RunStore(runs_dir), steps=6, max_iters=12)
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
+        # This session's browser started the run (issue 11: only its owner, or the operator, may resume it).
+        from tinygpt_core import owners
+
+        token = owners.new_token()
+        at.session_state["_tinygpt_owner_token"] = token
+        owners.write_owner(run_dir, owners.visitor_owner(token))
         at.run()
         at.switch_page("pages/train.py")
         at.query_params["run"] = run_dir.name

@@ -339,6 +339,7 @@ def test_server_killed_mid_training_restarts_with_the_run_interrupted_and_resuma
         time.sleep(0.5)  # some steps past the checkpoint, to be dropped on resume
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)  # reaped: the pid no longer answers
+        owner_cookies = context.cookies()  # the same browser comes back: it still owns its run (issue 11)
     finally:
         context.close()
         stop_streamlit(proc)
@@ -353,6 +354,7 @@ def test_server_killed_mid_training_restarts_with_the_run_interrupted_and_resuma
 
     proc, url = start_streamlit(runs_dir, log)
     context = browser.new_context(base_url=url, viewport=VIEWPORT)
+    context.add_cookies(owner_cookies)  # cookies belong to the host, not the port: the new server reads them
     try:
         page = context.new_page()
         t0 = time.monotonic()

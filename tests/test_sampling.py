@@ -415,3 +415,87 @@ def test_text_stats_on_crafted_sequences():
     assert loop["distinct_2"] == pytest.approx(1 / 9) and loop["repetition"] == pytest.approx(6 / 7)
     short = text_stats([1, 2], [-1.0, -1.0])
     assert math.isnan(short["repetition"]) and short["distinct_2"] == 1.0 and short["n_tokens"] == 2
+
+
+# --- beam search with back-pointers: the same beams as the old re-indexing search, in linear work --------
+
+
+def _reference_beam_search(model, idx, max_new_tokens, settings, use_cache):
+    """The lab's beam search before back-pointers (re-indexes every beam's whole history each step):
+    kept here, verbatim in its logic, as the reference the linear version must match exactly."""
+    from tinygpt_core.sampling import TOP_N
+
+    nb = settings.num_beams
+    next_logits = _NextLogits(model, use_cache)
+    seqs = idx
+    scores = torch.zeros(1, device=idx.device)
+    hist = []
+    for _ in range(max_new_tokens):
+        logits = next_logits(seqs)
+        if settings.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seqs, settings.repetition_penalty)
+        logp = torch.log_softmax(logits, dim=-1)
+        V = logp.size(-1)
+        total = (scores[:, None] + logp).reshape(-1)
+        scores, flat = torch.topk(total, min(nb, total.numel()))
+        rows, tokens = flat // V, flat % V
+        seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
+        next_logits.reorder(rows)
+        lp = logp[rows]
+        chosen = lp.gather(1, tokens[:, None])[:, 0]
+        rank = 1 + (lp > chosen[:, None]).sum(dim=1)
+        top = torch.topk(lp, min(TOP_N, V), dim=-1)
+        hist = [[h[rows] for h in step] for step in hist]
+        hist.append([tokens, chosen, rank, top.values, top.indices])
+    rows_ = [tuple(h[0] for h in step) for step in hist]
+    return seqs, scores / (max_new_tokens**settings.length_penalty), rows_
+
+
+@pytest.mark.parametrize("num_beams", [1, 2, 5, 12])
+@pytest.mark.parametrize("rep", [1.0, 1.4])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_with_back_pointers_equals_the_reindexing_search(tok, num_beams, rep, use_cache):
+    from tinygpt_core.sampling import _beam_search, _Recorder
+
+    model = tiny_model(tok.vocab_size, seed=3)
+    s = SamplingSettings(strategy="beam", num_beams=num_beams, repetition_penalty=rep, length_penalty=0.7)
+    # A short prompt, one longer than the context (16), and generation well past the context.
+    for prompt in ([1], [4, 2, 7], [i % tok.vocab_size for i in range(1, 21)]):
+        idx = torch.tensor([prompt])
+        with torch.no_grad():
+            recorder = _Recorder()
+            seqs, scores = _beam_search(model, idx, 40, s, use_cache, recorder)
+            ref_seqs, ref_scores, ref_rows = _reference_beam_search(model, idx, 40, s, use_cache)
+        assert torch.equal(seqs, ref_seqs), prompt
+        assert torch.equal(scores, ref_scores), prompt
+        assert len(recorder.rows) == len(ref_rows) == 40
+        for ours, theirs in zip(recorder.rows, ref_rows):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_beam_search_work_per_step_does_not_grow_with_the_tokens_written(tok, monkeypatch):
+    """Linear, not quadratic: no step copies a per-beam tensor whose length grows with the tokens written.
+
+    The old search concatenated (beams, prompt + tokens so far) at every step; now each step's
+    per-beam tensors are bounded by the context (block_size + 1), and only the final read-back
+    through the back-pointers builds the full sequences, once."""
+    import tinygpt_core.sampling as sampling
+
+    model = tiny_model(tok.vocab_size, seed=3)  # block_size 16
+    s = SamplingSettings(strategy="beam", num_beams=4, repetition_penalty=1.2)
+    widths: list[int] = []
+    real_cat = torch.cat
+
+    def spying_cat(tensors, *args, **kwargs):
+        out = real_cat(tensors, *args, **kwargs)
+        if out.dim() == 2 and out.size(0) == 4:  # (beams, tokens)
+            widths.append(out.size(1))
+        return out
+
+    monkeypatch.setattr(sampling.torch, "cat", spying_cat)
+    with torch.no_grad():
+        seqs, _ = sampling._beam_search(model, torch.tensor([[1, 2]]), 300, s, True)
+    monkeypatch.undo()
+    assert seqs.shape == (4, 302)
+    assert widths[-1] == 302  # the one final read-back
+    assert max(widths[:-1]) <= 16 + 1  # every step: at most the context plus the new token

@@ -17,6 +17,8 @@ from .errors import RunError
 
 # Atomic writes go through a temp file in the same folder; one may exist mid-write.
 _TMP_SUFFIXES = (".tmp", ".partial")
+# Who owns the run on this server (owners.py) is not part of the run: a download carries no owner.
+_LEFT_OUT = frozenset({"owner.json"})
 # Fixed timestamp so the same run folder always zips to the same bytes.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -61,5 +63,9 @@ def _regular_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.is_symlink() and not p.name.startswith(".") and not p.name.endswith(_TMP_SUFFIXES)
+        if p.is_file()
+        and not p.is_symlink()
+        and not p.name.startswith(".")
+        and not p.name.endswith(_TMP_SUFFIXES)
+        and p.name not in _LEFT_OUT
     )

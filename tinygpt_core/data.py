@@ -8,18 +8,21 @@ split into train and validation parts and served as random nanoGPT-style windows
 from __future__ import annotations
 
 import ast
+import errno
 import functools
 import hashlib
 import os
 import platform
 import random
 import re
+import stat
 import sys
 import sysconfig
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -274,6 +277,99 @@ def load_corpus(source: str, max_bytes: int = MAX_CORPUS_BYTES) -> Corpus:
         return _load_builtin(source[len("builtin:") :].strip().lower())
     path = Path(source).expanduser()
     return Corpus(path.name, _read_text_file(path, max_bytes), source)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a visitor of the app may read: the one check every page's corpus goes through
+
+_NOT_ALLOWED = (
+    "That path is not inside a folder this server lets visitors read from{where}. Upload a .txt file, "
+    "pick a built-in corpus, or ask whoever runs the lab to put the file in an allowed folder."
+)
+
+
+def _refusal(allowed: tuple[Path, ...]) -> DataError:
+    # Names only the operator's allowed folders: never the file asked for, where a link points, or
+    # whether it exists, so the refusal cannot be used to probe the rest of the disk.
+    where = " (" + ", ".join(str(a) for a in allowed) + ")" if allowed else ""
+    return DataError(_NOT_ALLOWED.format(where=where))
+
+
+def _inside(path: Path, allowed: tuple[Path, ...]) -> bool:
+    return any(path != a and path.is_relative_to(a) for a in allowed)
+
+
+def resolve_visitor_corpus(path: str, allowed: Sequence[str | os.PathLike[str]] | None = None) -> Path:
+    """The real path of a file a visitor asked for, if it lies inside an allowed folder; else DataError.
+
+    ``allowed`` defaults to the operator's TINYGPT_CORPUS_DIRS (limits.corpus_dirs); with none, server
+    paths are refused outright. Symlinks and ``..`` are resolved before the check, so neither a link
+    inside an allowed folder nor ``allowed/../../etc/passwd`` leads out. A relative path is taken
+    relative to the allowed folders (the first one where it exists). ``~`` is not expanded.
+    """
+    from . import limits
+
+    dirs = limits.corpus_dirs() if allowed is None else tuple(Path(a).resolve() for a in allowed)
+    if not dirs:
+        raise DataError(
+            "Training on files of the server is turned off here (whoever runs the lab has not set "
+            "TINYGPT_CORPUS_DIRS). Upload a .txt file or pick a built-in corpus."
+        )
+    text = str(path or "").strip()
+    if not text or "\x00" in text:
+        raise _refusal(dirs)
+    given = Path(text)
+    candidates = [given] if given.is_absolute() else [d / given for d in dirs]
+    for candidate in candidates:
+        real = Path(os.path.realpath(candidate))
+        if _inside(real, dirs) and (real.exists() or candidate is candidates[-1]):
+            return real
+    raise _refusal(dirs)
+
+
+def load_visitor_corpus(
+    source: str | Corpus, allowed: Sequence[str | os.PathLike[str]] | None = None, max_bytes: int = MAX_CORPUS_BYTES
+) -> Corpus:
+    """A corpus for an app visitor: a Corpus (an upload) or ``builtin:NAME`` as usual, a path only
+    through ``resolve_visitor_corpus``. The file is opened without following a final symlink and
+    checked again once open (its /proc/self/fd link on Linux), so swapping a link in between does
+    not lead out either. The CLI uses ``load_corpus``, which accepts any path."""
+    if isinstance(source, Corpus):
+        return source
+    if isinstance(source, str) and source.strip().startswith("builtin:"):
+        return load_corpus(source)
+    real = resolve_visitor_corpus(source, allowed)
+    from . import limits
+
+    dirs = limits.corpus_dirs() if allowed is None else tuple(Path(a).resolve() for a in allowed)
+    label = str(real)
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise DataError(f"Corpus file {label} does not exist. Check the name (and the folder).") from None
+    except IsADirectoryError:
+        raise DataError(f"{label} is a folder. Give the path of one UTF-8 text file inside it.") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # the last part became a symlink after the check
+            raise _refusal(dirs) from None
+        raise DataError(f"Cannot read {label}: {e.strerror or e}.") from None
+    with os.fdopen(fd, "rb") as f:
+        opened = Path(f"/proc/self/fd/{fd}")
+        if opened.exists() and not _inside(Path(os.path.realpath(opened)), dirs):
+            raise _refusal(dirs)
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise DataError(f"{label} is a folder. Give the path of one UTF-8 text file inside it.")
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{label} is not a regular file. Give the path of a UTF-8 text file.")
+        if info.st_size > max_bytes:
+            raise DataError(
+                f"{label} is {info.st_size:,} bytes, more than the {max_bytes:,} allowed. Use a shorter excerpt of it."
+            )
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise DataError(f"{label} is more than the {max_bytes:,} bytes allowed. Use a shorter excerpt of it.")
+    return Corpus(real.name, _decode_text(data, label), str(real))
 
 
 def corpus_from_bytes(filename: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> Corpus:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
@@ -55,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import limits, training
+from . import data, limits, owners, training
 from .device import resolve_device
 from .errors import JobError, RunError, TinyGPTError
 from .runs import FINISHED_STATUSES, METRIC_COLUMNS, RUN_STATUSES, RunStore, RunWriter, os_reason
@@ -119,12 +120,19 @@ class JobRunner(ABC):
     and ``wait`` are built on them."""
 
     @abstractmethod
-    def submit(self, spec: training.TrainSpec) -> str:
-        """Validate ``spec`` (raising ConfigError/DataError right here), queue or start it, return its job id."""
+    def submit(self, spec: training.TrainSpec, *, owner: str | None = None) -> str:
+        """Validate ``spec`` (raising ConfigError/DataError right here), queue or start it, return its job id.
+
+        ``owner`` (an app visitor, tinygpt_core.owners) is recorded with the run, bounds how many jobs
+        that visitor may have at once (TINYGPT_MAX_JOBS_PER_VISITOR), and makes a path corpus go
+        through data.load_visitor_corpus (TINYGPT_CORPUS_DIRS). None: the machine's own user."""
 
     @abstractmethod
-    def resume(self, run_id: str, max_iters: int | None = None) -> str:
-        """Queue the continuation of a stopped or interrupted run of the store from its last checkpoint."""
+    def resume(self, run_id: str, max_iters: int | None = None, *, owner: str | None = None) -> str:
+        """Queue the continuation of a stopped or interrupted run of the store from its last checkpoint.
+
+        ``owner``: who asks (counted against their TINYGPT_MAX_JOBS_PER_VISITOR); whether they may is
+        the page's question to owners.can_manage."""
 
     @abstractmethod
     def snapshot(self, job_id: str) -> JobSnapshot:
@@ -213,6 +221,7 @@ class _Job:
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     resume_max_iters: int | None = None  # resume jobs only: the new total (None: the run's own)
+    owner: str | None = None  # who submitted it (owners.py); None: the machine's own user
 
     @property
     def finished(self) -> bool:
@@ -240,7 +249,10 @@ class LocalJobRunner(JobRunner):
 
     # --- the JobRunner interface -----------------------------------------------------------------
 
-    def submit(self, spec: training.TrainSpec) -> str:
+    def submit(self, spec: training.TrainSpec, *, owner: str | None = None) -> str:
+        if owner is not None:  # a visitor: a server path is read only inside TINYGPT_CORPUS_DIRS, once, here
+            spec = dataclasses.replace(spec, corpus=data.load_visitor_corpus(spec.corpus))
+            self.check_visitor_capacity(owner)
         # Validate, load the corpus, train the tokenizer, check the split, resolve the device:
         # ConfigError/DataError reach the caller before anything is written or queued.
         prepared = training.prepare(spec)
@@ -256,6 +268,12 @@ class LocalJobRunner(JobRunner):
             )
         # Creating the run folder now makes the run id known at once (the page puts it in the URL).
         run_dir = Path(self.store.create(spec.name))
+        if owner is not None:
+            try:
+                owners.write_owner(run_dir, owner)
+            except OSError as e:
+                _remove_unstarted(run_dir)
+                raise RunError(f"Cannot write to the run store {self.store.root}: {os_reason(e)}") from None
         job = _Job(
             id=uuid.uuid4().hex[:12],
             seq=next(self._seq),
@@ -265,6 +283,7 @@ class LocalJobRunner(JobRunner):
             run_dir=run_dir,
             created_at=time.time(),
             max_iters=spec.train.max_iters,
+            owner=owner,
         )
         # "queued" on disk lets the runs table show the folder as a run waiting to start, not a broken one.
         try:
@@ -281,6 +300,10 @@ class LocalJobRunner(JobRunner):
     def submit_all(self, specs: Sequence[training.TrainSpec], **options: Any) -> list[str]:
         """All or none: every spec is validated and the queue's room checked before any is queued."""
         specs = list(specs)
+        owner = options.get("owner")
+        if owner is not None:  # a visitor's cap (TINYGPT_MAX_JOBS_PER_VISITOR) counts every member at once
+            self.check_visitor_capacity(owner, len(specs))
+            specs = [dataclasses.replace(s, corpus=data.load_visitor_corpus(s.corpus)) for s in specs]
         devices = set()
         for i, spec in enumerate(specs):
             try:
@@ -307,7 +330,7 @@ class LocalJobRunner(JobRunner):
         n = self.max_jobs_per_device
         return f"{n} job{'s' if n != 1 else ''} at a time on each device of this server"
 
-    def resume(self, run_id: str, max_iters: int | None = None) -> str:
+    def resume(self, run_id: str, max_iters: int | None = None, *, owner: str | None = None) -> str:
         """Queue the continuation of a stopped or interrupted run from its last checkpoint; returns a job id.
 
         Checked here, before anything is queued: read-only mode, the run exists and is not training
@@ -333,6 +356,8 @@ class LocalJobRunner(JobRunner):
         with self._lock:
             if any(j.run_dir.name == run_dir.name and not j.finished for j in self._jobs.values()):
                 raise JobError(f"Run {run_id} is already being resumed; watch that job instead.")
+            if owner is not None:
+                self._check_visitor_capacity(owner, 1)
             waiting = sum(len(q) for q in self._queues.values())
             if waiting >= self.max_queued_jobs:
                 raise JobError(
@@ -350,6 +375,7 @@ class LocalJobRunner(JobRunner):
                 max_iters=target,
                 step=int(extra["step"]),
                 resume_max_iters=max_iters,
+                owner=owner,
             )
             # Nothing is written to the folder until it starts: cancelled while queued, the run stays as it was.
             self._jobs[job.id] = job
@@ -397,6 +423,23 @@ class LocalJobRunner(JobRunner):
             threads = [j.thread for j in self._jobs.values() if j.thread is not None]
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def check_visitor_capacity(self, owner: str, n: int = 1) -> None:
+        """JobError unless ``owner`` may add ``n`` more jobs (TINYGPT_MAX_JOBS_PER_VISITOR); a page
+        launching several runs at once (a grid) asks first, so none of them is queued when all cannot be."""
+        with self._lock:
+            self._check_visitor_capacity(owner, n)
+
+    def _check_visitor_capacity(self, owner: str, n: int) -> None:
+        cap = limits.current().max_jobs_per_visitor
+        mine = sum(1 for j in self._jobs.values() if j.owner == owner and not j.finished)
+        if mine + n > cap:
+            asked = "this" if n == 1 else f"these {n}"
+            raise JobError(
+                f"You already have {mine} run{'s' if mine != 1 else ''} training or waiting, and this server lets "
+                f"one visitor have at most {cap} at once (TINYGPT_MAX_JOBS_PER_VISITOR), so that others get a "
+                f"turn too. Stop one of yours, or wait for one to finish, then start {asked} again."
+            )
 
     # --- scheduling (lock held) ------------------------------------------------------------------
 
@@ -610,10 +653,11 @@ def _write_status(run_dir: Path, status: str, message: str) -> None:
 
 
 def _remove_unstarted(path: Path) -> None:
-    """Delete the folder made at submit, if it still holds nothing but its "queued" status."""
+    """Delete the folder made at submit, if it still holds nothing but its "queued" status (and owner)."""
     try:
-        if {p.name for p in path.iterdir()} <= {"status.json"}:
+        if {p.name for p in path.iterdir()} <= {"status.json", owners.OWNER_FILE}:
             (path / "status.json").unlink(missing_ok=True)
+            (path / owners.OWNER_FILE).unlink(missing_ok=True)
             path.rmdir()
     except OSError:
         pass

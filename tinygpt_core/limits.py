@@ -10,6 +10,13 @@ this module instead of hard-coding a number:
     TINYGPT_MAX_JOBS_PER_DEVICE  training jobs running at once per device   (default 1)
     TINYGPT_MAX_QUEUED_JOBS      jobs waiting for a slot, over all devices  (default 32)
     TINYGPT_READ_ONLY            1/true/yes: show runs, allow no training, resuming or deleting (default off)
+    TINYGPT_MAX_JOBS_PER_VISITOR runs one visitor may have training or waiting at once (default 12)
+    TINYGPT_MAX_NEW_TOKENS       most tokens one decoding column may write      (default 400)
+    TINYGPT_MAX_BEAMS            most beams of one beam-search column           (default 16)
+    TINYGPT_MAX_DECODE_WORK      new tokens x beams, summed over a request's columns (default 3_200)
+    TINYGPT_MAX_DECODES_AT_ONCE  decoding requests served at once; others wait their turn (default 1)
+    TINYGPT_CORPUS_DIRS          folders (os.pathsep-separated) whose files visitors may train on
+                                 (default none: the app offers no server path at all; see data.py)
 
 Values are read on every call (cheap), so a test can set them with monkeypatch; a value that is not
 a positive whole number (or a yes/no for the flag) is a ConfigError naming the variable.
@@ -22,9 +29,12 @@ training too, but an unset TINYGPT_MAX_ITERS does not cap a long run started fro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -36,6 +46,11 @@ DEFAULTS: dict[str, Any] = {
     "TINYGPT_MAX_JOBS_PER_DEVICE": 1,
     "TINYGPT_MAX_QUEUED_JOBS": 32,
     "TINYGPT_READ_ONLY": False,
+    "TINYGPT_MAX_JOBS_PER_VISITOR": 12,  # a full ablation grid (baseline + every ablation) fits
+    "TINYGPT_MAX_NEW_TOKENS": 400,
+    "TINYGPT_MAX_BEAMS": 16,
+    "TINYGPT_MAX_DECODE_WORK": 3_200,  # e.g. 400 tokens x 8 beams, or 4 columns x 400 tokens x 2
+    "TINYGPT_MAX_DECODES_AT_ONCE": 1,
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -49,6 +64,12 @@ class Limits:
     max_jobs_per_device: int
     max_queued_jobs: int
     read_only: bool
+    # Serving to untrusted visitors (defaults from DEFAULTS, so code building a Limits by hand keeps working).
+    max_jobs_per_visitor: int = DEFAULTS["TINYGPT_MAX_JOBS_PER_VISITOR"]
+    max_new_tokens: int = DEFAULTS["TINYGPT_MAX_NEW_TOKENS"]
+    max_beams: int = DEFAULTS["TINYGPT_MAX_BEAMS"]
+    max_decode_work: int = DEFAULTS["TINYGPT_MAX_DECODE_WORK"]
+    max_decodes_at_once: int = DEFAULTS["TINYGPT_MAX_DECODES_AT_ONCE"]
 
     @property
     def max_upload_mb(self) -> int:
@@ -89,6 +110,11 @@ def current(explicit_only: bool = False) -> Limits:
         max_jobs_per_device=_int("TINYGPT_MAX_JOBS_PER_DEVICE"),
         max_queued_jobs=_int("TINYGPT_MAX_QUEUED_JOBS"),
         read_only=_flag("TINYGPT_READ_ONLY"),
+        max_jobs_per_visitor=_int("TINYGPT_MAX_JOBS_PER_VISITOR"),
+        max_new_tokens=_int("TINYGPT_MAX_NEW_TOKENS"),
+        max_beams=_int("TINYGPT_MAX_BEAMS"),
+        max_decode_work=_int("TINYGPT_MAX_DECODE_WORK"),
+        max_decodes_at_once=_int("TINYGPT_MAX_DECODES_AT_ONCE"),
     )
 
 
@@ -151,6 +177,96 @@ def check_spec(run: Any, lim: Limits | None = None) -> None:
         check_params(model_params(run.model_config), lim)
 
 
+# --- serving to visitors: corpus folders and decoding work -----------------------------------------
+
+
+def corpus_dirs() -> tuple[Path, ...]:
+    """The folders visitors may read corpora from (TINYGPT_CORPUS_DIRS, os.pathsep-separated), resolved.
+
+    Empty (the default): the app offers no server path at all. A listed folder that does not exist
+    is a ConfigError naming it, so an operator's typo does not silently turn the option off.
+    """
+    raw = os.environ.get("TINYGPT_CORPUS_DIRS", "")
+    out: list[Path] = []
+    for part in raw.split(os.pathsep):
+        if not part.strip():
+            continue
+        path = Path(part.strip()).expanduser()
+        if not path.is_absolute():
+            raise ConfigError(f"TINYGPT_CORPUS_DIRS: {part.strip()!r} is not an absolute path; list absolute folders.")
+        if not path.is_dir():
+            raise ConfigError(f"TINYGPT_CORPUS_DIRS: {part.strip()!r} is not a folder on this server; fix or drop it.")
+        out.append(path.resolve())
+    return tuple(dict.fromkeys(out))
+
+
+def decode_work(settings: Any) -> int:
+    """What one decoding column costs, in token steps: new tokens x beams (1 for greedy and sampling)."""
+    beams = settings.num_beams if settings.strategy == "beam" else 1
+    return int(settings.max_new_tokens) * int(beams)
+
+
+def check_decode(settings_list: Any, lim: Limits | None = None) -> None:
+    """ConfigError (saying what to lower) unless a decoding request fits the operator's bounds.
+
+    ``settings_list`` holds the SamplingSettings of every column one request decodes: each column's
+    new tokens (TINYGPT_MAX_NEW_TOKENS) and beams (TINYGPT_MAX_BEAMS), and their total work, new
+    tokens x beams summed over the columns (TINYGPT_MAX_DECODE_WORK).
+    """
+    lim = lim or current()
+    settings_list = list(settings_list)
+    for s in settings_list:
+        if s.max_new_tokens > lim.max_new_tokens:
+            raise ConfigError(
+                f"{s.max_new_tokens:,} new tokens is more than this server decodes per request "
+                f"({lim.max_new_tokens:,}, TINYGPT_MAX_NEW_TOKENS); ask for fewer tokens."
+            )
+        if s.strategy == "beam" and s.num_beams > lim.max_beams:
+            raise ConfigError(
+                f"{s.num_beams} beams is more than this server allows ({lim.max_beams}, TINYGPT_MAX_BEAMS); "
+                "use fewer beams."
+            )
+    work = sum(decode_work(s) for s in settings_list)
+    if work > lim.max_decode_work:
+        raise ConfigError(
+            f"This request asks for {work:,} token steps (new tokens x beams, over every column), more than this "
+            f"server allows at once ({lim.max_decode_work:,}, TINYGPT_MAX_DECODE_WORK). Ask for fewer new tokens, "
+            "fewer beams or fewer columns."
+        )
+
+
+_decode_slots: tuple[int, threading.BoundedSemaphore] | None = None
+_decode_slots_lock = threading.Lock()
+DECODE_WAIT_S = 120.0
+
+
+@contextlib.contextmanager
+def decode_slot(wait_s: float = DECODE_WAIT_S, lim: Limits | None = None):
+    """Hold one of the server's TINYGPT_MAX_DECODES_AT_ONCE decoding slots while decoding.
+
+    Decoding runs in a visitor's own script thread, on the cores every other visitor's page needs
+    too; queueing requests (instead of running them all at once) keeps the other pages responsive.
+    After ``wait_s`` seconds without a slot: JobError saying the server is busy and what to do.
+    """
+    global _decode_slots
+    from .errors import JobError
+
+    n = (lim or current()).max_decodes_at_once
+    with _decode_slots_lock:
+        if _decode_slots is None or _decode_slots[0] != n:
+            _decode_slots = (n, threading.BoundedSemaphore(n))
+        slots = _decode_slots[1]
+    if not slots.acquire(timeout=wait_s):
+        raise JobError(
+            f"The server is busy decoding for other visitors (it decodes {n} request(s) at a time, "
+            "TINYGPT_MAX_DECODES_AT_ONCE); try again in a moment, or ask for fewer tokens."
+        )
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 __all__ = [
     "DEFAULTS",
     "Limits",
@@ -161,4 +277,8 @@ __all__ = [
     "check_spec",
     "model_params",
     "READ_ONLY_NOTE",
+    "corpus_dirs",
+    "decode_work",
+    "check_decode",
+    "decode_slot",
 ]

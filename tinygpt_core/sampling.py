@@ -403,34 +403,61 @@ def _beam_search(
     penalises the log-probs, the repetition penalty is applied to the logits before log_softmax,
     as in the other strategies, so the scores stay true log-probabilities and num_beams=1 is
     exactly greedy decoding.
+
+    Linear in max_new_tokens: a step touches only what the model sees (the last block_size tokens
+    of each beam), a (beams, vocab) mask of the tokens each beam has seen (the repetition penalty),
+    and the KV cache; it appends one back-pointer (parent beam, token) and, for the winner's
+    StepInfo, one record per beam. The sequences and the winner's history are read back through the
+    back-pointers once, at the end, instead of re-indexing the whole history at every step.
     """
     nb = settings.num_beams
     next_logits = _NextLogits(model, use_cache)
-    seqs = idx  # (b, T): one beam to start with, so the first step cannot pick duplicates
+    block = next_logits.block_size
+    window = idx[:, -block:]  # (b, <= block) what the model sees of each beam; one beam to start with
     scores = torch.zeros(1, device=idx.device)  # (b,) summed log-probs
-    # Per-beam step history for the StepInfo of the winner: lists of (b, ...) tensors, reindexed
-    # whenever beams are reordered.
-    hist: list[list[torch.Tensor]] = []
+    penalty = settings.repetition_penalty
+    seen = None  # (b, V) bool: tokens in each beam so far (prompt included), for the repetition penalty
+    parents: list[torch.Tensor] = []  # per step (nb,): the beam each surviving beam extends
+    chosen_tokens: list[torch.Tensor] = []  # per step (nb,): the token it appended
+    records: list[list[torch.Tensor]] = []  # per step: (nb, ...) tensors for StepInfo
     for _ in range(max_new_tokens):
-        logits = next_logits(seqs)  # (b, V)
-        if settings.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seqs, settings.repetition_penalty)
+        logits = next_logits(window)  # (b, V)
+        V = logits.size(-1)
+        if penalty != 1.0:
+            if seen is None:
+                seen = torch.zeros(1, V, dtype=torch.bool, device=idx.device)
+                seen[0, idx[0]] = True
+            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
         logp = torch.log_softmax(logits, dim=-1)  # (b, V)
-        V = logp.size(-1)
         total = (scores[:, None] + logp).reshape(-1)  # (b * V,) every extension of every beam
         scores, flat = torch.topk(total, min(nb, total.numel()))  # sorted, best first
         rows, tokens = flat // V, flat % V
-        seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
+        window = torch.cat([window[rows], tokens[:, None]], dim=1)[:, -block:]
         next_logits.reorder(rows)
+        if seen is not None:
+            seen = seen[rows]
+            seen[torch.arange(len(rows), device=seen.device), tokens] = True
+        parents.append(rows)
+        chosen_tokens.append(tokens)
         if recorder is not None:
             lp = logp[rows]  # (nb, V) the distribution each surviving beam chose from
             chosen = lp.gather(1, tokens[:, None])[:, 0]
             rank = 1 + (lp > chosen[:, None]).sum(dim=1)
             top = torch.topk(lp, min(TOP_N, V), dim=-1)
-            hist = [[h[rows] for h in step] for step in hist]
-            hist.append([tokens, chosen, rank, top.values, top.indices])
+            records.append([tokens, chosen, rank, top.values, top.indices])
+    # Follow the back-pointers from the last step to the first.
+    n = len(parents)
+    beam = torch.arange(len(scores), device=idx.device)  # (nb,) where each final beam sits at step t
+    new = torch.empty(len(scores), n, dtype=idx.dtype, device=idx.device)
+    best_rows: list[torch.Tensor] = []  # the row of the best beam at each step, last step first
+    for t in range(n - 1, -1, -1):
+        new[:, t] = chosen_tokens[t][beam]
+        best_rows.append(beam[0])
+        beam = parents[t][beam]
     if recorder is not None:
-        recorder.rows = [tuple(h[0] for h in step) for step in hist]  # the best beam's history
+        best = torch.stack(best_rows).flip(0).tolist() if n else []
+        recorder.rows = [tuple(h[best[t]] for h in records[t]) for t in range(n)]  # the best beam's history
+    seqs = torch.cat([idx.expand(len(scores), -1), new], dim=1)
     return seqs, scores / (max_new_tokens**settings.length_penalty)
 
 
