@@ -169,6 +169,7 @@ def test_invalid_sizes_show_errors_and_start_nothing(runs_dir):
 def test_diverged_run_shows_the_message(runs_dir, monkeypatch):
     # A learning rate no model survives: the weights overflow after one update and the loss turns NaN.
     monkeypatch.setattr(training, "lr_at", lambda step, cfg: 1e30)
+    monkeypatch.setenv("TINYGPT_JOB_EXECUTION", "thread")  # so the patch reaches the training loop
     at = open_train(max_iters=40, eval_interval=10)
     at.button(key="train_start").click().run()
     wait_until_finished(at)
