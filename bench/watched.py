@@ -312,7 +312,7 @@ def _rows(label: str, m: dict) -> list[list[str]]:
 
 def run(quick: bool = False, results=None, repeats: int = 2, baby_steps: int = 150, before: Path | None = None) -> dict:
     repeats, baby_steps = (1, 30) if quick else (repeats, baby_steps)
-    cap_s = 30.0 if quick else 90.0
+    cap_s = 30.0 if quick else 60.0
     measured = {}
     if before is not None:
         measured["before"] = measure(before, repeats, baby_steps, cap_s, "before")

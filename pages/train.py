@@ -35,7 +35,7 @@ from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.model import GPT
 from tinygpt_core.runs import read_metrics, read_samples, read_status
-from tinygpt_core.training import TrainSpec, estimate_step_time
+from tinygpt_core.training import TrainSpec
 
 K = "train_"  # prefix of every widget key on this page (session_state is shared by all pages)
 SOURCES = ("Built-in", "Upload a .txt file", "File on the server")
@@ -501,7 +501,8 @@ def _estimates(
         "Estimate time",
         icon=":material/timer:",
         key=K + "estimate",
-        help="Runs a few training steps on random data with these settings.",
+        help="Runs a few training steps on random data with these settings, in a training process "
+        "like the run's own (same torch threads), so it holds while the run is watched.",
     ):
         with st.spinner("Timing a few steps…"), user_errors("Cannot estimate: "):
             spec = TrainSpec(
@@ -511,7 +512,7 @@ def _estimates(
                 tokenizer=f["tokenizer"],
                 tokenizer_vocab_size=int(f["vocab"]) if f["tokenizer"] != "char" else None,
             )
-            est = {key: estimate_step_time(spec, device=train_cfg.device)}
+            est = {key: runner().estimate_step_time(spec)}
             st.session_state[ESTIMATES] = est
     if key in est:
         per_step = est[key]
@@ -521,7 +522,11 @@ def _estimates(
             help=f"About {_fmt_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters} steps, "
             "plus evaluation.",
         )
-        c3.caption(f"≈ {_fmt_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters:,} steps (plus evals).")
+        c3.caption(
+            f"≈ {_fmt_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters:,} steps (plus evals and "
+            "a second or two to start), timed in a training process like the run's; other runs training at "
+            "the same time share the cores."
+        )
     else:
         c2.metric("Time", "–", help="Press Estimate time.")
 

@@ -176,3 +176,12 @@ def test_diverged_run_shows_the_message(runs_dir, monkeypatch):
     errors = texts(at.error)
     assert "Diverged" in errors and "learning rate" in errors
     assert not at.success
+
+
+def test_estimate_time_is_timed_in_a_training_process_and_says_so(runs_dir):
+    at = open_train(max_iters=200)
+    at.button(key="train_estimate").click().run()
+    assert not at.exception and not at.error
+    time_metric = next(m for m in at.metric if m.label == "Time")
+    assert time_metric.value.endswith("ms/step")
+    assert any("timed in a training process like the run's" in c.value for c in at.caption)

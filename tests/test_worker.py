@@ -192,3 +192,10 @@ def test_threads_per_job_leaves_the_server_a_core(monkeypatch):
     assert worker.threads_per_job(64) == 1
     monkeypatch.setenv("TINYGPT_NUM_THREADS", "3")
     assert worker.threads_per_job(1) == 3
+
+
+def test_the_step_time_estimate_is_timed_in_a_training_process(runner):
+    per_step = runner.estimate_step_time(tiny_spec())
+    assert 0 < per_step < 10
+    thread_runner = LocalJobRunner(runner.store, execution="thread")
+    assert 0 < thread_runner.estimate_step_time(tiny_spec()) < 10

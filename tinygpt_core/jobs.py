@@ -111,6 +111,12 @@ class JobRunner(ABC):
     def list_jobs(self) -> list[JobSnapshot]:
         """Every job the runner remembers, newest first."""
 
+    def estimate_step_time(self, spec: training.TrainSpec) -> float:
+        """Seconds per optimizer step of ``spec`` on random tokens, timed the way this runner trains.
+
+        The default times it in this process; runners that train elsewhere override it."""
+        return training.estimate_step_time(spec, device=spec.train.device)
+
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.05) -> JobSnapshot:
         """Block until the job has finished (or ``timeout`` seconds passed); returns its last snapshot."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -288,6 +294,16 @@ class LocalJobRunner(JobRunner):
             elif job.status == "running":
                 job.stop_event.set()  # the trainer checks it every step, saves, and ends as "stopped"
                 job.message = "Stopping after the current step…"
+
+    def estimate_step_time(self, spec: training.TrainSpec) -> float:
+        """Timed by the execution backend: in a child process with a job's torch threads by default,
+        so the figure holds for a run trained while pages are being watched."""
+        return self.execution.estimate_step_time(spec, spec.train.device, threads_per_job(self.max_jobs_per_device))
+
+    @property
+    def threads_per_job(self) -> int:
+        """Torch threads each CPU job trains with (see worker.threads_per_job)."""
+        return threads_per_job(self.max_jobs_per_device)
 
     def list_jobs(self) -> list[JobSnapshot]:
         with self._lock:

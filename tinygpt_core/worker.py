@@ -79,6 +79,12 @@ class Execution(ABC):
         own end (e.g. the corpus vanished before it started, or the training process died): the
         runner then writes the error into the run folder."""
 
+    def estimate_step_time(self, spec: Any, device: str, threads: int | None) -> float:
+        """Seconds per optimizer step of ``spec``, measured where and as this backend trains it."""
+        from . import training
+
+        return training.estimate_step_time(spec, device=device)
+
     def close(self) -> None:  # noqa: B027 - optional: only backends that hold something override it
         """Release what the backend holds (a child still running is killed)."""
 
@@ -278,6 +284,34 @@ class ProcessExecution(Execution):
             raise JobError(result[1])
         return result[1], result[2]
 
+    def estimate_step_time(self, spec: Any, device: str, threads: int | None) -> float:
+        """Time a few steps in a training process like a job's (its own interpreter, ``threads`` threads)."""
+        proc = self._take()
+        try:
+            try:
+                _send(proc.stdin, ("estimate", (_picklable(Task(Path("."), spec)).spec, device, threads)))
+                msg = _recv(proc.stdout)
+            except (EOFError, OSError):
+                raise JobError(f"The timing process ended unexpectedly: {_exit_reason(proc.wait())}.") from None
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.close()
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdout.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            with self._lock:
+                self._children.discard(proc)
+                busy = bool(self._children - {self._spare})
+            if self.warm and not busy:
+                self._ensure_spare()
+        if msg[0] == "failed":
+            raise JobError(msg[1])
+        return float(msg[1])
+
     def close(self) -> None:
         with self._lock:
             self._closed = True
@@ -303,6 +337,22 @@ def _picklable(task: Task) -> Task:
 
 
 # --- the child ---------------------------------------------------------------------------------------
+
+
+def _estimate(out: IO[bytes], spec: Any, device: str, threads: int | None) -> int:
+    from . import training
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        _send(out, ("estimate", training.estimate_step_time(spec, device=device)))
+    except TinyGPTError as exc:
+        _send(out, ("failed", str(exc)))
+    except Exception as exc:  # noqa: BLE001 - reported to the page, not a silent dead process
+        _send(out, ("failed", f"{type(exc).__name__}: {exc}"))
+    return 0
 
 
 class _Sender:
@@ -347,6 +397,8 @@ def main() -> int:
         kind, task = _recv(inp)
     except EOFError:
         return 0  # the server went away before handing over a task (or a spare was not needed)
+    if kind == "estimate":
+        return _estimate(out, *task)
     assert kind == "task"
     if task.threads:
         import torch
