@@ -9,7 +9,8 @@ the starting tab either leaves (0 tabs) or stays, and more tabs open the same ru
 Per run: tokens/s = trained tokens / logged training seconds (metrics.csv, evals included), the wall
 time from the click to "done", and, with tabs open, the longest gap between two chart updates seen in
 the first tab. With 3 tabs a fourth opens mid-run and the time until it shows the chart is noted.
-A CLI run (its own process) watched by one tab is compared with one nobody watches.
+A CLI run (its own process, tiny preset, CLI_STEPS steps) watched by one tab is compared with one
+nobody watches.
 
 Scenarios run in turns (tiny 0/1/3, baby 0/1/3, CLI 0/1, then again), so a neighbour's burst of CPU
 lands on every side; ratios are of medians of the same preset. Figures go to bench/RESULTS.md.
@@ -38,6 +39,7 @@ CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPl
     .reduce((a, b) => a + b, 0)"""
 TOKENS_PER_STEP = {"tiny": 16 * 32, "baby": 24 * 64}  # batch_size * block_size of the presets
 TARGETS = {1: 0.80, 3: 0.60}
+CLI_STEPS = 200  # the CLI's tiny run, shortened: a loaded machine makes the "before" crawl
 
 
 # --- the server -------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def server_run(browser, url: str, runs_dir: Path, preset: str, tabs: int, steps:
 def cli_run(browser, url: str, repo: Path, runs_dir: Path, watched: bool, n: int) -> dict:
     run_dir = runs_dir / f"cli-{'watched' if watched else 'alone'}-{n}"
     cmd = [sys.executable, "-m", "tinygpt_core", "train", "--corpus", "builtin:tiny", "--preset", "tiny"]
-    cmd += ["--out", str(run_dir), "--no-progress"]
+    cmd += ["--out", str(run_dir), "--no-progress", "--max-iters", str(CLI_STEPS)]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ctx = browser.new_context(base_url=url, viewport={"width": 1280, "height": 900}) if watched else None
@@ -310,18 +312,27 @@ def _rows(label: str, m: dict) -> list[list[str]]:
     return rows
 
 
-def run(quick: bool = False, results=None, repeats: int = 2, baby_steps: int = 150, before: Path | None = None) -> dict:
+def run(
+    quick: bool = False,
+    results=None,
+    repeats: int = 2,
+    baby_steps: int = 150,
+    before: Path | None = None,
+    before_repeats: int | None = None,
+) -> dict:
     repeats, baby_steps = (1, 30) if quick else (repeats, baby_steps)
     cap_s = 30.0 if quick else 60.0
     measured = {}
     if before is not None:
-        measured["before"] = measure(before, repeats, baby_steps, cap_s, "before")
+        measured["before"] = measure(before, before_repeats or repeats, baby_steps, cap_s, "before")
     measured["after"] = measure(REPO, repeats, baby_steps, cap_s, "after")
     report = Report("8. Watching a run: tokens/s with 0, 1 and 3 browser tabs on its Train page", quick=quick)
     report.add(
         f"A `streamlit run app.py` server trains; headless Chromium tabs watch the Train page. `tiny` = Home's "
-        f"Quick start (400 steps, builtin:tiny); `baby` = the Train form, {baby_steps} steps on builtin:tiny. "
-        f"{repeats} runs per row, scenarios in turns; tokens/s = tokens / logged training seconds (evals in). "
+        f"Quick start (400 steps, builtin:tiny); `baby` = the Train form, {baby_steps} steps on builtin:tiny; "
+        f"CLI: `tiny`, {CLI_STEPS} steps. "
+        f"{repeats} runs per row (before: {before_repeats or repeats}), scenarios in turns; "
+        "tokens/s = tokens / logged training seconds (evals in). "
         f"A run still going after {cap_s:.0f} s is stopped from a tab and its rate taken so far (capped). "
         "Wall = click to done; gap = longest time between two chart updates in a watching tab; "
         "new tab = seconds until a tab opened mid-run (with 3 watching) shows the chart. "
@@ -346,9 +357,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each scenario")
     ap.add_argument("--baby-steps", type=int, default=150)
     ap.add_argument("--before", type=Path, help="also measure the app of this checkout first (e.g. /work/main)")
+    ap.add_argument("--before-repeats", type=int, help="runs of each scenario for --before (default: --repeats)")
     ap.add_argument("--results", type=Path, help="append the table here instead of bench/RESULTS.md")
     args = ap.parse_args(argv)
-    run(args.quick, args.results, args.repeats, args.baby_steps, args.before)
+    run(args.quick, args.results, args.repeats, args.baby_steps, args.before, args.before_repeats)
 
 
 if __name__ == "__main__":
