@@ -57,6 +57,11 @@ def test_a_watched_run_keeps_at_least_a_third_of_its_unwatched_step_rate(page, a
 
     # Watched: the same Quick start, with its Train page open (and its chart updating) throughout.
     watched = runs_dir / quick_start(page)
+    # A second tab opened mid-run finds the job by its run id and shows the curve so far.
+    other = page.context.new_page()
+    other.goto(f"/train?run={watched.name}")
+    poll(lambda: other.evaluate(CHART_POINTS), lambda n: n > 0, 90, "the second tab's chart")
+    other.close()
     seen = []
     deadline = time.monotonic() + 300
     while status(watched) in ("", "queued", "running"):
