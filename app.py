@@ -60,6 +60,28 @@ def _configure_threads_once() -> int:
     return configure_threads()
 
 
+@st.cache_resource
+def _freeze_startup_objects() -> None:
+    """Make full garbage collections cheap (once per server process).
+
+    A full collection walks every tracked object: with torch, pandas and plotly loaded, ~250k of
+    them, 0.1-0.3 s holding the interpreter lock. Streamlit used to force one after every script run
+    (runner.postScriptGC, now off in .streamlit/config.toml): three times a second for each tab
+    watching a run, which starved everything else in the server. Python still runs full collections
+    now and then; ``gc.freeze`` moves what is loaded by now (plotly's lazily built validators
+    included, by drawing one figure) into a generation the collector skips. Later objects are still
+    collected."""
+    import gc
+
+    import pandas as pd
+
+    from tinygpt_core import viz
+
+    viz.loss_figure(pd.DataFrame()).to_json()  # loads plotly's figure machinery before the freeze
+    gc.collect()
+    gc.freeze()
+
+
 def home() -> None:
     # Imported here so the navigation itself never fails on a core import problem.
     from pages._common import (
@@ -182,4 +204,5 @@ try:
     _configure_threads_once()
 except Exception as exc:  # noqa: BLE001 - e.g. a malformed TINYGPT_NUM_THREADS: say so on every page
     st.error(f"Server settings: {exc}")
+_freeze_startup_objects()  # after the navigation is drawn: it imports plotly and pandas
 nav.run()

@@ -24,6 +24,7 @@ BENCHES = {  # name -> module, in the issue's order
     "inspection": "bench.inspection",
     "app": "bench.app_startup",
     "profile": "bench.profile",  # evidence for RESULTS.md: where a step's time goes
+    "watched": "bench.watched",  # training speed while browser tabs watch it (a real server and chromium)
 }
 
 

@@ -43,7 +43,7 @@ from tinygpt_core import limits
 from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
 from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora, load_visitor_corpus
 from tinygpt_core.errors import TinyGPTError
-from tinygpt_core.training import TrainSpec, estimate_step_time
+from tinygpt_core.training import TrainSpec
 
 TOKENIZER_HELP = {
     "char": "one token per character: tiny vocabulary, long sequences",
@@ -329,7 +329,8 @@ def _estimates(
         "Estimate time",
         icon=":material/timer:",
         key=K + "estimate",
-        help="Runs a few training steps on random data with these settings.",
+        help="Runs a few training steps on random data with these settings, in a training process "
+        "like the run's own (same torch threads), so it holds while the run is watched.",
     ):
         with st.spinner("Timing a few steps…"), user_errors("Cannot estimate: "):
             spec = TrainSpec(
@@ -339,7 +340,7 @@ def _estimates(
                 tokenizer=f["tokenizer"],
                 tokenizer_vocab_size=int(f["vocab"]) if f["tokenizer"] != "char" else None,
             )
-            est = {key: estimate_step_time(spec, device=train_cfg.device)}
+            est = {key: runner().estimate_step_time(spec)}
             st.session_state[ESTIMATES] = est
     if key in est:
         per_step = est[key]
@@ -350,7 +351,9 @@ def _estimates(
             "plus evaluation.",
         )
         c3.caption(
-            f"≈ {format_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters:,} steps (plus evals)."
+            f"≈ {format_duration(per_step * train_cfg.max_iters)} for {train_cfg.max_iters:,} steps (plus evals and "
+            "a second or two to start), timed in a training process like the run's; other runs training at "
+            "the same time share the cores."
         )
     else:
         c2.metric("Time", "–", help="Press Estimate time.")

@@ -82,10 +82,13 @@ def store(tmp_path):
 
 @pytest.fixture
 def runner(store):
-    """A LocalJobRunner on ``store`` running one job at a time per device; its jobs are stopped after the test."""
+    """A LocalJobRunner on ``store`` running one job at a time per device; its jobs are stopped after the test.
+
+    It trains in this process (a thread), so tests can swap in stand-ins (a patched training.train, a
+    NaN loss, a failing disk); tests of the child-process backend build their own runner."""
     from tinygpt_core.jobs import LocalJobRunner
 
-    r = LocalJobRunner(store, max_jobs_per_device=1)
+    r = LocalJobRunner(store, max_jobs_per_device=1, execution="thread")
     yield r
     r.shutdown()
 

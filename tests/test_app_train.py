@@ -181,6 +181,7 @@ def test_invalid_sizes_show_errors_and_start_nothing(runs_dir):
 def test_diverged_run_shows_the_message(runs_dir, monkeypatch):
     # A learning rate no model survives: the weights overflow after one update and the loss turns NaN.
     monkeypatch.setattr(training, "lr_at", lambda step, cfg: 1e30)
+    monkeypatch.setenv("TINYGPT_JOB_EXECUTION", "thread")  # so the patch reaches the training loop
     at = open_train(max_iters=40, eval_interval=10)
     at.button(key="train_start").click().run()
     wait_until_finished(at)
@@ -218,3 +219,12 @@ def test_ablation_toggles_come_from_the_registry_and_reach_the_run(runs_dir):
     run_id = at.query_params["run"]
     wait_until_finished(at)
     assert read_config(runs_dir / run_id).model.ablations() == ["pos-none", "window-4", "qk-norm"]
+
+
+def test_estimate_time_is_timed_in_a_training_process_and_says_so(runs_dir):
+    at = open_train(max_iters=200)
+    at.button(key="train_estimate").click().run()
+    assert not at.exception and not at.error
+    time_metric = next(m for m in at.metric if m.label == "Time")
+    assert time_metric.value.endswith("ms/step")
+    assert any("timed in a training process like the run's" in c.value for c in at.caption)

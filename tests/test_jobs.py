@@ -28,6 +28,14 @@ def tiny_spec(**overrides) -> TrainSpec:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
+@pytest.fixture(params=["process", "thread"])
+def any_runner(store, request):
+    """Real training through each execution backend: a child process (the default) and a thread."""
+    r = LocalJobRunner(store, max_jobs_per_device=1, execution=request.param)
+    yield r
+    r.shutdown()
+
+
 class FakeTrainer:
     """Stands in for training.train: emits events, then blocks until released (or stopped)."""
 
@@ -80,7 +88,8 @@ def fake(monkeypatch) -> FakeTrainer:
 # --- real training --------------------------------------------------------------------------------
 
 
-def test_job_runs_to_done_and_reports_metrics_and_samples(runner, store):
+def test_job_runs_to_done_and_reports_metrics_and_samples(any_runner, store):
+    runner = any_runner
     job_id = runner.submit(tiny_spec())
     first = runner.snapshot(job_id)
     assert first.run_id is not None and first.run_dir.is_dir()  # known at once, for the page's URL
@@ -123,7 +132,8 @@ def test_snapshots_are_copies(runner, fake):
         snap.status = "done"  # frozen
 
 
-def test_cancel_running_job_stops_it_and_saves(runner):
+def test_cancel_running_job_stops_it_and_saves(any_runner):
+    runner = any_runner
     job_id = runner.submit(tiny_spec(max_iters=100_000, eval_interval=50_000))
     wait_until(lambda: runner.snapshot(job_id).step > 2)
     running = runner.snapshot(job_id)
@@ -170,7 +180,7 @@ def test_jobs_beyond_the_bound_queue_fifo_and_start_when_one_ends(runner, fake):
 
 
 def test_two_slots_per_device_run_two_jobs_at_once(store, fake):
-    runner = LocalJobRunner(store, max_jobs_per_device=2)
+    runner = LocalJobRunner(store, max_jobs_per_device=2, execution="thread")
     try:
         ids = [runner.submit(tiny_spec()) for _ in range(3)]
         wait_until(lambda: len(fake.calls) == 2)

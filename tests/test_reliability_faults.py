@@ -481,7 +481,7 @@ class FailingDisk:
 def test_disk_full_mid_training_ends_the_job_with_a_clear_error_and_loses_no_finished_run(store, monkeypatch):
     finished = train(tiny_spec(name="finished"), store=store).run_dir
     before = folder_digest(finished)
-    runner = LocalJobRunner(store, max_jobs_per_device=1)
+    runner = LocalJobRunner(store, max_jobs_per_device=1, execution="thread")
     try:
         disk = FailingDisk(monkeypatch, store.root, errno.ENOSPC, after=8)  # fails during the first checkpoints
         snap = runner.wait(runner.submit(tiny_spec(max_iters=40, eval_interval=4, name="victim")), timeout=120)
@@ -509,7 +509,7 @@ def test_disk_full_mid_training_ends_the_job_with_a_clear_error_and_loses_no_fin
 def test_a_store_that_refuses_every_write_refuses_new_jobs_with_a_clear_error(store, monkeypatch, code):
     finished = train(tiny_spec(name="finished"), store=store).run_dir
     before = folder_digest(finished)
-    runner = LocalJobRunner(store, max_jobs_per_device=1)
+    runner = LocalJobRunner(store, max_jobs_per_device=1, execution="thread")
     try:
         FailingDisk(monkeypatch, store.root, code, after=0)
         with pytest.raises(RunError) as err:

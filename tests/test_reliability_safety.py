@@ -104,6 +104,7 @@ def test_the_job_bound_comes_from_the_environment_and_extra_jobs_queue_with_a_me
     monkeypatch.setenv("TINYGPT_RUNS_DIR", str(tmp_path / "runs"))
     fake = Blocking()
     monkeypatch.setattr(training, "train", fake)
+    monkeypatch.setenv("TINYGPT_JOB_EXECUTION", "thread")  # the fake trainer lives in this process
     jobs.reset_runner()
     runner = jobs.get_runner()
     try:
@@ -123,7 +124,7 @@ def test_the_queue_is_bounded_too(tmp_path, monkeypatch):
     fake = Blocking()
     monkeypatch.setattr(training, "train", fake)
     store = RunStore(tmp_path / "runs")
-    runner = LocalJobRunner(store)
+    runner = LocalJobRunner(store, execution="thread")  # the fake trainer lives in this process
     try:
         for i in range(3):  # one running, two waiting
             runner.submit(tiny_spec(name=f"j{i}"))

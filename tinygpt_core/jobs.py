@@ -33,10 +33,13 @@ calls above. Implementations may take extra keyword-only options (for example wh
 
 The local runner
 ----------------
-``LocalJobRunner`` runs each job in this process, feeding a lock-guarded progress record from the
-training callback; a snapshot is a copy of that record, so a page can read it (and even mutate it)
-without racing the training thread. Jobs are bounded per device: beyond ``max_jobs_per_device``
-they wait in a FIFO queue and start when a slot frees up; at most ``max_queued_jobs`` wait.
+``LocalJobRunner`` gives each job a daemon thread that hands it to an execution backend
+(tinygpt_core.worker): by default a child process that trains it and streams its events back, so a
+busy server (page reruns holding the interpreter lock) cannot slow training; or, for tests and
+debugging, this thread itself (``TINYGPT_JOB_EXECUTION=thread``). The events feed a lock-guarded
+progress record; a snapshot is a copy of that record, so a page can read it (and even mutate it)
+without racing the job. Jobs are bounded per device: beyond ``max_jobs_per_device`` they wait in a
+FIFO queue and start when a slot frees up; at most ``max_queued_jobs`` wait.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from . import data, limits, owners, training
 from .device import resolve_device
 from .errors import JobError, RunError, TinyGPTError
 from .runs import FINISHED_STATUSES, METRIC_COLUMNS, RUN_STATUSES, RunStore, RunWriter, os_reason
+from .worker import Execution, Task, make_execution, threads_per_job
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +188,12 @@ class JobRunner(ABC):
         """One line on where and how many jobs run at once, for the user (e.g. after a grid launch)."""
         return ""
 
+    def estimate_step_time(self, spec: training.TrainSpec) -> float:
+        """Seconds per optimizer step of ``spec`` on random tokens, timed the way this runner trains.
+
+        The default times it in this process; runners that train elsewhere override it."""
+        return training.estimate_step_time(spec, device=spec.train.device)
+
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.05) -> JobSnapshot:
         """Block until the job has finished (or ``timeout`` seconds passed); returns its last snapshot."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -232,8 +242,14 @@ class LocalJobRunner(JobRunner):
     """Runs jobs on daemon threads of this process, at most ``max_jobs_per_device`` at a time per device."""
 
     def __init__(
-        self, store: RunStore | None = None, max_jobs_per_device: int | None = None, max_queued_jobs: int | None = None
+        self,
+        store: RunStore | None = None,
+        max_jobs_per_device: int | None = None,
+        max_queued_jobs: int | None = None,
+        execution: str | Execution | None = None,
     ):
+        # execution: "process" (default: each job trains in a child process), "thread" (in this process:
+        # for tests that inject fakes into it), an Execution, or None for $TINYGPT_JOB_EXECUTION.
         # None: the operator's limits (TINYGPT_MAX_JOBS_PER_DEVICE, TINYGPT_MAX_QUEUED_JOBS; see limits.py).
         if max_jobs_per_device is None:
             max_jobs_per_device = limits.current().max_jobs_per_device
@@ -242,6 +258,7 @@ class LocalJobRunner(JobRunner):
             raise JobError(f"max_jobs_per_device must be >= 1, got {max_jobs_per_device}.")
         self.store = store if store is not None else RunStore()
         self.max_jobs_per_device = max_jobs_per_device
+        self.execution = execution if isinstance(execution, Execution) else make_execution(execution)
         self._lock = threading.Lock()  # guards every _Job and the queues; never held while training
         self._jobs: dict[str, _Job] = {}
         self._queues: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
@@ -405,6 +422,16 @@ class LocalJobRunner(JobRunner):
                 job.stop_event.set()  # the trainer checks it every step, saves, and ends as "stopped"
                 job.message = "Stopping after the current step…"
 
+    def estimate_step_time(self, spec: training.TrainSpec) -> float:
+        """Timed by the execution backend: in a child process with a job's torch threads by default,
+        so the figure holds for a run trained while pages are being watched."""
+        return self.execution.estimate_step_time(spec, spec.train.device, threads_per_job(self.max_jobs_per_device))
+
+    @property
+    def threads_per_job(self) -> int:
+        """Torch threads each CPU job trains with (see worker.threads_per_job)."""
+        return threads_per_job(self.max_jobs_per_device)
+
     def list_jobs(self) -> list[JobSnapshot]:
         with self._lock:
             jobs = sorted(self._jobs.values(), key=lambda j: j.seq, reverse=True)
@@ -423,6 +450,7 @@ class LocalJobRunner(JobRunner):
             threads = [j.thread for j in self._jobs.values() if j.thread is not None]
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.execution.close()  # a child that did not stop in time is killed
 
     def check_visitor_capacity(self, owner: str, n: int = 1) -> None:
         """JobError unless ``owner`` may add ``n`` more jobs (TINYGPT_MAX_JOBS_PER_VISITOR); a page
@@ -472,18 +500,19 @@ class LocalJobRunner(JobRunner):
     # --- the worker thread -----------------------------------------------------------------------
 
     def _work(self, job: _Job) -> None:
-        """Train one job; always ends with a finished status, never a silently dead thread."""
+        """Train one job through the execution backend; always ends with a finished status, never a
+        silently dead thread (or child process)."""
         try:
-            callbacks = [lambda ev: self._publish(job, ev)]
-            if job.spec is None:
-                result = training.resume(
-                    job.run_dir, max_iters=job.resume_max_iters, callbacks=callbacks, stop_event=job.stop_event
-                )
-            else:
-                result = training.train(
-                    job.spec, job.run_dir, store=self.store, callbacks=callbacks, stop_event=job.stop_event
-                )
-            status, message = result.status, result.message
+            task = Task(
+                run_dir=job.run_dir,
+                spec=job.spec,
+                store_root=self.store.root,
+                resume_max_iters=job.resume_max_iters,
+                threads=threads_per_job(self.max_jobs_per_device),
+            )
+            status, message = self.execution.run(task, lambda ev: self._publish(job, ev), job.stop_event)
+            if job.spec is not None:
+                job.spec._prepared = None  # the corpus's token ids: not pinned by a finished job's record
         except TinyGPTError as exc:  # e.g. the corpus file vanished between submit and start
             status, message = "error", str(exc)
             _write_status(job.run_dir, status, message)
@@ -674,7 +703,8 @@ def get_runner() -> LocalJobRunner:
     global _default_runner
     with _default_lock:
         if _default_runner is None:
-            _default_runner = LocalJobRunner()
+            # The server's runner keeps a warm training process ready, so Quick start starts at once.
+            _default_runner = LocalJobRunner(execution=make_execution(warm=True))
         return _default_runner
 
 

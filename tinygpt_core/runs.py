@@ -261,7 +261,17 @@ def _pid_alive(pid: int, started: int | None = None) -> bool:
         return True  # exists, owned by someone else
     except (OSError, OverflowError, ValueError):
         return False
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Exited but not yet reaped: a training process whose server died waits for pid 1 to reap it,
+    and a container's pid 1 may never do so (Linux; False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def read_status(run_dir: str | os.PathLike[str]) -> RunStatus:

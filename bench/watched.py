@@ -1,0 +1,367 @@
+"""Bench 8: does watching a run slow it down? Server-trained runs with 0, 1 and 3 browser tabs open.
+
+A real ``streamlit run app.py`` server (from this checkout, or ``--repo`` another one, e.g. main's,
+to measure a "before") trains runs that headless Chromium tabs watch on the Train page, the way a
+person does. For the ``tiny`` preset the run is started with Home's Quick start button (400 steps on
+builtin:tiny); for ``baby`` with the Train page's form (preset baby, fewer steps). Right after Start
+the starting tab either leaves (0 tabs) or stays, and more tabs open the same run URL (1 or 3 tabs).
+
+Per run: tokens/s = trained tokens / logged training seconds (metrics.csv, evals included), the wall
+time from the click to "done", and, with tabs open, the longest gap between two chart updates seen in
+the first tab. With 3 tabs a fourth opens mid-run and the time until it shows the chart is noted.
+A CLI run (its own process, tiny preset, CLI_STEPS steps) watched by one tab is compared with one
+nobody watches.
+
+Scenarios run in turns (tiny 0/1/3, baby 0/1/3, CLI 0/1, then again), so a neighbour's burst of CPU
+lands on every side; ratios are of medians of the same preset. Figures go to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.common import REPO, Report, fmt, median
+
+CHROMIUM = "/usr/bin/chromium"
+IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
+    .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))
+    .reduce((a, b) => a + b, 0)"""
+TOKENS_PER_STEP = {"tiny": 16 * 32, "baby": 24 * 64}  # batch_size * block_size of the presets
+TARGETS = {1: 0.80, 3: 0.60}
+CLI_STEPS = 200  # the CLI's tiny run, shortened: a loaded machine makes the "before" crawl
+
+
+# --- the server -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repo: Path, runs_dir: Path, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true"]
+    cmd += ["--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"]
+    cmd += ["--browser.gatherUsageStats", "false"]
+    full_env = {**os.environ, "TINYGPT_RUNS_DIR": str(runs_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
+    log = open(runs_dir.parent / f"server-{port}.log", "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, cwd=repo, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return proc, url
+        if proc.poll() is not None:
+            break
+        time.sleep(0.25)
+    proc.kill()
+    raise RuntimeError(f"the server in {repo} did not start; see {log.name}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
+# --- one run ------------------------------------------------------------------------------------------
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("status", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def _rate(run_dir: Path, preset: str) -> tuple[float, int, float]:
+    """(tokens/s, steps, logged seconds) from metrics.csv."""
+    import pandas as pd
+
+    m = pd.read_csv(run_dir / "metrics.csv")
+    steps, elapsed = int(m["step"].iloc[-1]), float(m["elapsed_s"].iloc[-1])
+    return steps * TOKENS_PER_STEP[preset] / elapsed, steps, elapsed
+
+
+def _wait_idle(page, timeout_ms: int = 120_000) -> None:
+    page.wait_for_timeout(300)
+    page.wait_for_selector(IDLE, timeout=timeout_ms)
+
+
+def _start_from_page(page, preset: str, steps: int) -> None:
+    if preset == "tiny":  # Quick start, as a new user does
+        page.goto("/")
+        _wait_idle(page)
+        page.get_by_role("button", name="Quick start").click()
+        return
+    page.goto("/train")
+    _wait_idle(page)
+    page.get_by_test_id("stSelectbox").filter(has_text="Preset").click()
+    page.get_by_role("option", name=preset, exact=True).click()
+    _wait_idle(page)
+    box = page.get_by_role("spinbutton", name="Steps (max_iters)", exact=True)
+    box.fill(str(steps))
+    box.press("Enter")
+    _wait_idle(page)
+    page.get_by_role("button", name="Start training").click()
+
+
+def _run_id(page) -> str:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        href = page.evaluate("location.href")  # st.switch_page changes it with pushState
+        q = dict(p.split("=", 1) for p in href.partition("?")[2].split("&") if "=" in p)
+        if "run" in q:
+            return q["run"]
+        time.sleep(0.05)
+    raise RuntimeError(f"no run id in the URL {page.url}")
+
+
+def _watch(tab0, run_dir: Path, cap_s: float) -> tuple[float, bool]:
+    """Sample tab0's chart until the run ends (or cap_s); returns (longest gap between updates, capped)."""
+    last_n, last_change, gap = None, time.monotonic(), 0.0
+    deadline = time.monotonic() + cap_s
+    while _status(run_dir) in ("", "queued", "running"):
+        if time.monotonic() > deadline:
+            return gap, True
+        now = time.monotonic()
+        if tab0 is not None:
+            try:
+                n = tab0.evaluate(CHART_POINTS)
+            except Exception:  # noqa: BLE001 - a remount between reads
+                n = last_n
+            if n != last_n:
+                if last_n is not None and _status(run_dir) == "running":
+                    gap = max(gap, now - last_change)
+                last_n, last_change = n, now
+            elif last_n is not None:
+                gap = max(gap, now - last_change)
+        time.sleep(0.2)
+    return gap, False
+
+
+def server_run(browser, url: str, runs_dir: Path, preset: str, tabs: int, steps: int, cap_s: float) -> dict:
+    ctx = browser.new_context(base_url=url, viewport={"width": 1280, "height": 900})
+    try:
+        page = ctx.new_page()
+        t0 = time.monotonic()
+        _start_from_page(page, preset, steps)
+        run_id = _run_id(page)
+        run_dir = runs_dir / run_id
+        if tabs == 0:
+            page.goto("about:blank")
+        pages = [page] if tabs else []
+        first_paint = None
+        watch_url = f"/train?run={run_id}"
+        for _ in range(1, tabs):
+            p = ctx.new_page()
+            p.goto(watch_url)
+            pages.append(p)
+        if tabs == 3:  # a fourth tab arrives mid-run: how long until it shows the chart?
+            time.sleep(1.0)
+            if _status(run_dir) == "running":
+                p = ctx.new_page()
+                t1 = time.monotonic()
+                p.goto(watch_url)
+                while time.monotonic() - t1 < 30:
+                    with contextlib.suppress(Exception):
+                        if p.evaluate(CHART_POINTS) > 0:
+                            first_paint = time.monotonic() - t1
+                            break
+                    time.sleep(0.1)
+                p.close()
+        gap, capped = _watch(pages[0] if pages else None, run_dir, cap_s)
+        if capped:  # the "before": stop it from a tab rather than wait many minutes
+            stopper = pages[0] if pages else ctx.new_page()
+            if not pages:
+                stopper.goto(f"/train?run={run_id}")
+            stopper.get_by_role("button", name="Stop", exact=True).click(timeout=60_000)
+            deadline = time.monotonic() + 120
+            while _status(run_dir) == "running" and time.monotonic() < deadline:
+                time.sleep(0.2)
+        wall = time.monotonic() - t0
+        tps, done, elapsed = _rate(run_dir, preset)
+        return dict(tps=tps, steps=done, elapsed=elapsed, wall=wall, gap=gap, first_paint=first_paint, capped=capped)
+    finally:
+        ctx.close()
+
+
+def cli_run(browser, url: str, repo: Path, runs_dir: Path, watched: bool, n: int) -> dict:
+    run_dir = runs_dir / f"cli-{'watched' if watched else 'alone'}-{n}"
+    cmd = [sys.executable, "-m", "tinygpt_core", "train", "--corpus", "builtin:tiny", "--preset", "tiny"]
+    cmd += ["--out", str(run_dir), "--no-progress", "--max-iters", str(CLI_STEPS)]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ctx = browser.new_context(base_url=url, viewport={"width": 1280, "height": 900}) if watched else None
+    try:
+        if ctx is not None:
+            while not (run_dir / "status.json").exists() and proc.poll() is None:
+                time.sleep(0.05)
+            page = ctx.new_page()
+            page.goto(f"/train?run={run_dir.name}")
+        proc.wait(timeout=600)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if proc.returncode:
+        raise RuntimeError(f"CLI run failed: {proc.stderr.read().decode()[-2000:]}")
+    tps, steps, elapsed = _rate(run_dir, "tiny")
+    return dict(tps=tps, steps=steps, elapsed=elapsed)
+
+
+# --- the bench ----------------------------------------------------------------------------------------
+
+
+def measure(repo: Path, repeats: int, baby_steps: int, cap_s: float, label: str) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    results: dict[tuple, list[dict]] = {}
+    load: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="tinygpt-watched-") as tmp:
+        runs_dir = Path(tmp) / "runs"
+        runs_dir.mkdir()
+        proc, url = start_server(repo, runs_dir)
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(
+                    executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
+                )
+                # Warm-up: the first page load compiles the app's modules and the first run pays for imports.
+                server_run(browser, url, runs_dir, "tiny", 0, 0, cap_s)
+                for r in range(repeats):
+                    for preset in ("tiny", "baby"):
+                        for tabs in (0, 1, 3):
+                            out = server_run(browser, url, runs_dir, preset, tabs, baby_steps, cap_s)
+                            results.setdefault((preset, tabs), []).append(out)
+                            load.append(os.getloadavg()[0])
+                            print(f"[{label}] {preset} tabs={tabs}: {out}", flush=True)
+                    for watched in (False, True):
+                        out = cli_run(browser, url, repo, runs_dir, watched, r)
+                        results.setdefault(("cli", int(watched)), []).append(out)
+                        load.append(os.getloadavg()[0])
+                        print(f"[{label}] cli watched={watched}: {out}", flush=True)
+                browser.close()
+        finally:
+            stop_server(proc)
+    return dict(results=results, load=load)
+
+
+def _rows(label: str, m: dict) -> list[list[str]]:
+    res = m["results"]
+    rows = []
+    for preset in ("tiny", "baby"):
+        base = median(x["tps"] for x in res[(preset, 0)])
+        base_wall = median(x["wall"] for x in res[(preset, 0)])
+        for tabs in (0, 1, 3):
+            xs = res[(preset, tabs)]
+            tps = median(x["tps"] for x in xs)
+            target = TARGETS.get(tabs)
+            ratio = f"{100 * tps / base:.0f}%" + (f" (≥ {100 * target:.0f}%)" if target else "")
+            paint = [x["first_paint"] for x in xs if x["first_paint"] is not None]
+            wall = median(x["wall"] for x in xs)
+            rows.append(
+                [
+                    label,
+                    f"{'Quick start (tiny)' if preset == 'tiny' else 'baby'}, {tabs} tab{'s' if tabs != 1 else ''}",
+                    "/".join(f"{x['tps']:,.0f}" for x in xs) + (" (capped)" if any(x["capped"] for x in xs) else ""),
+                    f"{tps:,.0f}",
+                    f"{tps / TOKENS_PER_STEP[preset]:.1f}",
+                    ratio,
+                    f"{wall:.1f} ({wall / base_wall:.1f}×)",
+                    fmt(max(x["gap"] for x in xs), 1) if tabs else "–",
+                    fmt(max(paint), 1) if paint else "–",
+                ]
+            )
+    alone = median(x["tps"] for x in res[("cli", 0)])
+    for watched in (0, 1):
+        xs = res[("cli", watched)]
+        tps = median(x["tps"] for x in xs)
+        ratio = f"{100 * tps / alone:.0f}%" + (" (≥ 96%)" if watched else "")
+        rows.append(
+            [
+                label,
+                f"CLI tiny, {'1 tab' if watched else 'unwatched'}",
+                "/".join(f"{x['tps']:,.0f}" for x in xs),
+                f"{tps:,.0f}",
+                f"{tps / TOKENS_PER_STEP['tiny']:.1f}",
+                ratio,
+                "–",
+                "–",
+                "–",
+            ]
+        )
+    return rows
+
+
+def run(
+    quick: bool = False,
+    results=None,
+    repeats: int = 2,
+    baby_steps: int = 150,
+    before: Path | None = None,
+    before_repeats: int | None = None,
+) -> dict:
+    repeats, baby_steps = (1, 30) if quick else (repeats, baby_steps)
+    cap_s = 30.0 if quick else 60.0
+    measured = {}
+    if before is not None:
+        measured["before"] = measure(before, before_repeats or repeats, baby_steps, cap_s, "before")
+    measured["after"] = measure(REPO, repeats, baby_steps, cap_s, "after")
+    report = Report("8. Watching a run: tokens/s with 0, 1 and 3 browser tabs on its Train page", quick=quick)
+    report.add(
+        f"A `streamlit run app.py` server trains; headless Chromium tabs watch the Train page. `tiny` = Home's "
+        f"Quick start (400 steps, builtin:tiny); `baby` = the Train form, {baby_steps} steps on builtin:tiny; "
+        f"CLI: `tiny`, {CLI_STEPS} steps. "
+        f"{repeats} runs per row (before: {before_repeats or repeats}), scenarios in turns; "
+        "tokens/s = tokens / logged training seconds (evals in). "
+        f"A run still going after {cap_s:.0f} s is stopped from a tab and its rate taken so far (capped). "
+        "Wall = click to done; gap = longest time between two chart updates in a watching tab; "
+        "new tab = seconds until a tab opened mid-run (with 3 watching) shows the chart. "
+        "Load (1-min) during the runs: "
+        + "; ".join(f"{k} {min(m['load']):.1f}–{max(m['load']):.1f}" for k, m in measured.items())
+        + "."
+    )
+    rows = []
+    for label, m in measured.items():
+        rows += _rows(label, m)
+    report.add_table(
+        ["code", "scenario", "tokens/s (runs)", "median", "steps/s", "vs unwatched", "wall s", "gap s", "new tab s"],
+        rows,
+    )
+    report.emit(results)
+    return measured
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one short run of each: checks the script")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each scenario")
+    ap.add_argument("--baby-steps", type=int, default=150)
+    ap.add_argument("--before", type=Path, help="also measure the app of this checkout first (e.g. /work/main)")
+    ap.add_argument("--before-repeats", type=int, help="runs of each scenario for --before (default: --repeats)")
+    ap.add_argument("--results", type=Path, help="append the table here instead of bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    run(args.quick, args.results, args.repeats, args.baby_steps, args.before, args.before_repeats)
+
+
+if __name__ == "__main__":
+    main()
