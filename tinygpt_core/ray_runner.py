@@ -128,11 +128,11 @@ def connect(address: str | None = None) -> str:
 
     A process already connected to Ray (a notebook) is used as it is: its workers must be able to import
     tinygpt_core then."""
-    if ray.is_initialized():
-        return _describe_address()
     address = (address or os.environ.get("RAY_ADDRESS") or "").strip() or None
     if address not in (None, "auto", "local"):
         _check_reachable(address)
+    if ray.is_initialized():
+        return _describe_address()
     try:
         ray.init(
             address=address,
@@ -394,6 +394,7 @@ class RayJobRunner(JobRunner):
         self._jobs: dict[str, _RayJob] = {}
         self._seq = iter(range(1 << 62))
         self._free_cache: tuple[float, dict] = (0.0, {})
+        self._where: dict[str, str] = {}  # job id -> "host (ip)" it trains on
         if reattach:
             self._reattach()
 
@@ -586,6 +587,7 @@ class RayJobRunner(JobRunner):
                 stop_now = job.stop_event.is_set()
             if stop_now:
                 actor.stop.remote()
+            self._where[job.id] = f"{placement.get('hostname')} ({placement.get('node_ip')})"
             self._record_placement(job, placement)
             job.last_status = time.monotonic()
             last_ping = time.monotonic()
@@ -654,6 +656,9 @@ class RayJobRunner(JobRunner):
             return job.actor
 
     def _apply_events(self, job: _RayJob, events: list) -> None:
+        for event in events:
+            if event.kind == "start":  # the folder it reports is the worker's; the run's is here
+                event.data = {**event.data, "run_dir": str(job.run_dir), "worker": self._where.get(job.id, "")}
         with self._lock:
             for event in events:
                 try:
