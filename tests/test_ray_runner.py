@@ -251,3 +251,30 @@ def test_a_restarted_app_finds_its_jobs_on_the_cluster_again(ray_head, store):
         assert state.run_state(store, runner, run_id).status == "done"
     finally:
         runner.shutdown()
+
+
+@needs_ray
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cli_trains_on_ray_and_ctrl_c_stops_the_job_on_the_cluster(ray_head, tmp_path):
+    out = tmp_path / "cli-ray"
+    env = {**os.environ, "RAY_ADDRESS": ray_head, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tinygpt_core", "train", "--corpus", "builtin:tiny", "--preset", "tiny"]
+    cmd += ["--max-iters", "20000", "--eval-interval", "10", "--device", "cpu", "--out", str(out), "--runner", "ray"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The worker's metrics come back into --out as it trains (a checkpoint included).
+        wait_until(lambda: (out / "optimizer.safetensors").exists() or proc.poll() is not None, 180, every_s=0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the job stops on the cluster, saving a checkpoint
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    assert "status:     stopped" in stdout and f"run dir:    {out}" in stdout
+    assert "Training on cpu" in stdout and str(out) in stdout  # the start line names this folder, not the worker's
+    assert read_status(out).status == "stopped"
+    assert _placement(out)["runner"] == "ray"
+    assert len(read_metrics(out)) > 0
