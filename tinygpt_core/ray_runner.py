@@ -663,6 +663,8 @@ class RayJobRunner(JobRunner):
             for event in events:
                 try:
                     _apply_event(job, event)
+                    if event.kind == "start" and not job.stop_event.is_set() and event.data.get("worker"):
+                        job.message = f"{job.message.rstrip('.')} on {event.data['worker']}, a Ray worker."
                 except Exception:  # noqa: BLE001 - a progress glitch must not end the job
                     log.exception("could not record %s event of job %s", getattr(event, "kind", "?"), job.id)
         for event in events:

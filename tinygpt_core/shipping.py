@@ -13,14 +13,14 @@ Messages are plain tuples, the same shape as the local child-process backend's p
 ``("files", [FileChange, ...])``
     what changed in the worker's run folder since the last ``files`` message: whole files,
     appended tails of files that only grew (metrics.csv), and deletions.
-``("placement", {...})``
-    where the job trains (node, host, pid, GPUs), sent once when it starts.
 ``("alive",)``
     nothing new, the worker is still there (a long eval); lets the owner refresh the run's heartbeat.
 ``("result", status, message)``
     how the run ended (``training.TrainResult``'s status and message); the last message.
 ``("failed", message)``
     the job could not record its own end (it raised before or outside training); the last message.
+
+(Where the job trains — node, host, pid, GPUs — is the answer to the call that starts it, not a message.)
 
 What is shipped is never a fixed list of names: every regular file under the folder whose size or
 modification time changed (temporary ``.*.tmp`` files of atomic writes aside), so a change of the run
