@@ -131,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="one 20-step run of each: checks the script")
     ap.add_argument("--iters", type=int, default=150, help="steps per run")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each path")
+    ap.add_argument("--threads", type=int, help="torch threads for both paths (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     run(args.quick, iters=args.iters, repeats=args.repeats)
 
 

@@ -335,7 +335,7 @@ def _resume(run_dir: Path, max_iters: int | None, no_progress: bool) -> int:
 def _on_ray(spec, run_dir: Path | None, max_iters: int | None, no_progress: bool, store=None) -> int:
     """Train ``spec`` into ``run_dir`` (or resume ``run_dir`` when ``spec`` is None) on the Ray cluster,
     following it with the same progress bar; Ctrl-C stops the job there (it saves and ends as stopped)."""
-    from .ray_runner import RayJobRunner
+    from .jobs import make_runner
     from .runs import RunStore
     from .training import TrainResult
 
@@ -347,7 +347,7 @@ def _on_ray(spec, run_dir: Path | None, max_iters: int | None, no_progress: bool
         store = RunStore(run_dir.parent)
     elif run_dir is not None:
         store = RunStore(Path(run_dir).resolve().parent)
-    runner = RayJobRunner(store, reattach=False)  # JobError when the cluster cannot be reached
+    runner = make_runner("ray", store, reattach=False)  # ConfigError without Ray, JobError when unreachable
     with _Progress(enabled=not no_progress) as progress, _graceful_stop() as stop:
         if spec is None:
             job_id = runner.resume(run_dir.name, max_iters, callbacks=[progress])

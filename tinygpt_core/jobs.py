@@ -23,6 +23,9 @@ contract, five operations:
     A copy of one job's progress (``snapshot`` is the same call); ``find_by_run(run_id)`` finds
     the newest job writing a run.
 
+``get_runner()`` is the one factory the app uses: ``LocalJobRunner`` (below) by default, the Ray
+runner (``tinygpt_core.ray_runner``, which alone imports Ray) when ``TINYGPT_RUNNER=ray``.
+
 A ``JobSnapshot`` is plain data (status, message, queue position, step, metric rows, samples,
 tokens/s, ETA), safe to keep and read from any thread. Jobs report through snapshots only: the
 runner writes their run folders (config, metrics, checkpoints, status) in the store as they go, and
@@ -643,14 +646,22 @@ def runner_kind(kind: str | None = None) -> str:
     return value
 
 
-def make_runner(kind: str | None = None, store: RunStore | None = None) -> JobRunner:
+def make_runner(kind: str | None = None, store: RunStore | None = None, **ray_options: Any) -> JobRunner:
     """A new runner of ``kind`` (see ``runner_kind``). "ray" imports Ray only here, and connects to
     the cluster at once ($RAY_ADDRESS, else a local Ray instance): JobError when it cannot, never a
-    silent fallback to the local runner."""
+    silent fallback to the local runner. ``ray_options`` go to ``RayJobRunner`` (e.g. reattach)."""
     if runner_kind(kind) == "ray":
+        try:
+            import ray  # noqa: F401 - only to say clearly that it is missing
+        except ImportError:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                "The Ray runner (TINYGPT_RUNNER=ray or --runner ray) needs Ray: pip install -r requirements-ray.txt"
+            ) from None
         from .ray_runner import RayJobRunner
 
-        return RayJobRunner(store)
+        return RayJobRunner(store, **ray_options)
     return LocalJobRunner(store)
 
 
