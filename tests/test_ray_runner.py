@@ -105,24 +105,30 @@ def test_unreachable_cluster_is_an_error_not_a_local_run(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_jobs_train_at_once_and_come_back_as_ordinary_runs(ray_runner, store):
-    a = ray_runner.submit(tiny_spec(name="ray-a", max_iters=150, eval_interval=50))
-    b = ray_runner.submit(tiny_spec(name="ray-b", max_iters=150, eval_interval=50, seed=2))
-    # Both train at the same moment (one CPU each on a 2-CPU cluster).
-    wait_until(
-        lambda: all(ray_runner.state(j).status == "running" and ray_runner.state(j).step > 0 for j in (a, b)), 120
-    )
+    a = ray_runner.submit(tiny_spec(name="ray-a", **LONG))
+    b = ray_runner.submit(tiny_spec(name="ray-b", seed=2, **LONG))
+    # Both train at the same moment (one CPU each on a 2-CPU cluster), each on its own worker.
+    both = lambda: all(ray_runner.state(j).status == "running" and ray_runner.state(j).step > 0 for j in (a, b))  # noqa: E731
+    wait_until(both, 180)
+    wait_until(lambda: all(ray_runner.state(j).step >= 25 for j in (a, b)), 120)  # a checkpoint each (step 20)
     for job_id in (a, b):
-        snap = _done(ray_runner, job_id)
-        assert snap.status == "done", snap.message
-        assert snap.step == 150 and len(snap.metrics) == 150 and snap.samples
+        ray_runner.stop(job_id)
+    pids = set()
+    for job_id in (a, b):
+        snap = _done(ray_runner, job_id, timeout=90)
+        assert snap.status == "stopped", snap.message
+        assert snap.step >= 25 and len(snap.metrics) == snap.step and snap.samples
         run = load_run(snap.run_dir)  # the folder in this machine's store opens like a local run
-        assert len(run.metrics) == 150
-        assert read_status(snap.run_dir).status == "done"
+        assert list(run.metrics["step"]) == list(range(1, snap.step + 1))
+        assert read_status(snap.run_dir).status == "stopped"
         where = _placement(snap.run_dir)
         assert where["runner"] == "ray" and where["node_id"] and where["pid"] != os.getpid()
         assert where["resources"] == {"CPU": 1.0, "GPU": 0.0}
+        pids.add(where["pid"])
+    assert len(pids) == 2
     rows = {r.run_id: r for r in state.list_runs(store, ray_runner)}
-    assert {rows[ray_runner.state(j).run_id].status for j in (a, b)} == {"done"}
+    assert {rows[ray_runner.state(j).run_id].status for j in (a, b)} == {"stopped"}
+    assert all(rows[ray_runner.state(j).run_id].can_resume for j in (a, b))
 
 
 @needs_ray

@@ -59,6 +59,7 @@ from . import limits, training
 from .errors import ConfigError, JobError, RunError, TinyGPTError
 from .jobs import (
     FINISHED_STATUSES,
+    KEEP_FINISHED,
     JobRunner,
     JobSnapshot,
     _apply_event,
@@ -405,6 +406,7 @@ class RayJobRunner(JobRunner):
         (the CLI's --out), ``callbacks`` get every TrainEvent on this machine (the CLI's progress bar)."""
         gpus = self._validate(spec)
         limits.check_spec(spec)
+        self._check_room()
         prepared = spec._prepare()  # the corpus (validate loaded it): shipped as text, no shared files
         shipped = dataclasses.replace(spec, corpus=prepared.corpus)  # a copy: _prepared is not sent
         if run_dir is None:
@@ -441,6 +443,7 @@ class RayJobRunner(JobRunner):
         if int(extra["step"]) >= target:
             raise RunError(f"Run {run_id} is already at step {int(extra['step'])} of {target}.")
         gpus = self._gpus_for(cfg.train.device)
+        self._check_room()
         files = pack_folder(run_dir, skip=("status.json",))
         if not (run_dir / "corpus.txt").is_file():  # a built-in corpus: the worker gets the exact text
             from .shipping import FileChange
@@ -554,6 +557,25 @@ class RayJobRunner(JobRunner):
             cpus=self.cpus_per_job,
         )
 
+    def _check_room(self) -> None:
+        """The operator's bound on waiting jobs (TINYGPT_MAX_QUEUED_JOBS) holds here too: Ray would queue
+        without end."""
+        limit = limits.current().max_queued_jobs
+        with self._lock:
+            waiting = sum(1 for j in self._jobs.values() if j.status == "queued")
+        if waiting >= limit:
+            raise JobError(
+                f"{waiting} jobs are already waiting for room on the Ray cluster (the limit is {limit}); "
+                "try again when some have started."
+            )
+
+    def _prune(self) -> None:  # lock held
+        """Forget the oldest finished jobs beyond KEEP_FINISHED (their runs stay on disk)."""
+        finished = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.seq)
+        for job in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[job.id]
+            self._where.pop(job.id, None)
+
     def _launch(self, job: _RayJob) -> None:
         with self._lock:
             self._jobs[job.id] = job
@@ -634,6 +656,7 @@ class RayJobRunner(JobRunner):
             job.finished_at = time.monotonic()
             if job.spec is not None:
                 job.spec._prepared = None
+            self._prune()
 
     def _create_actor(self, job: _RayJob):
         options: dict[str, Any] = {
