@@ -407,8 +407,10 @@ class RayJobRunner(JobRunner):
         gpus = self._validate(spec)
         limits.check_spec(spec)
         self._check_room()
-        prepared = spec._prepare()  # the corpus (validate loaded it): shipped as text, no shared files
-        shipped = dataclasses.replace(spec, corpus=prepared.corpus)  # a copy: _prepared is not sent
+        # The corpus, tokenizer and token ids that validate prepared travel with the spec (a copy): the
+        # worker neither reads the corpus (no shared files) nor tokenizes it again (seconds for BPE).
+        shipped = dataclasses.replace(spec)
+        shipped._prepared = spec._prepare()
         if run_dir is None:
             run_dir = Path(self.store.create(spec.name))
         else:
