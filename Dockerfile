@@ -6,6 +6,7 @@
 #
 #   docker build -t tinygpt-lab .
 #   docker run --gpus all -p 8501:8501 -v tinygpt-runs:/app/runs tinygpt-lab
+#   docker build --build-arg WITH_RAY=1 -t tinygpt-lab:ray .   # + the Ray runner (deploy/compose.ray.yaml)
 FROM python:3.12.8-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
@@ -27,8 +28,12 @@ RUN apt-get update \
 ENV BROWSER_PATH=/usr/bin/chromium
 
 # Dependencies first, in their own layer, so code edits do not reinstall torch.
-COPY requirements.txt .
+COPY requirements.txt requirements-ray.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
+
+# WITH_RAY=1: the same image also runs the Ray runner and Ray's head and workers (deploy/, docs/CLUSTER.md).
+ARG WITH_RAY=0
+RUN if [ "$WITH_RAY" = "1" ]; then pip install --no-cache-dir -r requirements-ray.txt; fi
 
 # The app runs as an unprivileged numeric user; the code stays root-owned (read-only to it) and
 # only the runs folder is writable.

@@ -23,6 +23,7 @@ BENCHES = {  # name -> module, in the issue's order
     "live": "bench.live",
     "inspection": "bench.inspection",
     "app": "bench.app_startup",
+    "ray": "bench.ray_runner",  # the Ray runner vs the local one (needs requirements-ray.txt)
     "profile": "bench.profile",  # evidence for RESULTS.md: where a step's time goes
     "watched": "bench.watched",  # training speed while browser tabs watch it (a real server and chromium)
 }

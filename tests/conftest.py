@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -284,3 +287,102 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         log.unlink(missing_ok=True)
     if _SERVER_LOGS and ARTIFACTS.is_dir() and not any(ARTIFACTS.iterdir()):
         shutil.rmtree(ARTIFACTS, ignore_errors=True)
+
+
+# --- Ray: one real head on loopback per test session ---------------------------------------------------
+
+
+def ray_missing() -> str | None:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return "ray is not installed (pip install -r requirements-ray.txt)"
+    return None
+
+
+def _ray_exe() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Ray head (2 CPUs, loopback only, no dashboard) started for this session; its address.
+
+    Started with `ray start --head --block` as our child, every port chosen free (other sessions may
+    run their own head on this machine), and stopped by its PID: never `ray stop`, which would stop
+    every Ray instance of the machine. This pytest process connects to it once (ray.init through
+    RayJobRunner), as an app server or the CLI would with RAY_ADDRESS."""
+    reason = ray_missing()
+    if reason:
+        pytest.skip(reason)
+    port = _free_port()
+    # A short temp dir: Ray's unix sockets live under it and socket paths are limited to 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rg", dir="/tmp"))
+    ports = {
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--node-manager-port": _free_port(),
+        "--object-manager-port": _free_port(),
+    }
+    cmd = [
+        _ray_exe(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats",
+        "--temp-dir", str(temp_dir), *[str(x) for kv in ports.items() for x in kv],
+    ]  # fmt: skip
+    log_path = ARTIFACTS / f"ray-head-{os.getpid()}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "wb")  # noqa: SIM115 - closed below
+    # Ray 2.60 authenticates clients with a token from ~/.ray/auth_token, which other sessions' heads on
+    # this machine may rewrite. This head is private to the session (on a machine with no network), so
+    # its token check is off: in this process, the head and every app server the tests start.
+    saved_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TINYGPT_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    started = False
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"ray start exited with {proc.returncode}; see {log_path}"
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            assert time.monotonic() < deadline, f"the Ray head did not listen within 90 s; see {log_path}"
+            time.sleep(0.5)
+        time.sleep(2)  # the raylet registers just after the GCS answers
+        started = True
+        yield address
+    finally:
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray.shutdown()
+        # SIGTERM to our `ray start --block` (it stops the head's processes), then its whole group.
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if saved_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved_mode
+        if started:  # a head that did not start keeps its log for the failure's reader
+            log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def ray_runner(ray_head: str, store):
+    """A RayJobRunner on ``store`` and the session's head (not finding other tests' jobs again)."""
+    from tinygpt_core.ray_runner import RayJobRunner
+
+    r = RayJobRunner(store, address=ray_head, reattach=False)
+    yield r
+    r.shutdown(timeout=30)

@@ -148,6 +148,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     speed.add_argument("--compile", dest="compile", action="store_const", const=True, help="torch.compile the model")
     _add_threads(speed)
     speed.add_argument("--no-progress", action="store_true", help="no progress bar (plain lines at each eval)")
+    speed.add_argument(
+        "--runner",
+        choices=("local", "ray"),
+        default="local",
+        help="where the job trains: local (this process, the default) or ray (a worker of the Ray cluster at "
+        "$RAY_ADDRESS, else a local Ray instance; needs `pip install -r requirements-ray.txt`). With ray the "
+        "run folder is written here as the worker streams it back; Ctrl-C stops the job on the cluster",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -286,6 +294,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "--resume continues a run with its saved settings; only --max-iters can be given with it."
             )
         _set_threads(args.threads)
+        if args.runner == "ray":
+            return _on_ray(None, args.resume, args.max_iters, args.no_progress)
         return _resume(args.resume, args.max_iters, args.no_progress)
 
     _set_threads(args.threads)
@@ -297,6 +307,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out is not None:
         run_dir = _prepare_out(args.out)
     store = RunStore(args.runs_dir) if args.runs_dir is not None else None
+    if args.runner == "ray":
+        return _on_ray(spec, run_dir, None, args.no_progress, store=store)
     with _Progress(enabled=not args.no_progress) as progress, _graceful_stop() as stop:
         result = train(prepared, run_dir, store=store, callbacks=[progress], stop_event=stop)
     return _report(result, progress)
@@ -318,6 +330,50 @@ def _resume(run_dir: Path, max_iters: int | None, no_progress: bool) -> int:
         raise RunError(f"Run folder {run_dir} does not exist; pass the folder a training run wrote.")
     with _Progress(enabled=not no_progress) as progress, _graceful_stop() as stop:
         result = resume(run_dir, max_iters=max_iters, callbacks=[progress], stop_event=stop)
+    return _report(result, progress)
+
+
+def _on_ray(spec, run_dir: Path | None, max_iters: int | None, no_progress: bool, store=None) -> int:
+    """Train ``spec`` into ``run_dir`` (or resume ``run_dir`` when ``spec`` is None) on the Ray cluster,
+    following it with the same progress bar; Ctrl-C stops the job there (it saves and ends as stopped)."""
+    from .jobs import make_runner
+    from .runs import RunStore
+    from .training import TrainResult
+
+    if spec is None:
+        limits.check_writable("resuming runs", limits.current(explicit_only=True))
+        if not run_dir.is_dir():
+            raise RunError(f"Run folder {run_dir} does not exist; pass the folder a training run wrote.")
+        run_dir = run_dir.resolve()
+        store = RunStore(run_dir.parent)
+    elif run_dir is not None:
+        store = RunStore(Path(run_dir).resolve().parent)
+    runner = make_runner("ray", store, reattach=False)  # ConfigError without Ray, JobError when unreachable
+    with _Progress(enabled=not no_progress) as progress, _graceful_stop() as stop:
+        if spec is None:
+            job_id = runner.resume(run_dir.name, max_iters, callbacks=[progress])
+        else:
+            job_id = runner.submit(spec, run_dir=run_dir, callbacks=[progress])
+        print(f"Submitted to {runner.describe()}.", file=sys.stderr, flush=True)
+        stopping = False
+        while True:
+            snap = runner.wait(job_id, timeout=0.2)
+            if snap.finished:
+                break
+            if stop.is_set() and not stopping:
+                runner.stop(job_id)
+                stopping = True
+    metrics = snap.metrics
+    last_eval = next((r for r in reversed(metrics) if not math.isnan(r["val_loss"])), None)
+    result = TrainResult(
+        status=snap.status,
+        message=snap.message,
+        run_dir=snap.run_dir,
+        steps=snap.step,
+        best_val_loss=snap.best_val_loss,
+        final_train_loss=None if last_eval is None else last_eval["train_loss"],
+        final_val_loss=None if last_eval is None else last_eval["val_loss"],
+    )
     return _report(result, progress)
 
 

@@ -23,6 +23,9 @@ contract, five operations:
     A copy of one job's progress (``snapshot`` is the same call); ``find_by_run(run_id)`` finds
     the newest job writing a run.
 
+``get_runner()`` is the one factory the app uses: ``LocalJobRunner`` (below) by default, the Ray
+runner (``tinygpt_core.ray_runner``, which alone imports Ray) when ``TINYGPT_RUNNER=ray``.
+
 A ``JobSnapshot`` is plain data (status, message, queue position, step, metric rows, samples,
 tokens/s, ETA), safe to keep and read from any thread. Jobs report through snapshots only: the
 runner writes their run folders (config, metrics, checkpoints, status) in the store as they go, and
@@ -193,6 +196,9 @@ class JobRunner(ABC):
 
         The default times it in this process; runners that train elsewhere override it."""
         return training.estimate_step_time(spec, device=spec.train.device)
+
+    def shutdown(self, timeout: float = 10.0) -> None:  # noqa: B027 - optional: runners that hold jobs override it
+        """Stop every job and release what the runner holds (tests; the end of a CLI command)."""
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.05) -> JobSnapshot:
         """Block until the job has finished (or ``timeout`` seconds passed); returns its last snapshot."""
@@ -543,27 +549,7 @@ class LocalJobRunner(JobRunner):
         if job.status == "queued":
             position = list(self._queues[job.device]).index(job.id) + 1
             message = self._queued_message(job, position)
-        return JobSnapshot(
-            id=job.id,
-            run_id=job.run_dir.name,
-            run_dir=job.run_dir,
-            name=job.name,
-            status=job.status,
-            message=message,
-            device=job.device,
-            queue_position=position,
-            step=job.step,
-            max_iters=job.max_iters,
-            params=job.params,
-            metrics=[dict(row) for row in job.metrics],  # copies: the page may keep or mutate them
-            samples=[dict(s) for s in job.samples],
-            tokens_per_s=job.tokens_per_s,
-            elapsed_s=_elapsed(job),
-            eta_s=_eta(job),
-            best_val_loss=job.best_val_loss,
-            best_step=job.best_step,
-            created_at=job.created_at,
-        )
+        return _snapshot_of(job, position, message)
 
     def _queued_message(self, job: _Job, position: int) -> str:
         running = sum(1 for j in self._jobs.values() if j.device == job.device and j.status == "running")
@@ -576,6 +562,32 @@ class LocalJobRunner(JobRunner):
         else:
             when = f"It starts when {position} of them have finished."
         return f"Queued: {ahead} job{s} ahead on {job.device}. {when}"
+
+
+def _snapshot_of(job: _Job, position: int | None, message: str) -> JobSnapshot:
+    """A JobSnapshot of a job record (lock held): copies, so the page may keep or mutate them.
+    Shared by every runner that keeps ``_Job`` records (local, Ray)."""
+    return JobSnapshot(
+        id=job.id,
+        run_id=job.run_dir.name,
+        run_dir=job.run_dir,
+        name=job.name,
+        status=job.status,
+        message=message,
+        device=job.device,
+        queue_position=position,
+        step=job.step,
+        max_iters=job.max_iters,
+        params=job.params,
+        metrics=[dict(row) for row in job.metrics],  # copies: the page may keep or mutate them
+        samples=[dict(s) for s in job.samples],
+        tokens_per_s=job.tokens_per_s,
+        elapsed_s=_elapsed(job),
+        eta_s=_eta(job),
+        best_val_loss=job.best_val_loss,
+        best_step=job.best_step,
+        created_at=job.created_at,
+    )
 
 
 # --- event bookkeeping -----------------------------------------------------------------------------
@@ -694,17 +706,53 @@ def _remove_unstarted(path: Path) -> None:
 
 # --- the process-wide runner -----------------------------------------------------------------------
 
-_default_runner: LocalJobRunner | None = None
+RUNNERS = ("local", "ray")  # TINYGPT_RUNNER / `train --runner`
+_default_runner: JobRunner | None = None
 _default_lock = threading.Lock()
 
 
-def get_runner() -> LocalJobRunner:
-    """The one runner of this process (created on first use), so every browser session shares its jobs."""
+def runner_kind(kind: str | None = None) -> str:
+    """The runner to use: ``kind``, else $TINYGPT_RUNNER, else "local"; ConfigError for anything else."""
+    import os
+
+    from .errors import ConfigError
+
+    value = (kind if kind is not None else os.environ.get("TINYGPT_RUNNER", "")).strip().lower() or "local"
+    if value not in RUNNERS:
+        raise ConfigError(f"TINYGPT_RUNNER must be one of {', '.join(RUNNERS)}, got {value!r}.")
+    return value
+
+
+def make_runner(
+    kind: str | None = None, store: RunStore | None = None, *, warm: bool = False, **ray_options: Any
+) -> JobRunner:
+    """A new runner of ``kind`` (see ``runner_kind``). "ray" imports Ray only here, and connects to
+    the cluster at once ($RAY_ADDRESS, else a local Ray instance): JobError when it cannot, never a
+    silent fallback to the local runner. ``ray_options`` go to ``RayJobRunner`` (e.g. reattach);
+    ``warm`` keeps a local runner's next training process started in advance (the app's server)."""
+    if runner_kind(kind) == "ray":
+        try:
+            import ray  # noqa: F401 - only to say clearly that it is missing
+        except ImportError:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                "The Ray runner (TINYGPT_RUNNER=ray or --runner ray) needs Ray: pip install -r requirements-ray.txt"
+            ) from None
+        from .ray_runner import RayJobRunner
+
+        return RayJobRunner(store, **ray_options)
+    return LocalJobRunner(store, execution=make_execution(warm=warm))
+
+
+def get_runner() -> JobRunner:
+    """The one runner of this process (created on first use, chosen by $TINYGPT_RUNNER), so every
+    browser session shares its jobs."""
     global _default_runner
     with _default_lock:
         if _default_runner is None:
-            # The server's runner keeps a warm training process ready, so Quick start starts at once.
-            _default_runner = LocalJobRunner(execution=make_execution(warm=True))
+            # The server's local runner keeps a warm training process ready, so Quick start starts at once.
+            _default_runner = make_runner(warm=True)
         return _default_runner
 
 
@@ -717,4 +765,14 @@ def reset_runner() -> None:
         runner.shutdown()
 
 
-__all__ = ["JobSnapshot", "JobRunner", "LocalJobRunner", "get_runner", "reset_runner", "JOB_STATUSES"]
+__all__ = [
+    "JobSnapshot",
+    "JobRunner",
+    "LocalJobRunner",
+    "get_runner",
+    "make_runner",
+    "runner_kind",
+    "reset_runner",
+    "JOB_STATUSES",
+    "RUNNERS",
+]

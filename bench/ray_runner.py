@@ -1,0 +1,142 @@
+"""Bench 7: the Ray runner against the local runner, side by side in one run.
+
+The same shortened ``baby`` spec (150 steps by default) trains through ``LocalJobRunner`` (a thread of
+this process) and through ``RayJobRunner`` (a Ray actor on a local Ray instance started here, or the
+cluster at $RAY_ADDRESS), in turns: local, ray, local, ray … Both train with the same number of torch
+threads (the Ray job asks for that many CPUs). Reported: tokens/s (trained tokens over logged training
+seconds, from the run's metrics.csv as written in this machine's store: for Ray, as shipped back) and,
+for Ray, seconds from ``submit`` to the first logged step as the app sees it (``state(job).step >= 1``):
+the first job on a fresh cluster (cold: a worker process starts and imports torch) and the later ones
+(warm cluster). Targets: Ray overhead < 10% in tokens/s, < 3 s submit to first step on a warm cluster.
+
+The GPU packing figure (aggregate tokens/s of 1, 4 and 8 tiny jobs sharing one GPU) needs a GPU; none
+was lent to this session, so it is not measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from bench.common import Report, corpus_source, median
+from tinygpt_core.jobs import LocalJobRunner
+from tinygpt_core.runs import RunStore, read_metrics
+from tinygpt_core.training import TrainSpec
+
+TARGET_OVERHEAD = 0.10
+TARGET_FIRST_STEP_S = 3.0
+
+
+def make_spec(source: str, iters: int) -> TrainSpec:
+    return TrainSpec.from_preset(
+        "baby", source, max_iters=iters, eval_interval=max(1, iters // 3), eval_iters=5, sample_tokens=40, device="cpu"
+    )
+
+
+def tokens_per_s(run_dir, spec: TrainSpec) -> float:
+    m = read_metrics(run_dir)
+    steps, elapsed = int(m["step"].iloc[-1]), float(m["elapsed_s"].iloc[-1])
+    return steps * spec.train.batch_size * spec.train.grad_accum * spec.model.block_size / elapsed
+
+
+def timed(runner, spec: TrainSpec) -> tuple[float, float, float]:
+    """(tokens/s, seconds from submit to the first logged step, seconds from submit to the end)."""
+    t0 = time.perf_counter()
+    job = runner.submit(spec)
+    first = None
+    while True:
+        snap = runner.state(job)
+        if first is None and snap.step >= 1:
+            first = time.perf_counter() - t0
+        if snap.finished:
+            break
+        time.sleep(0.01)
+    total = time.perf_counter() - t0
+    if snap.status != "done":
+        raise RuntimeError(f"{type(runner).__name__} run ended {snap.status}: {snap.message}")
+    return tokens_per_s(snap.run_dir, spec), first or total, total
+
+
+def run(quick: bool = False, results=None, iters: int = 150, repeats: int = 3) -> dict:
+    from tinygpt_core.ray_runner import RayJobRunner, connect
+
+    source = corpus_source()
+    iters, repeats = (20, 1) if quick else (iters, repeats)
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    where = connect(os.environ.get("RAY_ADDRESS") or "local")
+    connect_s = time.perf_counter() - t0
+    local_tps, ray_tps, ray_first, ray_total, local_first = [], [], [], [], []
+    with tempfile.TemporaryDirectory(prefix="tinygpt-bench-ray-") as tmp:
+        store = RunStore(tmp)
+        local = LocalJobRunner(store=store, max_jobs_per_device=1)
+        remote = RayJobRunner(store, cpus_per_job=threads, gpus_per_job=0, reattach=False)
+        try:
+            # A first Ray job warms the cluster (a worker process importing torch): timed, reported as cold.
+            _, cold_first, cold_total = timed(remote, make_spec(source, max(10, iters // 10)))
+            for _ in range(repeats):
+                tps, first, _ = timed(local, make_spec(source, iters))
+                local_tps.append(tps)
+                local_first.append(first)
+                tps, first, total = timed(remote, make_spec(source, iters))
+                ray_tps.append(tps)
+                ray_first.append(first)
+                ray_total.append(total)
+        finally:
+            local.shutdown()
+            remote.shutdown()
+    overhead = 1 - median(ray_tps) / median(local_tps)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: None)()
+    report = Report("7. Ray runner vs local runner (`baby`, shortened)", quick=quick)
+    report.add(
+        f"`baby` preset on {source}, {iters} steps per run (eval every {max(1, iters // 3)}), {repeats} runs of "
+        f"each path alternating local/ray, {threads} torch threads in both (the Ray job asks for {threads} CPUs); "
+        f"Ray {__import__('ray').__version__} at {where} (connect {connect_s:.1f} s); AMX tiles: {amx}. "
+        "tokens/s = trained tokens / logged training seconds, read from the run folder in this machine's store."
+    )
+    report.add_table(
+        ["path", "tokens/s (median)", "runs", "submit → first step (s, median)"],
+        [
+            [
+                "LocalJobRunner (thread)",
+                f"{median(local_tps):,.0f}",
+                "/".join(f"{x:,.0f}" for x in local_tps),
+                f"{median(local_first):.2f}",
+            ],
+            [
+                "RayJobRunner (actor, files shipped back)",
+                f"{median(ray_tps):,.0f}",
+                "/".join(f"{x:,.0f}" for x in ray_tps),
+                f"{median(ray_first):.2f} (" + "/".join(f"{x:.2f}" for x in ray_first) + ")",
+            ],
+        ],
+    )
+    report.add(
+        f"Ray overhead in tokens/s: {100 * overhead:.1f}% (target < {100 * TARGET_OVERHEAD:.0f}%). "
+        f"Submit → first logged step on a warm cluster: {median(ray_first):.2f} s "
+        f"(target < {TARGET_FIRST_STEP_S:.0f} s); "
+        f"the cold first job: {cold_first:.2f} s to its first step, {cold_total:.2f} s in all. "
+        "GPU packing (1/4/8 tiny jobs on one GPU): not measured, no GPU was lent to this session."
+    )
+    report.emit(results)
+    return dict(local=local_tps, ray=ray_tps, overhead=overhead, first=ray_first, cold_first=cold_first)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one 20-step run of each: checks the script")
+    ap.add_argument("--iters", type=int, default=150, help="steps per run")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each path")
+    ap.add_argument("--threads", type=int, help="torch threads for both paths (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args.quick, iters=args.iters, repeats=args.repeats)
+
+
+if __name__ == "__main__":
+    main()

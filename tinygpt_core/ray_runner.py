@@ -1,0 +1,868 @@
+"""The job runner on a Ray cluster: every training job trains on a Ray worker (a GPU share or CPUs).
+
+Chosen by ``TINYGPT_RUNNER=ray`` (the app) or ``train --runner ray`` (the CLI); this is the only
+module that imports Ray, and nothing imports it otherwise. Same five calls as ``LocalJobRunner``
+(``jobs.JobRunner``); pages and the CLI do not know which runner they use.
+
+How a job runs
+--------------
+- **One detached Ray actor per job** (``JobWorker``), named ``tinygpt-job-<run id>`` in the namespace
+  ``$TINYGPT_RAY_NAMESPACE`` (default "tinygpt"), asking for ``$TINYGPT_RAY_CPUS_PER_JOB`` CPUs
+  (default 1) and ``$TINYGPT_RAY_GPUS_PER_JOB`` of a GPU (default 0.25 when the cluster has GPUs, so
+  four tiny runs share one; 0 on a CPU-only cluster). Ray queues the actors that do not fit; the
+  job says so in its message ("Waiting for a GPU on the cluster…") with its place among this
+  server's waiting jobs.
+- **No shared filesystem.** The worker trains into a temporary folder of its own node and streams
+  back (``JobWorker.stream``, a Ray streaming generator) the training events and every file of that
+  folder that changed (``tinygpt_core.shipping``: whole files, appended tails, deletions). One
+  driver thread per job applies them: events through the same bookkeeping as the local runner
+  (``jobs._apply_event``), files into the run folder of this server's store, so a run trained
+  through Ray is a run like any other. ``placement.json`` in the run records where it trained.
+  A resume ships the run folder (config, tokenizer, corpus, checkpoints) to a new worker.
+- **The code travels too**: the actor's runtime environment ships this package
+  (``py_modules``), so the workers need the same Python packages (torch…) but not this repository.
+  ``TINYGPT_RAY_SHIP_CODE=0`` skips that when the workers have tinygpt_core installed.
+- **Stop** is an actor call that sets the trainer's stop event: it saves a checkpoint and ends
+  within a step, as locally. A worker that dies (killed, node lost) ends the job as "interrupted"
+  with every file it had shipped (metrics up to its last flush, the last checkpoint); Resume
+  continues it. A job that raises on the worker ends as "error" with the reason; the runner serves on.
+- **The app restarted** while jobs train: detached actors keep training, and the new runner finds
+  them by name (those of its own store) and follows them again; a run whose worker is gone reads as
+  interrupted from its folder (its status names a process that has ended). A worker whose run has
+  ended and that nobody followed for ``$TINYGPT_RAY_ORPHAN_TIMEOUT_S`` (default 600 s) exits.
+- **The cluster**: ``$RAY_ADDRESS`` (Ray's own variable; ``host:port`` of the head's GCS), else a
+  Ray instance on this machine (joined if one runs, started otherwise). An address that does not
+  answer is a ``JobError`` at once; there is no silent fallback to the local runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import queue
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from . import limits, training
+from .errors import ConfigError, JobError, RunError, TinyGPTError
+from .jobs import (
+    FINISHED_STATUSES,
+    KEEP_FINISHED,
+    JobRunner,
+    JobSnapshot,
+    _apply_event,
+    _default_message,
+    _Job,
+    _remove_unstarted,
+    _snapshot_of,
+    _write_status,
+)
+from .runs import HEARTBEAT_TIMEOUT_S, METRIC_COLUMNS, RunStore, RunWriter, read_metrics, read_samples
+from .shipping import FolderMirror, FolderWatcher, pack_folder, write_changes
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "tinygpt-job-"
+DEFAULT_NAMESPACE = "tinygpt"
+DEFAULT_GPU_SHARE = 0.25  # of one GPU per job when the cluster has GPUs: four tiny runs per GPU
+PLACEMENT_FILE = "placement.json"
+BATCH_S = 0.1  # the worker sends what it has at most this often
+SCAN_INTERVAL_S = 0.5  # the worker looks for changed files at most this often (and after every eval)
+ALIVE_S = 5.0  # with nothing to send, the worker says it is alive this often
+PING_S = 10.0  # the driver tells the worker it is still followed this often
+STATUS_REFRESH_S = 10.0  # the driver refreshes the run's status.json (its heartbeat) this often
+CONNECT_TIMEOUT_S = 5.0
+RESOURCE_CACHE_S = 1.0
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number >= 0, got {raw!r}.") from None
+    if value < 0:
+        raise ConfigError(f"{name} must be a number >= 0, got {raw!r}.")
+    return value
+
+
+def _check_reachable(address: str) -> None:
+    """A TCP connection to ``host:port`` within a few seconds, or JobError: ray.init itself waits
+    for minutes on an address where nothing answers."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise JobError(
+            f"RAY_ADDRESS={address!r} is not host:port (for example 10.0.0.5:6379, the head's address "
+            "printed by `ray start --head`)."
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise JobError(
+            f"Cannot reach the Ray cluster at {target} (RAY_ADDRESS): {e.strerror or e}. Start its head "
+            "(`ray start --head`) or fix RAY_ADDRESS. TINYGPT_RUNNER=ray never falls back to training "
+            "on this machine; unset TINYGPT_RUNNER to use the local runner."
+        ) from None
+
+
+def connect(address: str | None = None) -> str:
+    """Join the Ray cluster (``address``, else $RAY_ADDRESS, else a local instance); returns where.
+
+    A process already connected to Ray (a notebook) is used as it is: its workers must be able to import
+    tinygpt_core then."""
+    address = (address or os.environ.get("RAY_ADDRESS") or "").strip() or None
+    if address not in (None, "auto", "local"):
+        _check_reachable(address)
+    if ray.is_initialized():
+        return _describe_address()
+    try:
+        ray.init(
+            address=address,
+            runtime_env=_job_runtime_env(),
+            log_to_driver=False,
+            include_dashboard=False,
+            configure_logging=False,
+        )
+    except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError…
+        where = address or "this machine"
+        raise JobError(
+            f"Cannot connect to the Ray cluster at {where}: {type(e).__name__}: {e}. Check RAY_ADDRESS "
+            "(and that this machine runs the cluster's Ray and Python versions); there is no fallback "
+            "to the local runner."
+        ) from None
+    return _describe_address()
+
+
+def _describe_address() -> str:
+    with contextlib.suppress(Exception):
+        return ray.get_runtime_context().gcs_address
+    return "the Ray cluster"
+
+
+def _package_dir() -> str:
+    return str(Path(__file__).resolve().parent)
+
+
+def _job_runtime_env() -> dict | None:
+    """This package, uploaded to the cluster for this process's actors (Ray accepts a local folder
+    only for the whole connection, hence at ray.init)."""
+    if os.environ.get("TINYGPT_RAY_SHIP_CODE", "1").strip().lower() in ("0", "false", "no"):
+        return None
+    return {"py_modules": [_package_dir()], "excludes": ["__pycache__", "*.pyc"]}
+
+
+# --- the worker (runs on a Ray node) -----------------------------------------------------------------
+
+
+@ray.remote(max_restarts=0, max_concurrency=4)
+class JobWorker:
+    """One training job on a Ray worker: trains into a private folder, streams events and files.
+
+    A threaded actor: ``stream`` (a generator) runs while ``stop`` and ``ping`` are called."""
+
+    def __init__(self, owner: str, run_id: str, orphan_timeout_s: float = 600.0):
+        self.owner, self.run_id = owner, run_id
+        self.dir = Path(tempfile.mkdtemp(prefix=f"tinygpt-{run_id[-40:].replace('/', '_')}-"))
+        self.watcher = FolderWatcher(self.dir)
+        self.out: queue.Queue = queue.Queue()
+        self.stop_event = threading.Event()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.final: tuple | None = None
+        self.step = 0
+        self.last_scan = 0.0
+        self.after_eval = False
+        self.resync = False  # a new owner: ship every file again at the next scan
+        self.generation = 0  # the newest stream; an older one ends
+        self.last_ping = time.monotonic()
+        self.orphan_timeout_s = orphan_timeout_s
+        threading.Thread(target=self._watchdog, name="tinygpt-orphan-watchdog", daemon=True).start()
+
+    # --- calls from the driver ---
+
+    def owner_key(self) -> str:
+        return self.owner
+
+    def info(self) -> dict:
+        return {"started": self.thread is not None, "finished": self.final is not None, "step": self.step}
+
+    def placement(self) -> dict:
+        ctx = ray.get_runtime_context()
+        return {
+            "runner": "ray",
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "actor": ACTOR_PREFIX + self.run_id,
+        }
+
+    def start(self, payload: dict) -> dict:
+        """Unpack the shipped files and start training (once); returns where it trains."""
+        with self.lock:
+            if self.thread is None:
+                write_changes(self.dir, payload.get("files") or [])
+                self.watcher.mark_known()
+                threads = payload.get("threads")
+                if threads:
+                    import torch
+
+                    torch.set_num_threads(int(threads))
+                self.thread = threading.Thread(target=self._train, args=(payload,), name="tinygpt-train", daemon=True)
+                self.thread.start()
+        return self.placement()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def ping(self) -> None:
+        self.last_ping = time.monotonic()
+
+    def stream(self, full: bool = False):
+        """Batches of messages (see tinygpt_core.shipping) until the run's result; ``full``: a new
+        owner, so every file is shipped again and what the previous owner did not take is dropped."""
+        with self.lock:
+            self.generation += 1
+            generation = self.generation
+            self.last_ping = time.monotonic()
+            if full:
+                self.resync = True
+                kept = []
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        msg = self.out.get_nowait()
+                        if msg[0] in ("result", "failed"):
+                            kept.append(msg)
+                for msg in kept:
+                    self.out.put(msg)
+                if self.final is not None:  # training has ended: nobody else scans any more
+                    self.watcher.forget()
+                    self.out.put(("files", self.watcher.changes()))
+                    self.out.put(self.final)
+        while True:
+            if self.generation != generation:
+                return  # a newer stream took over
+            try:
+                msg = self.out.get(timeout=ALIVE_S)
+            except queue.Empty:
+                yield [("alive",)]
+                continue
+            batch = [msg]
+            deadline = time.monotonic() + BATCH_S
+            while batch[-1][0] not in ("result", "failed"):
+                try:
+                    batch.append(self.out.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            yield batch
+            if batch[-1][0] in ("result", "failed"):
+                return
+
+    def close(self) -> None:
+        """The owner has everything: remove the folder and end this worker."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        ray.actor.exit_actor()
+
+    # --- on the worker ---
+
+    def _train(self, payload: dict) -> None:
+        callbacks = [self._on_event]
+        try:
+            if payload.get("spec") is None:
+                result = training.resume(
+                    self.dir, max_iters=payload.get("max_iters"), callbacks=callbacks, stop_event=self.stop_event
+                )
+            else:
+                result = training.train(payload["spec"], self.dir, callbacks=callbacks, stop_event=self.stop_event)
+            final: tuple = ("result", result.status, result.message)
+        except TinyGPTError as exc:  # e.g. a damaged checkpoint shipped for a resume
+            final = ("failed", str(exc))
+        except BaseException as exc:  # noqa: BLE001 - a bug must reach the app, not kill the worker quietly
+            log.exception("training crashed on the Ray worker")
+            final = ("failed", f"{type(exc).__name__}: {exc}")
+        with self.lock:
+            self._ship_files()
+            self.final = final
+            self.out.put(final)
+
+    def _on_event(self, event: training.TrainEvent) -> None:
+        """The training callback (on the training thread): files first, when due, then the event."""
+        self.step = event.step
+        now = time.monotonic()
+        due = event.kind in ("start", "end") or (
+            event.kind == "step" and (self.after_eval or now - self.last_scan >= SCAN_INTERVAL_S)
+        )
+        with self.lock:
+            if due:
+                self._ship_files()
+                self.after_eval = False
+            if event.kind == "eval":
+                self.after_eval = True  # checkpoints are written after the eval event: ship at the next step
+            self.out.put(("events", [event]))
+
+    def _ship_files(self) -> None:  # lock held
+        if self.resync:
+            self.watcher.forget()
+            self.resync = False
+        self.last_scan = time.monotonic()
+        try:
+            changes = self.watcher.changes()
+        except OSError:
+            log.exception("could not scan the run folder")
+            return
+        if changes:
+            self.out.put(("files", changes))
+
+    def _watchdog(self) -> None:
+        while True:
+            time.sleep(min(10.0, self.orphan_timeout_s))
+            if self.final is not None and time.monotonic() - self.last_ping > self.orphan_timeout_s:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                os._exit(0)
+
+
+# --- the driver (the app's server or the CLI) -------------------------------------------------------
+
+
+@dataclass
+class _RayJob(_Job):
+    """A job record, plus what the Ray runner needs to follow it."""
+
+    payload: dict | None = None
+    actor: Any = None
+    callbacks: list = field(default_factory=list)
+    gpus: float = 0.0
+    cpus: float = 1.0
+    reattached: bool = False
+    last_status: float = 0.0  # time.monotonic() of the last status.json written for it
+
+
+class RayJobRunner(JobRunner):
+    """Runs each job as a detached Ray actor on the cluster; the run store stays on this machine."""
+
+    def __init__(
+        self,
+        store: RunStore | None = None,
+        *,
+        address: str | None = None,
+        namespace: str | None = None,
+        gpus_per_job: float | None = None,
+        cpus_per_job: float | None = None,
+        reattach: bool = True,
+    ):
+        self.store = store if store is not None else RunStore()
+        self.address = connect(address)
+        self.namespace = namespace or os.environ.get("TINYGPT_RAY_NAMESPACE", "").strip() or DEFAULT_NAMESPACE
+        try:
+            resources = ray.cluster_resources()
+        except Exception as e:  # noqa: BLE001
+            raise JobError(f"The Ray cluster at {self.address} does not answer: {e}") from None
+        self.cluster_cpus = float(resources.get("CPU", 0))
+        self.cluster_gpus = float(resources.get("GPU", 0))
+        env_gpus = _env_float("TINYGPT_RAY_GPUS_PER_JOB", None)
+        default_gpus = DEFAULT_GPU_SHARE if self.cluster_gpus > 0 else 0.0
+        self.gpus_per_job = (
+            gpus_per_job if gpus_per_job is not None else (default_gpus if env_gpus is None else env_gpus)
+        )
+        self.cpus_per_job = cpus_per_job if cpus_per_job is not None else _env_float("TINYGPT_RAY_CPUS_PER_JOB", 1.0)
+        if self.gpus_per_job > 1 and self.gpus_per_job != int(self.gpus_per_job):
+            raise ConfigError(
+                f"TINYGPT_RAY_GPUS_PER_JOB must be a fraction up to 1 or a whole number, got {self.gpus_per_job:g}."
+            )
+        self.orphan_timeout_s = _env_float("TINYGPT_RAY_ORPHAN_TIMEOUT_S", 600.0)
+        self.owner = f"{socket.gethostname()}:{self.store.root.resolve()}"
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _RayJob] = {}
+        self._seq = iter(range(1 << 62))
+        self._free_cache: tuple[float, dict] = (0.0, {})
+        self._where: dict[str, str] = {}  # job id -> "host (ip)" it trains on
+        if reattach:
+            self._reattach()
+
+    # --- the JobRunner interface -----------------------------------------------------------------
+
+    def submit(self, spec: training.TrainSpec, *, run_dir: str | Path | None = None, callbacks=()) -> str:
+        """As JobRunner.submit; ``run_dir`` trains into that folder instead of a new one of the store
+        (the CLI's --out), ``callbacks`` get every TrainEvent on this machine (the CLI's progress bar)."""
+        gpus = self._validate(spec)
+        limits.check_spec(spec)
+        self._check_room()
+        # The corpus, tokenizer and token ids that validate prepared travel with the spec (a copy): the
+        # worker neither reads the corpus (no shared files) nor tokenizes it again (seconds for BPE).
+        shipped = dataclasses.replace(spec)
+        shipped._prepared = spec._prepare()
+        if run_dir is None:
+            run_dir = Path(self.store.create(spec.name))
+        else:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        job = self._new_job(spec.name or run_dir.name, run_dir, spec.train.max_iters, gpus, callbacks)
+        job.spec = spec
+        job.payload = {"spec": shipped, "files": [], "threads": self._threads()}
+        try:
+            RunWriter(run_dir).write_status("queued", "Waiting for room on the Ray cluster.")
+        except OSError as e:
+            _remove_unstarted(run_dir)
+            raise RunError(f"Cannot write to the run store {self.store.root}: {e.strerror or e}") from None
+        spec._prepared = None  # the token ids are not needed here any more
+        self._launch(job)
+        return job.id
+
+    def resume(self, run_id: str, max_iters: int | None = None, *, callbacks=()) -> str:
+        """As JobRunner.resume: the run's folder is shipped to a worker, which continues it."""
+        from .runs import load_checkpoint_state, read_config, read_status
+
+        limits.check_writable("resuming runs")
+        run_dir = self.store.path(run_id)
+        cfg = read_config(run_dir)
+        target = max_iters or cfg.train.max_iters
+        limits.check_max_iters(target)
+        if read_status(run_dir).status in ("running", "queued"):
+            raise RunError(f"Run {run_id} is still training (or waiting to); it can be resumed once it has stopped.")
+        _, optim_state, extra = load_checkpoint_state(run_dir, "last")
+        if optim_state is None or "step" not in extra:
+            raise RunError(f"Run {run_id} has no optimizer.safetensors, so it cannot be resumed exactly.")
+        if int(extra["step"]) >= target:
+            raise RunError(f"Run {run_id} is already at step {int(extra['step'])} of {target}.")
+        gpus = self._gpus_for(cfg.train.device)
+        self._check_room()
+        files = pack_folder(run_dir, skip=("status.json",))
+        if not (run_dir / "corpus.txt").is_file():  # a built-in corpus: the worker gets the exact text
+            from .shipping import FileChange
+
+            text = training._resume_corpus_text(run_dir, cfg.corpus)
+            files.append(FileChange("corpus.txt", text.encode("utf-8", errors="surrogatepass")))
+        with self._lock:
+            if any(j.run_dir.name == run_dir.name and not j.finished for j in self._jobs.values()):
+                raise JobError(f"Run {run_id} is already being resumed; watch that job instead.")
+        job = self._new_job(cfg.name or run_dir.name, run_dir, target, gpus, callbacks)
+        job.step = int(extra["step"])
+        job.resume_max_iters = max_iters
+        job.payload = {"spec": None, "files": files, "max_iters": max_iters, "threads": self._threads()}
+        self._launch(job)
+        return job.id
+
+    def snapshot(self, job_id: str) -> JobSnapshot:
+        with self._lock:
+            job = self._get(job_id)
+            return self._snapshot(job)
+
+    def find_by_run(self, run_id: str) -> JobSnapshot | None:
+        with self._lock:
+            matches = [j for j in self._jobs.values() if j.run_dir.name == run_id]
+            return self._snapshot(max(matches, key=lambda j: j.seq)) if matches else None
+
+    def cancel(self, job_id: str) -> None:
+        actor = None
+        with self._lock:
+            job = self._get(job_id)
+            if job.status == "queued":
+                job.status, job.message = "stopped", "Cancelled before it started."
+                job.finished_at = time.monotonic()
+                job.stop_event.set()
+                actor = job.actor
+                if job.spec is not None:
+                    _remove_unstarted(job.run_dir)
+            elif job.status == "running":
+                job.stop_event.set()
+                job.message = "Stopping after the current step…"
+                if job.actor is not None:
+                    job.actor.stop.remote()
+        if actor is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+
+    def list_jobs(self) -> list[JobSnapshot]:
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: j.seq, reverse=True)
+            return [self._snapshot(j) for j in jobs]
+
+    def describe(self) -> str:
+        gpu = f", {self.gpus_per_job:g} GPU" if self.gpus_per_job else ""
+        return (
+            f"each job on the Ray cluster at {self.address} ({self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs) "
+            f"asking for {self.cpus_per_job:g} CPU{gpu}; the cluster queues what does not fit"
+        )
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every job of this runner and wait (up to ``timeout`` s) for their ends to arrive."""
+        with self._lock:
+            ids = [j.id for j in self._jobs.values() if not j.finished]
+        for job_id in ids:
+            with contextlib.suppress(TinyGPTError):
+                self.cancel(job_id)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = [j.thread for j in self._jobs.values() if j.thread is not None]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # --- submission helpers ----------------------------------------------------------------------
+
+    def _gpus_for(self, device: str) -> float:
+        if device == "mps":
+            raise ConfigError("A Ray cluster trains on CUDA GPUs or CPUs: choose device auto, cuda or cpu.")
+        if device == "cuda" and self.gpus_per_job <= 0:
+            raise ConfigError(
+                "This Ray cluster's jobs get no GPU (it has none, or TINYGPT_RAY_GPUS_PER_JOB is 0): "
+                "choose device auto or cpu."
+            )
+        return 0.0 if device == "cpu" else self.gpus_per_job
+
+    def _validate(self, spec: training.TrainSpec) -> float:
+        """Validate on this machine, which may have no GPU: the device is the worker's business."""
+        gpus = self._gpus_for(spec.train.device)
+        local = spec
+        if spec.train.device != "cpu":
+            precision = "fp32" if spec.train.precision == "fp16" else spec.train.precision
+            local = dataclasses.replace(spec, train=dataclasses.replace(spec.train, device="cpu", precision=precision))
+        local.validate()
+        if local is not spec:
+            spec._prepared = local._prepared
+        return gpus
+
+    def _threads(self) -> int:
+        return max(1, int(self.cpus_per_job))
+
+    def _new_job(self, name: str, run_dir: Path, max_iters: int, gpus: float, callbacks) -> _RayJob:
+        return _RayJob(
+            id=uuid.uuid4().hex[:12],
+            seq=next(self._seq),
+            spec=None,
+            name=name,
+            device="cuda" if gpus > 0 else "cpu",
+            run_dir=run_dir,
+            created_at=time.time(),
+            max_iters=max_iters,
+            callbacks=list(callbacks),
+            gpus=gpus,
+            cpus=self.cpus_per_job,
+        )
+
+    def _check_room(self) -> None:
+        """The operator's bound on waiting jobs (TINYGPT_MAX_QUEUED_JOBS) holds here too: Ray would queue
+        without end."""
+        limit = limits.current().max_queued_jobs
+        with self._lock:
+            waiting = sum(1 for j in self._jobs.values() if j.status == "queued")
+        if waiting >= limit:
+            raise JobError(
+                f"{waiting} jobs are already waiting for room on the Ray cluster (the limit is {limit}); "
+                "try again when some have started."
+            )
+
+    def _prune(self) -> None:  # lock held
+        """Forget the oldest finished jobs beyond KEEP_FINISHED (their runs stay on disk)."""
+        finished = sorted((j for j in self._jobs.values() if j.finished), key=lambda j: j.seq)
+        for job in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[job.id]
+            self._where.pop(job.id, None)
+
+    def _launch(self, job: _RayJob) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+            job.thread = threading.Thread(target=self._follow, args=(job,), name=f"tinygpt-ray-{job.id}", daemon=True)
+            job.thread.start()
+
+    # --- the driver thread of one job ------------------------------------------------------------
+
+    def _follow(self, job: _RayJob) -> None:
+        """Create (or find again) the job's actor, then apply what it streams until the run ends."""
+        final: tuple | None = None
+        mirror = FolderMirror(job.run_dir, on_status=lambda s, m, step: self._worker_status(job, s, m, step))
+        try:
+            writer = RunWriter(job.run_dir)
+            if not job.reattached:
+                actor = self._create_actor(job)
+                if actor is None:
+                    return  # cancelled before its actor was made
+                placement = ray.get(actor.start.remote(job.payload))  # waits while Ray queues the actor
+                job.payload = None
+            else:
+                actor = job.actor
+                placement = ray.get(actor.placement.remote(), timeout=30)
+            with self._lock:
+                if job.status == "stopped" and job.finished_at is not None:
+                    return  # cancelled while it waited; the actor was killed
+                job.status = "running"
+                job.started_at = time.monotonic()
+                if not job.stop_event.is_set():
+                    job.message = f"Starting on {placement.get('hostname')} ({placement.get('node_ip')})…"
+                stop_now = job.stop_event.is_set()
+            if stop_now:
+                actor.stop.remote()
+            self._where[job.id] = f"{placement.get('hostname')} ({placement.get('node_ip')})"
+            self._record_placement(job, placement)
+            job.last_status = time.monotonic()
+            last_ping = time.monotonic()
+            seeded = not job.reattached
+            for ref in actor.stream.options(num_returns="streaming").remote(job.reattached):
+                batch = ray.get(ref)
+                for msg in batch:
+                    kind = msg[0]
+                    if kind == "files":
+                        mirror.apply(msg[1])
+                        if not seeded:
+                            self._seed_from_disk(job)
+                            seeded = True
+                    elif kind == "events":
+                        self._apply_events(job, msg[1])
+                    elif kind in ("result", "failed"):
+                        final = msg
+                now = time.monotonic()
+                if now - last_ping >= PING_S:
+                    actor.ping.remote()
+                    last_ping = now
+                if final is None and now - job.last_status >= STATUS_REFRESH_S:
+                    with self._lock:
+                        step, message = job.step, job.message
+                    self._write_status(writer, "running", message, step)
+            if final is None:
+                raise JobError("the worker's stream ended without a result")
+            self._close(actor)
+        except Exception as exc:  # noqa: BLE001 - every end is recorded: lost worker, failed start, bug
+            with self._lock:
+                if job.status == "stopped" and job.finished_at is not None:
+                    return  # cancelled while queued: the killed actor's error is expected
+            final = self._lost(job, exc)
+        if final[0] == "result":
+            status, message = final[1], final[2]
+        else:
+            status, message = final[0], final[1]
+            if status == "failed":
+                status = "error"
+                _write_status(job.run_dir, status, message)
+        with self._lock:
+            job.status = status if status in FINISHED_STATUSES else "error"
+            job.message = message or _default_message(job.status)
+            job.finished_at = time.monotonic()
+            if job.spec is not None:
+                job.spec._prepared = None
+            self._prune()
+
+    def _create_actor(self, job: _RayJob):
+        options: dict[str, Any] = {
+            "name": ACTOR_PREFIX + job.run_dir.name,
+            "namespace": self.namespace,
+            "lifetime": "detached",
+            "num_cpus": job.cpus,
+            "num_gpus": job.gpus,
+        }
+        with self._lock:
+            if job.finished:
+                return None
+            try:
+                job.actor = JobWorker.options(**options).remote(self.owner, job.run_dir.name, self.orphan_timeout_s)
+            except ValueError:  # the name is taken: a stale worker of this run (its owner died); replace it
+                with contextlib.suppress(Exception):
+                    ray.kill(ray.get_actor(options["name"], namespace=self.namespace), no_restart=True)
+                time.sleep(0.5)
+                job.actor = JobWorker.options(**options).remote(self.owner, job.run_dir.name, self.orphan_timeout_s)
+            return job.actor
+
+    def _apply_events(self, job: _RayJob, events: list) -> None:
+        for event in events:
+            if event.kind == "start":  # the folder it reports is the worker's; the run's is here
+                event.data = {**event.data, "run_dir": str(job.run_dir), "worker": self._where.get(job.id, "")}
+        with self._lock:
+            for event in events:
+                try:
+                    _apply_event(job, event)
+                    if event.kind == "start" and not job.stop_event.is_set() and event.data.get("worker"):
+                        job.message = f"{job.message.rstrip('.')} on {event.data['worker']}, a Ray worker."
+                except Exception:  # noqa: BLE001 - a progress glitch must not end the job
+                    log.exception("could not record %s event of job %s", getattr(event, "kind", "?"), job.id)
+        for event in events:
+            for cb in job.callbacks:
+                try:
+                    cb(event)
+                except Exception:  # noqa: BLE001
+                    log.exception("a progress callback of job %s raised", job.id)
+
+    def _worker_status(self, job: _RayJob, status: str, message: str, step: int) -> None:
+        """The worker wrote status.json: write it here, with this process as the one following the run."""
+        self._write_status(RunWriter(job.run_dir), status, message, step)
+        job.last_status = time.monotonic()
+
+    @staticmethod
+    def _write_status(writer: RunWriter, status: str, message: str, step: int) -> None:
+        try:
+            writer.write_status(status, message, step)
+        except (OSError, ValueError):
+            log.exception("could not write the status of %s", writer.run_dir)
+
+    def _record_placement(self, job: _RayJob, placement: dict) -> None:
+        """placement.json: where each stretch of the run trained (runner, node, host, GPUs, resources)."""
+        from .runs import utc_now_iso, write_json_atomic
+
+        path = job.run_dir / PLACEMENT_FILE
+        entry = {
+            **placement,
+            "cluster": self.address,
+            "resources": {"CPU": job.cpus, "GPU": job.gpus},
+            "device": job.device,
+            "started_at": utc_now_iso(),
+            "reattached": job.reattached,
+        }
+        try:
+            history = json.loads(path.read_text()).get("history", []) if path.is_file() else []
+        except (OSError, ValueError, AttributeError):
+            history = []
+        try:
+            write_json_atomic(path, {"runner": "ray", **entry, "history": [*history, entry]})
+        except OSError:
+            log.exception("could not write %s", path)
+
+    def _seed_from_disk(self, job: _RayJob) -> None:
+        """A job found again after a restart: its curves so far, from the files just shipped."""
+        try:
+            df = read_metrics(job.run_dir)
+        except RunError:
+            return
+        rows = [{c: (float(r[c]) if c != "step" else int(r[c])) for c in METRIC_COLUMNS} for _, r in df.iterrows()]
+        samples = read_samples(job.run_dir)
+        with self._lock:
+            job.metrics = rows[-5000:]
+            job.samples.extend(samples)
+            if rows:
+                job.step = max(job.step, rows[-1]["step"])
+
+    def _lost(self, job: _RayJob, exc: Exception) -> tuple:
+        """The worker died, could not start, or the stream broke: how the run ends, recorded on disk."""
+        with self._lock:
+            step, started = job.step, job.started_at is not None
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, ray.exceptions.RuntimeEnvSetupError):
+            message = f"The Ray cluster could not set up the job's environment: {reason}"
+            _write_status(job.run_dir, "error", message)
+            return ("error", message)
+        if not started:
+            message = f"The job could not start on the Ray cluster: {type(exc).__name__}: {reason}"
+            _write_status(job.run_dir, "error", message)
+            return ("error", message)
+        message = (
+            f"The Ray worker training this run ended unexpectedly at step {step} ({type(exc).__name__}). "
+            "Resume the run to continue from its last checkpoint."
+        )
+        log.warning("job %s: %s: %s", job.id, message, reason)
+        with contextlib.suppress(Exception):
+            RunWriter(job.run_dir).write_status("interrupted", message, step)
+        return ("interrupted", message)
+
+    def _close(self, actor) -> None:
+        with contextlib.suppress(Exception):
+            ray.get(actor.close.remote(), timeout=10)
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
+
+    # --- found again after a restart ---------------------------------------------------------------
+
+    def _reattach(self) -> None:
+        """Follow again the workers this store's runs left training on the cluster."""
+        try:
+            named = ray.util.list_named_actors(all_namespaces=True)
+        except Exception:  # noqa: BLE001
+            log.exception("could not list the cluster's actors")
+            return
+        for entry in named:
+            name = entry.get("name", "") if isinstance(entry, dict) else str(entry)
+            if entry.get("namespace") != self.namespace or not name.startswith(ACTOR_PREFIX):
+                continue
+            run_id = name[len(ACTOR_PREFIX) :]
+            try:
+                run_dir = self.store.path(run_id)
+                actor = ray.get_actor(name, namespace=self.namespace)
+                if ray.get(actor.owner_key.remote(), timeout=10) != self.owner:
+                    continue  # another app's run that happens to share the cluster and namespace
+                info = ray.get(actor.info.remote(), timeout=10)
+            except (RunError, ValueError):
+                continue
+            except Exception:  # noqa: BLE001 - a dying actor: its run reads as interrupted from disk
+                log.exception("could not reach %s", name)
+                continue
+            if not info.get("started"):  # its owner died before handing it the job: nothing to follow
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+                continue
+            try:
+                from .runs import read_config
+
+                cfg = read_config(run_dir)
+                title, max_iters = cfg.name or run_id, cfg.train.max_iters
+                device = cfg.train.device
+            except RunError:
+                title, max_iters, device = run_id, 0, "cpu"
+            job = self._new_job(title, run_dir, max_iters, self.gpus_per_job if device != "cpu" else 0.0, ())
+            job.status, job.message = "queued", "Found again on the Ray cluster after a restart of the app."
+            job.step = int(info.get("step") or 0)
+            job.actor = actor
+            job.reattached = True
+            self._launch(job)
+
+    # --- snapshots (lock held) ---------------------------------------------------------------------
+
+    def _get(self, job_id: str) -> _RayJob:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise JobError(
+                f"No job {job_id!r}: it never existed here or finished long ago; "
+                "open its run from the runs list instead."
+            ) from None
+
+    def _snapshot(self, job: _RayJob) -> JobSnapshot:
+        position, message = None, job.message
+        if job.status == "queued" and not job.reattached:
+            waiting = sorted((j for j in self._jobs.values() if j.status == "queued"), key=lambda j: j.seq)
+            position = [j.id for j in waiting].index(job.id) + 1
+            message = self._queued_message(job, position)
+        return _snapshot_of(job, position, message)
+
+    def _queued_message(self, job: _RayJob, position: int) -> str:
+        if job.stop_event.is_set():
+            return job.message
+        what = "a GPU" if job.gpus > 0 else "room"
+        need = f"{job.cpus:g} CPU" + (f" and {job.gpus:g} GPU" if job.gpus else "")
+        ahead = position - 1
+        ahead_text = (
+            f" {ahead} job{'s' if ahead != 1 else ''} of this server wait{'s' if ahead == 1 else ''} ahead of it."
+            if ahead
+            else ""
+        )
+        if self._fits(job):
+            return f"Starting a worker on the Ray cluster ({need})…{ahead_text}"
+        return f"Waiting for {what} on the cluster: each job asks for {need} and the cluster is full.{ahead_text}"
+
+    def _fits(self, job: _RayJob) -> bool:
+        """Whether the cluster has room for the job right now (cached: a snapshot must be cheap)."""
+        at, free = self._free_cache
+        if time.monotonic() - at > RESOURCE_CACHE_S:
+            try:
+                free = ray.available_resources()
+            except Exception:  # noqa: BLE001
+                free = {}
+            self._free_cache = (time.monotonic(), free)
+        return free.get("CPU", 0) >= job.cpus and free.get("GPU", 0) >= job.gpus
+
+
+__all__ = ["RayJobRunner", "JobWorker", "connect", "ACTOR_PREFIX", "PLACEMENT_FILE", "HEARTBEAT_TIMEOUT_S"]
