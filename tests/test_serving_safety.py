@@ -246,7 +246,7 @@ def test_the_runner_records_the_owner_and_caps_each_visitor(tmp_path, monkeypatc
     monkeypatch.setenv("TINYGPT_MAX_JOBS_PER_VISITOR", "2")
     fake = Blocking()
     monkeypatch.setattr(training, "train", fake)
-    runner = LocalJobRunner(RunStore(tmp_path / "runs"), max_jobs_per_device=1, max_queued_jobs=32)
+    runner = LocalJobRunner(RunStore(tmp_path / "runs"), max_jobs_per_device=1, max_queued_jobs=32, execution="thread")
     alice = owners.visitor_owner(owners.new_token())
     bob = owners.visitor_owner(owners.new_token())
     try:
@@ -276,7 +276,8 @@ def test_the_runner_records_the_owner_and_caps_each_visitor(tmp_path, monkeypatc
 
 
 def test_a_visitors_path_corpus_goes_through_the_visitor_check(disk, tmp_path, monkeypatch):
-    runner = LocalJobRunner(RunStore(tmp_path / "runs"), max_jobs_per_device=1, max_queued_jobs=32)
+    # In this process (a thread): the stand-in trainer below records the corpus the job was given.
+    runner = LocalJobRunner(RunStore(tmp_path / "runs"), max_jobs_per_device=1, max_queued_jobs=32, execution="thread")
     visitor = owners.visitor_owner(owners.new_token())
     try:
         with pytest.raises(DataError, match="TINYGPT_CORPUS_DIRS"):
@@ -303,7 +304,7 @@ def test_resume_counts_against_the_visitors_cap(tmp_path, monkeypatch):
     stopped = training.train(tiny_spec(name="old", max_iters=20), store=store, stop_event=_set_event())
     fake = Blocking()
     monkeypatch.setattr(training, "train", fake)
-    runner = LocalJobRunner(store, max_jobs_per_device=1, max_queued_jobs=32)
+    runner = LocalJobRunner(store, max_jobs_per_device=1, max_queued_jobs=32, execution="thread")
     alice = owners.visitor_owner(owners.new_token())
     try:
         runner.submit(tiny_spec(name="busy"), owner=alice)
