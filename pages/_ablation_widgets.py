@@ -110,10 +110,22 @@ def grid_ablation_picker(key_prefix: str = "grid_", default: tuple[str, ...] = D
         format_func=lambda k: f"{_shown(parametric[k])} ({parametric[k].title.lower()})" if k in parametric else k,
         help="\n".join(f"- **{_shown(a)}**: {_described(a)}" for a in REGISTRY if a.grid),
     )
-    n = {
-        a.name: right.number_input(
+    for a in parametric.values():
+        right.number_input(
             f"N for {_shown(a)}", min_value=1, max_value=MAX_N, value=int(a.value), key=key_prefix + a.key
         )
-        for a in parametric.values()
-    }
-    return [parametric[k].label(int(n[parametric[k].name])) if k in parametric else k for k in chosen]
+    return grid_labels(key_prefix, chosen)
+
+
+def grid_labels(key_prefix: str = "grid_", chosen: list[str] | None = None) -> list[str]:
+    """The grid's ablation labels from the picker's state (each parametric one with its n: "window-12").
+
+    Readable in a callback (the form's submitted values are in st.session_state before the next run draws)."""
+    parametric = {a.label(): a for a in REGISTRY if a.grid and a.parametric}
+    chosen = st.session_state.get(key_prefix + "ablations", []) if chosen is None else chosen
+    return [
+        parametric[k].label(int(st.session_state.get(key_prefix + parametric[k].key, parametric[k].value)))
+        if k in parametric
+        else k
+        for k in chosen
+    ]

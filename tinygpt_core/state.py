@@ -298,6 +298,7 @@ def _merge(summary: RunSummary, job: JobSnapshot | None) -> RunState:
             state,
             **live,
             name=job.name,
+            grid=_grid_of(job.name) or state.grid,  # a queued member's folder has no config (so no name) yet
             status=job.status,
             message=job.message,
             error=None,
