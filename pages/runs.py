@@ -133,7 +133,10 @@ def _run_columns(df: pd.DataFrame) -> dict:
 
 
 def _chart_downloads(fig, key: str, stem: str) -> None:
-    """HTML (always) and PNG (when kaleido can run) downloads of a chart, generated on click only."""
+    """HTML (always) and PNG downloads of a chart, each made only when its button is clicked.
+
+    When this server cannot make PNGs (no kaleido, no browser for it, or it failed once), the PNG
+    button is disabled and a sentence below says why and what to use instead."""
     c1, c2, _ = st.columns([1, 1, 4])
     c1.download_button(
         "Chart as HTML",
@@ -142,19 +145,31 @@ def _chart_downloads(fig, key: str, stem: str) -> None:
         mime="text/html",
         key=f"{key}_html",
         icon=":material/download:",
+        on_click="ignore",
     )
-    reason = viz.png_unavailable_reason()
-    if reason is None:
-        c2.download_button(
-            "Chart as PNG",
-            data=lambda: viz.figure_to_png(fig) or b"",
-            file_name=f"{stem}.png",
-            mime="image/png",
-            key=f"{key}_png",
-            icon=":material/image:",
-        )
-    else:
-        c2.caption(f"PNG export unavailable here ({reason}); use the HTML download or the chart's camera icon.")
+    problem = viz.png_export_problem()
+
+    def png() -> bytes:
+        # Runs on Streamlit's download thread when the button is clicked. Raising (never returning b"")
+        # makes the button show "Failed to generate file for download" instead of saving an empty file.
+        data = viz.figure_to_png(fig)
+        if data is None:
+            raise RuntimeError(viz.png_unavailable_reason() or viz.PNG_FAILED)
+        return data
+
+    c2.download_button(
+        "Chart as PNG",
+        data=png,
+        file_name=f"{stem}.png",
+        mime="image/png",
+        key=f"{key}_png",
+        icon=":material/image:",
+        disabled=problem is not None,
+        help=problem or "Made when you click (takes a few seconds: a browser on the server draws it).",
+        on_click="ignore",
+    )
+    if problem is not None:
+        st.caption(problem)
 
 
 # ---- all runs ------------------------------------------------------------------------------------

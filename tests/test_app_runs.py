@@ -288,3 +288,19 @@ def test_a_second_grid_opens_on_the_grid_tab_showing_the_new_grid(runs_dir):
     # Enter in a number input of the grid form changes the value; only the button launches.
     form = next(f for f in at.get("form"))
     assert form.proto.form.enter_to_submit is False
+
+
+def test_png_download_says_why_it_is_unavailable_instead_of_an_empty_file(with_runs, monkeypatch):
+    from tinygpt_core import viz
+
+    monkeypatch.setattr(viz, "_png_unavailable", None)
+    monkeypatch.setattr(viz, "_find_browser", lambda: None)  # a server without Chrome/Chromium
+    at = open_page()
+    ids = run_ids(at)
+    at.multiselect(key="runs_overlay").set_value([ids["a"], ids["b"]]).run()
+    assert not at.exception
+    png = next(d for d in at.get("download_button") if d.proto.label == "Chart as PNG")
+    assert png.proto.disabled and png.proto.help == viz.PNG_NO_BROWSER
+    assert viz.PNG_NO_BROWSER in texts(at.caption)
+    html = next(d for d in at.get("download_button") if d.proto.label == "Chart as HTML")
+    assert not html.proto.disabled
