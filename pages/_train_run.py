@@ -65,6 +65,8 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
     top[0].title(view.name)
     if view.job_id and view.job_id != job_id:
         remember_job(view.job_id)  # found by run id (a reload or a second tab): keep watching that job
+    if st.query_params.get(RUN_PARAM) != view.run_id:
+        remember_run(view.run_id)  # found by job id: the run id goes in the URL too, so a reload finds it
 
     started_active = view.active
 

@@ -14,8 +14,6 @@ import streamlit as st
 
 from pages._ablation_widgets import ablation_toggles
 from pages._common import (
-    JOB_PARAM,
-    RUN_PARAM,
     active_runs,
     format_count,
     format_duration,
@@ -116,12 +114,22 @@ def _active_jobs_banner() -> None:
             c1, c2 = st.columns([4, 1], vertical_alignment="center")
             what = r.message if r.status == "queued" else f"step {r.step}/{r.max_iters}"
             c1.markdown(f":material/progress_activity: **{r.name}** is {r.status} on {r.device} · {what}")
-            c2.page_link(
-                "pages/train.py",
-                label="Watch",
+            # A button, not a page_link: a link to the page already open changes the view but not the URL,
+            # so a reload lost the run. remember_job/remember_run put both ids in the URL (?run=…&job=…).
+            c2.button(
+                "Watch",
                 icon=":material/visibility:",
-                query_params={RUN_PARAM: r.run_id, JOB_PARAM: r.job_id},
+                key=f"{K}watch_{r.run_id}",
+                on_click=_watch,
+                args=(r.run_id, r.job_id),
+                width="stretch",
             )
+
+
+def _watch(run_id: str, job_id: str | None) -> None:
+    """on_click of Watch: the run becomes the one in view, and in the URL, before the page is drawn again."""
+    remember_job(job_id)
+    remember_run(run_id)
 
 
 def _corpus_section() -> Corpus | str | None:

@@ -206,3 +206,18 @@ def test_ablation_toggles_come_from_the_registry_and_reach_the_run(runs_dir):
     run_id = at.query_params["run"]
     wait_until_finished(at)
     assert read_config(runs_dir / run_id).model.ablations() == ["pos-none", "window-4", "qk-norm"]
+
+
+def test_watch_in_the_active_jobs_banner_puts_the_run_in_the_url(runs_dir):
+    from conftest import tiny_spec
+
+    runner = jobs.get_runner()
+    job_id = runner.submit(tiny_spec(name="watched", max_iters=100_000, eval_interval=1000))
+    run_id = runner.state(job_id).run_id
+    at = open_train()
+    assert "run" not in at.query_params  # the setup view, with the banner
+    at.button(key=f"train_watch_{run_id}").click().run()
+    assert not at.exception
+    assert at.query_params["run"] == run_id and at.query_params["job"] == job_id  # a reload keeps the run
+    assert "train_stop" in keys(at.button)  # the run view, live
+    runner.stop(job_id)
