@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
@@ -49,6 +50,16 @@ def _runner() -> JobRunner:
     fresh runner that no longer knows the jobs still training. Tests that reset the runner
     (jobs.reset_runner) clear st.cache_resource too."""
     return get_runner()
+
+
+def kept(key: str) -> dict[str, Any]:
+    """A widget's ``key`` plus what keeps its value for the whole session, across visits to other pages.
+
+    Streamlit forgets the state of every widget a script run does not draw, which is every widget of a
+    page while the user is on another one: edits came back as defaults. One line per widget keeps them:
+    ``st.number_input("Layers", **kept("train_n_layer"))`` (persist_state="session", Streamlit 1.67). The
+    key must be unique to its page (a key shared by two pages resets on a switch)."""
+    return {"key": key, "persist_state": "session"}
 
 
 def list_runs() -> list[RunState]:

@@ -17,6 +17,7 @@ from pages._common import (
     active_runs,
     format_count,
     format_duration,
+    kept,
     read_only_notice,
     remember_job,
     remember_run,
@@ -25,10 +26,13 @@ from pages._common import (
 )
 from pages._train_form import (
     LAST_FORM,
+    NUMBER_FIELDS,
     SOURCES,
     K,
+    allowed,
     apply_preset,
     build_spec,
+    form_problems,
     form_values,
     init_form,
     model_overrides,
@@ -60,6 +64,15 @@ def corpus_from_upload(uploaded) -> Corpus | None:
         return None
 
 
+def number_input(field: str, *, help: str | None = None, **kwargs: Any) -> None:
+    """A number field of the form: its label from NUMBER_FIELDS, its allowed range (the core's) in the help,
+    its value kept across pages. No min/max: ``form_problems`` names a value out of range and Start waits."""
+    label, _ = NUMBER_FIELDS[field]
+    rng = allowed(field)
+    text = " ".join(x for x in (help, f"Allowed: {rng}." if rng else None) if x) or None
+    st.number_input(label, help=text, **kept(K + field), **kwargs)
+
+
 def setup_view() -> None:
     init_form()
     st.title("Train a tiny GPT")
@@ -84,7 +97,7 @@ def setup_view() -> None:
     name_col, start_col = st.columns([3, 1], vertical_alignment="bottom")
     name_col.text_input(
         "Run name (optional)",
-        key=K + "name",
+        **kept(K + "name"),
         max_chars=60,
         placeholder="e.g. no-layernorm-test",
         help="Shown in the runs list; the run folder gets this name plus the date and time.",
@@ -135,12 +148,14 @@ def _watch(run_id: str, job_id: str | None) -> None:
 def _corpus_section() -> Corpus | str | None:
     """The corpus to train on: "builtin:NAME", a server path, an uploaded Corpus; None when not usable."""
     st.subheader("Corpus")
-    source = st.radio("Source", SOURCES, key=K + "source", horizontal=True, label_visibility="collapsed")
+    source = st.radio("Source", SOURCES, **kept(K + "source"), horizontal=True, label_visibility="collapsed")
     if source == SOURCES[0]:
         builtins = dict(list_builtin_corpora())
         if st.session_state.get(K + "builtin") not in builtins:
             st.session_state[K + "builtin"] = next(iter(builtins))
-        name = st.selectbox("Built-in corpus", list(builtins), key=K + "builtin", format_func=lambda n: f"builtin:{n}")
+        name = st.selectbox(
+            "Built-in corpus", list(builtins), **kept(K + "builtin"), format_func=lambda n: f"builtin:{n}"
+        )
         st.caption(builtins[name])
         return f"builtin:{name}"
     if source == SOURCES[1]:
@@ -152,7 +167,9 @@ def _corpus_section() -> Corpus | str | None:
         if corpus is not None:
             st.caption(f"{corpus.name}: {corpus.chars:,} characters.")
         return corpus
-    path = st.text_input("Path of a UTF-8 text file on the server", key=K + "path", placeholder="/data/my_corpus.txt")
+    path = st.text_input(
+        "Path of a UTF-8 text file on the server", **kept(K + "path"), placeholder="/data/my_corpus.txt"
+    )
     if not path.strip():
         return None
     return path.strip()
@@ -161,16 +178,13 @@ def _corpus_section() -> Corpus | str | None:
 def _tokenizer_section() -> None:
     st.subheader("Tokenizer")
     kind = st.radio(
-        "Tokenizer", list(TOKENIZER_HELP), key=K + "tokenizer", horizontal=True, label_visibility="collapsed"
+        "Tokenizer", list(TOKENIZER_HELP), **kept(K + "tokenizer"), horizontal=True, label_visibility="collapsed"
     )
     st.caption(TOKENIZER_HELP[kind])
     if kind in ("bpe", "word"):
-        st.number_input(
-            "Vocabulary size",
-            min_value=16,
-            max_value=50_000,
+        number_input(
+            "vocab",
             step=64,
-            key=K + "vocab",
             help="BPE: the target size after merges. Word: the most frequent words kept "
             "(the rest share one unknown token).",
         )
@@ -181,28 +195,25 @@ def _model_section() -> None:
     preset = st.selectbox(
         "Preset",
         list(PRESETS),
-        key=K + "preset",
+        **kept(K + "preset"),
         on_change=apply_preset,
         help="Picking a preset fills in every setting below; change any of them after.",
     )
     st.caption(PRESETS[preset].description)
     c = st.columns(3)
-    c[0].number_input("Layers", 1, 48, step=1, key=K + "n_layer", help="Transformer blocks (n_layer).")
-    c[1].number_input(
-        "Heads", 1, 64, step=1, key=K + "n_head", help="Attention heads per block; must divide the width."
-    )
-    c[2].number_input("Width", 8, 4096, step=8, key=K + "n_embd", help="Residual stream width (n_embd).")
+    with c[0]:
+        number_input("n_layer", help="Transformer blocks (n_layer).")
+    with c[1]:
+        number_input("n_head", help="Attention heads per block; must divide the width.")
+    with c[2]:
+        number_input("n_embd", step=8, help="Residual stream width (n_embd).")
     c = st.columns(3)
-    c[0].number_input(
-        "Context",
-        2,
-        8192,
-        step=8,
-        key=K + "block_size",
-        help="Block size: the longest context the model sees, in tokens.",
-    )
-    c[1].number_input("MLP multiplier", 1, 16, step=1, key=K + "ff_mult", help="MLP hidden width = this × width.")
-    c[2].number_input("Dropout", 0.0, 0.9, step=0.05, key=K + "dropout", format="%.2f")
+    with c[0]:
+        number_input("block_size", step=8, help="Block size: the longest context the model sees, in tokens.")
+    with c[1]:
+        number_input("ff_mult", help="MLP hidden width = this × width.")
+    with c[2]:
+        number_input("dropout", step=0.05, format="%.2f", help="Dropout probability, from 0 up to (not including) 1.")
 
 
 def _ablation_section() -> None:
@@ -213,63 +224,51 @@ def _ablation_section() -> None:
 def _training_section() -> None:
     with st.expander("Training settings", icon=":material/tune:", expanded=True):
         c = st.columns(4)
-        c[0].number_input("Steps (max_iters)", 1, 1_000_000, step=50, key=K + "max_iters")
-        c[1].number_input("Batch size", 1, 4096, step=4, key=K + "batch_size")
-        c[2].number_input(
-            "Learning rate",
-            1e-6,
-            1.0,
-            step=1e-4,
-            format="%.1e",
-            key=K + "lr",
-            help="Peak learning rate, after warm-up; cosine decay to a tenth of it.",
-        )
-        c[3].number_input(
-            "Eval every (steps)",
-            1,
-            1_000_000,
-            step=25,
-            key=K + "eval_interval",
-            help="Estimate train and val loss and write a sample every this many steps.",
-        )
+        with c[0]:
+            number_input("max_iters", step=50)
+        with c[1]:
+            number_input("batch_size", step=4)
+        with c[2]:
+            number_input(
+                "lr", step=1e-4, format="%.1e", help="Peak learning rate, after warm-up; cosine decay to a tenth of it."
+            )
+        with c[3]:
+            number_input(
+                "eval_interval", step=25, help="Estimate train and val loss and write a sample every this many steps."
+            )
         c = st.columns(4)
-        c[0].number_input("Seed", 0, 2**31 - 1, step=1, key=K + "seed")
-        c[1].number_input(
-            "Early-stop patience (0 = off)",
-            0,
-            10_000,
-            step=1,
-            key=K + "patience",
-            help="Stop after this many evals without a better validation loss.",
-        )
-        c[2].number_input("Stop at val loss (0 = off)", 0.0, 100.0, step=0.1, format="%.3f", key=K + "stop_val")
-        c[3].number_input(
-            "Grad clip (0 = off)",
-            0.0,
-            100.0,
-            step=0.5,
-            format="%.2f",
-            key=K + "grad_clip",
-            help="Clips the gradient norm; protects against sudden jumps in the loss.",
-        )
+        with c[0]:
+            number_input("seed")
+        with c[1]:
+            number_input("patience", help="Stop after this many evals without a better validation loss.")
+        with c[2]:
+            number_input("stop_val", step=0.1, format="%.3f", help="Stop as soon as the validation loss reaches this.")
+        with c[3]:
+            number_input(
+                "grad_clip",
+                step=0.5,
+                format="%.2f",
+                help="Clips the gradient norm; protects against sudden jumps in the loss.",
+            )
         c = st.columns(4)
-        c[0].number_input("Warm-up steps", 0, 1_000_000, step=10, key=K + "warmup")
+        with c[0]:
+            number_input("warmup", step=10)
         c[1].selectbox(
             "Device",
             ["auto", "cpu", "cuda", "mps"],
-            key=K + "device",
+            **kept(K + "device"),
             help="auto: the GPU when there is one, else the CPU.",
         )
         c[2].selectbox(
             "Precision",
             ["auto", "fp32", "bf16"],
-            key=K + "precision",
+            **kept(K + "precision"),
             help="auto: bf16 on GPUs that support it, else fp32.",
         )
         with c[3]:
             st.toggle(
                 "torch.compile",
-                key=K + "compile",
+                **kept(K + "compile"),
                 help="Compiles the model first: faster steps on a GPU after a slow start.",
             )
 
@@ -277,6 +276,10 @@ def _training_section() -> None:
 def _check_configs(f: dict[str, Any]) -> tuple[ModelConfig | None, TrainConfig | None]:
     """Validate the sizes and settings as they are typed, so mistakes show before Start."""
     model_cfg = train_cfg = None
+    problems = form_problems(f)
+    if problems:  # empty or out of range: named here, and Start stays disabled until they are fixed
+        st.error("Fix these before starting:\n\n" + "\n".join(f"- {p}" for p in problems), icon=":material/error:")
+        return None, None
     try:
         cfg = get_preset(f["preset"]).model_config(**model_overrides(f)).validate()
         # The server's TINYGPT_MAX_PARAMS, on the vocabulary the form asks for (the runner checks the real one).

@@ -221,3 +221,40 @@ def test_watch_in_the_active_jobs_banner_puts_the_run_in_the_url(runs_dir):
     assert at.query_params["run"] == run_id and at.query_params["job"] == job_id  # a reload keeps the run
     assert "train_stop" in keys(at.button)  # the run view, live
     runner.stop(job_id)
+
+
+def test_the_setup_form_keeps_its_edits_across_a_visit_to_another_page(runs_dir):
+    at = open_train(n_layer=3, n_embd=96, max_iters=123)
+    at.toggle(key="train_abl_qk_norm").set_value(True)
+    at.radio(key="train_tokenizer").set_value("bpe").run()
+    at.number_input(key="train_vocab").set_value(300).run()
+    at.text_input(key="train_name").set_value("kept").run()
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception
+    at.switch_page("pages/train.py").run()
+    assert not at.exception
+    values = {k: at.number_input(key=f"train_{k}").value for k in ("n_layer", "n_embd", "max_iters", "vocab")}
+    assert values == {"n_layer": 3, "n_embd": 96, "max_iters": 123, "vocab": 300}
+    assert at.toggle(key="train_abl_qk_norm").value and at.radio(key="train_tokenizer").value == "bpe"
+    assert at.text_input(key="train_name").value == "kept"
+
+
+@pytest.mark.parametrize(
+    "field, value, label, allowed",
+    [
+        ("n_layer", 0, "Layers", "<= 48"),
+        ("n_layer", -3, "Layers", "<= 48"),
+        ("n_embd", 0, "Width", "<= 4,096"),
+        ("max_iters", -1, "Steps (max_iters)", ">= 1"),
+        ("block_size", 99999, "Context", "<= 8,192"),
+    ],
+)
+def test_a_number_out_of_range_is_named_with_its_range_and_start_waits(runs_dir, field, value, label, allowed):
+    at = open_train(**{field: value})
+    assert not at.exception
+    errors = texts(at.error)
+    assert f"**{label}**" in errors and allowed in errors and str(value) in errors
+    assert at.button(key="train_start").disabled  # never trains with the previous value
+    assert at.number_input(key=f"train_{field}").value == value  # the value typed reached the server
+    help_text = at.number_input(key=f"train_{field}").help
+    assert "Allowed:" in help_text  # the range is stated before anything is typed (from the core's ranges)
