@@ -135,9 +135,12 @@ def format_count(n: int | float | None) -> str:
 
 
 def format_duration(s: float | None) -> str:
-    """Seconds for display: 42s, 3m 05s, 1h 02m, or a dash."""
+    """Seconds for display: 10.6s, 3m 05s, 1h 02m, or a dash (tenths under a minute, as the core's
+    messages give them: "Finished 30 steps in 10.6 s" sits beside Time 10.6s, not 11s)."""
     if s is None or not math.isfinite(s):
         return "–"
+    if round(s, 1) < 60:
+        return f"{max(0.0, s):.1f}s"
     s = int(round(s))
     if s < 60:
         return f"{s}s"

@@ -118,7 +118,7 @@ def _status(v: RunState) -> None:
             icon=":material/check_circle:",
         )
     elif v.status == "stopped":
-        st.info(f"Stopped. {v.message}".strip(), icon=":material/stop_circle:")
+        st.info(v.message or "Stopped.", icon=":material/stop_circle:")  # the message says "Stopped at step …"
     elif v.status in ("diverged", "error", "broken"):
         st.error(f"{v.status.capitalize()}: {v.message or 'no message'}")
     elif v.status == "interrupted":
@@ -136,7 +136,11 @@ def _status(v: RunState) -> None:
     m[3].metric(
         "Best val", format_loss(v.best_val_loss), help=f"at step {v.best_step}" if v.best_step is not None else None
     )
-    m[4].metric("Tokens/s", format_count(v.tokens_per_s))
+    m[4].metric(
+        "Tokens/s",
+        format_count(v.tokens_per_s),
+        help="Tokens trained per second of wall-clock time, evaluations included (recently, while it trains).",
+    )
     if v.active:
         m[5].metric("ETA", format_duration(v.eta_s), help=f"Elapsed {format_duration(v.elapsed_s)}")
     else:

@@ -121,7 +121,7 @@ def test_stop_and_second_tab_sees_the_live_job(runs_dir):
 
     at.button(key="train_stop").click().run()
     wait_until_finished(at, timeout=30)
-    assert "Stopped" in texts(at.info)
+    assert "Stopped" in texts(at.info) and "Stopped. Stopped" not in texts(at.info)  # said once
     assert not at.error
     assert read_status(runs_dir / run_id).status == "stopped"
 
@@ -175,6 +175,9 @@ def test_diverged_run_shows_the_message(runs_dir, monkeypatch):
     errors = texts(at.error)
     assert "Diverged" in errors and "learning rate" in errors
     assert not at.success
+    # The message and the Step metric name the same step: the last one applied.
+    step = next(m.value for m in at.metric if m.label == "Step").split("/")[0].strip().replace(",", "")
+    assert f"stopped at step {step}:" in errors or f"at step {step}:" in errors
 
 
 def test_ablation_toggles_come_from_the_registry_and_reach_the_run(runs_dir):
