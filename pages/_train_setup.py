@@ -67,7 +67,9 @@ def corpus_from_upload(uploaded) -> Corpus | None:
 def number_input(field: str, *, help: str | None = None, **kwargs: Any) -> None:
     """A number field of the form: its label from NUMBER_FIELDS, its allowed range (the core's) in the help,
     its value kept across pages. No min/max: ``form_problems`` names a value out of range and Start waits."""
-    label, _ = NUMBER_FIELDS[field]
+    label, setting = NUMBER_FIELDS[field]
+    if setting is not None:
+        kwargs.setdefault("step", 1)  # an int step makes a whole-number input (no min/max to tell it so)
     rng = allowed(field)
     text = " ".join(x for x in (help, f"Allowed: {rng}." if rng else None) if x) or None
     st.number_input(label, help=text, **kept(K + field), **kwargs)

@@ -1,0 +1,123 @@
+"""What a new user trips over, checked in a real browser (issue 12): forms across page switches, numbers
+out of range, the Watch link's URL, Enter in the grid form, and a chart PNG download.
+
+Runs against the shared `streamlit run app.py` server of tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+from conftest import poll
+from test_browser import assert_no_error, open_from_nav, set_number, wait_idle
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def number(page, label: str):
+    return page.get_by_role("spinbutton", name=label, exact=True)
+
+
+def start_button(page):
+    return page.get_by_role("button", name="Start training")
+
+
+def test_train_form_keeps_edits_across_pages_and_a_bad_number_keeps_start_disabled(page):
+    page.goto("/")
+    wait_idle(page)
+    open_from_nav(page, "Train")
+    set_number(page, "Layers", 3)
+    set_number(page, "Width", 96)
+    set_number(page, "Steps (max_iters)", 123)
+
+    open_from_nav(page, "Runs & ablations")
+    open_from_nav(page, "Train")
+    kept = {label: number(page, label).input_value() for label in ("Layers", "Width", "Steps (max_iters)")}
+    assert kept == {"Layers": "3", "Width": "96", "Steps (max_iters)": "123"}
+
+    assert start_button(page).is_enabled()
+    for label, bad in (("Layers", 0), ("Layers", -3), ("Width", 0), ("Steps (max_iters)", -1), ("Context", 99999)):
+        set_number(page, label, bad)  # the value typed reaches the server (no silent fallback to the old one)
+        error = page.get_by_test_id("stAlertContentError").first.inner_text()
+        assert label in error and str(bad) in error, error
+        assert start_button(page).is_disabled(), f"Start enabled with {label} = {bad}"
+        good = {"Layers": 3, "Width": 96, "Steps (max_iters)": 123, "Context": 32}[label]
+        set_number(page, label, good)
+        assert start_button(page).is_enabled()
+    assert_no_error(page, "Train (form)")
+
+
+def test_watch_from_the_active_jobs_banner_puts_the_run_in_the_url(page):
+    page.goto("/")
+    wait_idle(page)
+    open_from_nav(page, "Train")
+    set_number(page, "Steps (max_iters)", 20_000)
+    start_button(page).click()
+    page.wait_for_url(re.compile(r"/train\?.*run="), timeout=60_000)
+    run_id = parse_qs(urlparse(page.url).query)["run"][0]
+    page.get_by_role("button", name="Stop", exact=True).wait_for(timeout=60_000)
+
+    page.get_by_role("button", name="New run").click()
+    wait_idle(page)
+    assert "run=" not in page.url
+    page.locator(f".st-key-train_watch_{run_id}").get_by_role("button", name="Watch").click()
+    page.wait_for_url(re.compile(rf"/train\?.*run={re.escape(run_id)}"), timeout=30_000)
+
+    page.reload()  # the run stays in view: its id is in the URL
+    stop = page.get_by_role("button", name="Stop", exact=True)
+    stop.wait_for(timeout=60_000)
+    assert run_id in page.url
+    stop.click()
+    page.get_by_text(re.compile(r"^Stopped at step")).first.wait_for(timeout=60_000)
+    assert_no_error(page, "Train (watched)")
+
+
+def test_enter_in_the_grid_form_does_not_launch_a_grid(page):
+    page.goto("/")
+    wait_idle(page)
+    open_from_nav(page, "Runs & ablations")
+    page.get_by_role("tab", name="Ablation grid").click()
+    wait_idle(page)
+    steps = number(page, "Steps per run (max_iters)")
+    steps.fill("10")
+    steps.press("Enter")
+    wait_idle(page)
+    page.wait_for_timeout(1500)
+    assert page.get_by_text(re.compile(r"^Launched ")).count() == 0
+    assert "grid=" not in page.url
+    assert_no_error(page, "Runs (grid form)")
+
+
+def test_chart_png_download_is_a_real_png(page, app_server, tmp_path):
+    from conftest import tiny_spec
+
+    from tinygpt_core.runs import RunStore
+    from tinygpt_core.training import train
+
+    store = RunStore(app_server["runs_dir"])
+    for name in ("png-a", "png-b"):
+        assert train(tiny_spec(name=name, max_iters=6, eval_interval=3), store=store).status == "done"
+
+    page.goto("/")
+    wait_idle(page)
+    open_from_nav(page, "Runs & ablations")
+    picker = page.get_by_test_id("stMultiSelect").filter(has_text="Runs to compare")
+    for name in ("png-a", "png-b"):
+        picker.click()
+        page.get_by_role("option", name=name, exact=True).first.click()
+        wait_idle(page)
+    button = page.get_by_test_id("stDownloadButton").filter(has_text="Chart as PNG").first
+    button.wait_for(timeout=30_000)
+    with page.expect_download(timeout=120_000) as info:
+        button.click()
+    path = tmp_path / "chart.png"
+    info.value.save_as(path)
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5_000, (len(data), data[:16])
+    assert info.value.suggested_filename.endswith(".png")
+    assert_no_error(page, "Runs (PNG)")
+    poll(lambda: page.get_by_test_id("stDownloadButtonError").count(), lambda n: n == 0, 5, "no download error")
