@@ -41,7 +41,7 @@ from pages._train_form import (
 )
 from tinygpt_core import limits
 from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora
+from tinygpt_core.data import Corpus, builtin_corpus_problem, corpus_from_bytes, list_builtin_corpora
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.training import TrainSpec, estimate_step_time
 
@@ -156,9 +156,15 @@ def _corpus_section() -> Corpus | str | None:
         if st.session_state.get(K + "builtin") not in builtins:
             st.session_state[K + "builtin"] = next(iter(builtins))
         name = st.selectbox(
-            "Built-in corpus", list(builtins), **kept(K + "builtin"), format_func=lambda n: f"builtin:{n}"
+            "Built-in corpus",
+            list(builtins),
+            **kept(K + "builtin"),
+            format_func=lambda n: f"builtin:{n}" + (" (not downloaded)" if builtin_corpus_problem(n) else ""),
         )
         st.caption(builtins[name])
+        if why := builtin_corpus_problem(name):  # e.g. Tiny Shakespeare not fetched yet: say so before Start
+            st.warning(f"builtin:{name} cannot be used on this server: {why}", icon=":material/cloud_off:")
+            return None
         return f"builtin:{name}"
     if source == SOURCES[1]:
         mb = limits.current().max_upload_mb  # TINYGPT_MAX_UPLOAD_MB; checked again on the bytes received

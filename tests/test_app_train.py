@@ -261,3 +261,20 @@ def test_a_number_out_of_range_is_named_with_its_range_and_start_waits(runs_dir,
     assert at.number_input(key=f"train_{field}").value == value  # the value typed reached the server
     help_text = at.number_input(key=f"train_{field}").help
     assert "Allowed:" in help_text  # the range is stated before anything is typed (from the core's ranges)
+
+
+def test_a_builtin_corpus_missing_here_is_marked_and_explained_before_start(runs_dir, monkeypatch, tmp_path):
+    from tinygpt_core import data
+
+    monkeypatch.setattr(data, "_shakespeare_candidates", lambda: [tmp_path / "nowhere.txt"])
+    at = open_train()
+    box = at.selectbox(key="train_builtin")
+    assert box.format_func("shakespeare").endswith("(not downloaded)")
+    assert not box.format_func("tiny").endswith("(not downloaded)")
+    box.set_value("shakespeare").run()
+    assert not at.exception
+    assert any("builtin:shakespeare cannot be used" in w.value for w in at.warning)
+    assert at.button(key="train_start").disabled
+    assert data.builtin_corpus_problem("shakespeare") == str(
+        pytest.raises(Exception, data.load_corpus, "builtin:shakespeare").value
+    )
