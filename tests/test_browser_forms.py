@@ -121,3 +121,34 @@ def test_chart_png_download_is_a_real_png(page, app_server, tmp_path):
     assert info.value.suggested_filename.endswith(".png")
     assert_no_error(page, "Runs (PNG)")
     poll(lambda: page.get_by_test_id("stDownloadButtonError").count(), lambda n: n == 0, 5, "no download error")
+
+
+def test_a_second_grid_opens_on_the_grid_tab_showing_it(page):
+    page.goto("/")
+    wait_idle(page)
+    open_from_nav(page, "Runs & ablations")
+    launched = []
+    for ablation in ("relu", "no-layernorm"):
+        page.get_by_role("tab", name="Ablation grid").click()
+        wait_idle(page)
+        set_number(page, "Steps per run (max_iters)", 10)
+        picker = page.get_by_test_id("stMultiSelect").filter(has_text="Ablations")
+        picker.get_by_role("button", name=re.compile("Clear all", re.I)).first.click()  # the defaults
+        picker.click()
+        page.get_by_role("option", name=ablation, exact=True).first.click()
+        page.keyboard.press("Escape")
+        page.get_by_role("button", name="Launch grid").click()
+        wait_idle(page)
+        flash = page.get_by_text(re.compile(r"^Launched grid-")).first
+        flash.wait_for(timeout=30_000)
+        grid_id = re.search(r"(grid-[\w-]+)", flash.inner_text()).group(1)
+        launched.append(grid_id)
+        url_grid = lambda: parse_qs(urlparse(page.url).query).get("grid", [""])[0]  # noqa: E731
+        poll(url_grid, lambda g, want=grid_id: g == want, 30, "?grid= of the new grid")
+        assert page.get_by_role("tab", name="Ablation grid").get_attribute("aria-selected") == "true"
+        selector = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text("Grid", exact=True)).first
+        shown = selector.inner_text() + " " + " ".join(i.input_value() for i in selector.locator("input").all())
+        assert grid_id in shown, shown
+        page.wait_for_timeout(1100)  # grid ids carry the second they were made in
+    assert launched[0] != launched[1]
+    assert_no_error(page, "Runs (grids)")
