@@ -1,21 +1,50 @@
 """What a new user trips over, checked in a real browser (issue 12): forms across page switches, numbers
 out of range, the Watch link's URL, Enter in the grid form, and a chart PNG download.
 
-Runs against the shared `streamlit run app.py` server of tests/conftest.py.
+Runs against a server of its own (its runs, grids and jobs would change what the shared server's tests
+of tests/test_browser.py expect to find), started once for the module.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from conftest import poll
+from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
 from test_browser import assert_no_error, open_from_nav, set_number, wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """This module's own app server and runs folder: {"url", "runs_dir"}."""
+    runs_dir = tmp_path_factory.mktemp("forms-runs")
+    log = ARTIFACTS / f"streamlit-forms-{os.getpid()}.log"
+    proc, url = start_streamlit(runs_dir, log)
+    try:
+        yield {"url": url, "runs_dir": runs_dir}
+    finally:
+        stop_streamlit(proc)
+        log.unlink(missing_ok=True)
+
+
+def home(page, server) -> None:
+    page.goto(server["url"] + "/")
+    wait_idle(page)
+
+
+def choose(page, picker, option: str) -> None:
+    """Pick ``option`` in a multiselect and wait until it shows as chosen."""
+    picker.click()
+    page.get_by_role("option", name=option, exact=True).first.click()
+    picker.get_by_text(option, exact=True).first.wait_for(timeout=30_000)
+    page.keyboard.press("Escape")
+    wait_idle(page)
 
 
 def number(page, label: str):
@@ -26,9 +55,8 @@ def start_button(page):
     return page.get_by_role("button", name="Start training")
 
 
-def test_train_form_keeps_edits_across_pages_and_a_bad_number_keeps_start_disabled(page):
-    page.goto("/")
-    wait_idle(page)
+def test_train_form_keeps_edits_across_pages_and_a_bad_number_keeps_start_disabled(page, server):
+    home(page, server)
     open_from_nav(page, "Train")
     set_number(page, "Layers", 3)
     set_number(page, "Width", 96)
@@ -51,9 +79,8 @@ def test_train_form_keeps_edits_across_pages_and_a_bad_number_keeps_start_disabl
     assert_no_error(page, "Train (form)")
 
 
-def test_watch_from_the_active_jobs_banner_puts_the_run_in_the_url(page):
-    page.goto("/")
-    wait_idle(page)
+def test_watch_from_the_active_jobs_banner_puts_the_run_in_the_url(page, server):
+    home(page, server)
     open_from_nav(page, "Train")
     set_number(page, "Steps (max_iters)", 20_000)
     start_button(page).click()
@@ -76,9 +103,8 @@ def test_watch_from_the_active_jobs_banner_puts_the_run_in_the_url(page):
     assert_no_error(page, "Train (watched)")
 
 
-def test_enter_in_the_grid_form_does_not_launch_a_grid(page):
-    page.goto("/")
-    wait_idle(page)
+def test_enter_in_the_grid_form_does_not_launch_a_grid(page, server):
+    home(page, server)
     open_from_nav(page, "Runs & ablations")
     page.get_by_role("tab", name="Ablation grid").click()
     wait_idle(page)
@@ -92,24 +118,21 @@ def test_enter_in_the_grid_form_does_not_launch_a_grid(page):
     assert_no_error(page, "Runs (grid form)")
 
 
-def test_chart_png_download_is_a_real_png(page, app_server, tmp_path):
+def test_chart_png_download_is_a_real_png(page, server, tmp_path):
     from conftest import tiny_spec
 
     from tinygpt_core.runs import RunStore
     from tinygpt_core.training import train
 
-    store = RunStore(app_server["runs_dir"])
+    store = RunStore(server["runs_dir"])
     for name in ("png-a", "png-b"):
         assert train(tiny_spec(name=name, max_iters=6, eval_interval=3), store=store).status == "done"
 
-    page.goto("/")
-    wait_idle(page)
+    home(page, server)
     open_from_nav(page, "Runs & ablations")
     picker = page.get_by_test_id("stMultiSelect").filter(has_text="Runs to compare")
     for name in ("png-a", "png-b"):
-        picker.click()
-        page.get_by_role("option", name=name, exact=True).first.click()
-        wait_idle(page)
+        choose(page, picker, name)
     button = page.get_by_test_id("stDownloadButton").filter(has_text="Chart as PNG").first
     button.wait_for(timeout=30_000)
     with page.expect_download(timeout=120_000) as info:
@@ -123,9 +146,8 @@ def test_chart_png_download_is_a_real_png(page, app_server, tmp_path):
     poll(lambda: page.get_by_test_id("stDownloadButtonError").count(), lambda n: n == 0, 5, "no download error")
 
 
-def test_a_second_grid_opens_on_the_grid_tab_showing_it(page):
-    page.goto("/")
-    wait_idle(page)
+def test_a_second_grid_opens_on_the_grid_tab_showing_it(page, server):
+    home(page, server)
     open_from_nav(page, "Runs & ablations")
     launched = []
     for ablation in ("relu", "no-layernorm"):
@@ -134,9 +156,7 @@ def test_a_second_grid_opens_on_the_grid_tab_showing_it(page):
         set_number(page, "Steps per run (max_iters)", 10)
         picker = page.get_by_test_id("stMultiSelect").filter(has_text="Ablations")
         picker.get_by_role("button", name=re.compile("Clear all", re.I)).first.click()  # the defaults
-        picker.click()
-        page.get_by_role("option", name=ablation, exact=True).first.click()
-        page.keyboard.press("Escape")
+        choose(page, picker, ablation)
         page.get_by_role("button", name="Launch grid").click()
         wait_idle(page)
         flash = page.get_by_text(re.compile(r"^Launched grid-")).first
