@@ -15,10 +15,11 @@ from typing import Any
 
 import streamlit as st
 
+from pages._common import kept
 from tinygpt_core.ablation_registry import PARAM, REGISTRY, Ablation
-from tinygpt_core.config import ModelConfig
+from tinygpt_core.config import INT_RANGES, ModelConfig, range_text
 
-MAX_N = 8192  # largest n a parametric ablation's input offers (the Train page's longest context)
+MAX_N = INT_RANGES["block_size"][1]  # largest n the grid form's inputs offer (the longest context)
 
 
 def _toggle_key(a: Ablation) -> str:
@@ -67,6 +68,20 @@ def _only_one_per_field(key_prefix: str, a: Ablation) -> None:
                 st.session_state[key_prefix + _toggle_key(b)] = False
 
 
+def parametric_n_fields(values: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(key without prefix, label, the ModelConfig field whose range applies) of each parametric ablation
+    that is switched on in ``values`` (the Train form's), so the form can check its n."""
+    return [
+        (_n_key(a), f"N for {_shown(a)}", a.field if a.field in INT_RANGES else None)
+        for a in REGISTRY.toggles()
+        if a.parametric and values.get(_toggle_key(a))
+    ]
+
+
+def _range_help(a: Ablation) -> str | None:
+    return f"{range_text(a.field)}." if a.field in INT_RANGES else None
+
+
 def ablation_toggles(key_prefix: str) -> dict[str, Any]:
     """One toggle per registered ablation with its explanation, two columns; returns the ModelConfig overrides.
 
@@ -78,14 +93,17 @@ def ablation_toggles(key_prefix: str) -> dict[str, Any]:
         with cols[i % 2]:
             tkey = key_prefix + _toggle_key(a)
             st.session_state.setdefault(tkey, False)
-            on = st.toggle(a.title, key=tkey, help=_described(a), on_change=_only_one_per_field, args=(key_prefix, a))
+            on = st.toggle(
+                a.title, **kept(tkey), help=_described(a), on_change=_only_one_per_field, args=(key_prefix, a)
+            )
             values[_toggle_key(a)] = on
             n = None
             if a.parametric:
                 nkey = key_prefix + _n_key(a)
                 st.session_state.setdefault(nkey, a.value)
-                if on:
-                    n = int(st.number_input(f"N for {_shown(a)}", 1, MAX_N, step=1, key=nkey))
+                if on:  # no min/max: an n out of range reaches the form's check (parametric_n_fields)
+                    n = st.number_input(f"N for {_shown(a)}", step=1, help=_range_help(a), **kept(nkey))
+                    n = int(n) if n is not None else None
                 values[_n_key(a)] = st.session_state[nkey]
             st.caption(_described(a, n))
     return ablation_overrides(values)
@@ -110,10 +128,22 @@ def grid_ablation_picker(key_prefix: str = "grid_", default: tuple[str, ...] = D
         format_func=lambda k: f"{_shown(parametric[k])} ({parametric[k].title.lower()})" if k in parametric else k,
         help="\n".join(f"- **{_shown(a)}**: {_described(a)}" for a in REGISTRY if a.grid),
     )
-    n = {
-        a.name: right.number_input(
+    for a in parametric.values():
+        right.number_input(
             f"N for {_shown(a)}", min_value=1, max_value=MAX_N, value=int(a.value), key=key_prefix + a.key
         )
-        for a in parametric.values()
-    }
-    return [parametric[k].label(int(n[parametric[k].name])) if k in parametric else k for k in chosen]
+    return grid_labels(key_prefix, chosen)
+
+
+def grid_labels(key_prefix: str = "grid_", chosen: list[str] | None = None) -> list[str]:
+    """The grid's ablation labels from the picker's state (each parametric one with its n: "window-12").
+
+    Readable in a callback (the form's submitted values are in st.session_state before the next run draws)."""
+    parametric = {a.label(): a for a in REGISTRY if a.grid and a.parametric}
+    chosen = st.session_state.get(key_prefix + "ablations", []) if chosen is None else chosen
+    return [
+        parametric[k].label(int(st.session_state.get(key_prefix + parametric[k].key, parametric[k].value)))
+        if k in parametric
+        else k
+        for k in chosen
+    ]

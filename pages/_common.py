@@ -11,6 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
@@ -51,6 +52,16 @@ def _runner() -> JobRunner:
     fresh runner that no longer knows the jobs still training. Tests that reset the runner
     (jobs.reset_runner) clear st.cache_resource too."""
     return get_runner()
+
+
+def kept(key: str) -> dict[str, Any]:
+    """A widget's ``key`` plus what keeps its value for the whole session, across visits to other pages.
+
+    Streamlit forgets the state of every widget a script run does not draw, which is every widget of a
+    page while the user is on another one: edits came back as defaults. One line per widget keeps them:
+    ``st.number_input("Layers", **kept("train_n_layer"))`` (persist_state="session", Streamlit 1.67). The
+    key must be unique to its page (a key shared by two pages resets on a switch)."""
+    return {"key": key, "persist_state": "session"}
 
 
 def list_runs() -> list[RunState]:
@@ -126,9 +137,12 @@ def format_count(n: int | float | None) -> str:
 
 
 def format_duration(s: float | None) -> str:
-    """Seconds for display: 42s, 3m 05s, 1h 02m, or a dash."""
+    """Seconds for display: 10.6s, 3m 05s, 1h 02m, or a dash (tenths under a minute, as the core's
+    messages give them: "Finished 30 steps in 10.6 s" sits beside Time 10.6s, not 11s)."""
     if s is None or not math.isfinite(s):
         return "–"
+    if round(s, 1) < 60:
+        return f"{max(0.0, s):.1f}s"
     s = int(round(s))
     if s < 60:
         return f"{s}s"

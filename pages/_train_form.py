@@ -13,9 +13,10 @@ from typing import Any
 
 import streamlit as st
 
-from pages._ablation_widgets import ablation_overrides, ablation_widget_values
-from tinygpt_core.config import ModelConfig, get_preset
+from pages._ablation_widgets import ablation_overrides, ablation_widget_values, parametric_n_fields
+from tinygpt_core.config import ModelConfig, check_field, get_preset, range_text
 from tinygpt_core.data import Corpus
+from tinygpt_core.errors import ConfigError
 from tinygpt_core.model import count_params
 from tinygpt_core.training import TrainSpec
 
@@ -31,6 +32,58 @@ OTHER_FIELDS: dict[str, Any] = {
     "precision": "auto",
     "compile": False,
 }
+# The form's number fields: form key -> (label, the core setting whose allowed range applies, or None for a
+# decimal number that the core's validation checks as a whole config). The inputs have no min/max of their
+# own: a number out of range must reach the server, be named in an error and keep Start disabled. (With a
+# min/max the browser only turns the field red and keeps sending the previous value, so Start trained that.)
+NUMBER_FIELDS: dict[str, tuple[str, str | None]] = {
+    "vocab": ("Vocabulary size", "tokenizer_vocab_size"),
+    "n_layer": ("Layers", "n_layer"),
+    "n_head": ("Heads", "n_head"),
+    "n_embd": ("Width", "n_embd"),
+    "block_size": ("Context", "block_size"),
+    "ff_mult": ("MLP multiplier", "ff_mult"),
+    "dropout": ("Dropout", None),
+    "max_iters": ("Steps (max_iters)", "max_iters"),
+    "batch_size": ("Batch size", "batch_size"),
+    "lr": ("Learning rate", None),
+    "eval_interval": ("Eval every (steps)", "eval_interval"),
+    "seed": ("Seed", "seed"),
+    "patience": ("Early-stop patience (0 = off)", "early_stop_patience"),
+    "stop_val": ("Stop at val loss (0 = off)", None),
+    "grad_clip": ("Grad clip (0 = off)", None),
+    "warmup": ("Warm-up steps", "warmup_iters"),
+}
+OFF_WHEN_ZERO = ("patience", "stop_val", "grad_clip")  # 0 switches these off
+
+
+def allowed(field: str) -> str:
+    """The allowed values of a whole-number field in words, from the core's ranges ("1 to 48")."""
+    setting = NUMBER_FIELDS[field][1]
+    if setting is None:
+        return ""
+    return ("0 (off) or " if field in OFF_WHEN_ZERO else "") + range_text(setting)
+
+
+def form_problems(f: dict[str, Any]) -> list[str]:
+    """Every number of the form that is empty or out of its range, one sentence each naming the field and
+    the allowed range (checked with the core's own ranges, config.INT_RANGES); [] when all are usable."""
+    problems = []
+    fields = {k: v for k, v in NUMBER_FIELDS.items() if k != "vocab" or f.get("tokenizer") in ("bpe", "word")}
+    checks = [(f.get(k), label, setting, k in OFF_WHEN_ZERO) for k, (label, setting) in fields.items()]
+    checks += [(f.get(k), label, setting, False) for k, label, setting in parametric_n_fields(f)]
+    for value, label, setting, zero_is_off in checks:
+        if value is None:
+            what = f"a whole number from {range_text(setting)}" if setting else "a number"
+            problems.append(f"**{label}** is empty: enter {what}.")
+        elif setting is not None and not (zero_is_off and value == 0):
+            try:
+                check_field(setting, value)
+            except ConfigError as exc:
+                problems.append(f"**{label}**: {exc}")
+    return problems
+
+
 # Session keys that are not widgets (no page prefix, so they never look like form fields).
 LAST_FORM = "trainpage_last_form"  # the last form submitted, restored when the setup view comes back
 

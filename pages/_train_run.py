@@ -69,6 +69,8 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
     top[0].title(md(view.name))
     if view.job_id and view.job_id != job_id:
         remember_job(view.job_id)  # found by run id (a reload or a second tab): keep watching that job
+    if st.query_params.get(RUN_PARAM) != view.run_id:
+        remember_run(view.run_id)  # found by job id: the run id goes in the URL too, so a reload finds it
 
     started_active = view.active
 
@@ -120,7 +122,7 @@ def _status(v: RunState) -> None:
             icon=":material/check_circle:",
         )
     elif v.status == "stopped":
-        st.info(f"Stopped. {md(v.message)}".strip(), icon=":material/stop_circle:")
+        st.info(md(v.message) or "Stopped.", icon=":material/stop_circle:")  # the message says "Stopped at step …"
     elif v.status in ("diverged", "error", "broken"):
         st.error(f"{v.status.capitalize()}: {md(v.message or 'no message')}")
     elif v.status == "interrupted":
@@ -138,7 +140,11 @@ def _status(v: RunState) -> None:
     m[3].metric(
         "Best val", format_loss(v.best_val_loss), help=f"at step {v.best_step}" if v.best_step is not None else None
     )
-    m[4].metric("Tokens/s", format_count(v.tokens_per_s))
+    m[4].metric(
+        "Tokens/s",
+        format_count(v.tokens_per_s),
+        help="Tokens trained per second of wall-clock time, evaluations included (recently, while it trains).",
+    )
     if v.active:
         m[5].metric("ETA", format_duration(v.eta_s), help=f"Elapsed {format_duration(v.elapsed_s)}")
     else:

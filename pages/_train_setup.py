@@ -14,11 +14,10 @@ import streamlit as st
 
 from pages._ablation_widgets import ablation_toggles
 from pages._common import (
-    JOB_PARAM,
-    RUN_PARAM,
     active_runs,
     format_count,
     format_duration,
+    kept,
     md,
     read_only_notice,
     remember_job,
@@ -29,10 +28,13 @@ from pages._common import (
 )
 from pages._train_form import (
     LAST_FORM,
+    NUMBER_FIELDS,
     SOURCES,
     K,
+    allowed,
     apply_preset,
     build_spec,
+    form_problems,
     form_values,
     init_form,
     model_overrides,
@@ -41,7 +43,13 @@ from pages._train_form import (
 )
 from tinygpt_core import limits
 from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from tinygpt_core.data import Corpus, corpus_from_bytes, list_builtin_corpora, load_visitor_corpus
+from tinygpt_core.data import (
+    Corpus,
+    builtin_corpus_problem,
+    corpus_from_bytes,
+    list_builtin_corpora,
+    load_visitor_corpus,
+)
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.training import TrainSpec
 
@@ -62,6 +70,17 @@ def corpus_from_upload(uploaded) -> Corpus | None:
     except TinyGPTError as exc:
         st.error(str(exc))
         return None
+
+
+def number_input(field: str, *, help: str | None = None, **kwargs: Any) -> None:
+    """A number field of the form: its label from NUMBER_FIELDS, its allowed range (the core's) in the help,
+    its value kept across pages. No min/max: ``form_problems`` names a value out of range and Start waits."""
+    label, setting = NUMBER_FIELDS[field]
+    if setting is not None:
+        kwargs.setdefault("step", 1)  # an int step makes a whole-number input (no min/max to tell it so)
+    rng = allowed(field)
+    text = " ".join(x for x in (help, f"Allowed: {rng}." if rng else None) if x) or None
+    st.number_input(label, help=text, **kept(K + field), **kwargs)
 
 
 def setup_view() -> None:
@@ -88,7 +107,7 @@ def setup_view() -> None:
     name_col, start_col = st.columns([3, 1], vertical_alignment="bottom")
     name_col.text_input(
         "Run name (optional)",
-        key=K + "name",
+        **kept(K + "name"),
         max_chars=60,
         placeholder="e.g. no-layernorm-test",
         help="Shown in the runs list; the run folder gets this name plus the date and time.",
@@ -118,12 +137,22 @@ def _active_jobs_banner() -> None:
             c1, c2 = st.columns([4, 1], vertical_alignment="center")
             what = r.message if r.status == "queued" else f"step {r.step}/{r.max_iters}"
             c1.markdown(f":material/progress_activity: **{md(r.name)}** is {r.status} on {r.device} · {md(what)}")
-            c2.page_link(
-                "pages/train.py",
-                label="Watch",
+            # A button, not a page_link: a link to the page already open changes the view but not the URL,
+            # so a reload lost the run. remember_job/remember_run put both ids in the URL (?run=…&job=…).
+            c2.button(
+                "Watch",
                 icon=":material/visibility:",
-                query_params={RUN_PARAM: r.run_id, JOB_PARAM: r.job_id},
+                key=f"{K}watch_{r.run_id}",
+                on_click=_watch,
+                args=(r.run_id, r.job_id),
+                width="stretch",
             )
+
+
+def _watch(run_id: str, job_id: str | None) -> None:
+    """on_click of Watch: the run becomes the one in view, and in the URL, before the page is drawn again."""
+    remember_job(job_id)
+    remember_run(run_id)
 
 
 def _corpus_section() -> Corpus | str | None:
@@ -138,13 +167,21 @@ def _corpus_section() -> Corpus | str | None:
     sources = SOURCES if allowed else SOURCES[:2]
     if st.session_state.get(K + "source") not in sources:
         st.session_state[K + "source"] = SOURCES[0]
-    source = st.radio("Source", sources, key=K + "source", horizontal=True, label_visibility="collapsed")
+    source = st.radio("Source", sources, **kept(K + "source"), horizontal=True, label_visibility="collapsed")
     if source == SOURCES[0]:
         builtins = dict(list_builtin_corpora())
         if st.session_state.get(K + "builtin") not in builtins:
             st.session_state[K + "builtin"] = next(iter(builtins))
-        name = st.selectbox("Built-in corpus", list(builtins), key=K + "builtin", format_func=lambda n: f"builtin:{n}")
+        name = st.selectbox(
+            "Built-in corpus",
+            list(builtins),
+            **kept(K + "builtin"),
+            format_func=lambda n: f"builtin:{n}" + (" (not downloaded)" if builtin_corpus_problem(n) else ""),
+        )
         st.caption(builtins[name])
+        if why := builtin_corpus_problem(name):  # e.g. Tiny Shakespeare not fetched yet: say so before Start
+            st.warning(f"builtin:{name} cannot be used on this server: {why}", icon=":material/cloud_off:")
+            return None
         return f"builtin:{name}"
     if source == SOURCES[1]:
         mb = limits.current().max_upload_mb  # TINYGPT_MAX_UPLOAD_MB; checked again on the bytes received
@@ -157,7 +194,7 @@ def _corpus_section() -> Corpus | str | None:
         return corpus
     path = st.text_input(
         "Path of a UTF-8 text file on the server",
-        key=K + "path",
+        **kept(K + "path"),
         placeholder=str(allowed[0] / "my_corpus.txt"),
         help="Only files inside these folders: " + ", ".join(str(a) for a in allowed),
     )
@@ -175,16 +212,13 @@ def _corpus_section() -> Corpus | str | None:
 def _tokenizer_section() -> None:
     st.subheader("Tokenizer")
     kind = st.radio(
-        "Tokenizer", list(TOKENIZER_HELP), key=K + "tokenizer", horizontal=True, label_visibility="collapsed"
+        "Tokenizer", list(TOKENIZER_HELP), **kept(K + "tokenizer"), horizontal=True, label_visibility="collapsed"
     )
     st.caption(TOKENIZER_HELP[kind])
     if kind in ("bpe", "word"):
-        st.number_input(
-            "Vocabulary size",
-            min_value=16,
-            max_value=50_000,
+        number_input(
+            "vocab",
             step=64,
-            key=K + "vocab",
             help="BPE: the target size after merges. Word: the most frequent words kept "
             "(the rest share one unknown token).",
         )
@@ -195,28 +229,25 @@ def _model_section() -> None:
     preset = st.selectbox(
         "Preset",
         list(PRESETS),
-        key=K + "preset",
+        **kept(K + "preset"),
         on_change=apply_preset,
         help="Picking a preset fills in every setting below; change any of them after.",
     )
     st.caption(PRESETS[preset].description)
     c = st.columns(3)
-    c[0].number_input("Layers", 1, 48, step=1, key=K + "n_layer", help="Transformer blocks (n_layer).")
-    c[1].number_input(
-        "Heads", 1, 64, step=1, key=K + "n_head", help="Attention heads per block; must divide the width."
-    )
-    c[2].number_input("Width", 8, 4096, step=8, key=K + "n_embd", help="Residual stream width (n_embd).")
+    with c[0]:
+        number_input("n_layer", help="Transformer blocks (n_layer).")
+    with c[1]:
+        number_input("n_head", help="Attention heads per block; must divide the width.")
+    with c[2]:
+        number_input("n_embd", step=8, help="Residual stream width (n_embd).")
     c = st.columns(3)
-    c[0].number_input(
-        "Context",
-        2,
-        8192,
-        step=8,
-        key=K + "block_size",
-        help="Block size: the longest context the model sees, in tokens.",
-    )
-    c[1].number_input("MLP multiplier", 1, 16, step=1, key=K + "ff_mult", help="MLP hidden width = this × width.")
-    c[2].number_input("Dropout", 0.0, 0.9, step=0.05, key=K + "dropout", format="%.2f")
+    with c[0]:
+        number_input("block_size", step=8, help="Block size: the longest context the model sees, in tokens.")
+    with c[1]:
+        number_input("ff_mult", help="MLP hidden width = this × width.")
+    with c[2]:
+        number_input("dropout", step=0.05, format="%.2f", help="Dropout probability, from 0 up to (not including) 1.")
 
 
 def _ablation_section() -> None:
@@ -227,63 +258,51 @@ def _ablation_section() -> None:
 def _training_section() -> None:
     with st.expander("Training settings", icon=":material/tune:", expanded=True):
         c = st.columns(4)
-        c[0].number_input("Steps (max_iters)", 1, 1_000_000, step=50, key=K + "max_iters")
-        c[1].number_input("Batch size", 1, 4096, step=4, key=K + "batch_size")
-        c[2].number_input(
-            "Learning rate",
-            1e-6,
-            1.0,
-            step=1e-4,
-            format="%.1e",
-            key=K + "lr",
-            help="Peak learning rate, after warm-up; cosine decay to a tenth of it.",
-        )
-        c[3].number_input(
-            "Eval every (steps)",
-            1,
-            1_000_000,
-            step=25,
-            key=K + "eval_interval",
-            help="Estimate train and val loss and write a sample every this many steps.",
-        )
+        with c[0]:
+            number_input("max_iters", step=50)
+        with c[1]:
+            number_input("batch_size", step=4)
+        with c[2]:
+            number_input(
+                "lr", step=1e-4, format="%.1e", help="Peak learning rate, after warm-up; cosine decay to a tenth of it."
+            )
+        with c[3]:
+            number_input(
+                "eval_interval", step=25, help="Estimate train and val loss and write a sample every this many steps."
+            )
         c = st.columns(4)
-        c[0].number_input("Seed", 0, 2**31 - 1, step=1, key=K + "seed")
-        c[1].number_input(
-            "Early-stop patience (0 = off)",
-            0,
-            10_000,
-            step=1,
-            key=K + "patience",
-            help="Stop after this many evals without a better validation loss.",
-        )
-        c[2].number_input("Stop at val loss (0 = off)", 0.0, 100.0, step=0.1, format="%.3f", key=K + "stop_val")
-        c[3].number_input(
-            "Grad clip (0 = off)",
-            0.0,
-            100.0,
-            step=0.5,
-            format="%.2f",
-            key=K + "grad_clip",
-            help="Clips the gradient norm; protects against sudden jumps in the loss.",
-        )
+        with c[0]:
+            number_input("seed")
+        with c[1]:
+            number_input("patience", help="Stop after this many evals without a better validation loss.")
+        with c[2]:
+            number_input("stop_val", step=0.1, format="%.3f", help="Stop as soon as the validation loss reaches this.")
+        with c[3]:
+            number_input(
+                "grad_clip",
+                step=0.5,
+                format="%.2f",
+                help="Clips the gradient norm; protects against sudden jumps in the loss.",
+            )
         c = st.columns(4)
-        c[0].number_input("Warm-up steps", 0, 1_000_000, step=10, key=K + "warmup")
+        with c[0]:
+            number_input("warmup", step=10)
         c[1].selectbox(
             "Device",
             ["auto", "cpu", "cuda", "mps"],
-            key=K + "device",
+            **kept(K + "device"),
             help="auto: the GPU when there is one, else the CPU.",
         )
         c[2].selectbox(
             "Precision",
             ["auto", "fp32", "bf16"],
-            key=K + "precision",
+            **kept(K + "precision"),
             help="auto: bf16 on GPUs that support it, else fp32.",
         )
         with c[3]:
             st.toggle(
                 "torch.compile",
-                key=K + "compile",
+                **kept(K + "compile"),
                 help="Compiles the model first: faster steps on a GPU after a slow start.",
             )
 
@@ -291,6 +310,10 @@ def _training_section() -> None:
 def _check_configs(f: dict[str, Any]) -> tuple[ModelConfig | None, TrainConfig | None]:
     """Validate the sizes and settings as they are typed, so mistakes show before Start."""
     model_cfg = train_cfg = None
+    problems = form_problems(f)
+    if problems:  # empty or out of range: named here, and Start stays disabled until they are fixed
+        st.error("Fix these before starting:\n\n" + "\n".join(f"- {p}" for p in problems), icon=":material/error:")
+        return None, None
     try:
         cfg = get_preset(f["preset"]).model_config(**model_overrides(f)).validate()
         # The server's TINYGPT_MAX_PARAMS, on the vocabulary the form asks for (the runner checks the real one).

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages._ablation_widgets import grid_ablation_picker
+from pages._ablation_widgets import grid_ablation_picker, grid_labels
 from pages._common import (
     NOT_YOURS,
     can_manage,
@@ -69,9 +69,11 @@ def _metrics(path: Path | None) -> pd.DataFrame | None:
 
 
 def _runs_frame(runs: list[RunState]) -> pd.DataFrame:
+    """One row per run. Missing values stay missing (None/NaN): the tables draw them as MISSING."""
     return pd.DataFrame(
         {
             "name": [r.name for r in runs],
+            "grid": [r.grid[0] if r.grid else None for r in runs],
             "preset": [r.preset or "custom" for r in runs],
             "ablations": [list(r.ablations) for r in runs],
             "status": [r.status for r in runs],
@@ -85,14 +87,18 @@ def _runs_frame(runs: list[RunState]) -> pd.DataFrame:
             "time": [r.elapsed_s for r in runs],
             "created": pd.to_datetime([r.created_at or None for r in runs], utc=True, errors="coerce"),
             "corpus": [r.corpus for r in runs],
-            "message": [r.error or r.message for r in runs],
+            "message": [r.error or r.message or None for r in runs],
             "id": [r.id for r in runs],
         }
     )
 
 
+MISSING = "–"  # how a table shows a value that does not exist (st.dataframe's default is a literal "None")
 RUN_COLUMNS = {
-    "name": st.column_config.TextColumn("name", width="medium", pinned=True),
+    "name": st.column_config.TextColumn("name", pinned=True),  # width: _text_width, so no name is cut
+    "grid": st.column_config.TextColumn(
+        "grid", help="The ablation grid this run belongs to (open it in the *Ablation grid* tab)."
+    ),
     "preset": st.column_config.TextColumn("preset"),
     "ablations": st.column_config.ListColumn("ablations", help="How the model departs from GPT-2's design."),
     "status": st.column_config.TextColumn("status"),
@@ -115,8 +121,27 @@ RUN_COLUMNS = {
 }
 
 
+def _text_width(values: pd.Series, least: int = 80, most: int = 560) -> int:
+    """Pixels a text column needs to show its longest value whole (about 8 px a character, plus padding)."""
+    longest = max((len(str(v)) for v in values if isinstance(v, str)), default=0)
+    return max(least, min(most, 8 * longest + 24))
+
+
+def _run_columns(df: pd.DataFrame) -> dict:
+    """RUN_COLUMNS with the name and grid columns as wide as their longest value."""
+    widths = {col: _text_width(df[col]) for col in ("name", "grid")}
+    return {
+        **RUN_COLUMNS,
+        "name": st.column_config.TextColumn("name", width=widths["name"], pinned=True),
+        "grid": st.column_config.TextColumn("grid", width=widths["grid"], help=RUN_COLUMNS["grid"]["help"]),
+    }
+
+
 def _chart_downloads(fig, key: str, stem: str) -> None:
-    """HTML (always) and PNG (when kaleido can run) downloads of a chart, generated on click only."""
+    """HTML (always) and PNG downloads of a chart, each made only when its button is clicked.
+
+    When this server cannot make PNGs (no kaleido, no browser for it, or it failed once), the PNG
+    button is disabled and a sentence below says why and what to use instead."""
     c1, c2, _ = st.columns([1, 1, 4])
     c1.download_button(
         "Chart as HTML",
@@ -125,19 +150,31 @@ def _chart_downloads(fig, key: str, stem: str) -> None:
         mime="text/html",
         key=f"{key}_html",
         icon=":material/download:",
+        on_click="ignore",
     )
-    reason = viz.png_unavailable_reason()
-    if reason is None:
-        c2.download_button(
-            "Chart as PNG",
-            data=lambda: viz.figure_to_png(fig) or b"",
-            file_name=f"{stem}.png",
-            mime="image/png",
-            key=f"{key}_png",
-            icon=":material/image:",
-        )
-    else:
-        c2.caption(f"PNG export unavailable here ({reason}); use the HTML download or the chart's camera icon.")
+    problem = viz.png_export_problem()
+
+    def png() -> bytes:
+        # Runs on Streamlit's download thread when the button is clicked. Raising (never returning b"")
+        # makes the button show "Failed to generate file for download" instead of saving an empty file.
+        data = viz.figure_to_png(fig)
+        if data is None:
+            raise RuntimeError(viz.png_unavailable_reason() or viz.PNG_FAILED)
+        return data
+
+    c2.download_button(
+        "Chart as PNG",
+        data=png,
+        file_name=f"{stem}.png",
+        mime="image/png",
+        key=f"{key}_png",
+        icon=":material/image:",
+        disabled=problem is not None,
+        help=problem or "Made when you click (takes a few seconds: a browser on the server draws it).",
+        on_click="ignore",
+    )
+    if problem is not None:
+        st.caption(problem)
 
 
 # ---- all runs ------------------------------------------------------------------------------------
@@ -171,10 +208,11 @@ def all_runs_section(runs: list[RunState]) -> None:
         df,
         key="runs_table",
         hide_index=True,
-        column_config=RUN_COLUMNS,
+        column_config=_run_columns(df),
         width="stretch",
         on_select=lambda: _sync_overlay_from_table(ids),
         selection_mode="multi-row",
+        placeholder=MISSING,
         height=min(400, 38 + 35 * len(df)),
     )
 
@@ -322,46 +360,70 @@ def _grid_members(runs: list[RunState], grid_id: str) -> list[RunState]:
     return sorted(state.grid_members(runs, grid_id), key=lambda m: (_ablation_order(m.grid[1]), m.grid[1]))
 
 
+GRID_TAB, RUNS_TAB = "Ablation grid", "All runs"
+
+
 def launch_grid_form() -> None:
     if read_only_notice("Launching ablation grids is turned off here."):
         return
     corpora = [name for name, _ in list_builtin_corpora()]
     presets = list(PRESETS)
-    with st.form("grid_form", border=True):
+    # enter_to_submit=False: Enter in "Steps per run" (a number input) must not launch a grid; only the button does.
+    with st.form("grid_form", border=True, enter_to_submit=False):
         st.markdown("**New grid** — one baseline plus one run per ablation, same data, same seed, same data order.")
         c1, c2, c3, c4 = st.columns(4)
-        preset = c1.selectbox(
+        c1.selectbox(
             "Baseline preset",
             presets,
             index=presets.index("tiny") if "tiny" in presets else 0,
             key="grid_preset",
             help="\n".join(f"- **{name}**: {p.description}" for name, p in PRESETS.items()),
         )
-        corpus = c2.selectbox(
-            "Corpus", corpora, index=corpora.index("tiny") if "tiny" in corpora else 0, key="grid_corpus"
-        )
-        max_iters = c3.number_input(
+        c2.selectbox("Corpus", corpora, index=corpora.index("tiny") if "tiny" in corpora else 0, key="grid_corpus")
+        c3.number_input(
             "Steps per run (max_iters)", min_value=10, max_value=100_000, value=300, step=50, key="grid_max_iters"
         )
-        seed = c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=1337, step=1, key="grid_seed")
-        labels = grid_ablation_picker("grid_")
-        submitted = st.form_submit_button("Launch grid", type="primary", icon=":material/play_arrow:")
-    if not submitted:
-        return
-    launched = None
-    with user_errors("Could not launch the grid: "):
-        base = TrainSpec.from_preset(preset, f"builtin:{corpus}", max_iters=int(max_iters), seed=int(seed))
-        # All of the grid or none of it; the visitor's job cap (TINYGPT_MAX_JOBS_PER_VISITOR) counts every member.
-        launched = state.launch_grid(runner(), base, labels, owner=visitor())
-    if launched:
-        st.session_state["runs_grid"] = launched.grid_id
-        st.query_params[GRID_PARAM] = launched.grid_id
-        how = f" ({launched.note})" if launched.note else ""
-        st.session_state["runs_flash"] = (
-            f"Launched **{launched.grid_id}**: {len(launched.job_ids)} runs on {launched.device}. They queue "
-            f"and train in turn{how}; the curves below update as they go."
+        c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=1337, step=1, key="grid_seed")
+        grid_ablation_picker("grid_")
+        st.form_submit_button(
+            "Launch grid", type="primary", icon=":material/play_arrow:", on_click=_launch_grid, args=(visitor(),)
         )
-        st.rerun()
+    error = st.session_state.pop("runs_grid_error", None)
+    if error:
+        st.error(error)
+
+
+def _launch_grid(owner: str) -> None:
+    """on_click of Launch grid: queue the grid for ``owner`` (this visitor), then show it. A callback runs
+    before any widget of the next run is drawn, so it can point the tabs, the grid selector and ?grid= at
+    the new grid at once."""
+    ss = st.session_state
+    launched = None
+    try:
+        base = TrainSpec.from_preset(
+            ss["grid_preset"],
+            f"builtin:{ss['grid_corpus']}",
+            max_iters=int(ss["grid_max_iters"]),
+            seed=int(ss["grid_seed"]),
+        )
+        # All of the grid or none of it; the visitor's job cap (TINYGPT_MAX_JOBS_PER_VISITOR) counts every member.
+        launched = state.launch_grid(runner(), base, grid_labels("grid_"), owner=owner)
+    except TinyGPTError as exc:
+        ss["runs_grid_error"] = f"Could not launch the grid: {exc}"
+        return
+    show_grid(launched.grid_id)
+    how = f" ({launched.note})" if launched.note else ""
+    ss["runs_flash"] = (
+        f"Launched **{launched.grid_id}**: {len(launched.job_ids)} runs on {launched.device}. They queue "
+        f"and train in turn{how}; the curves below update as they go."
+    )
+
+
+def show_grid(grid_id: str) -> None:
+    """Make ``grid_id`` the grid in view: its tab, the grid selector and ?grid= (call before they are drawn)."""
+    st.session_state["runs_tab"] = GRID_TAB
+    st.session_state["runs_grid_pick"] = grid_id
+    st.query_params[GRID_PARAM] = grid_id
 
 
 def grid_section(runs: list[RunState]) -> None:
@@ -370,13 +432,12 @@ def grid_section(runs: list[RunState]) -> None:
     if not grids:
         st.info("No grids yet. Pick a baseline and some ablations above and press **Launch grid**.")
         return
-    wanted = st.session_state.get("runs_grid") or st.query_params.get(GRID_PARAM)
     if st.session_state.get("runs_grid_pick") not in grids:
+        wanted = st.query_params.get(GRID_PARAM)
         st.session_state["runs_grid_pick"] = wanted if wanted in grids else grids[0]
     grid_id = st.selectbox("Grid", grids, key="runs_grid_pick")
     if grid_id != st.query_params.get(GRID_PARAM):
         st.query_params[GRID_PARAM] = grid_id
-    st.session_state["runs_grid"] = grid_id
     live = any(m.active for m in _grid_members(runs, grid_id))
     grid_live_view(grid_id, live)
 
@@ -422,6 +483,7 @@ def grid_live_view(grid_id: str, live: bool) -> None:
             table.drop(columns=["name"]),
             key="grid_table",
             hide_index=True,
+            placeholder=MISSING,
             width="stretch",
             column_config={
                 "ablation": st.column_config.TextColumn("ablation", pinned=True),
@@ -474,7 +536,10 @@ if flash:
     st.success(flash)
 
 runs = list_runs()
-tab_runs, tab_grid = st.tabs(["All runs", "Ablation grid"])
+# Keyed tabs that track their state, so the page (not the browser) decides which one is open: a grid just
+# launched, or a link with ?grid=, opens the grid tab even though a message above shifts the layout.
+st.session_state.setdefault("runs_tab", GRID_TAB if st.query_params.get(GRID_PARAM) else RUNS_TAB)
+tab_runs, tab_grid = st.tabs([RUNS_TAB, GRID_TAB], key="runs_tab", on_change="rerun")
 with tab_runs:
     all_runs_section(runs)
 with tab_grid:

@@ -14,7 +14,7 @@ import streamlit as st
 
 from pages._common import user_errors
 from tinygpt_core import limits
-from tinygpt_core.data import corpus_from_bytes, list_builtin_corpora, load_corpus
+from tinygpt_core.data import builtin_corpus_problem, corpus_from_bytes, list_builtin_corpora, load_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.tokenizers import Tokenizer, train_tokenizer
 from tinygpt_core.viz import token_html, visible_token
@@ -32,14 +32,10 @@ def _builtin_text(name: str) -> str:
     return load_corpus(f"builtin:{name}").text
 
 
-@st.cache_data(show_spinner=False, ttl=60)  # re-checked now and then: a download may have landed since
 def _missing(name: str) -> str | None:
-    """Why builtin:NAME cannot be loaded here (e.g. Shakespeare not downloaded yet), or None."""
-    try:
-        _builtin_text(name)
-        return None
-    except TinyGPTError as exc:
-        return str(exc)
+    """Why builtin:NAME cannot be loaded here (e.g. Shakespeare not downloaded yet), or None: the core's
+    check, shared with the Train page's picker (cheap, so a download that lands is seen at once)."""
+    return builtin_corpus_problem(name)
 
 
 # Keyed by the corpus text's hash + kind + size (the text itself is not hashed on every rerun); a

@@ -249,3 +249,70 @@ def test_grid_form_offers_every_registered_ablation(runs_dir):
     expected = [f"{a.name.replace('{n}', 'N')} ({a.title.lower()})" if a.parametric else a.label() for a in REGISTRY]
     assert shown == expected and "qk-norm" in shown and "no-bias" in shown and "one-head" in shown
     assert at.number_input(key="grid_window").value == REGISTRY.get("window-{n}").value
+
+
+def test_table_names_grid_members_whole_with_their_grid_and_no_literal_none(with_runs):
+    # Run "a" becomes a member of a grid, with a name longer than any column's default width.
+    config_path = next(p for p in with_runs.iterdir() if p.name.startswith("a-")) / "config.json"
+    config = json.loads(config_path.read_text())
+    long_name = "grid-250101-000000-ab12/no-layernorm+pos-none+window-12"
+    config_path.write_text(json.dumps({**config, "name": long_name}))
+    at = open_page()
+    table = next(d for d in at.dataframe if "params" in d.value.columns)
+    df = table.value
+    assert df.set_index("name").loc[long_name, "grid"] == "grid-250101-000000-ab12"
+    assert df.set_index("name")["grid"].drop(long_name).isna().all()  # not in a grid: nothing, shown as "–"
+    assert table.proto.placeholder == "–"  # st.dataframe's default would print None in the empty cells
+    columns = json.loads(table.proto.columns)
+    assert columns["name"]["width"] >= 8 * len(long_name)  # the whole name fits: nothing is cut
+    assert columns["grid"]["width"] >= 8 * len("grid-250101-000000-ab12")
+
+
+def _launch(at: AppTest) -> None:
+    at.button(key=next(b.key for b in at.button if b.label == "Launch grid")).click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+
+
+def _query_grid(at: AppTest) -> str:
+    value = at.query_params["grid"]
+    return value[0] if isinstance(value, list) else value
+
+
+@pytest.mark.slow
+def test_a_second_grid_opens_on_the_grid_tab_showing_the_new_grid(runs_dir):
+    at = open_page()
+    at.number_input(key="grid_max_iters").set_value(10)
+    at.multiselect(key="grid_ablations").set_value(["relu"])
+    _launch(at)
+    first = _query_grid(at)
+    assert at.selectbox(key="runs_grid_pick").value == first
+
+    time.sleep(1.1)  # grid ids carry the second they were made in
+    at.multiselect(key="grid_ablations").set_value(["no-layernorm"])
+    _launch(at)
+    second = _query_grid(at)
+    assert second != first and f"Launched **{second}**" in texts(at.success)
+    assert at.selectbox(key="runs_grid_pick").value == second  # the selector shows the new grid, not the old one
+    assert at.session_state["runs_tab"] == "Ablation grid"  # and its tab is the one open
+    names = sorted(s.name for s in jobs.get_runner().list_jobs() if s.name.startswith(second))
+    assert names == [f"{second}/baseline", f"{second}/no-layernorm"]  # the form's new choice, not the old one
+
+    # Enter in a number input of the grid form changes the value; only the button launches.
+    form = next(f for f in at.get("form"))
+    assert form.proto.form.enter_to_submit is False
+
+
+def test_png_download_says_why_it_is_unavailable_instead_of_an_empty_file(with_runs, monkeypatch):
+    from tinygpt_core import viz
+
+    monkeypatch.setattr(viz, "_png_unavailable", None)
+    monkeypatch.setattr(viz, "_find_browser", lambda: None)  # a server without Chrome/Chromium
+    at = open_page()
+    ids = run_ids(at)
+    at.multiselect(key="runs_overlay").set_value([ids["a"], ids["b"]]).run()
+    assert not at.exception
+    png = next(d for d in at.get("download_button") if d.proto.label == "Chart as PNG")
+    assert png.proto.disabled and png.proto.help == viz.PNG_NO_BROWSER
+    assert viz.PNG_NO_BROWSER in texts(at.caption)
+    html = next(d for d in at.get("download_button") if d.proto.label == "Chart as HTML")
+    assert not html.proto.disabled

@@ -133,7 +133,7 @@ def test_stop_and_second_tab_sees_the_live_job(runs_dir):
 
     at.button(key="train_stop").click().run()
     wait_until_finished(at, timeout=30)
-    assert "Stopped" in texts(at.info)
+    assert "Stopped" in texts(at.info) and "Stopped. Stopped" not in texts(at.info)  # said once
     assert not at.error
     assert read_status(runs_dir / run_id).status == "stopped"
 
@@ -188,6 +188,9 @@ def test_diverged_run_shows_the_message(runs_dir, monkeypatch):
     errors = texts(at.error)
     assert "Diverged" in errors and "learning rate" in errors
     assert not at.success
+    # The message and the Step metric name the same step: the last one applied.
+    step = next(m.value for m in at.metric if m.label == "Step").split("/")[0].strip().replace(",", "")
+    assert f"stopped at step {step}:" in errors or f"at step {step}:" in errors
 
 
 def test_ablation_toggles_come_from_the_registry_and_reach_the_run(runs_dir):
@@ -228,3 +231,72 @@ def test_estimate_time_is_timed_in_a_training_process_and_says_so(runs_dir):
     time_metric = next(m for m in at.metric if m.label == "Time")
     assert time_metric.value.endswith("ms/step")
     assert any("timed in a training process like the run's" in c.value for c in at.caption)
+
+
+def test_watch_in_the_active_jobs_banner_puts_the_run_in_the_url(runs_dir):
+    from conftest import tiny_spec
+
+    runner = jobs.get_runner()
+    job_id = runner.submit(tiny_spec(name="watched", max_iters=100_000, eval_interval=1000))
+    run_id = runner.state(job_id).run_id
+    at = open_train()
+    assert "run" not in at.query_params  # the setup view, with the banner
+    at.button(key=f"train_watch_{run_id}").click().run()
+    assert not at.exception
+    assert at.query_params["run"] == run_id and at.query_params["job"] == job_id  # a reload keeps the run
+    assert "train_stop" in keys(at.button)  # the run view, live
+    runner.stop(job_id)
+
+
+def test_the_setup_form_keeps_its_edits_across_a_visit_to_another_page(runs_dir):
+    at = open_train(n_layer=3, n_embd=96, max_iters=123)
+    at.toggle(key="train_abl_qk_norm").set_value(True)
+    at.radio(key="train_tokenizer").set_value("bpe").run()
+    at.number_input(key="train_vocab").set_value(300).run()
+    at.text_input(key="train_name").set_value("kept").run()
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception
+    at.switch_page("pages/train.py").run()
+    assert not at.exception
+    values = {k: at.number_input(key=f"train_{k}").value for k in ("n_layer", "n_embd", "max_iters", "vocab")}
+    assert values == {"n_layer": 3, "n_embd": 96, "max_iters": 123, "vocab": 300}
+    assert at.toggle(key="train_abl_qk_norm").value and at.radio(key="train_tokenizer").value == "bpe"
+    assert at.text_input(key="train_name").value == "kept"
+
+
+@pytest.mark.parametrize(
+    "field, value, label, allowed",
+    [
+        ("n_layer", 0, "Layers", "<= 48"),
+        ("n_layer", -3, "Layers", "<= 48"),
+        ("n_embd", 0, "Width", "<= 4,096"),
+        ("max_iters", -1, "Steps (max_iters)", ">= 1"),
+        ("block_size", 99999, "Context", "<= 8,192"),
+    ],
+)
+def test_a_number_out_of_range_is_named_with_its_range_and_start_waits(runs_dir, field, value, label, allowed):
+    at = open_train(**{field: value})
+    assert not at.exception
+    errors = texts(at.error)
+    assert f"**{label}**" in errors and allowed in errors and str(value) in errors
+    assert at.button(key="train_start").disabled  # never trains with the previous value
+    assert at.number_input(key=f"train_{field}").value == value  # the value typed reached the server
+    help_text = at.number_input(key=f"train_{field}").help
+    assert "Allowed:" in help_text  # the range is stated before anything is typed (from the core's ranges)
+
+
+def test_a_builtin_corpus_missing_here_is_marked_and_explained_before_start(runs_dir, monkeypatch, tmp_path):
+    from tinygpt_core import data
+
+    monkeypatch.setattr(data, "_shakespeare_candidates", lambda: [tmp_path / "nowhere.txt"])
+    at = open_train()
+    box = at.selectbox(key="train_builtin")
+    assert box.format_func("shakespeare").endswith("(not downloaded)")
+    assert not box.format_func("tiny").endswith("(not downloaded)")
+    box.set_value("shakespeare").run()
+    assert not at.exception
+    assert any("builtin:shakespeare cannot be used" in w.value for w in at.warning)
+    assert at.button(key="train_start").disabled
+    assert data.builtin_corpus_problem("shakespeare") == str(
+        pytest.raises(Exception, data.load_corpus, "builtin:shakespeare").value
+    )

@@ -292,3 +292,87 @@ def test_get_runner_is_a_process_wide_singleton(monkeypatch, tmp_path):
         jobs.reset_runner()
     assert jobs.get_runner() is not results[0]
     jobs.reset_runner()
+
+
+# --- the numbers a job reports agree with each other -------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _job(max_iters: int) -> jobs._Job:
+    from pathlib import Path
+
+    return jobs._Job(
+        id="j", seq=0, spec=None, name="n", device="cpu", run_dir=Path("r"), created_at=0.0, max_iters=max_iters
+    )
+
+
+def test_tokens_per_s_and_eta_are_wall_clock_rates_that_include_evals(monkeypatch):
+    # 400 steps of 10 ms with an eval of 2 s every 20 steps: the trainer's per-step figure (compute only)
+    # is 10x the real rate, and a window of recent steps with or without an eval made the ETA swing.
+    clock = Clock()
+    monkeypatch.setattr(jobs.time, "monotonic", clock)
+    job = _job(400)
+    job.status, job.started_at = "running", clock.t
+    step_s, eval_s, every, tokens_per_step = 0.01, 2.0, 20, 512
+    cycle_s = every * step_s + eval_s
+    end_t = clock.t + 400 / every * cycle_s
+
+    def event(kind, step, **data):
+        jobs._apply_event(job, TrainEvent(kind, step, data))
+
+    event("start", 0, params=1, device="cpu", max_iters=400, tokens_per_step=tokens_per_step, elapsed_s=0.0)
+    ratios = []
+    for step in range(1, 401):
+        clock.t += step_s
+        event("step", step, loss=1.0, lr=1e-3, tokens_per_s=tokens_per_step / step_s, elapsed_s=0.0)
+        if step % every == 0:
+            clock.t += eval_s
+            event("eval", step, train_loss=1.0, val_loss=1.0, best_val_loss=1.0, best_step=step)
+        if every < step <= 360:  # from the first eval on, while two or more cycles are left
+            ratios.append(jobs._eta(job) / (end_t - clock.t))
+            real = tokens_per_step * every / cycle_s
+            assert job.tokens_per_s == pytest.approx(real, rel=0.1)  # not 51k: the per-step compute rate
+    # Never the swing between "27 s" and "23 min": within 30% of the time really left, all the way.
+    assert 0.7 < min(ratios) and max(ratios) < 1.3, (min(ratios), max(ratios))
+
+
+def test_elapsed_is_the_runs_training_time_including_earlier_sessions(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(jobs.time, "monotonic", clock)
+    job = _job(30)
+    job.status, job.started_at = "running", clock.t
+    jobs._apply_event(job, TrainEvent("start", 20, {"max_iters": 30, "elapsed_s": 6.6}))  # resumed at step 20
+    clock.t += 1.0
+    assert jobs._elapsed(job) == pytest.approx(7.6)  # not this job's 1 s
+    jobs._apply_event(job, TrainEvent("end", 30, {"status": "done", "message": "m", "elapsed_s": 10.6}))
+    clock.t += 5.0
+    job.status, job.finished_at = "done", clock.t
+    assert jobs._elapsed(job) == 10.6
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_time_agrees_with_its_finished_message(runner, store):
+    from tinygpt_core import state
+
+    stop = threading.Event()
+
+    def stop_at_4(event):
+        if event.kind == "step" and event.step >= 4:
+            stop.set()
+
+    first = training.train(tiny_spec(name="resumed"), store=store, callbacks=[stop_at_4], stop_event=stop)
+    assert first.status == "stopped"
+    snap = runner.wait(runner.resume(first.run_dir.name), timeout=120)
+    assert snap.status == "done", snap.message
+    said = float(snap.message.split(" in ")[1].split(" s")[0])  # "Finished 20 steps in 10.6 s: …"
+    assert snap.elapsed_s == pytest.approx(said, abs=0.05)  # the job's Time, this session and the first
+    on_disk = state.run_state(store, None, first.run_dir.name)  # once the job is forgotten (a restart)
+    assert on_disk.elapsed_s == pytest.approx(said, abs=0.05)
+    assert on_disk.tokens_per_s is not None and on_disk.tokens_per_s > 0

@@ -229,6 +229,18 @@ def test_launch_grid_queues_baseline_and_ablations(store):
     assert {m.grid[1] for m in state.grid_members(listed, launch.grid_id)} == {"baseline", "no-layernorm", "pos-none"}
 
 
+def test_queued_grid_members_whose_folders_hold_only_a_status_are_listed_in_their_grid(store):
+    # The local runner makes each member's folder at submit (named grid-<id>-<label>-<time>) with only its
+    # "queued" status: the grid's name is the job's until the config is written, and so is its grid.
+    name = "grid-250101-000000-ab12/relu"
+    folder = store.create(name)
+    RunWriter(folder).write_status("queued", "Waiting.")
+    runner = FakeRunner([snapshot(folder.name, "queued", name=name)])
+    (s,) = state.list_runs(store, runner)
+    assert s.name == name and s.grid == ("grid-250101-000000-ab12", "relu")
+    assert state.known_grids([s]) == ["grid-250101-000000-ab12"]
+
+
 def test_a_refused_member_stops_the_others_and_names_itself():
     runner = FakeRunner(refuse_at=2)
     with pytest.raises(JobError, match=r"Run 3 of 3 \(grid-.*/pos-none\) was refused.*server is full"):

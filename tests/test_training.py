@@ -160,7 +160,8 @@ def test_nan_loss_ends_as_diverged_with_advice(tmp_path, monkeypatch):
     result, events = run(tmp_path, spec(max_iters=40, grad_clip=0.0))
     assert result.status == "diverged"
     assert result.steps == 4  # the NaN step is not applied
-    assert result.message.startswith("Loss became NaN at step 5: lower the learning rate (now 0.003)")
+    # The NaN step is not applied: the message names it and the step the run stopped at (its Step count).
+    assert result.message.startswith("Loss became NaN in step 5, so the run stopped at step 4: lower the learning rate")
     assert "gradient clipping" in result.message
     assert events[-1].kind == "end" and events[-1].data["status"] == "diverged"
     assert read_status(result.run_dir).status == "diverged"
@@ -178,7 +179,7 @@ def test_out_of_memory_ends_as_error_with_advice(tmp_path, monkeypatch):
     assert result.status == "error"
     assert "Out of" in result.message and "reduce batch size (8), block size (16)" in result.message
     assert read_status(result.run_dir).status == "error"
-    assert events[-1].data == {"status": "error", "message": result.message}
+    assert events[-1].data == {"status": "error", "message": result.message, "elapsed_s": events[-1].data["elapsed_s"]}
 
 
 def test_other_exceptions_end_as_error_not_crash(tmp_path, monkeypatch):
@@ -308,9 +309,18 @@ def test_events_arrive_in_order(tmp_path):
             expected += [("eval", step), ("sample", step)]
     expected.append(("end", 10))
     assert kinds == expected
-    assert set(events[0].data) == {"params", "device", "precision", "max_iters", "run_dir"}
+    assert set(events[0].data) == {
+        "params",
+        "device",
+        "precision",
+        "max_iters",
+        "run_dir",
+        "tokens_per_step",
+        "elapsed_s",
+    }
     assert set(events[1].data) == {"loss", "lr", "tokens_per_s", "elapsed_s"}
-    assert set(events[-1].data) == {"status", "message"}
+    assert set(next(e for e in events if e.kind == "eval").data) >= {"val_loss", "elapsed_s"}
+    assert set(events[-1].data) == {"status", "message", "elapsed_s"}
     sample = next(e for e in events if e.kind == "sample")
     assert sample.data["text"].startswith("T")  # starts from the corpus's first token ("The lighthouse…")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import sys
 
 import numpy as np
 import pandas as pd
@@ -259,15 +260,43 @@ def test_figure_to_html_is_self_contained() -> None:
 
 def test_figure_to_png_returns_none_when_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(viz, "_png_unavailable", None)
+    monkeypatch.setattr(viz, "_find_browser", lambda: "/usr/bin/chromium")
 
     def broken(*args, **kwargs):
-        raise RuntimeError("no browser")
+        raise RuntimeError("Kaleido requires Google Chrome to be installed. E2BIG /tmp/xyz")
 
     fig = viz.loss_figure(_metrics())
     monkeypatch.setattr(fig, "to_image", broken)
     assert viz.figure_to_png(fig) is None
-    assert "no browser" in viz.png_unavailable_reason()
+    # A sentence for the user, never the exception's own text (that goes to the server log).
+    reason = viz.png_unavailable_reason()
+    assert reason == viz.PNG_FAILED == viz.png_export_problem()
+    assert "Kaleido" not in reason and "Error" not in reason and "HTML" in reason
     assert viz.figure_to_png(viz.loss_figure(None)) is None  # not retried after a failure
+
+
+def test_figure_to_png_never_returns_an_empty_or_foreign_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(viz, "_png_unavailable", None)
+    monkeypatch.setattr(viz, "_find_browser", lambda: "/usr/bin/chromium")
+    fig = viz.loss_figure(_metrics())
+    monkeypatch.setattr(fig, "to_image", lambda *a, **k: b"")
+    assert viz.figure_to_png(fig) is None and viz.png_unavailable_reason() == viz.PNG_FAILED
+
+
+def test_png_export_problem_says_what_is_missing_without_starting_a_browser(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(viz, "_png_unavailable", None)
+    monkeypatch.setattr(viz, "_find_browser", lambda: None)
+    assert viz.png_export_problem() == viz.PNG_NO_BROWSER and "Chromium" in viz.PNG_NO_BROWSER
+    assert viz.figure_to_png(viz.loss_figure(None)) is None  # refused at once, without trying kaleido
+
+    monkeypatch.setattr(viz, "_png_unavailable", None)
+    monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido -> ImportError
+    assert viz.png_export_problem() == viz.PNG_NO_KALEIDO and "kaleido" in viz.PNG_NO_KALEIDO
+
+    monkeypatch.setattr(viz, "_png_unavailable", None)
+    monkeypatch.delitem(sys.modules, "kaleido")
+    monkeypatch.setattr(viz, "_find_browser", lambda: "/usr/bin/chromium")
+    assert viz.png_export_problem() is None
 
 
 @pytest.mark.skipif(

@@ -23,6 +23,33 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "constant")
 
+# The range of every whole-number setting (inclusive; None: no upper bound), declared once: validate()
+# enforces it, and the app's inputs and messages state it (``check_field``, ``field_range``). The upper
+# bounds are what a tiny-GPT lab can train, not what a transformer could be; an operator's limits
+# (limits.py: parameters, steps) may cap a shared server further.
+INT_RANGES: dict[str, tuple[int, int | None]] = {
+    # ModelConfig
+    "vocab_size": (1, None),
+    "block_size": (1, 8192),
+    "n_layer": (1, 48),
+    "n_head": (1, 64),
+    "n_embd": (1, 4096),
+    "ff_mult": (1, 16),
+    "attn_window": (1, 8192),  # or None: every earlier token
+    # TrainConfig
+    "batch_size": (1, 4096),
+    "grad_accum": (1, None),
+    "max_iters": (1, None),
+    "eval_interval": (1, None),
+    "eval_iters": (1, None),
+    "warmup_iters": (0, None),
+    "sample_tokens": (0, None),
+    "early_stop_patience": (1, None),  # or None: no early stop
+    "seed": (0, 2**32 - 1),
+    # TrainSpec
+    "tokenizer_vocab_size": (1, None),  # or None: the tokenizer's default
+}
+
 
 @dataclass
 class ModelConfig:
@@ -49,7 +76,7 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     def validate(self) -> ModelConfig:
-        _positive_ints(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ff_mult")
+        _ints_in_range(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ff_mult")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
@@ -60,10 +87,8 @@ class ModelConfig:
         _choice(self, "activation", ACTIVATIONS)
         _choice(self, "pos_encoding", POS_ENCODINGS)
         _choice(self, "norm_position", NORM_POSITIONS)
-        if self.attn_window is not None and (
-            not isinstance(self.attn_window, int) or isinstance(self.attn_window, bool) or self.attn_window < 1
-        ):
-            raise ConfigError(f"attn_window must be a positive whole number or None, got {self.attn_window!r}.")
+        if self.attn_window is not None:
+            _ints_in_range(self, "attn_window")
         return self
 
     def ablations(self) -> list[str]:
@@ -109,9 +134,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
 
     def validate(self) -> TrainConfig:
-        _positive_ints(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
-        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
-            raise ConfigError(f"warmup_iters must be a whole number >= 0, got {self.warmup_iters!r}.")
+        _ints_in_range(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "warmup_iters")
+        _ints_in_range(self, "sample_tokens", "seed")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr <= 1):
             raise ConfigError(f"lr must be in (0, 1], got {self.lr!r}; 1e-3 is a good start for small models.")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
@@ -125,10 +149,10 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}.")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be between 0 and 1, got {self.val_fraction}.")
-        if self.sample_tokens < 0:
-            raise ConfigError(f"sample_tokens must be >= 0, got {self.sample_tokens}.")
-        if self.early_stop_patience is not None and self.early_stop_patience < 1:
-            raise ConfigError(f"early_stop_patience must be >= 1 or None, got {self.early_stop_patience}.")
+        if self.early_stop_patience is not None:
+            _ints_in_range(self, "early_stop_patience")
+        if self.stop_at_val_loss is not None and not self.stop_at_val_loss > 0:
+            raise ConfigError(f"stop_at_val_loss must be a number > 0 (None: no target), got {self.stop_at_val_loss}.")
         _choice(self, "lr_schedule", LR_SCHEDULES)
         _choice(self, "optimizer", OPTIMIZERS)
         _choice(self, "device", DEVICES)
@@ -260,11 +284,32 @@ def get_preset(name: str) -> Preset:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def _positive_ints(cfg: Any, *names: str) -> None:
+def field_range(name: str) -> tuple[int, int | None]:
+    """The allowed (lowest, highest) of a whole-number setting (highest None: no upper bound)."""
+    return INT_RANGES[name]
+
+
+def range_text(name: str) -> str:
+    """The allowed range of a whole-number setting in words: "1 to 48", "0 or more"."""
+    lo, hi = INT_RANGES[name]
+    return f"{lo:,} to {hi:,}" if hi is not None else f"{lo:,} or more"
+
+
+def check_field(name: str, value: Any, *, whole_floats: bool = True) -> None:
+    """ConfigError, naming the setting and its allowed range, unless ``value`` is a whole number in range.
+
+    ``whole_floats``: accept 3.0 as 3 (a number typed in a form); configs themselves take ints only."""
+    lo, hi = INT_RANGES[name]
+    if whole_floats and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+        upper = f" and <= {hi:,}" if hi is not None else ""
+        raise ConfigError(f"{name} must be a whole number >= {lo}{upper}, got {value!r}.")
+
+
+def _ints_in_range(cfg: Any, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}.")
+        check_field(name, getattr(cfg, name), whole_floats=False)
 
 
 def _choice(cfg: Any, name: str, allowed: tuple[str, ...]) -> None:

@@ -245,22 +245,49 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> str:
     return _read_text_file(Path(path), MAX_CORPUS_BYTES)
 
 
-def _load_builtin(name: str) -> Corpus:
-    source = f"builtin:{name}"
+def builtin_corpus_problem(name: str) -> str | None:
+    """Why builtin:NAME cannot be used on this machine (Tiny Shakespeare not downloaded, no readable
+    standard library for pystdlib, an unknown name), as the sentence load_corpus would raise; None when
+    it can. Cheap: it reads no corpus, so pages can mark missing corpora in their pickers."""
+    try:
+        _builtin_source(name)
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
+def _builtin_source(name: str) -> Path | None:
+    """Where builtin:NAME's text comes from: a file (Shakespeare), or None (generated); DataError when
+    it is not available here."""
     if name not in _BUILTIN_DESCRIPTIONS:
         valid = ", ".join(f"builtin:{n}" for n in _BUILTIN_DESCRIPTIONS)
         raise DataError(f"There is no built-in corpus called {name!r}. The built-in corpora are: {valid}.")
     if name == "shakespeare":
         for path in _shakespeare_candidates():
             if path.is_file():
-                st = path.stat()
-                return Corpus(source, _read_cached(str(path), st.st_mtime_ns, st.st_size), source)
+                return path
         raise DataError(
             "Tiny Shakespeare is not on this machine. Fetch it once with "
             "`python -m tinygpt_core corpora --download tinyshakespeare` "
             "(needs internet), or download input.txt from the char-rnn repository yourself and pass "
             "its path as the corpus (or set TINYGPT_SHAKESPEARE to it)."
         )
+    if name == "pystdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        if not root.is_dir():
+            raise DataError(
+                f"This Python has no readable standard library folder at {root}, so builtin:pystdlib "
+                "is unavailable. Pick another built-in corpus or a text file."
+            )
+    return None
+
+
+def _load_builtin(name: str) -> Corpus:
+    source = f"builtin:{name}"
+    path = _builtin_source(name)
+    if path is not None:
+        st = path.stat()
+        return Corpus(source, _read_cached(str(path), st.st_mtime_ns, st.st_size), source)
     return Corpus(source, _generated_builtin_text(name), source)
 
 

@@ -77,7 +77,7 @@ JOB_STATUSES = tuple(s for s in RUN_STATUSES if s != "interrupted")
 MAX_METRIC_ROWS = 5_000  # per job in memory; the full history is in the run's metrics.csv
 MAX_SAMPLES = 200  # most recent samples kept per job
 KEEP_FINISHED = 50  # finished jobs remembered per runner (older ones are dropped)
-ETA_WINDOW = 20  # recent step events the step rate (and so the ETA) is measured over
+RATE_WINDOW_S = 60.0  # the step rate (tokens/s, ETA) is measured over whole eval cycles of about this long
 
 
 @dataclass(frozen=True)
@@ -228,12 +228,17 @@ class _Job:
     params: int | None = None
     metrics: list[dict] = field(default_factory=list)
     samples: collections.deque = field(default_factory=lambda: collections.deque(maxlen=MAX_SAMPLES))
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # wall-clock rate, evals and waits included (see _apply_event)
     best_val_loss: float | None = None
     best_step: int | None = None
     started_at: float | None = None  # time.monotonic()
     finished_at: float | None = None
-    recent_steps: collections.deque = field(default_factory=lambda: collections.deque(maxlen=ETA_WINDOW))
+    # Event bookkeeping (see _apply_event): the training's own clock and the marks the step rate is taken from.
+    tokens_per_step: int | None = None  # from the start event
+    train_elapsed: float | None = None  # the run's training time (a resumed run's included) at the last event
+    train_elapsed_at: float | None = None  # time.monotonic() when that event came
+    rate_marks: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))  # (t, step)
+    last_step_at: tuple[float, int] | None = None  # (t, step) of the newest step event
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     resume_max_iters: int | None = None  # resume jobs only: the new total (None: the run's own)
@@ -594,18 +599,34 @@ def _snapshot_of(job: _Job, position: int | None, message: str) -> JobSnapshot:
 
 
 def _apply_event(job: _Job, event: training.TrainEvent) -> None:
+    """Copy one training event into the job record (lock held).
+
+    What the page shows is derived here, so the numbers agree with each other:
+    - tokens/s and the ETA come from one step rate measured on the wall clock over whole eval cycles
+      (``_rate``): an evaluation is as much a part of the remaining time as the steps, and a window that
+      sometimes holds an eval and sometimes not is what made the ETA swing (27 s, then 23 min). The
+      per-step rate the trainer reports (compute only) is kept in the metric rows, as in metrics.csv.
+    - elapsed is the training's own clock (``elapsed_s`` of the events), so a resumed run counts its
+      earlier sessions like its "Finished N steps in X s" message does.
+    """
     data = event.data
+    now = time.monotonic()
+    if data.get("elapsed_s") is not None:
+        job.train_elapsed, job.train_elapsed_at = float(data["elapsed_s"]), now
     if event.kind == "start":
         job.params = data.get("params")
         job.max_iters = int(data.get("max_iters") or job.max_iters)
         job.step = event.step  # a resumed run starts past 0
+        job.tokens_per_step = data.get("tokens_per_step")
         precision = f" ({data['precision']})" if data.get("precision") else ""
         if not job.stop_event.is_set():  # keep "Stopping…" when cancel came before the first step
             job.message = f"Training on {data.get('device', job.device)}{precision}."
     elif event.kind == "step":
         job.step = event.step
-        job.tokens_per_s = data.get("tokens_per_s")
-        job.recent_steps.append((time.monotonic(), event.step))
+        if not job.rate_marks:
+            job.rate_marks.append((now, event.step))  # the first step of this job: the rate's starting point
+        job.last_step_at = (now, event.step)
+        job.tokens_per_s = _wall_tokens_per_s(job, data.get("tokens_per_s"))
         _add_row(
             job,
             {
@@ -619,7 +640,12 @@ def _apply_event(job: _Job, event: training.TrainEvent) -> None:
     elif event.kind == "eval":
         job.best_val_loss = data.get("best_val_loss")
         job.best_step = data.get("best_step")
+        if job.rate_marks:
+            job.rate_marks.append((now, event.step))  # one mark per eval: the rate spans whole eval cycles
+        job.tokens_per_s = _wall_tokens_per_s(job, job.tokens_per_s)
         values = {"train_loss": data.get("train_loss"), "val_loss": data.get("val_loss")}
+        if data.get("elapsed_s") is not None:
+            values["elapsed_s"] = data["elapsed_s"]  # the step's time now includes its eval, as in metrics.csv
         if job.metrics and job.metrics[-1]["step"] == event.step:  # the eval belongs to the step just logged
             job.metrics[-1].update({k: _num(v) for k, v in values.items()})
         else:
@@ -653,20 +679,60 @@ def _num(value: Any) -> float:
 
 
 def _elapsed(job: _Job) -> float:
+    """The run's training time: the trainer's clock at its last event (a resumed run's earlier sessions
+    included), plus the time since that event while it still runs. Before the first event: time since start."""
     if job.started_at is None:
         return 0.0
     end = job.finished_at if job.finished_at is not None else time.monotonic()
-    return max(0.0, end - job.started_at)
+    if job.train_elapsed is None:
+        return max(0.0, end - job.started_at)
+    if job.finished_at is not None:
+        return job.train_elapsed  # the end event's: what "Finished N steps in X s" says
+    return job.train_elapsed + max(0.0, end - job.train_elapsed_at)
+
+
+def _rate(job: _Job) -> float | None:
+    """Steps per second on the wall clock, evals included; None until it can be measured.
+
+    Measured between marks (this job's first step, then each eval) spanning about RATE_WINDOW_S and at
+    least one whole eval cycle, so every window holds its share of evaluation time. Before the first
+    eval it is the rate since the first step (there has been no eval to include yet)."""
+    marks = job.rate_marks
+    if len(marks) >= 2:
+        t1, s1 = marks[-1]
+        t0, s0 = marks[-2]
+        for t, s in reversed(marks):  # widen to the oldest mark still within the window
+            if t1 - t < RATE_WINDOW_S:
+                t0, s0 = t, s
+            else:
+                break
+        if t0 == t1:
+            t0, s0 = marks[-2]
+    elif marks and job.last_step_at is not None:
+        (t0, s0), (t1, s1) = marks[0], job.last_step_at
+    else:
+        return None
+    if s1 <= s0 or t1 <= t0:
+        return None
+    return (s1 - s0) / (t1 - t0)
+
+
+def _wall_tokens_per_s(job: _Job, fallback: float | None) -> float | None:
+    """Tokens trained per wall-clock second (evals and waits included), from ``_rate``; ``fallback`` (the
+    trainer's own per-step figure) until it can be measured or when the tokens per step are unknown."""
+    rate = _rate(job)
+    if rate is None or not job.tokens_per_step:
+        return fallback
+    return rate * job.tokens_per_step
 
 
 def _eta(job: _Job) -> float | None:
-    """Seconds left at the recent wall-clock step rate (evals included); None until it can be measured."""
-    if job.status != "running" or len(job.recent_steps) < 2:
+    """Seconds left at the wall-clock step rate over whole eval cycles (``_rate``); None until it can be measured."""
+    if job.status != "running":
         return None
-    (t0, s0), (t1, s1) = job.recent_steps[0], job.recent_steps[-1]
-    if s1 <= s0 or t1 <= t0:
+    rate = _rate(job)
+    if rate is None:
         return None
-    rate = (s1 - s0) / (t1 - t0)  # steps per second
     return max(0.0, (job.max_iters - job.step) / rate)
 
 

@@ -191,6 +191,8 @@ def run_state(store: RunStore, runner: JobRunner | None, run_id: str | None, job
         else:
             state = _merge(summary, job)
             metrics, samples = _read_metrics(summary.path), tuple(read_samples(summary.path))
+            if job is None:  # from disk alone: the run's wall-clock rate, like a live job's (see jobs._apply_event)
+                state = _replace(state, tokens_per_s=_wall_tokens_per_s(summary.path, metrics))
     tokens_per_s = state.tokens_per_s if state.tokens_per_s is not None else _last(metrics, "tokens_per_s")
     return _replace(state, metrics=metrics, samples=samples, tokens_per_s=tokens_per_s)
 
@@ -297,6 +299,7 @@ def _merge(summary: RunSummary, job: JobSnapshot | None) -> RunState:
             state,
             **live,
             name=job.name,
+            grid=_grid_of(job.name) or state.grid,  # a queued member's folder has no config (so no name) yet
             status=job.status,
             message=job.message,
             error=None,
@@ -401,6 +404,26 @@ def _read_metrics(path: Path) -> pd.DataFrame:
         return read_metrics(path)
     except RunError:
         return pd.DataFrame(columns=list(METRIC_COLUMNS))
+
+
+def _wall_tokens_per_s(path: Path, metrics: pd.DataFrame) -> float | None:
+    """Tokens trained per second of the run's training time (evaluations included), from metrics.csv and the
+    config's tokens per step; None when it cannot be worked out. (metrics.csv's own tokens_per_s column is
+    the rate while computing a step, which leaves the evaluations out.)"""
+    from .runs import read_config
+
+    try:
+        cfg = read_config(path)
+        rows = metrics.dropna(subset=["elapsed_s"])
+        if len(rows) < 2:
+            return None
+        steps = float(rows["step"].iloc[-1] - rows["step"].iloc[0])
+        seconds = float(rows["elapsed_s"].iloc[-1] - rows["elapsed_s"].iloc[0])
+    except (RunError, KeyError, ValueError, TypeError):
+        return None
+    if steps <= 0 or not seconds > 0:
+        return None
+    return steps / seconds * cfg.train.batch_size * cfg.train.grad_accum * cfg.model.block_size
 
 
 def _last(df: pd.DataFrame | None, col: str) -> float | None:

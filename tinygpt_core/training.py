@@ -54,11 +54,13 @@ class TrainEvent:
     kind: str  # "start" | "step" | "eval" | "sample" | "end"
     step: int
     data: dict
-    # start: {"params", "device", "precision", "max_iters", "run_dir"}
-    # step:  {"loss", "lr", "tokens_per_s", "elapsed_s"}
-    # eval:  {"train_loss", "val_loss", "best_val_loss", "best_step"}
+    # start: {"params", "device", "precision", "max_iters", "run_dir", "tokens_per_step", "elapsed_s"}
+    # step:  {"loss", "lr", "tokens_per_s", "elapsed_s"}   tokens_per_s: while computing the step (no evals)
+    # eval:  {"train_loss", "val_loss", "best_val_loss", "best_step", "elapsed_s"}
     # sample: {"text"}
-    # end:   {"status", "message"}
+    # end:   {"status", "message", "elapsed_s"}
+    # elapsed_s is the run's training time so far (a resumed run's earlier sessions included; an eval's
+    # time counts to its step); at the end of a finished run it is what "Finished N steps in X s" says.
 
 
 TrainCallback = Callable[[TrainEvent], None]  # called on the training thread; must be quick and must not raise
@@ -256,6 +258,7 @@ class _Session:
         self.last_val: float | None = None
         self.elapsed_offset = 0.0
         self.tps: float | None = None
+        self.last_row_elapsed: float | None = None  # elapsed_s of the newest metrics row (its eval included)
         self.rows: list[dict] = []
         self._callback_failed = False
 
@@ -337,6 +340,8 @@ class _Session:
                     "precision": self.precision,
                     "max_iters": tcfg.max_iters,
                     "run_dir": str(self.run_dir),
+                    "tokens_per_step": tcfg.batch_size * tcfg.grad_accum * self.cfg.model.block_size,
+                    "elapsed_s": self.elapsed_offset,  # a resumed run's earlier training time
                 },
             )
             self.t0 = time.perf_counter()  # elapsed counts training, not setup
@@ -382,7 +387,12 @@ class _Session:
             self.writer.write_status(status, message, self.step)
         except OSError as e:
             message = f"{message} (The run folder could not be updated: {e.strerror or e}.)"
-        self.emit("end", {"status": status, "message": message})
+        # The run's training time as its metrics.csv ends (what "Finished N steps in X s" says) when it is done.
+        done = status == "done" and self.last_row_elapsed is not None
+        self.emit(
+            "end",
+            {"status": status, "message": message, "elapsed_s": self.last_row_elapsed if done else self.elapsed()},
+        )
         return TrainResult(
             status=status,
             message=message,
@@ -438,6 +448,7 @@ class _Session:
             end: tuple[str, str] | None = None
             if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
                 end = self._evaluate(row)
+            self.last_row_elapsed = row["elapsed_s"]
             now = time.monotonic()
             if row["val_loss"] is not None or now - self.last_flush >= FLUSH_INTERVAL_S:
                 self.flush()
@@ -466,6 +477,7 @@ class _Session:
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             return self._diverged(self.step, val_loss if not math.isfinite(val_loss) else train_loss)
         row["train_loss"], row["val_loss"] = train_loss, val_loss
+        row["elapsed_s"] = self.elapsed()  # the step's time includes its eval: the run's time agrees with its end
         self.last_train, self.last_val = train_loss, val_loss
         improved = self.best_val is None or val_loss < self.best_val
         if improved:
@@ -479,6 +491,7 @@ class _Session:
                 "val_loss": val_loss,
                 "best_val_loss": self.best_val,
                 "best_step": self.best_step,
+                "elapsed_s": row["elapsed_s"],
             },
         )
         if tcfg.sample_tokens > 0:
@@ -505,7 +518,8 @@ class _Session:
         return None
 
     def _done_message(self) -> str:
-        msg = f"Finished {self.step} steps in {self.elapsed():.1f} s"
+        took = self.last_row_elapsed if self.last_row_elapsed is not None else self.elapsed()
+        msg = f"Finished {self.step} steps in {took:.1f} s"
         if _finite(self.last_val):
             msg += (
                 f": train loss {self.last_train:.4f}, val loss {self.last_val:.4f} "
@@ -534,7 +548,10 @@ class _Session:
             else f" or lengthen the warm-up (now {tcfg.warmup_iters} steps)"
         )
         self._ensure_best()
-        return "diverged", f"Loss became {what} at step {step}: {advice}."
+        # self.step is the last step applied (the one a NaN step never reaches): name it, so the message
+        # agrees with the run's step count ("Step 4 / 200"), whether the NaN came from a step or an eval.
+        where = f"at step {step}" if step == self.step else f"in step {step}, so the run stopped at step {self.step}"
+        return "diverged", f"Loss became {what} {where}: {advice}."
 
 
 __all__ = [

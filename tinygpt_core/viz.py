@@ -7,12 +7,13 @@ HTML escaped: plotly renders a subset of HTML in labels and hovers, so a token s
 
 Also here: ``token_html`` (coloured token spans for ``st.html``) and the chart download helpers
 ``figure_to_html`` (self-contained, works offline) and ``figure_to_png`` (kaleido + a local Chromium;
-``None`` when that is not available).
+``None`` when that is not available, and ``png_export_problem`` says why in a sentence).
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+log = logging.getLogger(__name__)
 
 # ---- one look for every figure ------------------------------------------------------------------
 
@@ -712,28 +715,76 @@ def figure_to_html(fig: go.Figure) -> str:
     return fig.to_html(full_html=True, include_plotlyjs=True)
 
 
-_png_unavailable: str | None = None  # why PNG export failed once; not retried in this process
+_png_unavailable: str | None = None  # why making a PNG failed once (a sentence); not retried in this process
+
+PNG_NO_KALEIDO = (
+    "PNG export is not installed on this server (the kaleido package is missing). "
+    "Download the chart as HTML, or use the camera icon on the chart."
+)
+PNG_NO_BROWSER = (
+    "PNG export needs Chrome or Chromium on this server, and none was found (install chromium, or set "
+    "BROWSER_PATH). Download the chart as HTML, or use the camera icon on the chart."
+)
+PNG_FAILED = (
+    "Making a PNG failed on this server (the browser that draws it did not start or answer; the server log "
+    "says why). Download the chart as HTML, or use the camera icon on the chart."
+)
+
+
+def _find_browser() -> str | None:
+    """The Chrome/Chromium kaleido would drive (BROWSER_PATH, PATH, usual places), found the way kaleido does."""
+    from choreographer.browsers.chromium import Chromium
+
+    return Chromium.find_browser(skip_local=False)
+
+
+def png_export_problem() -> str | None:
+    """Why chart PNGs cannot be made on this server, as a sentence for the user; None when they can.
+
+    Cheap (no browser is started): checks that kaleido is installed and finds the browser it drives,
+    and remembers a failure of ``figure_to_png``. Pages call it on every run to offer or explain the
+    PNG download; the PNG itself is made only when asked for."""
+    if _png_unavailable is not None:
+        return _png_unavailable
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return PNG_NO_KALEIDO
+    try:
+        browser = _find_browser()
+    except Exception:  # noqa: BLE001 - an unexpected layout of kaleido's helper: PNG export cannot be relied on
+        log.exception("could not look for the browser kaleido drives")
+        browser = None
+    return None if browser else PNG_NO_BROWSER
 
 
 def figure_to_png(fig: go.Figure, *, scale: float = 2.0) -> bytes | None:
-    """PNG bytes of the figure through kaleido, or None when it cannot run here.
+    """PNG bytes of the figure through kaleido, or None when it cannot make one here (see ``png_export_problem``).
 
     kaleido 1.x drives a local Chrome/Chromium (found on PATH, or BROWSER_PATH; Debian's
     /usr/bin/chromium works) and uses plotly's bundled plotly.js, so it works offline. Each call
-    starts a browser (a few seconds): call it on demand, not on every page rerun. After one failure
-    (no browser, kaleido missing) it returns None at once for the rest of the process.
+    starts a browser (a few seconds): call it on demand (a click), never on every page rerun. After
+    one failure it returns None at once for the rest of the process, and ``png_export_problem`` says
+    why in a sentence (the exception itself goes to the log, not to the user).
     """
     global _png_unavailable
-    if _png_unavailable is not None:
+    problem = png_export_problem()
+    if problem is not None:
+        _png_unavailable = problem
         return None
     try:
         data = fig.to_image(format="png", scale=scale)
-    except Exception as exc:  # kaleido missing, no browser, browser failed to start: PNG is optional
-        _png_unavailable = f"{type(exc).__name__}: {exc}"
+    except Exception:  # noqa: BLE001 - the browser failed to start or answer: PNG is optional
+        log.exception("chart PNG export failed")
+        _png_unavailable = PNG_FAILED
         return None
-    return data if data[:8] == b"\x89PNG\r\n\x1a\n" else None
+    if not (isinstance(data, bytes) and data[:8] == b"\x89PNG\r\n\x1a\n"):
+        log.error("chart PNG export returned %r, not a PNG", bytes(data[:16]) if data else data)
+        _png_unavailable = PNG_FAILED
+        return None
+    return data
 
 
 def png_unavailable_reason() -> str | None:
-    """Why figure_to_png returned None (None while it works or has not been tried)."""
+    """Why ``figure_to_png`` returned None, as a sentence (None while it works or has not been tried)."""
     return _png_unavailable
