@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from conftest import poll
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+# heavy: a step-rate ratio wants the machine to itself, so it runs with the load tests, not beside others.
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.heavy]
 
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))

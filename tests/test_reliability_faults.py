@@ -399,7 +399,9 @@ def test_a_nan_loss_ends_the_job_as_diverged_and_the_run_says_so(runner, store, 
     _patch_forward(monkeypatch, lambda n, out: ModelOutput(out.logits, out.loss * float("nan")) if n >= 4 else out)
     snap = runner.wait(runner.submit(tiny_spec(max_iters=30, grad_clip=0.0)), timeout=120)
     assert snap.status == "diverged"
-    assert snap.message.startswith("Loss became NaN at step 4") and "learning rate" in snap.message
+    # Step 4's loss is NaN, so its update is skipped and the run's last applied step is 3: both named.
+    assert snap.message.startswith("Loss became NaN in step 4, so the run stopped at step 3")
+    assert "learning rate" in snap.message and snap.step == 3
     summary = store.summary(snap.run_id)
     assert summary.status == "diverged" and "NaN" in summary.message
     assert load_run(snap.run_dir).model is not None  # the last finite weights

@@ -497,6 +497,7 @@ def _clean(page, where: str) -> None:
 
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.heavy  # a served lab in a browser: with the heavy tests (python -m pytest -m heavy)
 def test_server_paths_only_inside_the_allowed_folder(lab, browser):
     context = _context(browser, lab)
     page = context.new_page()
@@ -533,6 +534,7 @@ def test_server_paths_only_inside_the_allowed_folder(lab, browser):
 
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.heavy  # a served lab in a browser: with the heavy tests (python -m pytest -m heavy)
 def test_run_ids_in_the_url_stay_in_the_store(lab, browser):
     context = _context(browser, lab)
     page = context.new_page()
@@ -549,6 +551,7 @@ def test_run_ids_in_the_url_stay_in_the_store(lab, browser):
 
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.heavy  # a served lab in a browser: with the heavy tests (python -m pytest -m heavy)
 def test_another_visitors_run_opens_but_cannot_be_managed_until_the_operator_unlocks(lab, browser):
     owner = _context(browser, lab, token=lab["alice_token"])
     stranger = _context(browser, lab)
@@ -601,6 +604,7 @@ def test_another_visitors_run_opens_but_cannot_be_managed_until_the_operator_unl
 
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.heavy  # a served lab in a browser: with the heavy tests (python -m pytest -m heavy)
 @pytest.mark.timeout(420)
 def test_a_visitor_owns_what_they_start_across_reloads_and_is_capped(lab, browser):
     from test_reliability_server import set_number
@@ -654,6 +658,7 @@ def test_a_visitor_owns_what_they_start_across_reloads_and_is_capped(lab, browse
 
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.heavy  # a served lab in a browser: with the heavy tests (python -m pytest -m heavy)
 def test_html_and_script_in_names_corpora_and_prompts_render_as_text(lab, browser):
     context = _context(browser, lab)
     page = context.new_page()
@@ -682,6 +687,7 @@ def test_html_and_script_in_names_corpora_and_prompts_render_as_text(lab, browse
 
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.heavy  # a served lab in a browser: with the heavy tests (python -m pytest -m heavy)
 def test_a_decoding_request_over_the_budget_gets_a_message(lab, browser):
     context = _context(browser, lab)
     page = context.new_page()
@@ -703,6 +709,7 @@ def test_a_decoding_request_over_the_budget_gets_a_message(lab, browser):
 
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.heavy  # a served lab in a browser: with the heavy tests (python -m pytest -m heavy)
 def test_the_zip_download_holds_only_the_run_under_its_id(lab, browser):
     context = _context(browser, lab)
     page = context.new_page()
@@ -775,6 +782,7 @@ def _heavy_loop(url, run_id, seconds, tag, took, errors) -> None:
 
 @pytest.mark.browser
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes of two browsers decoding at once: it runs with the load tests
 @pytest.mark.timeout(900)
 def test_two_visitors_decoding_the_heaviest_request_leave_a_third_responsive(tmp_path_factory, browser):
     """Behaviour only (pages render, the heavy requests are served, not refused); the figures are

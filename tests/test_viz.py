@@ -304,8 +304,12 @@ def test_png_export_problem_says_what_is_missing_without_starting_a_browser(monk
     reason="PNG export needs a local Chrome/Chromium for kaleido",
 )
 def test_figure_to_png_with_local_chromium(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(viz, "_png_unavailable", None)
-    png = viz.figure_to_png(viz.head_stats_figure({"entropy": np.ones((2, 2))}, "entropy"), scale=1)
+    fig = viz.head_stats_figure({"entropy": np.ones((2, 2))}, "entropy")
+    for _ in range(3):  # a real browser start: on a machine busy with other browser tests it may time out once
+        monkeypatch.setattr(viz, "_png_unavailable", None)
+        png = viz.figure_to_png(fig, scale=1)
+        if png is not None:
+            break
     assert png is not None, viz.png_unavailable_reason()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
