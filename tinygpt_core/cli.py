@@ -3,6 +3,8 @@
 A thin layer over the core, like the app's pages: it turns flags into a ``TrainSpec`` or
 ``SamplingSettings``, calls one core function and prints the outcome. Every ``TinyGPTError`` becomes
 one line ``error: <message>`` on stderr and exit code 2; a run that diverged or failed exits 1.
+
+One subject, the command line: argument parsing and the commands' output; hence past 400 lines.
 """
 
 from __future__ import annotations

@@ -43,6 +43,10 @@ debugging, this thread itself (``TINYGPT_JOB_EXECUTION=thread``). The events fee
 progress record; a snapshot is a copy of that record, so a page can read it (and even mutate it)
 without racing the job. Jobs are bounded per device: beyond ``max_jobs_per_device`` they wait in a
 FIFO queue and start when a slot frees up; at most ``max_queued_jobs`` wait.
+
+One subject, where training jobs run: the runner interface every front end codes against, the job
+record and its event bookkeeping (shared with the Ray runner) and the local runner. That is why it runs past
+400 lines; how a job executes in a child process lives in worker.py.
 """
 
 from __future__ import annotations

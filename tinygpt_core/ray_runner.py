@@ -33,6 +33,9 @@ How a job runs
 - **The cluster**: ``$RAY_ADDRESS`` (Ray's own variable; ``host:port`` of the head's GCS), else a
   Ray instance on this machine (joined if one runs, started otherwise). An address that does not
   answer is a ``JobError`` at once; there is no silent fallback to the local runner.
+
+One subject, the runner on a Ray cluster (the job actor, following it, reattaching, faults); hence
+past 400 lines. The message and file-shipping format is in shipping.py.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ saves nothing, but cached and uncached generation stay token-for-token identical
 Empty prompts. A model needs at least one token to condition on; an empty prompt starts from the
 encoding of a newline when the tokenizer has one (a natural "start of text" in most corpora), and
 from token id 0 otherwise. That start token is not part of the returned text.
+
+One subject, decoding: the logits processors, the strategies (greedy, sampling, beam) and the KV
+cache loop; hence past 400 lines.
 """
 
 from __future__ import annotations

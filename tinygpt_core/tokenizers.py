@@ -12,6 +12,9 @@ Id layouts (stable, they are what the saved files mean):
 
 Special tokens (``<user>``, ...) are matched in the text before anything else, so each one always
 encodes to a single id and decodes back to itself.
+
+One subject, the three tokenizers behind one interface with their training, file format and
+inspection helpers; hence past 400 lines.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ HTML escaped: plotly renders a subset of HTML in labels and hovers, so a token s
 Also here: ``token_html`` (coloured token spans for ``st.html``) and the chart download helpers
 ``figure_to_html`` (self-contained, works offline) and ``figure_to_png`` (kaleido + a local Chromium;
 ``None`` when that is not available, and ``png_export_problem`` says why in a sentence).
+
+One subject, every figure the app shows (loss curves, overlays, attention maps, head statistics,
+distributions, token strips) and their export, built from core data so tests check them without a
+browser; hence past 400 lines.
 """
 
 from __future__ import annotations
