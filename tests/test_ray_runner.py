@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, ray_missing, tiny_spec, wait_until
 
-from tinygpt_core import state
+from tinygpt_core import checkpoints, state
 from tinygpt_core.errors import JobError
 from tinygpt_core.runs import load_run, read_metrics, read_status
 from tinygpt_core.training import TrainSpec
@@ -157,7 +157,7 @@ def test_a_killed_worker_leaves_an_interrupted_run_that_resumes(ray_runner, stor
     job = ray_runner.submit(tiny_spec(name="ray-kill", **LONG))
     run_dir = ray_runner.state(job).run_dir
     # Wait until a checkpoint (step 20) has come back to this machine's store.
-    wait_until(lambda: (run_dir / "optimizer.safetensors").exists() and ray_runner.state(job).step >= 25, 120)
+    wait_until(lambda: checkpoints.can_resume(run_dir) and ray_runner.state(job).step >= 25, 120)
     pid = _placement(run_dir)["pid"]
     os.kill(pid, signal.SIGKILL)  # the Ray worker process training the job
     snap = _done(ray_runner, job, timeout=90)
@@ -271,7 +271,7 @@ def test_cli_trains_on_ray_and_ctrl_c_stops_the_job_on_the_cluster(ray_head, tmp
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # The worker's metrics come back into --out as it trains (a checkpoint included).
-        wait_until(lambda: (out / "optimizer.safetensors").exists() or proc.poll() is not None, 180, every_s=0.2)
+        wait_until(lambda: checkpoints.can_resume(out) or proc.poll() is not None, 180, every_s=0.2)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the job stops on the cluster, saving a checkpoint
         stdout, stderr = proc.communicate(timeout=90)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from playwright.sync_api import expect
 
 from tinygpt_core import jobs, limits, owners, training
 from tinygpt_core.archive import zip_run
@@ -479,7 +480,10 @@ def _context(browser, lab, token: str | None = None):
 
 
 def _ready(page, timeout_ms: int = 90_000) -> None:
+    """The page has drawn its title and its script run has ended (on a busy server the first script run may
+    not have started 300 ms after a navigation, and the app reads "not running" before it starts)."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
+    page.wait_for_selector('[data-testid="stMain"] h1', timeout=timeout_ms)
     page.wait_for_timeout(300)
     page.wait_for_selector(IDLE, timeout=timeout_ms)
 
@@ -560,6 +564,7 @@ def test_another_visitors_run_opens_but_cannot_be_managed_until_the_operator_unl
         page = owner.new_page()
         page.goto(f"/train?run={lab['alice']}")
         _ready(page)
+        page.get_by_role("button", name="Resume").first.wait_for(timeout=60_000)
         assert page.get_by_role("button", name="Resume").count() == 1
         _clean(page, "owner")
 
@@ -676,7 +681,7 @@ def test_html_and_script_in_names_corpora_and_prompts_render_as_text(lab, browse
         _ready(page)
         _clean(page, "sampling")
         prompt = page.get_by_role("textbox", name="Prompt", exact=True)
-        assert prompt.input_value().startswith("<script")  # the corpus's own start, as text
+        expect(prompt).to_have_value(re.compile(r"^<script"), timeout=60_000)  # the corpus's own start, as text
         prompt.fill('<script>window.__xss=5</script><img src=x onerror="window.__xss=6">')
         prompt.press("Control+Enter")
         _ready(page)

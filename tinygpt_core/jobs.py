@@ -474,15 +474,7 @@ class LocalJobRunner(JobRunner):
             self._check_visitor_capacity(owner, n)
 
     def _check_visitor_capacity(self, owner: str, n: int) -> None:
-        cap = limits.current().max_jobs_per_visitor
-        mine = sum(1 for j in self._jobs.values() if j.owner == owner and not j.finished)
-        if mine + n > cap:
-            asked = "this" if n == 1 else f"these {n}"
-            raise JobError(
-                f"You already have {mine} run{'s' if mine != 1 else ''} training or waiting, and this server lets "
-                f"one visitor have at most {cap} at once (TINYGPT_MAX_JOBS_PER_VISITOR), so that others get a "
-                f"turn too. Stop one of yours, or wait for one to finish, then start {asked} again."
-            )
+        visitor_capacity_check(self._jobs.values(), owner, n)
 
     # --- scheduling (lock held) ------------------------------------------------------------------
 
@@ -597,6 +589,20 @@ def _snapshot_of(job: _Job, position: int | None, message: str) -> JobSnapshot:
         best_step=job.best_step,
         created_at=job.created_at,
     )
+
+
+def visitor_capacity_check(jobs: Any, owner: str, n: int) -> None:
+    """JobError unless ``owner`` may add ``n`` jobs to the unfinished ones among ``jobs`` (records with
+    ``owner`` and ``finished``): TINYGPT_MAX_JOBS_PER_VISITOR, the one rule every runner applies."""
+    cap = limits.current().max_jobs_per_visitor
+    mine = sum(1 for j in jobs if j.owner == owner and not j.finished)
+    if mine + n > cap:
+        asked = "this" if n == 1 else f"these {n}"
+        raise JobError(
+            f"You already have {mine} run{'s' if mine != 1 else ''} training or waiting, and this server lets "
+            f"one visitor have at most {cap} at once (TINYGPT_MAX_JOBS_PER_VISITOR), so that others get a "
+            f"turn too. Stop one of yours, or wait for one to finish, then start {asked} again."
+        )
 
 
 # --- event bookkeeping -----------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from typing import Any
 
 import ray
 
-from . import limits, training
+from . import data, limits, owners, training
 from .errors import ConfigError, JobError, RunError, TinyGPTError
 from .jobs import (
     FINISHED_STATUSES,
@@ -71,6 +71,7 @@ from .jobs import (
     _remove_unstarted,
     _snapshot_of,
     _write_status,
+    visitor_capacity_check,
 )
 from .runs import HEARTBEAT_TIMEOUT_S, METRIC_COLUMNS, RunStore, RunWriter, read_metrics, read_samples
 from .shipping import FolderMirror, FolderWatcher, pack_folder, write_changes
@@ -404,35 +405,50 @@ class RayJobRunner(JobRunner):
 
     # --- the JobRunner interface -----------------------------------------------------------------
 
-    def submit(self, spec: training.TrainSpec, *, run_dir: str | Path | None = None, callbacks=()) -> str:
-        """As JobRunner.submit; ``run_dir`` trains into that folder instead of a new one of the store
-        (the CLI's --out), ``callbacks`` get every TrainEvent on this machine (the CLI's progress bar)."""
-        gpus = self._validate(spec)
-        limits.check_spec(spec)
+    def submit(
+        self,
+        spec: training.TrainSpec,
+        *,
+        owner: str | None = None,
+        run_dir: str | Path | None = None,
+        callbacks=(),
+    ) -> str:
+        """As JobRunner.submit (``owner``: an app visitor, as there); ``run_dir`` trains into that folder
+        instead of a new one of the store (the CLI's --out), ``callbacks`` get every TrainEvent on this
+        machine (the CLI's progress bar)."""
+        if owner is not None:  # a visitor: a server path is read only inside TINYGPT_CORPUS_DIRS, once, here
+            spec = dataclasses.replace(spec, corpus=data.load_visitor_corpus(spec.corpus))
+            self.check_visitor_capacity(owner)
+        gpus, shipped = self._validate(spec)
         self._check_room()
-        # The corpus, tokenizer and token ids that validate prepared travel with the spec (a copy): the
-        # worker neither reads the corpus (no shared files) nor tokenizes it again (seconds for BPE).
-        shipped = dataclasses.replace(spec)
-        shipped._prepared = spec._prepare()
         if run_dir is None:
             run_dir = Path(self.store.create(spec.name))
         else:
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
         job = self._new_job(spec.name or run_dir.name, run_dir, spec.train.max_iters, gpus, callbacks)
-        job.spec = spec
+        job.spec, job.owner = spec, owner
         job.payload = {"spec": shipped, "files": [], "threads": self._threads()}
         try:
+            if owner is not None:
+                owners.write_owner(run_dir, owner)
             RunWriter(run_dir).write_status("queued", "Waiting for room on the Ray cluster.")
         except OSError as e:
             _remove_unstarted(run_dir)
             raise RunError(f"Cannot write to the run store {self.store.root}: {e.strerror or e}") from None
-        spec._prepared = None  # the token ids are not needed here any more
         self._launch(job)
         return job.id
 
-    def resume(self, run_id: str, max_iters: int | None = None, *, callbacks=()) -> str:
-        """As JobRunner.resume: the run's folder is shipped to a worker, which continues it."""
+    def check_visitor_capacity(self, owner: str, n: int = 1) -> None:
+        """JobError unless ``owner`` may add ``n`` more jobs (TINYGPT_MAX_JOBS_PER_VISITOR)."""
+        with self._lock:
+            visitor_capacity_check(self._jobs.values(), owner, n)
+
+    def resume(self, run_id: str, max_iters: int | None = None, *, owner: str | None = None, callbacks=()) -> str:
+        """As JobRunner.resume (``owner`` counts against that visitor's cap): the run's folder is shipped
+        to a worker, which continues it."""
+        if owner is not None:
+            self.check_visitor_capacity(owner)
         from .runs import load_checkpoint_state, read_config, read_status
 
         limits.check_writable("resuming runs")
@@ -532,17 +548,18 @@ class RayJobRunner(JobRunner):
             )
         return 0.0 if device == "cpu" else self.gpus_per_job
 
-    def _validate(self, spec: training.TrainSpec) -> float:
-        """Validate on this machine, which may have no GPU: the device is the worker's business."""
+    def _validate(self, spec: training.TrainSpec) -> tuple[float, training.TrainSpec]:
+        """Validate and prepare on this machine, which may have no GPU (the device is the worker's
+        business): (GPU share, the spec to ship). The shipped spec carries the corpus text itself, so the
+        worker reads no file of this machine (no shared filesystem)."""
         gpus = self._gpus_for(spec.train.device)
         local = spec
         if spec.train.device != "cpu":
             precision = "fp32" if spec.train.precision == "fp16" else spec.train.precision
             local = dataclasses.replace(spec, train=dataclasses.replace(spec.train, device="cpu", precision=precision))
-        local.validate()
-        if local is not spec:
-            spec._prepared = local._prepared
-        return gpus
+        prepared = training.prepare(local)
+        limits.check_spec(prepared)
+        return gpus, dataclasses.replace(spec, corpus=prepared.corpus)
 
     def _threads(self) -> int:
         return max(1, int(self.cpus_per_job))
@@ -659,8 +676,6 @@ class RayJobRunner(JobRunner):
             job.status = status if status in FINISHED_STATUSES else "error"
             job.message = message or _default_message(job.status)
             job.finished_at = time.monotonic()
-            if job.spec is not None:
-                job.spec._prepared = None
             self._prune()
 
     def _create_actor(self, job: _RayJob):
