@@ -479,13 +479,7 @@ class LocalJobRunner(JobRunner):
     # --- scheduling (lock held) ------------------------------------------------------------------
 
     def _get(self, job_id: str) -> _Job:
-        try:
-            return self._jobs[job_id]
-        except KeyError:
-            raise JobError(
-                f"No job {job_id!r}: it never existed here or finished long ago; "
-                "open its run from the runs list instead."
-            ) from None
+        return job_record(self._jobs, job_id)
 
     def _start_ready(self, device: str) -> None:
         """Start queued jobs of ``device`` while it has free slots (FIFO)."""
@@ -589,6 +583,16 @@ def _snapshot_of(job: _Job, position: int | None, message: str) -> JobSnapshot:
         best_step=job.best_step,
         created_at=job.created_at,
     )
+
+
+def job_record(jobs: dict, job_id: str) -> Any:
+    """The record of ``job_id`` in a runner's ``jobs``; JobError (what to do instead) for an unknown id."""
+    try:
+        return jobs[job_id]
+    except KeyError:
+        raise JobError(
+            f"No job {job_id!r}: it never existed here or finished long ago; open its run from the runs list instead."
+        ) from None
 
 
 def visitor_capacity_check(jobs: Any, owner: str, n: int) -> None:

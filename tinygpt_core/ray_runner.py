@@ -71,6 +71,7 @@ from .jobs import (
     _remove_unstarted,
     _snapshot_of,
     _write_status,
+    job_record,
     visitor_capacity_check,
 )
 from .runs import HEARTBEAT_TIMEOUT_S, METRIC_COLUMNS, RunStore, RunWriter, read_metrics, read_samples
@@ -840,13 +841,7 @@ class RayJobRunner(JobRunner):
     # --- snapshots (lock held) ---------------------------------------------------------------------
 
     def _get(self, job_id: str) -> _RayJob:
-        try:
-            return self._jobs[job_id]
-        except KeyError:
-            raise JobError(
-                f"No job {job_id!r}: it never existed here or finished long ago; "
-                "open its run from the runs list instead."
-            ) from None
+        return job_record(self._jobs, job_id)
 
     def _snapshot(self, job: _RayJob) -> JobSnapshot:
         position, message = None, job.message
