@@ -28,6 +28,7 @@ from pages._common import (
 )
 from pages._train_form import K
 from tinygpt_core import viz
+from tinygpt_core.dynamics import induction_jump
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.state import RunState
 
@@ -222,7 +223,7 @@ def _links(v: RunState) -> None:
 
 def _chart(v: RunState, perplexity: bool, log_y: bool) -> None:
     # An empty frame draws an empty chart with a note (viz handles it), so the layout does not jump.
-    fig = viz.loss_figure(v.metrics, perplexity=perplexity, log_y=log_y)
+    fig = viz.loss_figure(v.metrics, perplexity=perplexity, log_y=log_y, induction_step=induction_jump(v.metrics))
     st.plotly_chart(fig, key=K + "loss_chart", width="stretch")
 
 

@@ -1,7 +1,10 @@
 """Attention page: what each head of a trained run attends to in a prompt, and per-head statistics.
 
 Thin UI: the attention weights and statistics come from tinygpt_core.inspection, the figures from
-tinygpt_core.viz. Results are cached per run, checkpoint, weights mtime and prompt.
+tinygpt_core.viz. Results are cached per run, checkpoint, weights mtime and prompt. A run that kept a
+checkpoint history (checkpoints.history) gets a step slider: the same views at any kept step (models
+from dynamics.model_at's per-step cache), each head's scores over training, and the loss per token
+position over training (tinygpt_core.dynamics).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import numpy as np
 import streamlit as st
 
 from pages._common import corpus_start, known_symbols_only, open_run_picker, user_errors, weights_mtime
+from tinygpt_core import dynamics
+from tinygpt_core.checkpoints import history, weights_path
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.inspection import (
     AttentionMaps,
@@ -19,7 +24,15 @@ from tinygpt_core.inspection import (
     repeated_random_tokens,
 )
 from tinygpt_core.runs import LoadedRun
-from tinygpt_core.viz import attention_grid_figure, attention_head_figure, head_stats_figure, plural
+from tinygpt_core.viz import (
+    DYNAMICS_SCORES,
+    attention_grid_figure,
+    attention_head_figure,
+    head_scores_over_steps_figure,
+    head_stats_figure,
+    plural,
+    position_loss_figure,
+)
 
 FALLBACK_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
 DEFAULT_PROMPT_TOKENS = 48  # long enough to show structure, short enough for readable heatmaps
@@ -88,17 +101,25 @@ def _induction_prompt(run: LoadedRun, seed: int) -> str:
     return half + sep + half
 
 
-@st.cache_data(show_spinner="Computing attention…", max_entries=32)
-def _maps(run_path: str, checkpoint: str, mtime: float, prompt: str, _run: LoadedRun) -> AttentionMaps:
-    # run_path + checkpoint + mtime identify the weights; _run (not hashed) is the loaded model.
-    return attention_maps(_run.model, _run.tokenizer, prompt)
+@st.cache_data(show_spinner="Computing attention…", max_entries=64)
+def _maps(run_path: str, checkpoint: str, mtime: float, prompt: str, _model, _tok) -> AttentionMaps:
+    # run_path + checkpoint (best, last or step-N) + mtime identify the weights; _model (not hashed) holds them.
+    return attention_maps(_model, _tok, prompt)
 
 
-@st.cache_data(show_spinner="Measuring induction scores…", max_entries=16)
-def _induction(run_path: str, checkpoint: str, mtime: float, _run: LoadedRun) -> np.ndarray:
-    tok = _run.tokenizer
-    n_plain = tok.vocab_size - len(tok.special_tokens)  # special tokens never occur in training text
-    return induction_scores(_run.model, seq_len=32, vocab_range=(0, n_plain))
+@st.cache_data(show_spinner="Measuring induction scores…", max_entries=64)
+def _induction(run_path: str, checkpoint: str, mtime: float, _model, _tok) -> np.ndarray:
+    return induction_scores(_model, seq_len=dynamics.INDUCTION_SEQ_LEN, vocab_range=dynamics.plain_vocab_range(_tok))
+
+
+@st.cache_data(show_spinner="Scoring every head at every kept step…", max_entries=8)
+def _scores_over_steps(run_path: str, steps: tuple[int, ...], prompt: str, _tok):
+    return dynamics.head_scores_over_steps(run_path, _tok, prompt, list(steps))
+
+
+@st.cache_data(show_spinner="Measuring the loss per position at every kept step…", max_entries=8)
+def _position_loss(run_path: str, steps: tuple[int, ...], _tok):
+    return dynamics.position_loss_over_steps(run_path, dynamics.validation_ids(run_path, _tok), list(steps))
 
 
 def _next_demo(key: str, run: LoadedRun) -> None:
@@ -130,6 +151,29 @@ ablations = cfg.ablations()
 if ablations:
     facts += " · ablations: " + ", ".join(ablations)
 st.caption(facts)
+
+# --- the step: the picked checkpoint, or any step the run kept ---------------------------------
+kept = history(summary.path)
+model, weights, mtime = run.model, checkpoint, weights_mtime(summary, checkpoint)
+step: int | None = None
+if kept.scrubbable:
+    end = f"{checkpoint} checkpoint"
+    picked_step = st.select_slider(
+        "Training step",
+        options=[*kept.steps, end],
+        value=end,
+        format_func=lambda s: f"step {s}" if isinstance(s, int) else s,
+        key=f"attn_step_{summary.id}",
+        help="Scrub through training: every view below is recomputed with the weights kept at that step.",
+    )
+    st.caption(f":material/history: {kept.summary()}")
+    if isinstance(picked_step, int):
+        with user_errors("Cannot open that step: "):
+            model, weights, step = dynamics.model_at(summary.path, picked_step), f"step-{picked_step}", picked_step
+            step_file = weights_path(summary.path, step=picked_step)
+            mtime = step_file.stat().st_mtime if step_file is not None else None
+else:
+    st.caption(f":material/history: {kept.why_not_scrubbable()}")
 
 # --- the prompt ---------------------------------------------------------------------------------
 prompt_key = f"attn_prompt_{summary.id}"  # one box per run, so switching runs shows that run's default
@@ -166,10 +210,9 @@ if n_tokens > cfg.block_size:
         icon=":material/content_cut:",
     )
 
-mtime = weights_mtime(summary, checkpoint)
 maps: AttentionMaps | None = None
 with user_errors("Cannot compute attention: "):
-    maps = _maps(str(summary.path), checkpoint, mtime, prompt, run)
+    maps = _maps(str(summary.path), weights, mtime, prompt, model, tok)
 if maps is None:
     st.stop()
 if cfg.attn_window is not None:
@@ -199,7 +242,7 @@ for layer in layers:
 # --- one head, enlarged, with its numbers -------------------------------------------------------
 stats = dict(head_stats(maps))
 with user_errors("Cannot measure induction scores: "):
-    stats["induction"] = _induction(str(summary.path), checkpoint, mtime, run)
+    stats["induction"] = _induction(str(summary.path), weights, mtime, model, tok)
 
 st.subheader("One head, enlarged")
 h_left, h_right = st.columns([3, 2], gap="large")
@@ -236,3 +279,33 @@ for start in range(0, len(shown), 3):
             fig.update_traces(colorbar=dict(title=dict(text="")))
             st.plotly_chart(fig, key=f"attn_stats_{key}", width="stretch")
             st.caption(STATS[key][1])
+
+# --- over training ------------------------------------------------------------------------------
+if kept.scrubbable:
+    st.subheader("Over training")
+    jump = dynamics.induction_jump(run.metrics)
+    st.caption(
+        "Every head's scores at every kept step (the grey line is the step shown above"
+        + (f"; the dashed one, step {jump}, is where the best induction score jumped" if jump is not None else "")
+        + "). Previous-token score and entropy on the prompt above, induction score on random repeated sequences."
+    )
+    metric = st.segmented_control(
+        "Score",
+        list(DYNAMICS_SCORES),
+        default="induction",
+        format_func=lambda k: DYNAMICS_SCORES[k],
+        key="attn_dyn_metric",
+    )
+    with user_errors("Cannot score the kept steps: "):
+        scores = _scores_over_steps(str(summary.path), tuple(kept.steps), prompt, tok)
+        fig = head_scores_over_steps_figure(scores, metric or "induction", current_step=step, induction_step=jump)
+        st.plotly_chart(fig, key="attn_dyn_scores", width="stretch")
+    with user_errors("Cannot measure the loss per position: "):
+        steps, grid = _position_loss(str(summary.path), tuple(kept.steps), tok)
+        st.plotly_chart(
+            position_loss_figure(steps, grid, induction_step=jump), key="attn_dyn_position_loss", width="stretch"
+        )
+        st.caption(
+            "Validation loss at each position of the context (columns) at each kept step (rows). When "
+            "induction heads form, late positions, which can copy from what came before, get cheaper than early ones."
+        )

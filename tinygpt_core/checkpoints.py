@@ -34,6 +34,7 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,19 @@ def checkpoint_steps(run_dir: str | os.PathLike[str]) -> list[int]:
 
 
 def last_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
-    """The newest complete checkpoint (step folder, else the legacy pair); None when there is none."""
+    """The newest complete checkpoint (step folder, else the legacy pair); None when there is none.
+
+    With a history, newer weights-only folders (log-spaced steps between evaluations) may sit above
+    the newest folder holding optimizer state; "last" is the newest one that can be resumed from.
+    """
     path = Path(run_dir)
     steps = checkpoint_steps(path)
     if steps:
-        folder = path / CHECKPOINTS_DIR / step_dir_name(steps[-1])
-        opt = folder / OPTIMIZER_FILE
-        return Checkpoint(steps[-1], folder / WEIGHTS_FILE, opt if opt.exists() else None)
+        folders = [path / CHECKPOINTS_DIR / step_dir_name(s) for s in steps]
+        resumable = [i for i, f in enumerate(folders) if (f / OPTIMIZER_FILE).exists()]
+        i = resumable[-1] if resumable else len(steps) - 1
+        opt = folders[i] / OPTIMIZER_FILE
+        return Checkpoint(steps[i], folders[i] / WEIGHTS_FILE, opt if opt.exists() else None)
     legacy = path / LEGACY_LAST_FILE
     if legacy.exists():
         opt = path / OPTIMIZER_FILE
@@ -418,8 +425,12 @@ def save_checkpoint(
     extra: dict | None = None,
     *,
     keep_older: bool = False,
+    keep_steps: Collection[int] = (),
 ) -> Path:
     """Write the checkpoint of ``step`` as one atomic folder; returns it. Older ones are removed unless ``keep_older``.
+
+    ``keep_steps`` (the run's history plan) are older steps kept as weights-only checkpoints: only
+    their optimizer state, which nothing but resuming from them needs, is removed.
 
     With an optimizer (anything with ``state_dict()``) the folder also holds optimizer.safetensors:
     its tensors, the JSON skeleton of the state, and ``extra`` (tensors allowed). A checkpoint
@@ -445,8 +456,11 @@ def save_checkpoint(
             raise
         _fsync_dir(root)
     if not keep_older:
+        keep = set(keep_steps)
         for old in checkpoint_steps(run_dir):
-            if old < step:
+            if old < step and old in keep:
+                (root / step_dir_name(old) / OPTIMIZER_FILE).unlink(missing_ok=True)  # weights stay whole
+            elif old < step:
                 _remove_folder(root / step_dir_name(old))
         for name in (LEGACY_LAST_FILE, OPTIMIZER_FILE):  # an old run resumed: its legacy pair is now stale
             try:
@@ -496,11 +510,149 @@ def _remove_stale(root: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# History: the checkpoints a run keeps to be looked at later (the Attention page's step slider)
+#
+# Besides the last checkpoint (weights + optimizer state, for resuming) a run keeps weights-only
+# checkpoints at the steps of its plan: "log" keeps steps 0, 1, 2, 4, 8, … and every evaluation
+# (early training changes fastest, so log spacing sees it), "evals" every evaluation, "last" none.
+# The plan is thinned evenly to fit the disk budget (limits.checkpoint_budget_bytes) and written to
+# checkpoints/history.json, so the run can say later what it meant to keep and why it kept less.
+
+HISTORY_FILE = "history.json"  # inside checkpoints/
+
+
+@dataclass(frozen=True)
+class HistoryPlan:
+    policy: str  # config.KEEP_CHECKPOINTS
+    steps: tuple[int, ...]  # the steps to keep, ascending
+    wanted: int  # how many the policy asked for before the budget
+    checkpoint_bytes: int  # one weights file, estimated from the parameter count
+    budget_bytes: int
+
+
+def history_steps(policy: str, max_iters: int, eval_interval: int) -> list[int]:
+    """The steps ``policy`` keeps in a run of ``max_iters`` steps evaluated every ``eval_interval`` (and at the end)."""
+    if policy == "last":
+        return []
+    evals = set(range(eval_interval, max_iters + 1, eval_interval)) | {max_iters}
+    if policy == "evals":
+        return sorted(evals)
+    powers = {1 << k for k in range(max_iters.bit_length()) if 1 << k <= max_iters}
+    return sorted({0} | powers | evals)
+
+
+def history_plan(policy: str, max_iters: int, eval_interval: int, params: int, budget_bytes: int) -> HistoryPlan:
+    """The steps to keep, thinned evenly (first and last kept) so their weights fit ``budget_bytes``."""
+    wanted = history_steps(policy, max_iters, eval_interval)
+    size = 4 * max(1, int(params))  # float32 weights, tied ones once: what model_state stores
+    fit = max(0, budget_bytes // size)
+    steps = wanted
+    if len(wanted) > fit:
+        if fit == 0:
+            steps = []
+        elif fit == 1:
+            steps = [wanted[-1]]
+        else:
+            steps = sorted({wanted[round(i * (len(wanted) - 1) / (fit - 1))] for i in range(fit)})
+    return HistoryPlan(policy, tuple(steps), len(wanted), size, int(budget_bytes))
+
+
+def write_history_plan(run_dir: str | os.PathLike[str], plan: HistoryPlan) -> None:
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    body = {
+        "policy": plan.policy,
+        "steps": list(plan.steps),
+        "wanted": plan.wanted,
+        "checkpoint_bytes": plan.checkpoint_bytes,
+        "budget_bytes": plan.budget_bytes,
+    }
+    write_bytes_atomic(root / HISTORY_FILE, (json.dumps(body) + "\n").encode("utf-8"))
+
+
+def drop_after(run_dir: str | os.PathLike[str], step: int) -> None:
+    """Remove checkpoints past ``step``: a run resumed from ``step`` (perhaps with a new schedule) rewrites them."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    for s in checkpoint_steps(run_dir):
+        if s > step:
+            _remove_folder(root / step_dir_name(s))
+
+
+@dataclass(frozen=True)
+class History:
+    """What a run kept: the steps load_run(step=K) opens, their size on disk, and why there are not more."""
+
+    steps: list[int]
+    bytes: int
+    policy: str | None  # None: the run was trained before checkpoint histories existed
+    wanted: int | None
+    budget_bytes: int | None
+
+    @property
+    def scrubbable(self) -> bool:
+        return len(self.steps) >= 2
+
+    def summary(self) -> str:
+        """One line: how many checkpoints, their size, and the budget or the reason there are few."""
+        n = len(self.steps)
+        text = f"Kept {n} checkpoint{'s' if n != 1 else ''} ({self.bytes / 1e6:.1f} MB"
+        text += f" of a {self.budget_bytes / 1e6:.0f} MB budget)." if self.budget_bytes else ")."
+        if self.wanted is not None and self.policy != "last" and self.wanted > n:
+            text += f" The '{self.policy}' history wanted {self.wanted}; it was thinned to fit the budget."
+        return text
+
+    def why_not_scrubbable(self) -> str | None:
+        """None when the step slider can be shown; else one line saying why it is hidden."""
+        if self.scrubbable:
+            return None
+        if self.policy is None:
+            return (
+                "This run was trained before runs kept a checkpoint history, so there are no earlier "
+                "steps to scrub through."
+            )
+        if self.policy == "last":
+            return "This run kept only its last checkpoint (--keep-checkpoints last), so there is no history to scrub."
+        return (
+            f"This run kept {len(self.steps)} checkpoint(s): its weights do not fit the checkpoint budget "
+            "(TINYGPT_CHECKPOINT_BUDGET_MB) more than once."
+        )
+
+
+def history(run_dir: str | os.PathLike[str]) -> History:
+    """The checkpoint history of a run (reads folder sizes and history.json, no weights)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    steps = checkpoint_steps(run_dir)
+    size = 0
+    for s in steps:
+        try:
+            size += sum(f.stat().st_size for f in (root / step_dir_name(s)).iterdir() if f.is_file())
+        except OSError:
+            pass  # removed while we counted (a run training meanwhile)
+    policy = wanted = budget = None
+    try:
+        plan = json.loads((root / HISTORY_FILE).read_text(encoding="utf-8"))
+        if isinstance(plan, dict):
+            policy = plan.get("policy") if isinstance(plan.get("policy"), str) else None
+            wanted = plan.get("wanted") if type(plan.get("wanted")) is int else None
+            budget = plan.get("budget_bytes") if type(plan.get("budget_bytes")) is int else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass  # an old run (no plan) or a damaged plan: the steps on disk are still the truth
+    return History(steps, size, policy, wanted, budget)
+
+
 __all__ = [
     "BEST_FILE",
     "CHECKPOINTS_DIR",
     "CHECKPOINT_KINDS",
     "Checkpoint",
+    "History",
+    "HistoryPlan",
+    "drop_after",
+    "history",
+    "history_plan",
+    "history_steps",
+    "write_history_plan",
     "can_resume",
     "checkpoint_steps",
     "find_checkpoint",

@@ -25,6 +25,7 @@ from . import limits
 from .ablation_registry import REGISTRY as ABLATIONS
 from .config import (
     DEVICES,
+    KEEP_CHECKPOINTS,
     OPTIMIZERS,
     PRECISIONS,
     PRESETS,
@@ -143,6 +144,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--early-stop-patience", type=int, metavar="N", help="stop after N evaluations without a better val loss"
     )
     tr.add_argument("--stop-at-val-loss", type=float, metavar="X", help="stop once val loss reaches X")
+    tr.add_argument(
+        "--keep-checkpoints",
+        choices=KEEP_CHECKPOINTS,
+        help="checkpoint history: log (steps 0, 1, 2, 4, 8, … and every evaluation; the default), evals, or "
+        "last (only what resume needs); thinned to fit $TINYGPT_CHECKPOINT_BUDGET_MB (default 256) per run",
+    )
 
     speed = p.add_argument_group("speed")
     speed.add_argument("--device", choices=DEVICES, help="where to train (default auto: cuda, then mps, then cpu)")
@@ -479,6 +486,13 @@ class _Progress:
         return f"loss {_fmt(self.loss)}, val {_fmt(self.val_loss)}, {tps} tok/s"
 
 
+def _history_line(run_dir: Path) -> str:
+    """How many checkpoints the run kept, their size and budget (checkpoints.history; imports torch)."""
+    from .checkpoints import history
+
+    return history(run_dir).summary()
+
+
 def _report(result, progress: _Progress) -> int:
     elapsed = time.monotonic() - progress.started
     lines = [
@@ -487,6 +501,7 @@ def _report(result, progress: _Progress) -> int:
         f"best val:   {_fmt(result.best_val_loss)}",
         f"final loss: train {_fmt(result.final_train_loss)}, val {_fmt(result.final_val_loss)}",
         f"time:       {elapsed:.1f} s",
+        f"history:    {_history_line(result.run_dir)}",
         f"run dir:    {result.run_dir}",
     ]
     print("\n".join(lines), flush=True)
@@ -650,6 +665,7 @@ def _run_details(store, run_id: str) -> str:
         f"best val:    {_fmt(r.best_val_loss)}" + (f" at step {r.best_step}" if r.best_step is not None else ""),
         f"final loss:  train {_fmt(r.final_train_loss)}, val {_fmt(r.final_val_loss)}",
         f"time:        {'–' if r.elapsed_s is None else f'{r.elapsed_s:.1f} s'}",
+        f"history:     {_history_line(r.path)}",
     ]
     with contextlib.suppress(TinyGPTError, OSError, ValueError):
         import json

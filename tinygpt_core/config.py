@@ -22,6 +22,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "constant")
+# Which checkpoints a run keeps (checkpoints.history_plan): "log" steps 0, 1, 2, 4, 8, … and every
+# evaluation; "evals" every evaluation; "last" only the newest (what resume needs). Within a disk budget.
+KEEP_CHECKPOINTS = ("log", "evals", "last")
 
 # The range of every whole-number setting (inclusive; None: no upper bound), declared once: validate()
 # enforces it, and the app's inputs and messages state it (``check_field``, ``field_range``). The upper
@@ -132,6 +135,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
     compile: bool = False  # torch.compile the model
+    keep_checkpoints: str = "log"  # log | evals | last: the history the Attention page scrubs through
 
     def validate(self) -> TrainConfig:
         _ints_in_range(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "warmup_iters")
@@ -157,6 +161,7 @@ class TrainConfig:
         _choice(self, "optimizer", OPTIMIZERS)
         _choice(self, "device", DEVICES)
         _choice(self, "precision", PRECISIONS)
+        _choice(self, "keep_checkpoints", KEEP_CHECKPOINTS)
         return self
 
     @property

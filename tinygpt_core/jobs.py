@@ -69,7 +69,7 @@ from typing import Any
 from . import data, limits, owners, training
 from .device import resolve_device
 from .errors import JobError, RunError, TinyGPTError
-from .runs import FINISHED_STATUSES, METRIC_COLUMNS, RUN_STATUSES, RunStore, RunWriter, os_reason
+from .runs import EVAL_METRIC_COLUMNS, FINISHED_STATUSES, METRIC_COLUMNS, RUN_STATUSES, RunStore, RunWriter, os_reason
 from .worker import Execution, Task, make_execution, threads_per_job
 
 log = logging.getLogger(__name__)
@@ -657,7 +657,7 @@ def _apply_event(job: _Job, event: training.TrainEvent) -> None:
         if job.rate_marks:
             job.rate_marks.append((now, event.step))  # one mark per eval: the rate spans whole eval cycles
         job.tokens_per_s = _wall_tokens_per_s(job, job.tokens_per_s)
-        values = {"train_loss": data.get("train_loss"), "val_loss": data.get("val_loss")}
+        values = {c: data.get(c) for c in EVAL_METRIC_COLUMNS}
         if data.get("elapsed_s") is not None:
             values["elapsed_s"] = data["elapsed_s"]  # the step's time now includes its eval, as in metrics.csv
         if job.metrics and job.metrics[-1]["step"] == event.step:  # the eval belongs to the step just logged

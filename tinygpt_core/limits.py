@@ -15,6 +15,7 @@ this module instead of hard-coding a number:
     TINYGPT_MAX_BEAMS            most beams of one beam-search column           (default 16)
     TINYGPT_MAX_DECODE_WORK      new tokens x beams, summed over a request's columns (default 3_200)
     TINYGPT_MAX_DECODES_AT_ONCE  decoding requests served at once; others wait their turn (default 1)
+    TINYGPT_CHECKPOINT_BUDGET_MB disk one run's checkpoint history may fill (default 256; CLI too)
     TINYGPT_CORPUS_DIRS          folders (os.pathsep-separated) whose files visitors may train on
                                  (default none: the app offers no server path at all; see data.py)
 
@@ -51,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "TINYGPT_MAX_BEAMS": 16,
     "TINYGPT_MAX_DECODE_WORK": 3_200,  # e.g. 400 tokens x 8 beams, or 4 columns x 400 tokens x 2
     "TINYGPT_MAX_DECODES_AT_ONCE": 1,
+    "TINYGPT_CHECKPOINT_BUDGET_MB": 256,  # baby keeps its whole log-spaced history (~20 x 3 MB)
 }
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -116,6 +118,13 @@ def current(explicit_only: bool = False) -> Limits:
         max_decode_work=_int("TINYGPT_MAX_DECODE_WORK"),
         max_decodes_at_once=_int("TINYGPT_MAX_DECODES_AT_ONCE"),
     )
+
+
+def checkpoint_budget_bytes() -> int:
+    """The disk one run's kept checkpoints may fill (checkpoints.history_plan thins the history to fit).
+
+    Applied by the CLI as well as the app: it bounds a run's folder, not a visitor."""
+    return _int("TINYGPT_CHECKPOINT_BUDGET_MB") * 1_000_000
 
 
 READ_ONLY_NOTE = (

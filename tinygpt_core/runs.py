@@ -54,7 +54,22 @@ ACTIVE_STATUSES = ("queued", "running")
 FINISHED_STATUSES = ("done", "stopped", "diverged", "error", "interrupted")
 BROKEN = "broken"
 RUN_CONFIG_VERSION = 1
-METRIC_COLUMNS = ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+METRIC_COLUMNS = [
+    "step",
+    "loss",
+    "train_loss",
+    "val_loss",
+    "lr",
+    "tokens_per_s",
+    "elapsed_s",
+    "induction_score",  # at each eval: the best head's induction score (dynamics.eval_dynamics)
+    "icl_score",  # at each eval: loss late in the context minus loss early in it (negative: context helps)
+]
+# Columns filled only at evaluations (empty between them); an eval event carries exactly these.
+EVAL_METRIC_COLUMNS = ("train_loss", "val_loss", "induction_score", "icl_score")
+# Columns added after the first runs were written: an older metrics.csv lacks them (read as NaN), and a
+# resumed old run keeps appending under its own header.
+LATER_METRIC_COLUMNS = ("induction_score", "icl_score")
 HEARTBEAT_TIMEOUT_S = 120.0  # a "running" run whose status was not refreshed for this long is dead
 
 _MAX_JSON_BYTES = 20_000_000  # config/status/samples files are small; refuse anything absurd
@@ -226,6 +241,9 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
         df = pd.DataFrame(columns=METRIC_COLUMNS)
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as e:
         raise RunError(f"metrics.csv cannot be read: {e}") from None
+    for c in LATER_METRIC_COLUMNS:
+        if c not in df.columns:
+            df[c] = math.nan
     missing = [c for c in METRIC_COLUMNS if c not in df.columns]
     if missing:
         raise RunError(f"metrics.csv is missing the column(s) {', '.join(missing)}")
@@ -438,13 +456,21 @@ class RunWriter:
         buf = io.StringIO()
         if new:
             buf.write(",".join(METRIC_COLUMNS) + "\n")
+        columns = METRIC_COLUMNS if new else self._header(path)
         for row in rows:
-            buf.write(",".join(_fmt(row.get(c)) for c in METRIC_COLUMNS) + "\n")
+            buf.write(",".join(_fmt(row.get(c)) for c in columns) + "\n")
         if not buf.getvalue():
             return
         with open(path, "a", encoding="utf-8", newline="") as f:
             f.write(buf.getvalue())
             f.flush()
+
+    @staticmethod
+    def _header(path: Path) -> list[str]:
+        """The columns of an existing metrics.csv (an older run's lack LATER_METRIC_COLUMNS)."""
+        with open(path, encoding="utf-8", newline="") as f:
+            header = f.readline().strip()
+        return header.split(",") if header else METRIC_COLUMNS
 
     def truncate_after(self, step: int) -> None:
         """Drop metrics rows and samples past ``step`` (a resumed run continues from its last checkpoint)."""
@@ -489,18 +515,28 @@ class RunWriter:
         write_bytes_atomic(self.run_dir / name, text.encode("utf-8"))
 
     def save_checkpoint(
-        self, which: str, model: torch.nn.Module, optimizer: Any = None, extra: dict | None = None
+        self,
+        which: str,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        extra: dict | None = None,
+        keep_steps: Any = (),
     ) -> None:
-        """Save weights: "best" -> model.safetensors; "last" -> a new checkpoint folder (checkpoints.py).
+        """Save weights: "best" -> model.safetensors; "last" -> a new checkpoint folder (checkpoints.py);
+        "history" -> a weights-only checkpoint folder kept beside the others.
 
         "last" holds the weights and, with an optimizer (anything with ``state_dict()``), its state and
-        ``extra`` (step, RNG states, counters; tensors allowed), written as one atomic folder. "best"
-        keeps the JSON-able part of ``extra`` in the weights' metadata.
+        ``extra`` (step, RNG states, counters; tensors allowed), written as one atomic folder; older
+        folders are removed except ``keep_steps`` (the history plan). "best" keeps the JSON-able part
+        of ``extra`` in the weights' metadata.
         """
+        step = int((extra or {}).get("step", 0))
         if which == "best":
             checkpoints.save_best(self.run_dir, model, extra)
         elif which == "last":
-            checkpoints.save_checkpoint(self.run_dir, int((extra or {}).get("step", 0)), model, optimizer, extra)
+            checkpoints.save_checkpoint(self.run_dir, step, model, optimizer, extra, keep_steps=keep_steps)
+        elif which == "history":
+            checkpoints.save_checkpoint(self.run_dir, step, model, None, extra, keep_older=True)
         else:
             raise ValueError(f"unknown checkpoint {which!r}")
 
@@ -709,6 +745,8 @@ __all__ = [
     "FINISHED_STATUSES",
     "BROKEN",
     "METRIC_COLUMNS",
+    "EVAL_METRIC_COLUMNS",
+    "LATER_METRIC_COLUMNS",
     "RunConfig",
     "RunStatus",
     "RunSummary",

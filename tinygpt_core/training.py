@@ -30,9 +30,11 @@ from typing import Any
 
 import torch
 
+from . import checkpoints, limits
 from .checkpoints import load_checkpoint_state
 from .data import check_split, load_corpus, split_ids
 from .device import is_out_of_memory, resolve_device, resolve_precision
+from .dynamics import eval_dynamics, val_windows
 from .errors import DataError, RunError, TinyGPTError, TokenizerError
 from .optim import lr_at
 from .runs import RunConfig, RunStore, RunWriter, os_reason, read_config, read_status, utc_now_iso
@@ -56,7 +58,7 @@ class TrainEvent:
     data: dict
     # start: {"params", "device", "precision", "max_iters", "run_dir", "tokens_per_step", "elapsed_s"}
     # step:  {"loss", "lr", "tokens_per_s", "elapsed_s"}   tokens_per_s: while computing the step (no evals)
-    # eval:  {"train_loss", "val_loss", "best_val_loss", "best_step", "elapsed_s"}
+    # eval:  {"train_loss", "val_loss", "best_val_loss", "best_step", "elapsed_s", "induction_score", "icl_score"}
     # sample: {"text"}
     # end:   {"status", "message", "elapsed_s"}
     # elapsed_s is the run's training time so far (a resumed run's earlier sessions included; an eval's
@@ -173,6 +175,7 @@ def resume(
     def write_files() -> None:
         writer.write_config(cfg)  # max_iters may have changed
         writer.truncate_after(step)  # drop rows logged after the checkpoint by an interrupted process
+        checkpoints.drop_after(run_dir, step)  # history kept past it: rewritten (perhaps on a new schedule)
 
     session = _Session(run_dir, writer, cfg, tokenizer, train_ids, val_ids, device, precision)
     return session.run(write_files, callbacks, stop_event, resume_state=(model_state, optim_state, extra))
@@ -261,6 +264,8 @@ class _Session:
         self.last_row_elapsed: float | None = None  # elapsed_s of the newest metrics row (its eval included)
         self.rows: list[dict] = []
         self._callback_failed = False
+        self.keep_steps: frozenset[int] = frozenset()  # the checkpoint history plan (checkpoints.history_plan)
+        self._windows: tuple[torch.Tensor, torch.Tensor] | None = None  # fixed val windows for icl_score
 
     @property
     def notes(self) -> list[str]:
@@ -299,7 +304,26 @@ class _Session:
             **self.state.random_state(),
         }
         optimizer = self.state.optimizer if which == "last" else None
-        self.writer.save_checkpoint(which, self.state.model, optimizer, extra)
+        self.writer.save_checkpoint(which, self.state.model, optimizer, extra, keep_steps=self.keep_steps)
+
+    def plan_history(self) -> None:
+        """Decide which steps to keep (within the disk budget), record the plan, and keep step 0."""
+        tcfg = self.cfg.train
+        plan = checkpoints.history_plan(
+            tcfg.keep_checkpoints,
+            tcfg.max_iters,
+            tcfg.eval_interval,
+            self.state.model.num_params(),
+            limits.checkpoint_budget_bytes(),
+        )
+        checkpoints.write_history_plan(self.run_dir, plan)
+        self.keep_steps = frozenset(plan.steps)
+        if self.step == 0 and 0 in self.keep_steps:
+            self.save_history()
+
+    def save_history(self) -> None:
+        """A weights-only checkpoint of this step, kept for the step slider (no optimizer: a third of the size)."""
+        self.writer.save_checkpoint("history", self.state.model, None, {"step": self.step})
 
     def _restore_counters(self, extra: dict) -> None:
         self.step = int(extra["step"])
@@ -332,6 +356,7 @@ class _Session:
             if resume_state is not None:
                 self._restore_counters(resume_state[2])
             resume_state = None  # the weights and optimizer tensors now live in the model
+            self.plan_history()
             self.emit(
                 "start",
                 {
@@ -448,6 +473,8 @@ class _Session:
             end: tuple[str, str] | None = None
             if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
                 end = self._evaluate(row)
+            elif step in self.keep_steps:
+                self.save_history()
             self.last_row_elapsed = row["elapsed_s"]
             now = time.monotonic()
             if row["val_loss"] is not None or now - self.last_flush >= FLUSH_INTERVAL_S:
@@ -477,6 +504,10 @@ class _Session:
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             return self._diverged(self.step, val_loss if not math.isfinite(val_loss) else train_loss)
         row["train_loss"], row["val_loss"] = train_loss, val_loss
+        if self._windows is None:
+            self._windows = val_windows(self.val_ids, self.cfg.model.block_size)
+        dynamics = eval_dynamics(self.state.model, self.tokenizer, self._windows)
+        row.update(dynamics)
         row["elapsed_s"] = self.elapsed()  # the step's time includes its eval: the run's time agrees with its end
         self.last_train, self.last_val = train_loss, val_loss
         improved = self.best_val is None or val_loss < self.best_val
@@ -492,6 +523,7 @@ class _Session:
                 "best_val_loss": self.best_val,
                 "best_step": self.best_step,
                 "elapsed_s": row["elapsed_s"],
+                **dynamics,
             },
         )
         if tcfg.sample_tokens > 0:

@@ -38,6 +38,7 @@ VAL_COLOR = "#e4572e"  # orange-red
 BATCH_COLOR = "rgba(47, 111, 219, 0.28)"  # faint train blue: noisy per-step loss stays in the background
 GAP_FILL = "rgba(228, 87, 46, 0.13)"  # faint val colour: the train→val gap
 BEST_COLOR = "#f2b705"  # gold star
+INDUCTION_COLOR = "#8e44ad"  # purple: the induction phase change
 BASELINE_COLOR = "#111827"  # near-black, drawn thicker
 RUN_COLORS = [
     "#2f6fdb",
@@ -173,9 +174,11 @@ def loss_figure(
     best_marker: bool = True,
     perplexity: bool = False,
     log_y: bool = False,
+    induction_step: int | None = None,
 ) -> go.Figure:
     """Train and val loss (eval rows) over steps, the per-step batch loss faint behind them,
     the train→val gap shaded, and the best val step starred. ``perplexity`` plots exp(loss) instead.
+    ``induction_step`` (dynamics.induction_jump) draws a line where the induction score jumps.
 
     Handles metrics with no rows, or with step rows only (before the first eval).
     """
@@ -317,7 +320,26 @@ def loss_figure(
             showarrow=False,
             font=dict(size=12, color="#6b7280"),
         )
+    _mark_induction(fig, induction_step)
     return fig
+
+
+def _mark_induction(fig: go.Figure, step: int | None) -> None:
+    """A dashed vertical line where induction heads form (the step of the induction score's jump)."""
+    if step is None:
+        return
+    fig.add_vline(x=step, line=dict(color=INDUCTION_COLOR, width=1.5, dash="dash"))
+    fig.add_annotation(
+        x=step,
+        y=1.0,
+        yref="paper",
+        text=f"induction heads form (step {step})",
+        showarrow=False,
+        xanchor="left",
+        yanchor="top",
+        font=dict(size=12, color=INDUCTION_COLOR),
+        bgcolor="rgba(255,255,255,0.8)",
+    )
 
 
 def overlay_figure(
@@ -572,6 +594,82 @@ def head_stats_figure(stats: dict[str, np.ndarray], metric: str) -> go.Figure:
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_xaxes(showgrid=False, side="top")
     fig.update_layout(margin=dict(l=70, r=20, t=90, b=20))
+    return fig
+
+
+# ---- training dynamics (dynamics.py) --------------------------------------------------------------
+
+DYNAMICS_SCORES = {
+    "induction": "induction score",
+    "prev_token": "previous-token score",
+    "entropy": "entropy (nats)",
+}
+
+
+def head_scores_over_steps_figure(
+    scores: pd.DataFrame, metric: str, *, current_step: int | None = None, induction_step: int | None = None
+) -> go.Figure:
+    """One line per head (dynamics.head_scores_over_steps) of ``metric`` over the kept steps.
+
+    The x axis is symmetric-log-like (log of step + 1), since the kept steps are log-spaced; the
+    step the slider shows and the induction jump are marked.
+    """
+    if metric not in DYNAMICS_SCORES:
+        raise ValueError(f"No score {metric!r}; available: {', '.join(DYNAMICS_SCORES)}.")
+    label = DYNAMICS_SCORES[metric]
+    fig = go.Figure()
+    _style(fig, height=320, title=f"{label[0].upper()}{label[1:]} of each head over training")
+    fig.update_xaxes(title_text="step (log scale)", type="log")
+    fig.update_yaxes(title_text=label)
+    if scores is None or len(scores) == 0:
+        return _empty(fig, "No kept checkpoints to score.")
+    n_heads = scores[["layer", "head"]].drop_duplicates()
+    for i, (layer, head) in enumerate(n_heads.itertuples(index=False)):
+        one = scores[(scores["layer"] == layer) & (scores["head"] == head)].sort_values("step")
+        fig.add_trace(
+            go.Scatter(
+                x=one["step"] + 1,  # +1: step 0 (the initial weights) on a log axis
+                y=one[metric],
+                customdata=one["step"],
+                mode="lines+markers",
+                name=f"L{layer} H{head}",
+                line=dict(color=RUN_COLORS[i % len(RUN_COLORS)], width=2),
+                marker=dict(size=5),
+                hovertemplate=f"layer {layer} head {head}<br>step %{{customdata}}<br>{label} %{{y:.3f}}<extra></extra>",
+            )
+        )
+    if metric in _UNIT_INTERVAL_STATS:
+        fig.update_yaxes(range=[0, 1.02])
+    if current_step is not None:
+        fig.add_vline(x=current_step + 1, line=dict(color="#6b7280", width=1))
+    if induction_step is not None:
+        fig.add_vline(x=induction_step + 1, line=dict(color=INDUCTION_COLOR, width=1.5, dash="dash"))
+    return fig
+
+
+def position_loss_figure(steps: Sequence[int], loss: np.ndarray, *, induction_step: int | None = None) -> go.Figure:
+    """Validation loss per context position (x) at each kept step (y), as a heatmap (Olsson et al.'s
+    picture: once induction heads form, late positions get cheaper than early ones)."""
+    fig = go.Figure()
+    _style(fig, height=420, title="Loss per token position over training", legend=False)
+    if len(steps) == 0:
+        return _empty(fig, "No kept checkpoints: train with --keep-checkpoints log or evals.")
+    z = np.asarray(loss, dtype=float)
+    labels = [str(s) for s in steps]
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x=list(range(z.shape[1])),
+            y=labels,
+            colorscale="Magma_r",
+            colorbar=dict(title=dict(text="loss"), thickness=12),
+            hovertemplate="step %{y}<br>position %{x}<br>loss %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title_text="position in the context (token)", showgrid=False)
+    fig.update_yaxes(title_text="step", type="category", showgrid=False)
+    if induction_step is not None and str(induction_step) in labels:
+        fig.add_hline(y=labels.index(str(induction_step)), line=dict(color=INDUCTION_COLOR, width=2, dash="dash"))
     return fig
 
 
