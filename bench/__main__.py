@@ -26,6 +26,7 @@ BENCHES = {  # name -> module, in the issue's order
     "ray": "bench.ray_runner",  # the Ray runner vs the local one (needs requirements-ray.txt)
     "profile": "bench.profile",  # evidence for RESULTS.md: where a step's time goes
     "watched": "bench.watched",  # training speed while browser tabs watch it (a real server and chromium)
+    "dynamics": "bench.dynamics",  # the induction preset's phase change; scrubbing kept checkpoints
 }
 
 

@@ -215,7 +215,7 @@ def test_cancel_from_another_thread_within_one_step(tmp_path):
     r = box["r"]
     assert r.status == "stopped"
     assert at_stop <= r.steps <= at_stop + 1  # the step in flight finishes, no further one starts
-    assert checkpoints.checkpoint_steps(r.run_dir) == [r.steps] and checkpoints.can_resume(r.run_dir)
+    assert checkpoints.last_checkpoint(r.run_dir).step == r.steps and checkpoints.can_resume(r.run_dir)
 
 
 def test_early_stopping_on_patience(tmp_path, monkeypatch):
@@ -336,7 +336,17 @@ def test_a_raising_callback_does_not_stop_training(tmp_path):
 def test_metrics_csv_rows(tmp_path):
     result, _ = run(tmp_path, spec(max_iters=12, eval_interval=6))
     df = pd.read_csv(result.run_dir / "metrics.csv")
-    assert list(df.columns) == ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+    assert list(df.columns) == [
+        "step",
+        "loss",
+        "train_loss",
+        "val_loss",
+        "lr",
+        "tokens_per_s",
+        "elapsed_s",
+        "induction_score",
+        "icl_score",
+    ]
     assert df["loss"].notna().all() and (df["tokens_per_s"] > 0).all()
     assert df["elapsed_s"].is_monotonic_increasing
     assert df.loc[df["step"] == 6, "val_loss"].notna().all() and df.loc[df["step"] == 5, "val_loss"].isna().all()
@@ -412,7 +422,7 @@ def test_a_prepared_run_is_trained_without_preparing_again(tmp_path, monkeypatch
 
 
 def test_load_run_opens_a_kept_step_and_lists_the_steps(tmp_path):
-    result, _ = run(tmp_path, spec(max_iters=6, eval_interval=3))
+    result, _ = run(tmp_path, spec(max_iters=6, eval_interval=3, keep_checkpoints="last"))
     loaded = load_run(result.run_dir, step=6)
     assert loaded.checkpoint_steps == [6] and loaded.step == 6
     last = load_run(result.run_dir, checkpoint="last")

@@ -455,6 +455,10 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(root)
+    elif optimizer is not None and not (final / OPTIMIZER_FILE).exists():
+        # A history checkpoint of this step (weights only) is already there, and a run stopped right at
+        # it: add the optimizer state (one atomic file), so this step is also the one resume continues from.
+        write_bytes_atomic(final / OPTIMIZER_FILE, _optimizer_bytes(optimizer, extra))
     if not keep_older:
         keep = set(keep_steps)
         for old in checkpoint_steps(run_dir):

@@ -1,0 +1,137 @@
+"""Bench 10: training dynamics: the `induction` preset's phase change, and scrubbing through kept steps.
+
+1. Trains the ``induction`` preset on ``builtin:induction`` (the CLI's defaults: CPU, checkpoint
+   history "log") and reports its wall time, the step where the best head's induction score jumps
+   (``dynamics.induction_jump``), the evaluation where the in-context-learning score falls most and
+   where the validation loss falls most: the three should agree.
+2. Scrubbing at ``baby`` size: a short run keeps steps 0, 1, 2, 4, 8; for each kept step, the
+   Attention page's work when the slider moves there (the model at that step, every layer's and
+   head's attention for a 64-token prompt, head statistics, induction scores, the grid figures),
+   cold (weights read from disk) and warm (the model from ``dynamics.model_at``'s cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import Report, load_average, median
+from tinygpt_core import dynamics, inspection, viz
+from tinygpt_core.checkpoints import checkpoint_steps
+from tinygpt_core.runs import load_run, read_metrics
+from tinygpt_core.training import TrainSpec, train
+
+SCRUB_TARGET_S = 1.0
+PRESET_TARGET_S = 60.0
+
+
+def _steepest_fall(m, column: str) -> int | None:
+    ev = m.dropna(subset=[column])
+    if len(ev) < 2:
+        return None
+    return int(ev["step"].iloc[int(np.nanargmin(ev[column].diff().to_numpy()))])
+
+
+def phase_change(quick: bool, workdir: Path) -> dict:
+    overrides = dict(max_iters=60, eval_interval=20) if quick else {}
+    spec = TrainSpec.from_preset("induction", "builtin:induction", device="cpu", **overrides)
+    load_before = load_average()
+    t0 = time.perf_counter()
+    result = train(spec, workdir / "induction")
+    wall = time.perf_counter() - t0
+    m = read_metrics(result.run_dir)
+    ev = m.dropna(subset=["val_loss"])
+    return dict(
+        wall_s=wall,
+        steps=result.steps,
+        jump=dynamics.induction_jump(m),
+        icl_fall=_steepest_fall(m, "icl_score"),
+        loss_fall=_steepest_fall(m, "val_loss"),
+        induction=(float(ev["induction_score"].iloc[0]), float(ev["induction_score"].max())),
+        icl=(float(ev["icl_score"].iloc[0]), float(ev["icl_score"].min())),
+        val=(float(ev["val_loss"].iloc[0]), float(ev["val_loss"].iloc[-1])),
+        load=(load_before, load_average()),
+    )
+
+
+def scrub(quick: bool, workdir: Path) -> dict:
+    spec = TrainSpec.from_preset(
+        "baby", "builtin:tiny", max_iters=8, eval_interval=4, eval_iters=1, sample_tokens=0, device="cpu"
+    )
+    result = train(spec, workdir / "baby")
+    run = load_run(result.run_dir)
+    prompt = run.tokenizer.decode(
+        run.tokenizer.encode("The keeper climbed the steps at dusk and lit the lamp. " * 2)[:64]
+    )
+
+    def view(step: int) -> None:
+        model = dynamics.model_at(result.run_dir, step)
+        maps = inspection.attention_maps(model, run.tokenizer, prompt)
+        inspection.head_stats(maps)
+        dynamics.best_induction_score(model, run.tokenizer)
+        for layer in range(model.config.n_layer):
+            viz.attention_grid_figure(maps, layer)
+
+    steps = checkpoint_steps(result.run_dir)
+    cold, warm = [], []
+    for _ in range(1 if quick else 3):
+        dynamics._MODELS.clear()  # cold: every step read from disk again
+        for s in steps:
+            t0 = time.perf_counter()
+            view(s)
+            cold.append(time.perf_counter() - t0)
+        for s in steps:
+            t0 = time.perf_counter()
+            view(s)
+            warm.append(time.perf_counter() - t0)
+    return dict(steps=steps, cold=cold, warm=warm, layers=run.config.model.n_layer, heads=run.config.model.n_head)
+
+
+def run(quick: bool = False, results=None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        pc = phase_change(quick, Path(tmp))
+        sc = scrub(quick, Path(tmp))
+    report = Report("10. Training dynamics: the induction phase change, and scrubbing kept steps", quick=quick)
+    report.add(
+        f"`induction` preset on `builtin:induction`, CPU: {pc['steps']} steps in {pc['wall_s']:.1f} s "
+        f"(target < {PRESET_TARGET_S:.0f} s on 2 cores; 1-min load {pc['load'][0]} before, {pc['load'][1]} after)."
+    )
+    report.add_table(
+        ["what", "step", "from → to"],
+        [
+            ["best head's induction score jumps", pc["jump"], f"{pc['induction'][0]:.3f} → {pc['induction'][1]:.3f}"],
+            ["in-context-learning score falls most", pc["icl_fall"], f"{pc['icl'][0]:+.3f} → {pc['icl'][1]:+.3f}"],
+            ["validation loss falls most", pc["loss_fall"], f"{pc['val'][0]:.3f} → {pc['val'][1]:.3f}"],
+        ],
+    )
+    report.add(
+        f"Scrubbing at `baby` size ({sc['layers']} layers × {sc['heads']} heads, 64-token prompt): moving the slider "
+        f"to a kept step ({', '.join(map(str, sc['steps']))}) = model at that step + attention maps + head "
+        "statistics + induction scores + every layer's grid figure."
+    )
+    report.add_table(
+        ["scrub to a kept step", "median ms", "max ms"],
+        [
+            ["cold (weights read from disk)", f"{median(sc['cold']) * 1e3:.0f}", f"{max(sc['cold']) * 1e3:.0f}"],
+            ["warm (model cached per step)", f"{median(sc['warm']) * 1e3:.0f}", f"{max(sc['warm']) * 1e3:.0f}"],
+        ],
+    )
+    report.add(f"Target: under {SCRUB_TARGET_S:.0f} s per scrub. 1-min load now: {load_average()}.")
+    report.emit(results)
+    return dict(phase_change=pc, scrub=sc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a 60-step run and one scrub round: checks the script")
+    ap.add_argument("--results", type=Path, help="append the tables here instead of bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    run(args.quick, args.results)
+
+
+if __name__ == "__main__":
+    main()
