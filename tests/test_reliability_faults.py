@@ -204,7 +204,7 @@ train(TrainSpec.from_preset("tiny", "builtin:tiny", **eval(sys.argv[3])), sys.ar
 
 ATOMIC_SPEC = dict(
     n_layer=1, n_embd=32, block_size=16, batch_size=4, max_iters=20, eval_interval=5, eval_iters=1,
-    device="cpu", sample_tokens=6, dropout=0.1,
+    device="cpu", sample_tokens=6, dropout=0.1, keep_checkpoints="last",  # the last checkpoint alone
 )  # fmt: skip
 
 

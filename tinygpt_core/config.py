@@ -241,6 +241,29 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            "induction",
+            "2 layers, 2 heads, 64 dims, context 32, Muon, for builtin:induction: the induction-head phase change "
+            "(loss drop, induction score jump, in-context learning) around step 250, in under a minute on a CPU.",
+            model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0),
+            # With AdamW this model sits on the unigram plateau (loss ≈ 3.3) for well over 1,500 steps:
+            # nothing rewards a previous-token head until an induction head uses it, so both grow from
+            # tiny gradients. Muon's orthogonalised updates do not shrink with the gradient and leave
+            # the plateau within a few hundred steps (bench/RESULTS.md). Evaluations every 20 steps
+            # resolve the jump, and each keeps a checkpoint for the Attention page's step slider.
+            train=dict(
+                batch_size=64,
+                max_iters=400,
+                eval_interval=20,
+                eval_iters=5,
+                optimizer="muon",
+                lr=1e-2,
+                warmup_iters=20,
+                lr_schedule="constant",
+                weight_decay=0.0,
+                sample_tokens=64,
+            ),
+        ),
+        Preset(
             "shakespeare-char",
             "nanoGPT's Shakespeare-char GPU model: 6 layers, 6 heads, 384 dims, context 256, dropout 0.2.",
             model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import checkpoints
 from .data import load_visitor_corpus, split_ids
-from .errors import DataError, TinyGPTError
+from .errors import DataError, RunError, TinyGPTError
 from .inspection import attention_maps, head_stats, induction_scores
 from .model import GPT
 from .runs import read_config
@@ -42,7 +42,7 @@ ICL_LATE = (0.9, 1.0)  # the "late" positions (their token 500 of 512)
 ICL_WINDOWS = 16  # validation windows averaged per position
 INDUCTION_SEQ_LEN = 32  # length of the random sequence shown twice (cut to half the context)
 INDUCTION_BATCH = 8
-JUMP_MIN_RISE = 0.1  # an induction score rise smaller than this between two evaluations is no phase change
+JUMP_MIN_RISE = 0.2  # an induction score that rises less than this over a run marks no phase change
 SCRUB_CACHE_BYTES = 512_000_000  # weights kept loaded per process (one model per run and step): scrubbing
 # back to a step seen before is instant; baby models are 3 MB, so a whole history fits
 
@@ -108,18 +108,21 @@ def eval_dynamics(
 
 
 def induction_jump(metrics: pd.DataFrame, min_rise: float = JUMP_MIN_RISE) -> int | None:
-    """The eval step where the best head's induction score rises most from the evaluation before it.
+    """The first eval step where the best head's induction score is past halfway from its first
+    value to its highest: the middle of the jump (robust to the wobbles before and after it).
 
-    None when the run logged no induction scores (an older run) or no rise reaches ``min_rise``.
+    None when the run logged no induction scores (an older run) or the score never rose by ``min_rise``.
     """
     if "induction_score" not in metrics:
         return None
-    ev = metrics.dropna(subset=["induction_score"])
+    ev = metrics.dropna(subset=["induction_score"]).sort_values("step")
     if len(ev) < 2:
         return None
-    rise = ev["induction_score"].diff().to_numpy()
-    i = int(np.nanargmax(rise))
-    return int(ev["step"].iloc[i]) if rise[i] >= min_rise else None
+    scores = ev["induction_score"].to_numpy()
+    low, high = scores[0], scores.max()
+    if high - low < min_rise:
+        return None
+    return int(ev["step"].iloc[int(np.argmax(scores >= low + (high - low) / 2))])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,12 +176,16 @@ def head_scores_over_steps(
     """One row per kept step, layer and head: previous-token score and entropy on ``text``, and the
     induction score on random repeated sequences (the Attention page's statistics, over training).
 
-    Columns: step, layer, head, prev_token, induction, entropy.
+    Columns: step, layer, head, prev_token, induction, entropy. Steps whose weights cannot be read
+    (a damaged file) are left out.
     """
     steps = checkpoints.checkpoint_steps(run_dir) if steps is None else steps
     rows = []
     for step in steps:
-        model = model_at(run_dir, step)
+        try:
+            model = model_at(run_dir, step)
+        except RunError:
+            continue  # a damaged kept step is left out (the slider says why when it is picked)
         stats = head_stats(attention_maps(model, tokenizer, text))
         ind = induction_scores(
             model, seq_len=INDUCTION_SEQ_LEN, batch=INDUCTION_BATCH, seed=0, vocab_range=plain_vocab_range(tokenizer)
@@ -225,8 +232,14 @@ def position_loss_over_steps(
     steps = checkpoints.checkpoint_steps(run_dir) if steps is None else steps
     cfg = read_config(run_dir)
     windows = val_windows(val_ids, cfg.model.block_size)
-    grid = np.stack([position_loss(model_at(run_dir, s), *windows) for s in steps]) if steps else np.zeros((0, 0))
-    return list(steps), grid
+    used, rows = [], []
+    for s in steps:
+        try:
+            rows.append(position_loss(model_at(run_dir, s), *windows))
+        except RunError:
+            continue  # a damaged kept step is left out, as in head_scores_over_steps
+        used.append(s)
+    return used, np.stack(rows) if rows else np.zeros((0, cfg.model.block_size))
 
 
 __all__ = [
