@@ -72,7 +72,7 @@ def test_icl_score_hand_worked():
     assert math.isnan(dynamics.icl_score(np.ones(3)))
 
 
-def test_induction_jump_finds_the_biggest_rise():
+def test_induction_jump_finds_the_middle_of_the_rise():
     evals = pd.DataFrame({"step": [10, 20, 30, 40, 50], "induction_score": [0.02, 0.03, 0.05, 0.62, 0.7]})
     steps = pd.DataFrame({"step": [11, 12], "induction_score": [np.nan, np.nan]})  # rows between evals
     metrics = pd.concat([evals, steps]).sort_values("step")
@@ -84,6 +84,9 @@ def test_induction_jump_finds_the_biggest_rise():
     flat = evals.assign(induction_score=[0.02, 0.05, 0.08, 0.12, 0.15])
     assert dynamics.induction_jump(flat) is None  # a rise of 0.13 over the run: no phase change
     assert dynamics.induction_jump(pd.DataFrame({"step": [1, 2], "val_loss": [1.0, 0.9]})) is None  # an old run
+    # a fall: the loss from 3.0 to a lowest 1.0 is past halfway (2.0) first at step 30
+    loss = pd.DataFrame({"step": [10, 20, 30, 40], "val_loss": [3.0, 2.5, 1.5, 1.0]})
+    assert dynamics.halfway_step(loss, "val_loss", rising=False) == 30
 
 
 def test_history_steps_and_budget_hand_worked():
@@ -237,8 +240,8 @@ def test_induction_preset_shows_the_phase_change_at_one_step(tmp_path):
     assert before["induction_score"].max() < 0.2 and after["induction_score"].min() > 0.3, table
     assert after["icl_score"].max() < before["icl_score"].min() - 0.3, table
     assert after["val_loss"].max() < before["val_loss"].min() - 0.3, table
-    # the steepest falls of the val loss and the ICL score are within two evaluations of the jump
-    # (the change takes about three evaluations, 60 steps of 400)
+    # the middles of the val loss's fall and of the ICL score's fall are within two evaluations of the
+    # middle of the induction score's jump (the whole change takes about three evaluations)
     for column in ("val_loss", "icl_score"):
-        fall = int(ev["step"].iloc[int(np.nanargmin(ev[column].diff().to_numpy()))])
+        fall = dynamics.halfway_step(m, column, rising=False)
         assert abs(fall - jump) <= 2 * interval, (column, fall, jump, table)

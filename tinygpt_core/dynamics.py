@@ -39,7 +39,7 @@ from .runs import read_config
 
 ICL_EARLY = (0.05, 0.15)  # the "early" positions, as fractions of the context (Olsson et al.: token 50 of 512)
 ICL_LATE = (0.9, 1.0)  # the "late" positions (their token 500 of 512)
-ICL_WINDOWS = 16  # validation windows averaged per position
+ICL_WINDOWS = 32  # validation windows averaged per position
 INDUCTION_SEQ_LEN = 32  # length of the random sequence shown twice (cut to half the context)
 INDUCTION_BATCH = 8
 JUMP_MIN_RISE = 0.2  # an induction score that rises less than this over a run marks no phase change
@@ -107,22 +107,30 @@ def eval_dynamics(
     return {"induction_score": induction, "icl_score": icl_score(position_loss(model, *windows))}
 
 
+def halfway_step(metrics: pd.DataFrame, column: str, *, rising: bool = True) -> int | None:
+    """The first step where ``column`` (eval rows) is past halfway from its first value to its extreme
+    (the highest when ``rising``, else the lowest): the middle of a jump or a fall, robust to wobbles."""
+    if column not in metrics:
+        return None
+    ev = metrics.dropna(subset=[column]).sort_values("step")
+    if len(ev) < 2:
+        return None
+    values = ev[column].to_numpy() * (1 if rising else -1)
+    first, extreme = values[0], values.max()
+    return int(ev["step"].iloc[int(np.argmax(values >= first + (extreme - first) / 2))])
+
+
 def induction_jump(metrics: pd.DataFrame, min_rise: float = JUMP_MIN_RISE) -> int | None:
-    """The first eval step where the best head's induction score is past halfway from its first
-    value to its highest: the middle of the jump (robust to the wobbles before and after it).
+    """The step where the best head's induction score jumps: the middle of its rise (``halfway_step``).
 
     None when the run logged no induction scores (an older run) or the score never rose by ``min_rise``.
     """
     if "induction_score" not in metrics:
         return None
-    ev = metrics.dropna(subset=["induction_score"]).sort_values("step")
-    if len(ev) < 2:
+    scores = metrics["induction_score"].dropna()
+    if len(scores) < 2 or scores.max() - scores.iloc[0] < min_rise:
         return None
-    scores = ev["induction_score"].to_numpy()
-    low, high = scores[0], scores.max()
-    if high - low < min_rise:
-        return None
-    return int(ev["step"].iloc[int(np.argmax(scores >= low + (high - low) / 2))])
+    return halfway_step(metrics, "induction_score")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +256,7 @@ __all__ = [
     "best_induction_score",
     "eval_dynamics",
     "head_scores_over_steps",
+    "halfway_step",
     "icl_score",
     "induction_jump",
     "model_at",
