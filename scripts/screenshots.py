@@ -6,6 +6,8 @@ Trains a few small runs into a temporary run store (a baseline and an ablation g
 and an induction model), starts `streamlit run app.py` on a free port, then drives Debian's chromium
 through playwright the way a user would: Quick start on Home, the live Train view, overlaid curves on
 Runs & ablations, the head grid on Attention and the strategy columns on Sampling.
+``--only-dynamics`` trains just the ``induction`` preset and shoots the phase change on the Train page's
+loss chart, the Attention page's step slider after the jump and the over-training charts.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from _server import CHROMIUM, start_streamlit, stop_streamlit  # noqa: E402
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 from tinygpt_core.ablations import grid_specs  # noqa: E402
+from tinygpt_core.checkpoints import history  # noqa: E402
 from tinygpt_core.runs import RunStore  # noqa: E402
 from tinygpt_core.training import TrainSpec, train  # noqa: E402
 
@@ -105,18 +108,54 @@ def take(base_url: str, out: Path) -> None:
         browser.close()
 
 
+def take_dynamics(base_url: str, out: Path, run_dir: Path, after_step: int = 280) -> None:
+    """The phase change: the loss chart with the jump marked, the heads just after it, the charts over training."""
+    steps = history(run_dir).steps
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport=VIEWPORT, device_scale_factor=1)
+        page.goto(f"{base_url}/train?run={run_dir.name}")
+        settle(page, 2500)
+        page.locator('[data-testid="stPlotlyChart"]').first.scroll_into_view_if_needed()
+        page.wait_for_timeout(800)
+        shoot(page, out / "phase-change.png")
+
+        page.goto(f"{base_url}/attention?run={run_dir.name}")
+        settle(page, 2500)
+        thumb = page.get_by_role("slider").first
+        thumb.focus()
+        thumb.press("Home")
+        for _ in range(steps.index(after_step)):
+            thumb.press("ArrowRight")
+        settle(page, 2500)
+        shoot(page, out / "scrubber.png")
+        page.get_by_role("heading", name="Over training").scroll_into_view_if_needed()
+        page.mouse.wheel(0, 200)
+        settle(page, 1500)
+        shoot(page, out / "over-training.png")
+        browser.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--keep-runs", type=Path, help="train into this folder and keep it (default: a temp folder)")
+    parser.add_argument("--only-dynamics", action="store_true", help="only the induction phase change and scrubber")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = args.keep_runs or Path(tmp) / "runs"
-        make_runs(runs_dir)
+        if args.only_dynamics:
+            spec = TrainSpec.from_preset("induction", "builtin:induction", name="induction-phase-change")
+            run_dir = train(spec, store=RunStore(runs_dir)).run_dir
+        else:
+            make_runs(runs_dir)
         proc, url = start_streamlit(runs_dir, Path(tmp) / "server.log")
         try:
-            take(url, args.out)
+            if args.only_dynamics:
+                take_dynamics(url, args.out, run_dir)
+            else:
+                take(url, args.out)
         finally:
             stop_streamlit(proc)
     return 0
