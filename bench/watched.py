@@ -31,12 +31,10 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import REPO, Report, fmt, median
+from pages._live_chart import POINTS_JS as CHART_POINTS
 
 CHROMIUM = "/usr/bin/chromium"
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
-    .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))
-    .reduce((a, b) => a + b, 0)"""
 TOKENS_PER_STEP = {"tiny": 16 * 32, "baby": 24 * 64}  # batch_size * block_size of the presets
 TARGETS = {1: 0.80, 3: 0.60}
 CLI_STEPS = 200  # the CLI's tiny run, shortened: a loaded machine makes the "before" crawl
