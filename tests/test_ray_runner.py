@@ -1,7 +1,9 @@
 """The Ray runner against a real Ray head on loopback (2 CPUs, started once per session: conftest.ray_head).
 
 Never a mock of Ray: jobs train on real Ray worker processes and ship their run folders back. Each
-job asks for one CPU, so two train at once. Kept few and short; `-m "not ray"` leaves them out.
+job asks for one CPU, so two train at once; each runner keeps one warm spare actor (one CPU) while
+the cluster has room for one more job besides it, so most jobs here train in a spare's process. Kept
+few and short; `-m "not ray"` leaves them out.
 """
 
 from __future__ import annotations

@@ -621,6 +621,7 @@ class RayJobRunner(JobRunner):
         return (
             f"each job on the Ray cluster at {self.address} ({self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs) "
             f"asking for {self.cpus_per_job:g} CPU{gpu}; the cluster queues what does not fit"
+            + (f"; {self.spare_count} warm worker(s) kept ready while it has room" if self.spare_count else "")
         )
 
     def shutdown(self, timeout: float = 10.0) -> None:
