@@ -1,11 +1,12 @@
 """Bench 7: the Ray runner against the local runner, side by side in one run.
 
-The same shortened ``baby`` spec (150 steps by default) trains through ``LocalJobRunner`` (a thread of
-this process) and through ``RayJobRunner`` (a Ray actor on a local Ray instance started here, or the
-cluster at $RAY_ADDRESS), in turns: local, ray, local, ray … Both train with the same number of torch
-threads (the Ray job asks for that many CPUs). Reported: tokens/s (trained tokens over logged training
-seconds, from the run's metrics.csv as written in this machine's store: for Ray, as shipped back) and
-seconds from ``submit`` to the first logged step as the app sees it (``state(job).step >= 1``):
+The same shortened ``baby`` spec (150 steps by default) trains through ``LocalJobRunner`` (its default
+execution: a new child process per job, no warm child) and through ``RayJobRunner`` (a Ray actor on a
+local Ray instance started here, or the cluster at $RAY_ADDRESS), in turns: local, ray, local, ray …
+Both train with the same number of torch threads (the Ray job asks for that many CPUs). Reported:
+tokens/s (trained tokens over logged training seconds, from the run's metrics.csv as written in this
+machine's store: for Ray, as shipped back) and seconds from ``submit`` to the first logged step as the
+app sees it (``state(job).step >= 1``):
 
 - through the app's runner, which keeps one warm spare actor (the job takes it): the warm-cluster
   figure, target < 3 s. Each timed run waits first until the pool has a warm spare again, so the
@@ -135,7 +136,7 @@ def run(quick: bool = False, results=None, iters: int = 150, repeats: int = 3) -
         ["path", "tokens/s (median)", "runs", "submit → first step (s, median)"],
         [
             [
-                "LocalJobRunner (thread)",
+                "LocalJobRunner (a new child process per job)",
                 f"{median(local_tps):,.0f}",
                 runs(local_tps, "{:,.0f}"),
                 f"{median(local_first):.2f}",

@@ -13,14 +13,15 @@ How a job runs
   job says so in its message ("Waiting for a GPU on the cluster…") with its place among this
   server's waiting jobs. The actor learns its run from the job it is handed (``start``).
 - **Warm spares.** Ray gives every actor a new worker process, which must import Ray, torch and the
-  trainer and pay torch's first-use costs before its first step (6-9 s on a busy node). So the app's
+  trainer and pay torch's first-use costs before its first step (6-18 s on a busy node). So the app's
   runner keeps ``$TINYGPT_RAY_SPARES`` (default 1) actors started in advance, each having trained a
-  few steps of a tiny model; a job of the same shape takes one and starts in well under a second, and
-  a new spare is started behind it. A spare holds its CPU/GPU share while it waits, so it is only
-  kept while the cluster has room for one more job besides it: it never holds the last free share
-  (a job that would have to wait for it, this app's or anyone's, finds the room instead), and the
-  spares are released after ``$TINYGPT_RAY_SPARE_IDLE_S`` (default 600 s) without a new job, and
-  exit on their own a minute after their runner is gone. The CLI keeps none (it submits one job).
+  few steps of a tiny model; a job of the same shape takes one and logs its first step about a
+  second after submit, and a new spare is started behind it. A spare holds its CPU/GPU share while
+  it waits, so it is only kept while the cluster has room for one more job besides it: it never
+  holds the last free share (a job that would have to wait for it, this app's or anyone's, finds the
+  room instead), and the spares are released after ``$TINYGPT_RAY_SPARE_IDLE_S`` (default 600 s)
+  without a new job, and exit on their own a minute after their runner is gone. The CLI keeps none
+  (it submits one job).
 - **No shared filesystem.** The worker trains into a temporary folder of its own node and streams
   back (``JobWorker.stream``, a Ray streaming generator) the training events and every file of that
   folder that changed (``tinygpt_core.shipping``: whole files, appended tails, deletions). One
