@@ -840,14 +840,18 @@ class RayJobRunner(JobRunner):
     def _keep_spares(self) -> None:
         """The keeper thread: tend the pool about every KEEP_S, and at once when a spare was taken."""
         last_ping = time.monotonic()
+        failing = False  # log a failure once, not every second while the cluster is away
         while not self._closed:
             try:
                 ping = time.monotonic() - last_ping >= PING_S
                 self._tend_spares(ping)
                 if ping:
                     last_ping = time.monotonic()
+                failing = False
             except Exception:  # noqa: BLE001 - the pool is an optimisation: jobs still start without it
-                log.exception("could not tend the pool of spare Ray workers")
+                if not failing:
+                    log.exception("could not tend the pool of spare Ray workers")
+                failing = True
             self._keeper_wake.wait(KEEP_S)
             self._keeper_wake.clear()
 
