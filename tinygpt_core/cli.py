@@ -350,7 +350,8 @@ def _on_ray(spec, run_dir: Path | None, max_iters: int | None, no_progress: bool
         store = RunStore(run_dir.parent)
     elif run_dir is not None:
         store = RunStore(Path(run_dir).resolve().parent)
-    runner = make_runner("ray", store, reattach=False)  # ConfigError without Ray, JobError when unreachable
+    # One job, no warm spares; ConfigError without Ray, JobError when the cluster is unreachable.
+    runner = make_runner("ray", store, reattach=False, spares=0)
     with _Progress(enabled=not no_progress) as progress, _graceful_stop() as stop:
         if spec is None:
             job_id = runner.resume(run_dir.name, max_iters, callbacks=[progress])
