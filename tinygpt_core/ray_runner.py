@@ -397,24 +397,11 @@ class JobWorker:
 
 
 def _warm_up(device: str, threads: int | None) -> None:
-    """Train a tiny model for two steps (an eval, a sample and a checkpoint included) in a scratch
-    folder, so the job this spare is handed later pays none of the first-use costs: torch's optimizer
-    machinery is imported lazily on the first AdamW (2-3 s on a busy CPU), kernels and the allocator
-    warm up on the first steps, CUDA makes its context on first use."""
     import torch
 
     if threads:
         torch.set_num_threads(int(threads))
-    scratch = tempfile.mkdtemp(prefix="tinygpt-warm-")
-    try:
-        spec = training.TrainSpec.from_preset(
-            "tiny", "builtin:tiny", max_iters=2, eval_interval=2, eval_iters=1, sample_tokens=4, device=device
-        )
-        training.train(spec, scratch)
-    except Exception:  # noqa: BLE001 - a spare that could not warm up still trains, only less quickly
-        log.exception("the warm-up run of a spare Ray worker failed")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    training.warm_up(device)
 
 
 # --- the driver (the app's server or the CLI) -------------------------------------------------------

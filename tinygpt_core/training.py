@@ -566,3 +566,25 @@ __all__ = [
     "resume",
     "train",
 ]
+
+
+def warm_up(device: str = "cpu") -> None:
+    """Train a tiny model for two steps (an eval, a sample and a checkpoint included) in a scratch
+    folder, so the next run in this process pays none of the first-use costs: torch's optimizer
+    machinery is imported lazily on the first AdamW (2-5 s on a busy CPU), kernels and the allocator
+    warm up on the first steps, CUDA makes its context on first use. Used by the warm spare training
+    processes (a local runner's spare child, a Ray runner's spare actor); never raises."""
+    import logging
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="tinygpt-warm-")
+    try:
+        spec = TrainSpec.from_preset(
+            "tiny", "builtin:tiny", max_iters=2, eval_interval=2, eval_iters=1, sample_tokens=4, device=device
+        )
+        train(spec, scratch)
+    except Exception:  # noqa: BLE001 - a process that could not warm up still trains, only less quickly
+        logging.getLogger(__name__).exception("the warm-up run failed")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
