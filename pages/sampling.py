@@ -24,6 +24,7 @@ from tinygpt_core.runs import LoadedRun
 from tinygpt_core.sampling import (
     GenerationResult,
     SamplingSettings,
+    StepInfo,
     generate,
     next_token_distribution,
     text_stats,
@@ -207,21 +208,27 @@ def _fmt(x: float, spec: str) -> str:
     return "–" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def _token_title(s: StepInfo, filters: bool) -> str:
+    """A generated token's hover text: the model's probability and rank (comparable across columns), then
+    the probability after the column's filters where they change it (sampling columns)."""
+    title = f"{s.token!r}: p = {s.prob:.3f} (model), rank {s.rank}"
+    if filters:
+        title += f"\nafter this column's filters: p = {s.filtered_prob:.3f}"
+    return title + "\nmodel's most likely: " + ", ".join(f"{t!r} {p:.2f}" for t, p in s.top[:5])
+
+
 def _show_result(result: GenerationResult, run: LoadedRun) -> None:
     tok = run.tokenizer
     prompt_ids = result.prompt_ids[-PROMPT_TOKENS_SHOWN:] if result.prompt else []
     prompt_tokens = tok.token_strings(prompt_ids)
-    titles = ["prompt"] * len(prompt_tokens) + [
-        f"{s.token!r}: p = {s.prob:.3f}, rank {s.rank}\n"
-        + "most likely: "
-        + ", ".join(f"{t!r} {p:.2f}" for t, p in s.top[:5])
-        for s in result.steps
-    ]
+    filters = result.settings.strategy == "sample" or result.settings.repetition_penalty != 1.0
+    titles = ["prompt"] * len(prompt_tokens) + [_token_title(s, filters) for s in result.steps]
     values = [float("nan")] * len(prompt_tokens) + [s.prob for s in result.steps]
     st.html(token_html(prompt_tokens + [s.token for s in result.steps], values, titles))
     stats = text_stats(result.token_ids, [s.logprob for s in result.steps])
     st.markdown(
-        f"mean log-prob **{_fmt(stats['mean_logprob'], '.2f')}** · distinct-2 **{_fmt(stats['distinct_2'], '.2f')}**"
+        f"mean log-prob (model) **{_fmt(stats['mean_logprob'], '.2f')}**"
+        f" · distinct-2 **{_fmt(stats['distinct_2'], '.2f')}**"
         f" · repeated 4-grams **{_fmt(stats['repetition'], '.0%')}**"
     )
     st.caption(f"{len(result.token_ids)} tokens in {result.elapsed_s:.2f} s ({result.tokens_per_s:,.0f} tokens/s)")
@@ -292,6 +299,11 @@ if not chosen:
     st.info("Pick at least one column above.")
     st.stop()
 
+st.caption(
+    "Colours, hover probabilities and mean log-prob are the model's own (its softmax at temperature 1, before any "
+    "penalty or filter), so the columns compare; hovering a token of a sampling column also shows its probability "
+    "after that column's filters."
+)
 mtime = weights_mtime(summary, checkpoint)
 budget_box = st.empty()  # the decoding budget's message, above the columns
 valid: dict[str, SamplingSettings] = {}

@@ -4,6 +4,7 @@ run stores."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -162,3 +163,21 @@ def test_unknown_symbols_warn(trained_store, use_store):
     assert not at.exception and not at.error
     assert any("✨" in w.value for w in at.warning)
     assert generated(at)[0]
+
+
+def test_greedy_and_top_k_1_show_the_same_model_numbers(trained_store, use_store):
+    """Issue 12 item 7: columns writing the same text show the same probabilities and mean log-prob
+    (top-k 1 used to show p = 1 and mean log-prob 0.00 beside greedy's -0.xx)."""
+    root, _ = trained_store
+    use_store(root)
+    at = open_page(["greedy", "top_k"])
+    at.number_input(key="smp_top_k_top_k").set_value(1).run()
+    assert not at.exception and not at.error
+    greedy, top1 = generated(at)
+    assert greedy == top1
+    model_p = [re.findall(r"p = ([0-9.]+) \(model\)", h.value) for h in at.get("html")]
+    assert len(model_p) == 2 and model_p[0] == model_p[1] and model_p[0]
+    assert all(float(p) < 1 for p in model_p[0])  # the model's probabilities, not the filtered 1.0
+    means = [m.value for m in at.markdown if "mean log-prob" in m.value]
+    assert len(means) == 2 and means[0] == means[1] and "(model) **-0.00**" not in means[0]
+    assert "after this column's filters: p = 1.000" in html.unescape(at.get("html")[1].value)  # named as such
