@@ -13,11 +13,20 @@ import json
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from pages._common import corpus_start, known_symbols_only, md, open_run_picker, user_errors, weights_mtime
+from pages._common import (
+    corpus_start,
+    kept,
+    known_symbols_only,
+    md,
+    open_run_picker,
+    user_errors,
+    weights_mtime,
+)
 from tinygpt_core import limits
 from tinygpt_core.errors import ConfigError, TinyGPTError
 from tinygpt_core.runs import LoadedRun
@@ -96,8 +105,21 @@ def _default_prompt(run: LoadedRun) -> str:
     return prompt[:cut] if cut > 0 else prompt
 
 
+def _kept_from(key: str, default: Any, low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    """``kept(key)`` for a widget whose starting value is ``default``: the value is given through
+    session_state (a widget given both value= and a kept value warns), and a kept value outside this
+    run's bounds (another run's vocabulary, another server limit) is brought back inside them."""
+    value = st.session_state.setdefault(key, default)
+    if value is not None and high is not None and value > high:
+        st.session_state[key] = high
+    if value is not None and low is not None and value < low:
+        st.session_state[key] = low
+    return kept(key)
+
+
 def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSettings:
-    """The expander of one column; returns its settings (not yet validated: the caller shows errors)."""
+    """The expander of one column; returns its settings (not yet validated: the caller shows errors).
+    Every field keeps its value across visits to other pages (kept)."""
     base = COLUMNS[cid].settings
     k = f"smp_{cid}_"
     s = dataclasses.replace(base)
@@ -108,18 +130,17 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
                 "Temperature",
                 0.0,
                 5.0,
-                float(base.temperature),
-                0.05,
-                key=k + "temperature",
+                step=0.05,
+                **_kept_from(k + "temperature", float(base.temperature), 0.0, 5.0),
                 help="Divides the logits: below 1 sharpens the distribution, above 1 flattens it. 0 is greedy.",
             )
+            top_k_max = max(1, vocab_size)
             s.top_k = st.number_input(
                 "Top-k",
                 0,
-                max(1, vocab_size),
-                None if base.top_k is None else min(base.top_k, vocab_size),
-                1,
-                key=k + "top_k",
+                top_k_max,
+                step=1,
+                **_kept_from(k + "top_k", None if base.top_k is None else min(base.top_k, vocab_size), 0, top_k_max),
                 placeholder="off",
                 help="Keep only the k most likely tokens. Empty = off.",
             )
@@ -127,9 +148,8 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
                 "Top-p",
                 0.0,
                 1.0,
-                base.top_p,
-                0.05,
-                key=k + "top_p",
+                step=0.05,
+                **_kept_from(k + "top_p", base.top_p, 0.0, 1.0),
                 placeholder="off",
                 help="Keep the most likely tokens until their probabilities add up to p. Empty = off.",
             )
@@ -137,9 +157,8 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
                 "Min-p",
                 0.0,
                 1.0,
-                base.min_p,
-                0.01,
-                key=k + "min_p",
+                step=0.01,
+                **_kept_from(k + "min_p", base.min_p, 0.0, 1.0),
                 placeholder="off",
                 help="Drop tokens less likely than min-p × the top token's probability. Empty = off.",
             )
@@ -148,9 +167,8 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
                 "Beams",
                 1,
                 max_beams,  # TINYGPT_MAX_BEAMS
-                min(int(base.num_beams), max_beams),
-                1,
-                key=k + "num_beams",
+                step=1,
+                **_kept_from(k + "num_beams", min(int(base.num_beams), max_beams), 1, max_beams),
                 help=f"How many partial texts are kept at each step (at most the vocabulary size, and {max_beams} "
                 "on this server).",
             )
@@ -158,9 +176,8 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
                 "Length penalty",
                 -2.0,
                 3.0,
-                float(base.length_penalty),
-                0.1,
-                key=k + "length_penalty",
+                step=0.1,
+                **_kept_from(k + "length_penalty", float(base.length_penalty), -2.0, 3.0),
                 help="Score = log-probability / length^penalty. All beams here have the same length, so it "
                 "rescales the scores without reordering them.",
             )
@@ -168,9 +185,8 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
             "Repetition penalty",
             0.0,
             3.0,
-            float(base.repetition_penalty),
-            0.05,
-            key=k + "repetition_penalty",
+            step=0.05,
+            **_kept_from(k + "repetition_penalty", float(base.repetition_penalty), 0.0, 3.0),
             help="Above 1 makes tokens already in the text less likely (1 = off).",
         )
     return s
@@ -262,6 +278,8 @@ tok = run.tokenizer
 vocab = tok.vocab_size
 block = run.config.model.block_size
 
+# Every widget below keeps its value across visits to other pages (kept, issue 12); starting values go
+# through session_state only.
 prompt_key = f"smp_prompt_{summary.id}"  # one box per run: switching runs shows that run's default
 if prompt_key not in st.session_state:
     st.session_state[prompt_key] = _default_prompt(run)
@@ -269,24 +287,27 @@ if prompt_key not in st.session_state:
 c_prompt, c_len = st.columns([4, 2])
 with c_prompt:
     prompt = st.text_area(
-        "Prompt", key=prompt_key, height=124, help="Empty is allowed: the model then starts from a newline."
+        "Prompt", **kept(prompt_key), height=124, help="Empty is allowed: the model then starts from a newline."
     )
 with c_len:
     top = LIMITS.max_new_tokens
-    max_new = st.slider("New tokens", min(10, top), top, min(80, top), min(10, top), key="smp_max_new")
+    low = min(10, top)
+    max_new = st.slider("New tokens", low, top, step=low, **_kept_from("smp_max_new", min(80, top), low, top))
     c_seed, c_new = st.columns([3, 2], vertical_alignment="bottom")
-    if "smp_seed" not in st.session_state:
-        st.session_state["smp_seed"] = 1234
     seed = c_seed.number_input(
-        "Seed", 0, 2**31 - 1, key="smp_seed", step=1, help="The same seed gives the same text in every sampling column."
+        "Seed",
+        0,
+        2**31 - 1,
+        step=1,
+        **_kept_from("smp_seed", 1234),
+        help="The same seed gives the same text in every sampling column.",
     )
     c_new.button("New seed", icon=":material/casino:", key="smp_new_seed", on_click=_new_seed, width="stretch")
 chosen = st.multiselect(
     "Strategies to compare",
     list(COLUMNS),
-    default=DEFAULT_COLUMNS,
     format_func=lambda c: COLUMNS[c].title,
-    key="smp_columns",
+    **_kept_from("smp_columns", list(DEFAULT_COLUMNS)),
 )
 
 prompt = known_symbols_only(tok, prompt)
@@ -369,7 +390,9 @@ if valid:
         top_n = (
             vocab
             if vocab <= 10
-            else st.columns([1, 2])[0].slider("Tokens shown", 10, min(100, vocab), min(30, vocab), key="smp_top_n")
+            else st.columns([1, 2])[0].slider(
+                "Tokens shown", 10, min(100, vocab), **_kept_from("smp_top_n", min(30, vocab), 10, min(100, vocab))
+            )
         )
         st.plotly_chart(
             distribution_figure(dist["tokens"], dist["probs"], dist["kept"], top_n=top_n),

@@ -181,3 +181,32 @@ def test_greedy_and_top_k_1_show_the_same_model_numbers(trained_store, use_store
     means = [m.value for m in at.markdown if "mean log-prob" in m.value]
     assert len(means) == 2 and means[0] == means[1] and "(model) **-0.00**" not in means[0]
     assert "after this column's filters: p = 1.000" in html.unescape(at.get("html")[1].value)  # named as such
+
+
+def test_the_sampling_widgets_keep_their_values_across_a_visit_to_another_page(trained_store, use_store):
+    """Issue 12 item 4: prompt, tokens, seed, columns and each column's settings survive a page switch."""
+    root, run_id = trained_store
+    use_store(root)
+    at = open_page(["greedy", "temperature", "beam"], max_new=30)
+    edits = {
+        ("text_area", f"smp_prompt_{run_id}"): "To be or",
+        ("number_input", "smp_seed"): 77,
+        ("number_input", "smp_beam_num_beams"): 3,
+        ("number_input", "smp_beam_length_penalty"): 0.5,
+        ("number_input", "smp_temperature_temperature"): 1.3,
+        ("number_input", "smp_temperature_top_k"): 5,
+        ("number_input", "smp_greedy_repetition_penalty"): 1.2,
+        ("radio", "smp_checkpoint"): "last",
+    }
+    for (kind, key), value in edits.items():
+        getattr(at, kind)(key=key).set_value(value).run()
+        assert not at.exception
+    for page in ("pages/runs.py", "pages/attention.py", "pages/sampling.py"):
+        at.switch_page(page).run()
+        assert not at.exception
+    assert not at.error and not at.warning
+    kept = {(kind, key): getattr(at, kind)(key=key).value for kind, key in edits}
+    assert kept == edits
+    assert at.slider(key="smp_max_new").value == 30
+    assert at.multiselect(key="smp_columns").value == ["greedy", "temperature", "beam"]
+    assert len(generated(at)) == 3
