@@ -31,6 +31,9 @@ from tinygpt_core import limits
 from tinygpt_core.errors import ConfigError, TinyGPTError
 from tinygpt_core.runs import LoadedRun
 from tinygpt_core.sampling import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    REPETITION_PENALTY_RANGE,
     GenerationResult,
     SamplingSettings,
     StepInfo,
@@ -107,14 +110,21 @@ def _default_prompt(run: LoadedRun) -> str:
 
 def _kept_from(key: str, default: Any, low: float | None = None, high: float | None = None) -> dict[str, Any]:
     """``kept(key)`` for a widget whose starting value is ``default``: the value is given through
-    session_state (a widget given both value= and a kept value warns), and a kept value outside this
-    run's bounds (another run's vocabulary, another server limit) is brought back inside them."""
+    session_state (a widget given both value= and a kept value warns), and a kept slider value outside
+    this run's bounds (another run's vocabulary, another server limit) is brought back inside them."""
     value = st.session_state.setdefault(key, default)
     if value is not None and high is not None and value > high:
         st.session_state[key] = high
     if value is not None and low is not None and value < low:
         st.session_state[key] = low
     return kept(key)
+
+
+def _number(label: str, key: str, default: float | int | None, step: float | int, help: str, **kw: Any) -> Any:
+    """A setting's number box, kept across pages. No min/max on purpose: a bound in the widget is a second
+    copy of the core's (they drifted: issue 12), and a browser refuses an out-of-range entry silently;
+    SamplingSettings.validate and limits.check_decode name what is wrong instead, beside the column."""
+    return st.number_input(label, step=step, help=help, **_kept_from(key, default), **kw)
 
 
 def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSettings:
@@ -125,69 +135,62 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
     s = dataclasses.replace(base)
     with st.expander("Settings", icon=":material/tune:"):
         if base.strategy == "sample":
-            # Bounds are loose on purpose: the core's validation explains what is out of range.
-            s.temperature = st.number_input(
+            s.temperature = _number(
                 "Temperature",
-                0.0,
-                5.0,
-                step=0.05,
-                **_kept_from(k + "temperature", float(base.temperature), 0.0, 5.0),
-                help="Divides the logits: below 1 sharpens the distribution, above 1 flattens it. 0 is greedy.",
+                k + "temperature",
+                float(base.temperature),
+                0.05,
+                "Divides the logits: below 1 sharpens the distribution, above 1 flattens it. 0 is greedy. "
+                f"Allowed: {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}.",
             )
-            top_k_max = max(1, vocab_size)
-            s.top_k = st.number_input(
+            s.top_k = _number(
                 "Top-k",
-                0,
-                top_k_max,
-                step=1,
-                **_kept_from(k + "top_k", None if base.top_k is None else min(base.top_k, vocab_size), 0, top_k_max),
+                k + "top_k",
+                None if base.top_k is None else min(base.top_k, vocab_size),
+                1,
+                f"Keep only the k most likely tokens (1 to {vocab_size}, this run's vocabulary). Empty = off.",
                 placeholder="off",
-                help="Keep only the k most likely tokens. Empty = off.",
             )
-            s.top_p = st.number_input(
+            s.top_p = _number(
                 "Top-p",
-                0.0,
-                1.0,
-                step=0.05,
-                **_kept_from(k + "top_p", base.top_p, 0.0, 1.0),
+                k + "top_p",
+                base.top_p,
+                0.05,
+                "Keep the most likely tokens until their probabilities add up to p (0 < p <= 1). Empty = off.",
                 placeholder="off",
-                help="Keep the most likely tokens until their probabilities add up to p. Empty = off.",
             )
-            s.min_p = st.number_input(
+            s.min_p = _number(
                 "Min-p",
-                0.0,
-                1.0,
-                step=0.01,
-                **_kept_from(k + "min_p", base.min_p, 0.0, 1.0),
+                k + "min_p",
+                base.min_p,
+                0.01,
+                "Drop tokens less likely than min-p × the top token's probability (0 to 1). Empty = off.",
                 placeholder="off",
-                help="Drop tokens less likely than min-p × the top token's probability. Empty = off.",
             )
         elif base.strategy == "beam":
-            s.num_beams = st.number_input(
+            s.num_beams = _number(
                 "Beams",
+                k + "num_beams",
+                min(int(base.num_beams), max_beams),  # TINYGPT_MAX_BEAMS
                 1,
-                max_beams,  # TINYGPT_MAX_BEAMS
-                step=1,
-                **_kept_from(k + "num_beams", min(int(base.num_beams), max_beams), 1, max_beams),
-                help=f"How many partial texts are kept at each step (at most the vocabulary size, and {max_beams} "
-                "on this server).",
+                f"How many partial texts are kept at each step (at most the vocabulary size, {vocab_size}, and "
+                f"{max_beams} on this server).",
             )
-            s.length_penalty = st.number_input(
+            s.length_penalty = _number(
                 "Length penalty",
-                -2.0,
-                3.0,
-                step=0.1,
-                **_kept_from(k + "length_penalty", float(base.length_penalty), -2.0, 3.0),
-                help="Score = log-probability / length^penalty. All beams here have the same length, so it "
+                k + "length_penalty",
+                float(base.length_penalty),
+                0.1,
+                "Score = log-probability / length^penalty. All beams here have the same length, so it "
                 "rescales the scores without reordering them.",
             )
-        s.repetition_penalty = st.number_input(
+        low, high = REPETITION_PENALTY_RANGE
+        s.repetition_penalty = _number(
             "Repetition penalty",
-            0.0,
-            3.0,
-            step=0.05,
-            **_kept_from(k + "repetition_penalty", float(base.repetition_penalty), 0.0, 3.0),
-            help="Above 1 makes tokens already in the text less likely (1 = off).",
+            k + "repetition_penalty",
+            float(base.repetition_penalty),
+            0.05,
+            f"Above 1 makes tokens already in the text less likely (1 = off). Allowed: {low:g} to {high:g}.",
         )
     return s
 

@@ -142,6 +142,10 @@ def test_same_seed_same_text_new_seed_other_text(trained_store, use_store):
         ("top_k", "top_k", 0, "top_k"),
         ("top_p", "top_p", 0.0, "top_p"),
         ("beam", "num_beams", 64, "vocabulary"),
+        # Issue 12 item 13: the app's temperature bound is the core's (the widget once stopped at 5)
+        ("temperature", "temperature", 150.0, "at most 100"),
+        ("combined", "repetition_penalty", 150.0, "between 0.01 and 100"),
+        ("top_p", "top_p", 1.5, "top_p"),
     ],
 )
 def test_out_of_range_settings_show_an_error(trained_store, use_store, column, field, value, expected, monkeypatch):
@@ -210,3 +214,17 @@ def test_the_sampling_widgets_keep_their_values_across_a_visit_to_another_page(t
     assert at.slider(key="smp_max_new").value == 30
     assert at.multiselect(key="smp_columns").value == ["greedy", "temperature", "beam"]
     assert len(generated(at)) == 3
+
+
+def test_a_temperature_the_cli_accepts_is_accepted_here_and_the_help_states_the_cores_bound(trained_store, use_store):
+    """Issue 12 item 13: one temperature limit (sampling.MAX_TEMPERATURE), stated in one place."""
+    from tinygpt_core.sampling import MAX_TEMPERATURE
+
+    root, _ = trained_store
+    use_store(root)
+    at = open_page(["temperature"])
+    box = at.number_input(key="smp_temperature_temperature")
+    assert f"to {MAX_TEMPERATURE:g}" in box.help
+    box.set_value(MAX_TEMPERATURE).run()
+    assert not at.exception and not at.error
+    assert generated(at)[0]

@@ -347,6 +347,18 @@ def _model_logprobs(model, ids: list[int], new: list[int]) -> list[float]:
     return out
 
 
+def test_temperature_has_one_upper_bound_for_every_caller(model, tok):
+    """Issue 12 item 13: the CLI, generate and the app all refuse the same temperatures, and name the bound."""
+    from tinygpt_core.sampling import MAX_TEMPERATURE
+
+    SamplingSettings(temperature=MAX_TEMPERATURE).validate()
+    for bad in (MAX_TEMPERATURE * 1.01, 1e6):
+        with pytest.raises(ConfigError, match=f"at most {MAX_TEMPERATURE:g}"):
+            SamplingSettings(temperature=bad).validate()
+        with pytest.raises(ConfigError, match="at most"):
+            process_logits(torch.zeros(4), temperature=bad)
+
+
 def test_greedy_and_top_k_1_report_the_same_model_probabilities(model, tok):
     """Issue 12 item 7: two strategies writing the same text show the same numbers (the model's own)."""
     greedy = generate(model, tok, "abc", SamplingSettings(strategy="greedy", max_new_tokens=12))

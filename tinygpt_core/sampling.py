@@ -50,6 +50,9 @@ TOP_N = 10  # candidates recorded per step in StepInfo.top
 # Below these, logits / temperature (or / penalty) overflow float32 to inf and the softmax turns to
 # NaN (found by the property tests: 5e-324 passed "> 0" and crashed torch.multinomial).
 MIN_TEMPERATURE = 1e-3
+# Above this every token is all but equally likely: a larger T is a typo, not an experiment. The one bound
+# the CLI, the app's widgets and their help share (issue 12: the app once capped at 5 while the CLI took 100).
+MAX_TEMPERATURE = 100.0
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 
 
@@ -64,6 +67,11 @@ def _check_filters(temperature: Any, top_k: Any, top_p: Any, min_p: Any) -> None
         raise ConfigError(
             f"temperature must be at least {MIN_TEMPERATURE:g}, got {temperature!r}: smaller values overflow. "
             "Use greedy, which is what temperature 0 means."
+        )
+    if temperature > MAX_TEMPERATURE:
+        raise ConfigError(
+            f"temperature must be at most {MAX_TEMPERATURE:g}, got {temperature!r}: beyond that every token is "
+            "about equally likely. Use a smaller temperature (above 1 flattens, below 1 sharpens)."
         )
     if top_k is not None:
         try:
