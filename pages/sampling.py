@@ -150,6 +150,7 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
                 1,
                 f"Keep only the k most likely tokens (1 to {vocab_size}, this run's vocabulary). Empty = off.",
                 placeholder="off",
+                value=None,  # starts empty = off, and can be emptied again (the kept value shows)
             )
             s.top_p = _number(
                 "Top-p",
@@ -158,6 +159,7 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
                 0.05,
                 "Keep the most likely tokens until their probabilities add up to p (0 < p <= 1). Empty = off.",
                 placeholder="off",
+                value=None,  # starts empty = off, and can be emptied again (the kept value shows)
             )
             s.min_p = _number(
                 "Min-p",
@@ -166,6 +168,7 @@ def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSett
                 0.01,
                 "Drop tokens less likely than min-p × the top token's probability (0 to 1). Empty = off.",
                 placeholder="off",
+                value=None,  # starts empty = off, and can be emptied again (the kept value shows)
             )
         elif base.strategy == "beam":
             s.num_beams = _number(
