@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages._common import corpus_start, known_symbols_only, open_run_picker, user_errors, weights_mtime
+from pages._common import corpus_start, kept, known_symbols_only, open_run_picker, user_errors, weights_mtime
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.inspection import (
     AttentionMaps,
@@ -151,7 +151,7 @@ with p_right:
         width="stretch",
     )
 with p_left:
-    prompt = st.text_area("Prompt", key=prompt_key, height=80)
+    prompt = st.text_area("Prompt", **kept(prompt_key), height=80)  # kept across page visits (issue 12)
 
 prompt = known_symbols_only(tok, prompt)
 if not prompt:

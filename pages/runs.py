@@ -39,7 +39,7 @@ from tinygpt_core.ablations import (
     with_gap,
 )
 from tinygpt_core.archive import zip_run
-from tinygpt_core.config import PRESETS
+from tinygpt_core.config import PRESETS, check_field, range_text
 from tinygpt_core.data import list_builtin_corpora
 from tinygpt_core.errors import RunError, TinyGPTError
 from tinygpt_core.runs import ACTIVE_STATUSES, read_metrics
@@ -380,10 +380,16 @@ def launch_grid_form() -> None:
             help="\n".join(f"- **{name}**: {p.description}" for name, p in PRESETS.items()),
         )
         c2.selectbox("Corpus", corpora, index=corpora.index("tiny") if "tiny" in corpora else 0, key="grid_corpus")
+        # No min/max (issue 12 item 5): a browser silently keeps the old value of an out-of-range entry, and
+        # the form would launch with it. The core's ranges are stated here and checked on Launch.
         c3.number_input(
-            "Steps per run (max_iters)", min_value=10, max_value=100_000, value=300, step=50, key="grid_max_iters"
+            "Steps per run (max_iters)",
+            value=300,
+            step=50,
+            key="grid_max_iters",
+            help=f"Allowed: {range_text('max_iters')}.",
         )
-        c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=1337, step=1, key="grid_seed")
+        c4.number_input("Seed", value=1337, step=1, key="grid_seed", help=f"Allowed: {range_text('seed')}.")
         grid_ablation_picker("grid_")
         st.form_submit_button(
             "Launch grid", type="primary", icon=":material/play_arrow:", on_click=_launch_grid, args=(visitor(),)
@@ -400,6 +406,8 @@ def _launch_grid(owner: str) -> None:
     ss = st.session_state
     launched = None
     try:
+        for name, key in (("max_iters", "grid_max_iters"), ("seed", "grid_seed")):
+            check_field(name, ss[key])  # names the setting and its range (an empty box too)
         base = TrainSpec.from_preset(
             ss["grid_preset"],
             f"builtin:{ss['grid_corpus']}",

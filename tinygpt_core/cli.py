@@ -219,7 +219,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--show-probs",
         action="store_true",
-        help="after the text, list each generated token with its probability and rank",
+        help="after the text, list each generated token with the model's probability and rank, and its "
+        "probability after the strategy's filters",
     )
     p.set_defaults(func=cmd_generate)
 
@@ -530,10 +531,11 @@ def _print_probs(result) -> None:
         for text, score in result.beams:
             print(f"  {score:9.4f}  {text!r}")
     if result.steps:
-        print(f"{'token':>12}  {'prob':>7}  {'rank':>4}  top alternatives")
+        # prob, rank and alternatives: the model's own distribution; filtered: where the strategy picked it
+        print(f"{'token':>12}  {'prob':>7}  {'rank':>4}  {'filtered':>8}  top alternatives")
         for s in result.steps:
             top = ", ".join(f"{tok!r} {p:.2f}" for tok, p in s.top[:3])
-            print(f"{s.token!r:>12}  {s.prob:7.3f}  {s.rank:>4}  {top}")
+            print(f"{s.token!r:>12}  {s.prob:7.3f}  {s.rank:>4}  {s.filtered_prob:8.3f}  {top}")
 
 
 # --- export ---------------------------------------------------------------------------------------
