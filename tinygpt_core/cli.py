@@ -113,14 +113,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default="tiny",
         help=f"named starting configuration: {', '.join(PRESETS)} (default: tiny; see `presets`)",
     )
-    model.add_argument("--n-layer", type=int, metavar="N", help="transformer blocks")
     model.add_argument("--n-embd", type=int, metavar="N", help="width of the residual stream")
     model.add_argument("--block-size", type=int, metavar="N", help="context length in tokens")
     model.add_argument("--dropout", type=float, metavar="P", help="dropout probability in [0, 1)")
     model.add_argument("--ff-mult", type=int, metavar="N", help="MLP hidden width as a multiple of --n-embd")
 
     # One flag per ablation, from the registry (tinygpt_core.ablation_registry): --no-layernorm,
-    # --pos-encoding, --attn-window N, --n-head N, --activation, --qk-norm, …
+    # --pos-encoding, --attn-window N, --n-head N, --n-layer N, --activation, --qk-norm, --no-mlp, …
     abl = p.add_argument_group("ablations", "switch parts of the GPT-2 architecture off or change them")
     ABLATIONS.add_cli_flags(abl)
 

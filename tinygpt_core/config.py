@@ -31,7 +31,7 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
     # ModelConfig
     "vocab_size": (1, None),
     "block_size": (1, 8192),
-    "n_layer": (1, 48),
+    "n_layer": (0, 48),  # 0: the bigram model (embedding → head)
     "n_head": (1, 64),
     "n_embd": (1, 4096),
     "ff_mult": (1, 16),
@@ -55,7 +55,7 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
 class ModelConfig:
     vocab_size: int = 65  # set from the tokenizer before the model is built
     block_size: int = 64  # longest context the model sees (positions 0..block_size-1)
-    n_layer: int = 4  # transformer blocks
+    n_layer: int = 4  # transformer blocks; 0 is the bigram model (token embedding → head)
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # residual stream width; must divide by n_head
     ff_mult: int = 4  # MLP hidden width = ff_mult * n_embd
@@ -66,6 +66,7 @@ class ModelConfig:
     norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (original Transformer)
     use_layernorm: bool = True  # False replaces every LayerNorm by the identity
     use_residual: bool = True  # False drops the skip connections: x = f(x)
+    use_mlp: bool = True  # False leaves each block attention only (the no-mlp ablation)
     swap_qk: bool = False  # queries take the key projection and keys the query projection
     attn_window: int | None = None  # local attention: a token sees at most this many tokens (itself included)
     tie_weights: bool = True  # the output head shares the token embedding matrix

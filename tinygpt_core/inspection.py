@@ -36,6 +36,16 @@ class AttentionMaps:
         return self.weights.shape[1]
 
 
+def no_attention_reason(cfg: Any) -> str | None:
+    """Why a model of ``cfg`` (a ModelConfig) has no attention to show, or None when it has some."""
+    if cfg.n_layer == 0:
+        return (
+            "This is a bigram model (0 layers): the token embedding goes straight to the output head, so "
+            "there is no attention and nothing to show here. Each prediction depends on the current token only."
+        )
+    return None
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
