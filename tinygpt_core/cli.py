@@ -101,6 +101,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     out.add_argument("--name", help="a name for the run (shown in the runs table)")
     out.add_argument(
+        "--tensorboard",
+        dest="tensorboard_dir",
+        metavar="DIR",
+        help="also write TensorBoard events (losses, lr, tokens/s, grad norm, attention images) at each eval "
+        "to DIR/<run folder name>; view them with `tensorboard --logdir DIR`",
+    )
+    out.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
@@ -268,6 +275,8 @@ def spec_from_args(args: argparse.Namespace):
     overrides = {
         name: value for name, value in vars(args).items() if name in _MODEL_FIELDS | _TRAIN_FIELDS and value is not None
     }
+    if args.tensorboard_dir:  # absolute, so a resume from another folder logs to the same place
+        overrides["tensorboard_dir"] = str(Path(args.tensorboard_dir).expanduser().resolve())
     if "lr" in overrides and "min_lr" not in overrides:
         overrides["min_lr"] = None  # follow the new lr (lr/10) rather than keep the preset's floor
     if args.tokenizer is not None:

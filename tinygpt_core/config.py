@@ -133,6 +133,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
     compile: bool = False  # torch.compile the model
+    tensorboard_dir: str | None = None  # also write TensorBoard events to <dir>/<run folder name> (tensorboard_log)
 
     def validate(self) -> TrainConfig:
         _ints_in_range(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "warmup_iters")
@@ -158,6 +159,8 @@ class TrainConfig:
         _choice(self, "optimizer", OPTIMIZERS)
         _choice(self, "device", DEVICES)
         _choice(self, "precision", PRECISIONS)
+        if self.tensorboard_dir is not None and not (isinstance(self.tensorboard_dir, str) and self.tensorboard_dir):
+            raise ConfigError(f"tensorboard_dir must be a folder path or None, got {self.tensorboard_dir!r}.")
         return self
 
     @property

@@ -63,6 +63,14 @@ def _attention(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return torch.stack(out.attentions, dim=1).float()
 
 
+def attention_of_ids(model: torch.nn.Module, ids: torch.Tensor) -> np.ndarray | None:
+    """Every layer's attention over one sequence of token ids: (n_layer, n_head, T, T) float32 numpy;
+    None for a model without attention (the bigram model)."""
+    if len(getattr(model, "blocks", ())) == 0:
+        return None
+    return _attention(model, ids.reshape(1, -1))[0].cpu().numpy()
+
+
 def attention_maps(model: torch.nn.Module, tokenizer: Any, text: str, device: Any = None) -> AttentionMaps:
     """Every layer's and head's attention over ``text``.
 
