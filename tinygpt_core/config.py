@@ -17,7 +17,7 @@ from .errors import ConfigError
 ACTIVATIONS = ("gelu", "relu")
 POS_ENCODINGS = ("learned", "sinusoidal", "none")
 NORM_POSITIONS = ("pre", "post")
-TOKENIZER_KINDS = ("char", "word", "bpe")
+TOKENIZER_KINDS = ("char", "word", "bpe", "gpt2")  # gpt2: GPT-2's own fixed vocabulary (gpt2_tokenizer.py)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
