@@ -75,7 +75,8 @@ def test_ladder_members_climb_one_addition_at_a_time(base):
         assert _diff(above.model, below.model) == removed, rung.name
     # The top rung is the baseline (untied, with dropout); the bottom one is the bigram model.
     assert _diff(base.model, specs[-1].model) == {"tie_weights": False, "dropout": LADDER_DROPOUT}
-    assert specs[0].model.n_layer == 0
+    # The bigram model has no blocks; below the residual rung one block; then the preset's depth (baby: 4).
+    assert [s.model.n_layer for s in specs] == [0, 1, 1, 1, 4, 4, 4]
     assert {r.lifts for r in LADDER if r.lifts} <= {a.name for a in REGISTRY}  # rungs are registry ablations
 
 

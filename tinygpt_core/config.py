@@ -199,7 +199,7 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "tiny",
-            "2 layers, 2 heads, 64 dims, context 32: trains in seconds on a CPU; memorises builtin:tiny.",
+            "Char-level, 2 layers, 2 heads, 64 dims, context 32, 400 steps at lr 3e-3: seconds on a CPU.",
             model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0),
             train=dict(
                 batch_size=16,
@@ -221,7 +221,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "baby-fast",
-            "The baby model in about a quarter of its time: Muon, batch 24, lr 5e-3, 400 steps (val ≈ 1.85).",
+            "The baby model trained with Muon: batch 24, lr 5e-3, 400 steps (bench/RESULTS.md times it).",
             model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
             # Muon orthogonalised updates tolerate a 5x higher lr than AdamW here, and 24-sequence
             # batches keep a CPU's matmul units busier per token; 10 eval batches of 24 are the same
@@ -241,25 +241,28 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "shakespeare-char",
-            "nanoGPT's Shakespeare-char GPU model: 6 layers, 6 heads, 384 dims, context 256, dropout 0.2.",
+            "nanoGPT's Shakespeare-char GPU model: 6 layers, 6 heads, 384 dims, context 256, dropout 0.2, "
+            "batch 64, 5000 steps.",
             model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
             train=dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, **_NANOGPT_OPT),
         ),
         Preset(
             "gptiny",
-            "GPTiny: 3 layers, 4 heads, 384 dims, context 256, batch 64, dropout 0.2, lr 3e-4.",
+            "GPTiny: char-level, 3 layers, 4 heads, 384 dims, context 256, batch 64, dropout 0.2, lr 3e-4, 5000 steps.",
             model=dict(n_layer=3, n_head=4, n_embd=384, block_size=256, dropout=0.2),
             train=dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=100, lr=3e-4, min_lr=3e-5),
         ),
         Preset(
             "mini-gpt",
-            "Mini-GPT: 2 layers, 4 heads, 128 dims, FFN 512, learned positions up to 512, dropout 0.1.",
+            "Mini-GPT: char-level, 2 layers, 4 heads, 128 dims, FFN 512, learned positions up to 512, "
+            "dropout 0.1, 3000 steps.",
             model=dict(n_layer=2, n_head=4, n_embd=128, ff_mult=4, block_size=512, pos_encoding="learned", dropout=0.1),
             train=dict(batch_size=16, max_iters=3000, eval_interval=250, eval_iters=50, lr=1e-3),
         ),
         Preset(
             "tinystories",
-            "TinyStories-style: 4 layers, 8 heads, 256 dims, FFN 1024, context 512, sinusoidal, window 256, BPE.",
+            "TinyStories-style: BPE 2048, 4 layers, 8 heads, 256 dims, FFN 1024, context 512, sinusoidal "
+            "positions, attention window 256, dropout 0.1.",
             model=dict(
                 n_layer=4,
                 n_head=8,

@@ -6,8 +6,9 @@ is the lesson. Here it is a grid (``grid-<id>/<rung>``) made from one baseline s
 
 Each rung is declared once, as the ablation of the registry (``ablation_registry.REGISTRY``) it
 lifts: a rung's model is the baseline with every higher rung's ablation applied. The bottom rung
-(the bigram model) therefore carries them all; the dropout rung is the only one the registry does
-not hold (dropout is a setting, not a departure from GPT-2), so it is declared here with its value.
+(the bigram model) therefore carries them all. Two settings are the ladder's own: the dropout rung
+(dropout is a setting, not a departure from GPT-2) and the depth, which arrives with the residual
+rung (below it the model is one block, as in the seed).
 Every rung copies the baseline's corpus, tokenizer, training settings and seed, so batch order and
 initialisation stream match and a difference in loss is the rung's doing.
 
@@ -43,11 +44,12 @@ class Rung:
     name: str  # its label in the grid: grid-<id>/<name>
     adds: str  # one line: what this rung adds to the one below
     lifts: str | None = None  # the registry ablation that stands for "without this rung"
-    absent: tuple[tuple[str, Any], ...] = ()  # "without this rung" for the one rung the registry lacks
+    absent: tuple[tuple[str, Any], ...] = ()  # any other setting that goes with "without this rung"
 
     def without(self) -> dict[str, Any]:
         """The ModelConfig change that takes this rung's addition away ({} for the bottom rung)."""
-        return REGISTRY.parse(self.lifts)[1] if self.lifts is not None else dict(self.absent)
+        lifted = REGISTRY.parse(self.lifts)[1] if self.lifts is not None else {}
+        return {**lifted, **dict(self.absent)}
 
 
 LADDER: tuple[Rung, ...] = (
@@ -55,7 +57,15 @@ LADDER: tuple[Rung, ...] = (
     Rung("one-head", "Blocks of a single attention head: a token reads the tokens before it.", lifts="bigram"),
     Rung("multi-head", "Several smaller heads side by side, each free to look for something else.", lifts="one-head"),
     Rung("mlp", "An MLP after attention in each block: each token's vector is transformed on its own.", lifts="no-mlp"),
-    Rung("residual", "Skip connections around attention and MLP: deep stacks train.", lifts="no-residual"),
+    # Below this rung the model is one block: a stack without skip connections loses each token's own
+    # vector layer after layer (measured: 4 attention-only layers fall back to the unigram loss), so the
+    # preset's depth comes with the residual connections, as in the seed's progression.
+    Rung(
+        "residual",
+        "Skip connections around attention and MLP, and the preset's depth: stacked blocks now train.",
+        lifts="no-residual",
+        absent=(("n_layer", 1),),
+    ),
     Rung(
         "layernorm",
         "LayerNorm before each sub-layer and before the head: activations stay in range.",
@@ -95,7 +105,7 @@ def ladder_specs(base: TrainSpec, grid_id: str | None = None) -> list[TrainSpec]
     specs = []
     for k, rung in enumerate(LADDER):
         model = dict(top)
-        for higher in LADDER[k + 1 :]:
+        for higher in reversed(LADDER[k + 1 :]):  # top down, so a lower rung's absence wins (n_layer 0 over 1)
             model.update(higher.without())
         specs.append(
             dataclasses.replace(
