@@ -34,20 +34,30 @@ def _train(spec: TrainSpec, root: Path, name: str) -> tuple[pd.DataFrame, float,
     return read_metrics(root / name), time.perf_counter() - t0, result.status
 
 
+def _cpu_s() -> float:
+    """CPU seconds used by this process so far: on a busy shared machine, closer than the wall clock to
+    what the same run takes on an idle one (at one thread; cache contention still inflates it a little)."""
+    return time.process_time()
+
+
 def overfit(root: Path) -> Report:
     report = Report("Reproductions: the overfit demo (`overfit` preset, word-level builtin:tiny)")
     spec = TrainSpec.from_preset("overfit", "builtin:tiny", device="cpu")
-    load = load_average()
+    load, cpu0 = load_average(), _cpu_s()
     m, wall, status = _train(spec, root, "overfit")
+    cpu = _cpu_s() - cpu0
     s = metrics_summary(m)
     rise = s["final_val_loss"] - s["best_val_loss"]
     first = m.dropna(subset=["val_loss"]).iloc[0]
     report.add_table(
-        ["steps", "wall s", "first eval train / val", "final train", "min val (step)", "final val", "val rise", "load"],
+        ["steps", "wall s", "CPU s", "threads", "first eval train / val", "final train", "min val (step)", "final val"]
+        + ["val rise", "load"],
         [
             [
                 s["steps"],
                 fmt(wall),
+                fmt(cpu),
+                torch.get_num_threads(),
                 f"{first['train_loss']:.2f} / {first['val_loss']:.2f}",
                 fmt(s["final_train_loss"], 3),
                 f"{s['best_val_loss']:.3f} ({s['best_step']})",
