@@ -12,7 +12,8 @@ names a ``tensorboard_dir`` gets a ``TensorBoardLogger`` among its training call
 
 Events go to ``<tensorboard_dir>/<run folder name>``, so ``tensorboard --logdir <tensorboard_dir>``
 lists every run under its own name; the app writes into the run store itself (each run's events in
-its own folder).
+its own folder). The logger runs where the training loop runs: with the Ray runner, on the worker's
+machine (TensorBoard is then read there, or the folder copied back).
 """
 
 from __future__ import annotations
