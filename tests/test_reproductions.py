@@ -30,7 +30,7 @@ def test_seed_preset_trains_a_few_steps(name, tmp_path):
     # Shrunk only where a unit test must be fast: batch and context (builtin:tiny is 1,462 characters).
     # The architecture (layers, heads, width, FFN, positions, window, dropout) and tokenizer are the preset's.
     spec = TrainSpec.from_preset(
-        name, "builtin:tiny", max_iters=3, eval_interval=3, eval_iters=1, batch_size=2, block_size=32, sample_tokens=0
+        name, "builtin:tiny", max_iters=3, eval_interval=3, eval_iters=1, batch_size=2, block_size=16, sample_tokens=0
     )
     result = train(spec, tmp_path / name)
     assert result.status == "done", result.message
