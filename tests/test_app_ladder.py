@@ -49,6 +49,7 @@ def _page(path: str, **params) -> AppTest:
     return at
 
 
+@pytest.mark.heavy  # seven runs trained (tests/test_ladder.py covers the ladder's core in the quick suite)
 def test_ladder_grid_shows_each_rungs_val_loss_and_gain(runs_dir):
     store = RunStore(runs_dir)
     base = conftest.tiny_spec(max_iters=2, eval_interval=2, eval_iters=1, batch_size=4, sample_tokens=0)

@@ -47,6 +47,7 @@ def test_gpt2_tokenizer_is_offered_with_its_fixed_vocabulary(runs_dir):
     assert any("GPT-2's own 50,257-token BPE" in c.value for c in at.caption)
 
 
+@pytest.mark.heavy  # a real job (tests/test_tensorboard.py reads a CLI run's events back in the quick suite)
 def test_tensorboard_toggle_writes_events_into_the_run_folder(runs_dir):
     at = _train_page()
     at.number_input(key="train_max_iters").set_value(10)
