@@ -16,6 +16,7 @@ from tinygpt_core.inspection import (
     attention_maps,
     head_stats,
     induction_scores,
+    no_attention_reason,
     repeated_random_tokens,
 )
 from tinygpt_core.runs import LoadedRun
@@ -130,6 +131,10 @@ ablations = cfg.ablations()
 if ablations:
     facts += " · ablations: " + ", ".join(ablations)
 st.caption(facts)
+nothing_to_show = no_attention_reason(cfg)
+if nothing_to_show:
+    st.info(nothing_to_show, icon=":material/info:")
+    st.stop()
 
 # --- the prompt ---------------------------------------------------------------------------------
 prompt_key = f"attn_prompt_{summary.id}"  # one box per run, so switching runs shows that run's default

@@ -277,7 +277,7 @@ def test_the_setup_form_keeps_its_edits_across_a_visit_to_another_page(runs_dir)
 @pytest.mark.parametrize(
     "field, value, label, allowed",
     [
-        ("n_layer", 0, "Layers", "<= 48"),
+        ("n_layer", 49, "Layers", "<= 48"),  # 0 is allowed: the bigram model
         ("n_layer", -3, "Layers", "<= 48"),
         ("n_embd", 0, "Width", "<= 4,096"),
         ("max_iters", -1, "Steps (max_iters)", ">= 1"),

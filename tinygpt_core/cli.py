@@ -101,6 +101,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     out.add_argument("--name", help="a name for the run (shown in the runs table)")
     out.add_argument(
+        "--tensorboard",
+        dest="tensorboard_dir",
+        metavar="DIR",
+        help="also write TensorBoard events (losses, lr, tokens/s, grad norm, attention images) at each eval "
+        "to DIR/<run folder name>; view them with `tensorboard --logdir DIR`",
+    )
+    out.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
@@ -113,14 +120,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default="tiny",
         help=f"named starting configuration: {', '.join(PRESETS)} (default: tiny; see `presets`)",
     )
-    model.add_argument("--n-layer", type=int, metavar="N", help="transformer blocks")
     model.add_argument("--n-embd", type=int, metavar="N", help="width of the residual stream")
     model.add_argument("--block-size", type=int, metavar="N", help="context length in tokens")
     model.add_argument("--dropout", type=float, metavar="P", help="dropout probability in [0, 1)")
     model.add_argument("--ff-mult", type=int, metavar="N", help="MLP hidden width as a multiple of --n-embd")
 
     # One flag per ablation, from the registry (tinygpt_core.ablation_registry): --no-layernorm,
-    # --pos-encoding, --attn-window N, --n-head N, --activation, --qk-norm, …
+    # --pos-encoding, --attn-window N, --n-head N, --n-layer N, --activation, --qk-norm, --no-mlp, …
     abl = p.add_argument_group("ablations", "switch parts of the GPT-2 architecture off or change them")
     ABLATIONS.add_cli_flags(abl)
 
@@ -270,6 +276,8 @@ def spec_from_args(args: argparse.Namespace):
     overrides = {
         name: value for name, value in vars(args).items() if name in _MODEL_FIELDS | _TRAIN_FIELDS and value is not None
     }
+    if args.tensorboard_dir:  # absolute, so a resume from another folder logs to the same place
+        overrides["tensorboard_dir"] = str(Path(args.tensorboard_dir).expanduser().resolve())
     if "lr" in overrides and "min_lr" not in overrides:
         overrides["min_lr"] = None  # follow the new lr (lr/10) rather than keep the preset's floor
     if args.tokenizer is not None:

@@ -456,6 +456,31 @@ def overlay_figure(
     return fig
 
 
+def ladder_figure(table: pd.DataFrame) -> go.Figure:
+    """The ladder (``ladder.ladder_table``): each rung's val loss as a bar, bottom rung first, labelled
+    with its gain over the rung below (> 0: the addition helps)."""
+    fig = go.Figure()
+    _style(fig, height=380, legend=False)
+    fig.update_yaxes(title_text=METRIC_LABELS["val_loss"])
+    known = table[table["val_loss"].notna()] if len(table) else table
+    if len(known) == 0:
+        return _empty(fig, "No val loss yet: the rungs have not been evaluated.")
+    gains = ["" if pd.isna(g) else f"{g:+.3f}" for g in known["gain"]]
+    fig.add_trace(
+        go.Bar(
+            x=[html.escape(str(r), quote=False) for r in known["rung"]],
+            y=known["val_loss"],
+            text=gains,
+            textposition="outside",
+            marker_color=[VAL_COLOR if pd.isna(g) or g > 0 else RAW_COLOR for g in known["gain"]],
+            customdata=[html.escape(str(a), quote=False) for a in known["adds"]],
+            hovertemplate="%{x}: val loss %{y:.3f}<br>gain over the rung below %{text}<br>%{customdata}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(range=[0, float(known["val_loss"].max()) * 1.15])
+    return fig
+
+
 # ---- attention ----------------------------------------------------------------------------------
 
 
