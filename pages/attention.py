@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages._common import corpus_start, known_symbols_only, open_run_picker, user_errors, weights_mtime
+from pages._common import corpus_start, kept, known_symbols_only, open_run_picker, user_errors, weights_mtime
 from tinygpt_core import dynamics
 from tinygpt_core.checkpoints import history, weights_path
 from tinygpt_core.errors import TinyGPTError
@@ -21,6 +21,7 @@ from tinygpt_core.inspection import (
     attention_maps,
     head_stats,
     induction_scores,
+    no_attention_reason,
     repeated_random_tokens,
 )
 from tinygpt_core.runs import LoadedRun
@@ -151,29 +152,33 @@ ablations = cfg.ablations()
 if ablations:
     facts += " · ablations: " + ", ".join(ablations)
 st.caption(facts)
+nothing_to_show = no_attention_reason(cfg)
+if nothing_to_show:
+    st.info(nothing_to_show, icon=":material/info:")
+    st.stop()
 
 # --- the step: the picked checkpoint, or any step the run kept ---------------------------------
-kept = history(summary.path)
+hist = history(summary.path)
 model, weights, mtime = run.model, checkpoint, weights_mtime(summary, checkpoint)
 step: int | None = None
-if kept.scrubbable:
+if hist.scrubbable:
     end = f"{checkpoint} checkpoint"
     picked_step = st.select_slider(
         "Training step",
-        options=[*kept.steps, end],
+        options=[*hist.steps, end],
         value=end,
         format_func=lambda s: f"step {s}" if isinstance(s, int) else s,
         key=f"attn_step_{summary.id}",
         help="Scrub through training: every view below is recomputed with the weights kept at that step.",
     )
-    st.caption(f":material/history: {kept.summary()}")
+    st.caption(f":material/history: {hist.summary()}")
     if isinstance(picked_step, int):
         with user_errors("Cannot open that step: "):
             model, weights, step = dynamics.model_at(summary.path, picked_step), f"step-{picked_step}", picked_step
             step_file = weights_path(summary.path, step=picked_step)
             mtime = step_file.stat().st_mtime if step_file is not None else None
 else:
-    st.caption(f":material/history: {kept.why_not_scrubbable()}")
+    st.caption(f":material/history: {hist.why_not_scrubbable()}")
 
 # --- the prompt ---------------------------------------------------------------------------------
 prompt_key = f"attn_prompt_{summary.id}"  # one box per run, so switching runs shows that run's default
@@ -195,7 +200,7 @@ with p_right:
         width="stretch",
     )
 with p_left:
-    prompt = st.text_area("Prompt", key=prompt_key, height=80)
+    prompt = st.text_area("Prompt", **kept(prompt_key), height=80)  # kept across page visits (issue 12)
 
 prompt = known_symbols_only(tok, prompt)
 if not prompt:
@@ -281,7 +286,7 @@ for start in range(0, len(shown), 3):
             st.caption(STATS[key][1])
 
 # --- over training ------------------------------------------------------------------------------
-if kept.scrubbable:
+if hist.scrubbable:
     st.subheader("Over training")
     jump = dynamics.induction_jump(run.metrics)
     st.caption(
@@ -297,14 +302,14 @@ if kept.scrubbable:
         key="attn_dyn_metric",
     )
     with user_errors("Cannot score the kept steps: "):
-        scores = _scores_over_steps(str(summary.path), tuple(kept.steps), prompt, tok)
-        unreadable = sorted(set(kept.steps) - set(scores["step"]))
+        scores = _scores_over_steps(str(summary.path), tuple(hist.steps), prompt, tok)
+        unreadable = sorted(set(hist.steps) - set(scores["step"]))
         if unreadable:
             st.warning(f"Left out step(s) {', '.join(map(str, unreadable))}: their weights cannot be read.")
         fig = head_scores_over_steps_figure(scores, metric or "induction", current_step=step, induction_step=jump)
         st.plotly_chart(fig, key="attn_dyn_scores", width="stretch")
     with user_errors("Cannot measure the loss per position: "):
-        steps, grid = _position_loss(str(summary.path), tuple(kept.steps), tok)
+        steps, grid = _position_loss(str(summary.path), tuple(hist.steps), tok)
         st.plotly_chart(
             position_loss_figure(steps, grid, induction_step=jump), key="attn_dyn_position_loss", width="stretch"
         )

@@ -133,6 +133,12 @@ def induction_jump(metrics: pd.DataFrame, min_rise: float = JUMP_MIN_RISE) -> in
     return halfway_step(metrics, "induction_score")
 
 
+def induction_marks(metrics: pd.DataFrame) -> list[tuple[int, str]]:
+    """The loss chart's marks (viz.loss_chart_data ``marks``): where induction heads form, if they did."""
+    step = induction_jump(metrics)
+    return [] if step is None else [(step, f"induction heads form (step {step})")]
+
+
 # ---------------------------------------------------------------------------------------------
 # Models at kept steps
 
@@ -259,6 +265,7 @@ __all__ = [
     "halfway_step",
     "icl_score",
     "induction_jump",
+    "induction_marks",
     "model_at",
     "plain_vocab_range",
     "position_loss",
