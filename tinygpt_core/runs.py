@@ -65,7 +65,7 @@ METRIC_COLUMNS = [
     "induction_score",  # at each eval: the best head's induction score (dynamics.eval_dynamics)
     "icl_score",  # at each eval: loss late in the context minus loss early in it (negative: context helps)
 ]
-# Columns filled only at evaluations (empty between them); an eval event carries exactly these.
+# Columns filled only at evaluations (empty between them), from the eval event of the same name.
 EVAL_METRIC_COLUMNS = ("train_loss", "val_loss", "induction_score", "icl_score")
 # Columns added after the first runs were written: an older metrics.csv lacks them (read as NaN), and a
 # resumed old run keeps appending under its own header.
