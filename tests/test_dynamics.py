@@ -64,6 +64,14 @@ def test_a_head_that_copies_the_previous_token_scores_one():
     assert torch.allclose(out, expected, atol=1e-5)
 
 
+def test_best_induction_score_of_a_constructed_induction_head_is_one():
+    from tests.test_inspection import InductionModel  # layer 1, head 0 attends like a perfect induction head
+
+    # 40 tokens: the probe's 32 random ones then never repeat within a copy, so the earlier copy is unambiguous
+    tok = CharTokenizer.train("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN")
+    assert dynamics.best_induction_score(InductionModel(vocab=40, block=64), tok) == pytest.approx(1.0)
+
+
 def test_icl_score_hand_worked():
     per_position = np.arange(20, dtype=float)  # loss = position: late positions cost more
     # early = positions [1, 3) (5%..15% of 20), late = [18, 20): 18.5 - 1.5
