@@ -13,7 +13,9 @@ from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
 from tinygpt_core.runs import RunStore
 from tinygpt_core.training import TrainSpec, train
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+# heavy: a server of its own and chromium cost a minute or more on 2 cores, which the README's default
+# test command (under 5 min) cannot absorb; `python -m pytest -m heavy` runs it.
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.heavy]
 
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 # The first attention grid's first heatmap, as plotly parsed it (z rows of the first head).
