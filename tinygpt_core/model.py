@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import ConfigError
 
-# A layer's cached keys and values for incremental decoding: (k, v), each (B, nh, T_past, hs).
-KVCache = tuple[torch.Tensor, torch.Tensor]
 QK_NORM_EPS = 1e-6
 
 
@@ -30,7 +28,7 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, vocab)
     loss: torch.Tensor | None = None  # mean cross-entropy over all positions, None without targets
     attentions: list[torch.Tensor] | None = None  # one (B, nh, T, T_total) tensor per layer, when asked
-    past_kv: list[KVCache] | None = None  # per-layer cache, when use_cache=True
+    past_kv: KVCache | None = None  # the cache (written in place), when use_cache=True
 
 
 def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
@@ -57,6 +55,67 @@ def attention_mask(t_query: int, t_key: int, window: int | None, device=None) ->
     return allowed
 
 
+class KVCache:
+    """Every layer's keys and values for incremental decoding, preallocated for the whole context.
+
+    Pass it as ``past_kv`` and the model copies the new tokens' keys and values into the buffers
+    in place: a decoded token costs a copy of its own entries, not a concatenation of everything
+    cached so far. ``length`` is how many tokens it holds (the next token's position);
+    ``cache[i]`` is layer i's ``LayerKV``, which unpacks as (k, v), each (B, nh, length, hs).
+    ``reorder`` follows beam search's choice of parents, ``reset`` empties it and keeps the buffers.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len, self.length = max_len, 0  # max_len: the model's block_size
+        self.layers = [LayerKV(self) for _ in range(n_layer)]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> LayerKV:
+        return self.layers[i]
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row b now continues the old row rows[b] (beam search); rows may change the batch size."""
+        for layer in self.layers:
+            if layer.k is not None:
+                layer.k, layer.v = layer.k.index_select(0, rows), layer.v.index_select(0, rows)
+
+
+class LayerKV:
+    """One layer's part of a ``KVCache``: buffers (B, nh, max_len, hs) allocated by the first write."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nh, T, hs) at positions length..length+T; return the keys and values up to there.
+
+        The cache's length moves on once every layer has written (``GPT.forward``)."""
+        start, T = self.cache.length, k.size(2)
+        if self.k is None or self.k.shape[:2] != k.shape[:2] or self.k.dtype != k.dtype:
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.cache.max_len, hs)
+            self.v = v.new_empty(B, nh, self.cache.max_len, hs)
+        self.k.narrow(2, start, T).copy_(k)
+        self.v.narrow(2, start, T).copy_(v)
+        return self.k.narrow(2, 0, start + T), self.v.narrow(2, 0, start + T)
+
+    def __iter__(self):
+        if self.k is None:
+            raise ConfigError("This layer's KV cache is empty: run the model with it first.")
+        n = self.cache.length
+        return iter((self.k.narrow(2, 0, n), self.v.narrow(2, 0, n)))
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return tuple(self)[i]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -73,8 +132,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, past: KVCache | None = None, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None, KVCache]:
+        self, x: torch.Tensor, past: LayerKV | None = None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         if self.swap_qk:  # the ablation: each projection plays the other's role
@@ -84,8 +143,7 @@ class CausalSelfAttention(nn.Module):
             # In float32 (the gains' dtype) whatever autocast made of q and k, then back to v's dtype.
             q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if past is not None:
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, T_total, hs)
-            v = torch.cat([past[1], v], dim=2)
+            k, v = past.append(k, v)  # (B, nh, T_total, hs): the cached past and these T tokens
         t_total = k.size(2)
         kv, dtype = (k, v), q.dtype
 
@@ -104,16 +162,16 @@ class CausalSelfAttention(nn.Module):
                 # at 4.1 vs 0.8 ms a layer on the baby model), so bf16 runs attend in fp32 there;
                 # autocast would cast the inputs straight back to bf16, hence it is paused.
                 with torch.autocast("cpu", enabled=False):
-                    y = self._sdpa(q.float(), k.float(), v.float(), p, past is not None)
+                    y = self._sdpa(q.float(), k.float(), v.float(), p).to(dtype)
             else:
-                y = self._sdpa(q, k, v, p, past is not None)
-        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+                y = self._sdpa(q, k, v, p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y)), weights, kv
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, cached: bool) -> torch.Tensor:
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
         """Fused attention of q (B, nh, T, hs) over k, v (B, nh, T_total, hs): causal, windowed if configured."""
         T, t_total = q.size(2), k.size(2)
-        if self.window is None and not cached:
+        if self.window is None and T == t_total:  # no cached past: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         if self.window is None and T == 1:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one new token sees the whole cache
@@ -148,7 +206,7 @@ class Block(nn.Module):
         # use_mlp=False (the no-mlp ablation) leaves attention alone in the block: no MLP, no norm before it.
         self.ln_2, self.mlp = (_norm(cfg), MLP(cfg)) if cfg.use_mlp else (None, None)
 
-    def forward(self, x: torch.Tensor, past: KVCache | None = None, need_weights: bool = False):
+    def forward(self, x: torch.Tensor, past: LayerKV | None = None, need_weights: bool = False):
         if self.pre_norm:
             a, weights, kv = self.attn(self.ln_1(x), past, need_weights)
             x = x + a if self.residual else a
@@ -211,7 +269,9 @@ class GPT(nn.Module):
         if self.bigram:
             return 0.0
         if self.config.pos_encoding == "learned":
-            return self.wpe(torch.arange(start, start + T, device=device))  # (T, C)
+            # Rows start..start+T of the table: the same as wpe(arange), without building the indices
+            # (a decoded token's step is dispatch-bound) and with a plain slice-add backward.
+            return self.wpe.weight[start : start + T]  # (T, C)
         if self.config.pos_encoding == "sinusoidal":
             return self.sin_table[start : start + T]
         return 0.0
@@ -221,22 +281,30 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         return_attention: bool = False,
-        past_kv: list[KVCache] | None = None,
+        past_kv: KVCache | None = None,
         use_cache: bool = False,
     ) -> ModelOutput:
+        """Logits of every position; with ``past_kv`` (a ``KVCache``) the tokens continue the cached ones.
+
+        The cache is written in place. ``use_cache=True`` returns it as ``.past_kv`` (a new one,
+        holding block_size tokens, when none was passed).
+        """
         B, T = idx.shape
-        start = past_kv[0][0].size(2) if past_kv else 0  # a bigram model's cache is empty: it has no layers
+        if use_cache and past_kv is None:
+            past_kv = KVCache(len(self.blocks), self.config.block_size)
+        start = 0 if past_kv is None else past_kv.length  # a bigram model's cache has no layers, only a length
         if start + T > self.config.block_size:
             raise ConfigError(
                 f"Sequence of {start + T} tokens is longer than the model's context ({self.config.block_size}). "
                 "Keep only its last block_size tokens (the samplers and inspection do this for you)."
             )
         x = self.drop(self.wte(idx) + self.position_embedding(start, T, idx.device))  # (B, T, C)
-        attentions, new_kv = [], []
+        attentions = []
         for i, block in enumerate(self.blocks):
-            x, weights, kv = block(x, None if past_kv is None else past_kv[i], return_attention)
+            x, weights, _ = block(x, None if past_kv is None else past_kv[i], return_attention)
             attentions.append(weights)
-            new_kv.append(kv)
+        if past_kv is not None:
+            past_kv.length = start + T
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -245,7 +313,7 @@ class GPT(nn.Module):
             logits=logits,
             loss=loss,
             attentions=attentions if return_attention else None,
-            past_kv=new_kv if use_cache else None,
+            past_kv=past_kv if use_cache else None,
         )
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:

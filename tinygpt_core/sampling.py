@@ -9,12 +9,22 @@ One module owns every way the lab picks tokens:
 - per-step records (``StepInfo``) and summary statistics (``text_stats``) for the app;
 - ``next_token_distribution``: what each setting keeps and cuts of one distribution.
 
-Context length. A model sees at most ``block_size`` tokens. Without the cache every step runs the
-model on the last ``block_size`` tokens. With the cache, tokens are appended one at a time until
-the context is full; after that the oldest token drops out at every step, which shifts every
-position, so the cached keys and values (computed at the old positions) no longer hold. The cache
-is then rebuilt at every step from the last ``block_size`` tokens: past ``block_size`` the cache
-saves nothing, but cached and uncached generation stay token-for-token identical.
+Context length. A model sees at most ``block_size`` tokens; ``context_length`` says which of the
+last tokens it sees, and the cached and uncached paths both follow it, so they pick the same tokens.
+With the cache, tokens are appended one at a time (in place, ``model.KVCache``) until the context
+is full. Then the window must slide, and a slide cannot reuse the cache: with learned (or
+sinusoidal) absolute positions every kept token moves to a new position, and even without
+positions every key and value past the first layer was computed while attending to the token
+that dropped out. ``SamplingSettings.context_slide`` picks the trade-off:
+
+- 1 (the default, exact): the model always sees the last ``block_size`` tokens. Past the context
+  every step is a full forward of block_size tokens; no cache is built for it, since the next
+  token would slide it again.
+- s > 1: the window jumps ahead s tokens at a time, so the model sees between block_size - s + 1
+  and block_size tokens, and the cache is rebuilt once every s tokens (one forward of
+  block_size - s + 1 tokens) and extended one token at a time in between. ``block_size // 2``
+  (llama.cpp's "context shift" keeps half of the context the same way) makes a long generation
+  cost about what a generation inside the context costs; bench/generation.py measures both.
 
 Empty prompts. A model needs at least one token to condition on; an empty prompt starts from the
 encoding of a newline when the tokenizer has one (a natural "start of text" in most corpora), and
@@ -37,6 +47,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, TokenizerError
+from .model import KVCache
 
 STRATEGIES = ("greedy", "sample", "beam")
 MAX_NEW_TOKENS = 100_000  # a bound on one request: a typo of extra zeros must not tie up a shared server
@@ -206,6 +217,7 @@ class SamplingSettings:
     min_p: float | None = None  # sample only: keep tokens at least this fraction as likely as the top one
     repetition_penalty: float = 1.0  # every strategy: > 1 discourages tokens already in the context
     num_beams: int = 4  # beam only
+    context_slide: int = 1  # past the context, the window jumps this many tokens (1 = exact; see above)
     length_penalty: float = 1.0  # beam only: score = sum of log-probs / length ** length_penalty
     max_new_tokens: int = 100
     seed: int | None = None  # sample only: the same seed gives the same text
@@ -229,6 +241,10 @@ class SamplingSettings:
             raise ConfigError(
                 f"max_new_tokens must be a whole number from 1 to {MAX_NEW_TOKENS:,}, got {self.max_new_tokens!r}."
             )
+        if not _is_int(self.context_slide) or self.context_slide < 1:
+            raise ConfigError(
+                f"context_slide must be a whole number >= 1 (1 = the exact sliding window), got {self.context_slide!r}."
+            )
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise ConfigError(f"seed must be a whole number >= 0 or None, got {self.seed!r}.")
         return self
@@ -251,6 +267,8 @@ class SamplingSettings:
                 parts.append(f"min-p={self.min_p:g}")
         if self.repetition_penalty != 1.0:
             parts.append(f"rep={self.repetition_penalty:g}")
+        if self.context_slide != 1:
+            parts.append(f"slide={self.context_slide}")
         return " ".join(parts)
 
 
@@ -298,36 +316,63 @@ class GenerationResult:
 # The KV cache
 
 
-class _NextLogits:
-    """Next-token logits for a growing batch of sequences, through the KV cache when allowed.
+def context_length(total: int, block_size: int, slide: int = 1) -> int:
+    """How many of the last ``total`` tokens the model sees when it predicts the token after them.
 
-    Call it with the whole sequences so far (B, T); it returns float32 logits (B, V) for the token
-    that follows. With the cache, a call whose sequences are one token longer than the last call's
-    (and still fit in block_size) feeds only that token; anything else (the first call, or a
-    context that has outgrown block_size) recomputes the cache from the last block_size tokens.
+    All of them up to ``block_size``. Past it the window starts at the smallest multiple of
+    ``slide`` that leaves at most block_size tokens: slide=1 keeps exactly the last block_size;
+    slide=s drops s tokens at once whenever the window is full, so it sees block_size - s + 1 to
+    block_size tokens.
+    """
+    if total <= block_size:
+        return total
+    start = slide * -(-(total - block_size) // slide)  # ceil((total - block_size) / slide) slides
+    return total - start
+
+
+class _NextLogits:
+    """Next-token logits for a batch of sequences that grow one token per call, through the KV cache.
+
+    Call it with the sequences so far (B, T), or with at least their last block_size tokens and
+    ``total`` = their whole length; it returns float32 logits (B, V) for the token that follows,
+    from the window ``context_length`` gives. With the cache, a window that grew by one token since
+    the last call feeds only that token; any other (the first call, a slide) refills the cache
+    from the window, or, for a full window (which the next token slides anyway), runs it uncached.
     """
 
-    def __init__(self, model: torch.nn.Module, use_cache: bool):
-        self.model, self.use_cache = model, use_cache
+    def __init__(self, model: torch.nn.Module, use_cache: bool, slide: int = 1):
+        self.model, self.use_cache, self.slide = model, use_cache, slide
         self.block_size: int = model.config.block_size
-        self.past: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.seen_len = 0  # length of the sequences the cache describes
+        if slide > self.block_size:
+            raise ConfigError(
+                f"context_slide ({slide}) cannot exceed the model's context ({self.block_size} tokens); "
+                f"{max(1, self.block_size // 2)} (half the context) is a good choice."
+            )
+        self.cache = KVCache(model.config.n_layer, self.block_size) if use_cache else None
+        self.valid = False  # the cache holds the window of the last call
+        self.seen_len = 0  # length of the sequences of the last call
 
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.size(1)
-        if not self.use_cache:
-            return self.model(idx[:, -self.block_size :]).logits[:, -1].float()
-        if self.past is not None and T == self.seen_len + 1 and T <= self.block_size:
-            out = self.model(idx[:, -1:], past_kv=self.past, use_cache=True)  # one token's work
+    def __call__(self, idx: torch.Tensor, total: int | None = None) -> torch.Tensor:
+        T = idx.size(1) if total is None else total
+        L = context_length(T, self.block_size, self.slide)
+        if self.cache is None:
+            out = self.model(idx[:, -L:])
+        elif self.valid and T == self.seen_len + 1 and L == self.cache.length + 1:
+            out = self.model(idx[:, -1:], past_kv=self.cache)  # one token's work
+        elif L < self.block_size:  # (re)fill: the next tokens extend this window
+            self.cache.reset()
+            out = self.model(idx[:, -L:], past_kv=self.cache)
+            self.valid = True
         else:
-            out = self.model(idx[:, -self.block_size :], use_cache=True)  # (re)build the cache
-        self.past, self.seen_len = out.past_kv, T
+            out = self.model(idx[:, -L:])
+            self.valid = False
+        self.seen_len = T
         return out.logits[:, -1].float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: sequence b now continues the old sequence rows[b]; its cache must follow."""
-        if self.past is not None:
-            self.past = [(k[rows], v[rows]) for k, v in self.past]
+        if self.valid:
+            self.cache.reorder(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,13 +431,17 @@ def _sample_loop(
     recorder: _Recorder | None = None,
 ) -> torch.Tensor:
     """Greedy or sampled decoding of (B, T) -> (B, T + max_new_tokens)."""
-    next_logits = _NextLogits(model, use_cache)
+    next_logits = _NextLogits(model, use_cache, settings.context_slide)
     greedy = settings.strategy == "greedy"
-    for _ in range(max_new_tokens):
-        raw = next_logits(idx)  # (B, V) the model's own
+    B, T0 = idx.shape
+    out = idx.new_empty(B, T0 + max_new_tokens)  # every token written in place, no concatenation per step
+    out[:, :T0] = idx
+    for t in range(T0, T0 + max_new_tokens):
+        seq = out[:, :t]  # (B, t) the sequences so far
+        raw = next_logits(seq)  # (B, V) the model's own
         logits = raw
         if settings.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, idx, settings.repetition_penalty)
+            logits = apply_repetition_penalty(logits, seq, settings.repetition_penalty)
         if greedy:
             used = None
             nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1); ties go to the lowest id
@@ -410,8 +459,8 @@ def _sample_loop(
             # greedy keeps only its pick, as top-k=1 does: probability 1 (log 0) where it picked
             picked = torch.zeros(()) if used is None else torch.log_softmax(used[0], dim=-1)[token]
             recorder.add(raw[0], picked, token)
-        idx = torch.cat([idx, nxt], dim=1)
-    return idx
+        out[:, t] = nxt[:, 0]
+    return out
 
 
 def _beam_search(
@@ -441,7 +490,7 @@ def _beam_search(
     back-pointers once, at the end, instead of re-indexing the whole history at every step.
     """
     nb = settings.num_beams
-    next_logits = _NextLogits(model, use_cache)
+    next_logits = _NextLogits(model, use_cache, settings.context_slide)
     block = next_logits.block_size
     window = idx[:, -block:]  # (b, <= block) what the model sees of each beam; one beam to start with
     scores = torch.zeros(1, device=idx.device)  # (b,) summed log-probs
@@ -450,8 +499,8 @@ def _beam_search(
     parents: list[torch.Tensor] = []  # per step (nb,): the beam each surviving beam extends
     chosen_tokens: list[torch.Tensor] = []  # per step (nb,): the token it appended
     records: list[list[torch.Tensor]] = []  # per step: (nb, ...) tensors for StepInfo
-    for _ in range(max_new_tokens):
-        raw = logits = next_logits(window)  # (b, V); raw: the model's own, for StepInfo
+    for step in range(max_new_tokens):
+        raw = logits = next_logits(window, total=idx.size(1) + step)  # (b, V); raw: the model's own, for StepInfo
         V = logits.size(-1)
         if penalty != 1.0:
             if seen is None:
