@@ -82,17 +82,23 @@ def machine_line() -> str:
 # Timing
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each function, measured in turns: A B C A B C ... (after ``warmup`` unmeasured rounds)."""
+def interleaved(
+    fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, cpu: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in turns: A B C A B C ... (after ``warmup`` unmeasured rounds).
+
+    With ``cpu`` (a dict) the process's CPU seconds per call are collected there too."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c0)
     return times
 
 

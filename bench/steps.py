@@ -11,8 +11,10 @@ and the precision handling.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -83,12 +85,61 @@ def hf_step(
 
     from tinygpt_core.export import hf_config
 
+    config = {k: v for k, v in hf_config(model_cfg).items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**config))
+
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+    return _peer_step(model, loss_of, model_cfg, train_cfg, train_ids, precision, seed, name, "transformers")
+
+
+def nanogpt_step(
+    checkout: str | Path,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    train_ids: torch.Tensor,
+    *,
+    precision: str = "fp32",
+    seed: int = 1337,
+    name: str | None = None,
+) -> Stepper:
+    """nanoGPT's own ``model.py`` (from a checkout of it, read where it lies) with the same sizes and batches.
+
+    Its ``configure_optimizers`` fuses AdamW only on CUDA; here it gets the same fused AdamW as the
+    other contenders, so the model code is the only difference."""
+    path = Path(checkout) / "model.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"No model.py in {checkout}: give the root of a nanoGPT checkout.")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = model_cfg
+    torch.manual_seed(seed)
+    model = mod.GPT(
+        mod.GPTConfig(
+            block_size=c.block_size,
+            vocab_size=c.vocab_size,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            n_embd=c.n_embd,
+            dropout=c.dropout,
+            bias=c.bias,
+        )
+    )
+    # with targets its forward returns (logits, mean cross-entropy): the loss its own train.py uses
+    loss_of = lambda x, y: model(x, y)[1]  # noqa: E731
+    return _peer_step(model, loss_of, model_cfg, train_cfg, train_ids, precision, seed, name, "nanoGPT")
+
+
+def _peer_step(model, loss_of, model_cfg, train_cfg, train_ids, precision, seed, name, label) -> Stepper:
+    """A peer model's standard training step: the same batches, loss, clipping and fused AdamW as ours."""
     tcfg = _seeded(train_cfg, seed)
     device = resolve_device(tcfg.device)
     precision = resolve_precision(precision, device)
-    config = {k: v for k, v in hf_config(model_cfg).items() if k not in ("architectures", "model_type")}
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(**config)).to(device).train()
+    model = model.to(device).train()
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
@@ -108,8 +159,7 @@ def hf_step(
         for _ in range(tcfg.grad_accum):
             x, y = get_batch(train_ids, T, B, gen, device)
             with autocast(device, precision):
-                logits = model(input_ids=x).logits
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)) / tcfg.grad_accum
+                loss = loss_of(x, y) / tcfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
         if tcfg.grad_clip > 0:
@@ -118,6 +168,6 @@ def hf_step(
         opt.zero_grad(set_to_none=True)
         return loss_sum
 
-    n = sum(p.numel() for p in params) - model.transformer.wpe.weight.numel()
+    n = sum(p.numel() for p in params) - model_cfg.block_size * model_cfg.n_embd  # nanoGPT: no position table
     flops = 6 * n + 12 * model_cfg.n_layer * model_cfg.n_embd * T  # same estimate as GPT.flops_per_token
-    return Stepper(name or f"transformers {precision}", step, precision, B * tcfg.grad_accum * T, flops, model)
+    return Stepper(name or f"{label} {precision}", step, precision, B * tcfg.grad_accum * T, flops, model)

@@ -1,20 +1,24 @@
-"""Bench 1: training tokens/s of our step against transformers' GPT-2, same sizes and same batches.
+"""Bench 1: training tokens/s of our step against transformers' GPT-2 (and nanoGPT's model), same sizes and batches.
 
 For each preset (``baby``, ``shakespeare-char``) it times, in turns, our step in fp32 and in the
-default speed mode (``auto``) and the transformers peer in fp32 and bf16 autocast, then reports
-tokens/s, the ratio to the peer, and model FLOPs utilisation (nanoGPT's 6N + 12·L·C·T FLOPs per
-token) against the fp32 and bf16 matmul peaks this script measures on the same machine.
+default speed mode (``auto``), the transformers peer in fp32 and bf16 autocast, and, given a
+nanoGPT checkout (``--nanogpt PATH`` or $BENCH_NANOGPT), nanoGPT's own ``model.py`` in both too,
+then reports tokens/s, the ratio to each peer **in the same precision** (fp32 against fp32, bf16
+against bf16), and model FLOPs utilisation (nanoGPT's 6N + 12·L·C·T FLOPs per token) against the
+fp32 and bf16 matmul peaks this script measures on the same machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+from pathlib import Path
 
 import torch
 
 from bench.common import Report, corpus_source, interleaved, matmul_peaks, median
-from bench.steps import hf_step, our_step
+from bench.steps import hf_step, nanogpt_step, our_step
 from tinygpt_core.config import get_preset
 from tinygpt_core.data import load_corpus, split_ids
 from tinygpt_core.tokenizers import train_tokenizer
@@ -30,7 +34,9 @@ def load_ids(source: str | None = None) -> tuple[torch.Tensor, int]:
     return split_ids(ids, 0.1)[0], tok.vocab_size
 
 
-def measure(preset: str, train_ids: torch.Tensor, vocab: int, rounds: int, quick: bool = False) -> list[dict]:
+def measure(
+    preset: str, train_ids: torch.Tensor, vocab: int, rounds: int, quick: bool = False, nanogpt: str | None = None
+) -> list[dict]:
     """Median seconds per step for each contender of ``preset``, measured A B C D A B C D ..."""
     p = get_preset(preset)
     model_cfg = p.model_config(vocab_size=vocab)
@@ -43,6 +49,8 @@ def measure(preset: str, train_ids: torch.Tensor, vocab: int, rounds: int, quick
         hf_step(model_cfg, train_cfg, train_ids, precision="fp32"),
         hf_step(model_cfg, train_cfg, train_ids, precision="bf16"),
     ]
+    if nanogpt:
+        steppers += [nanogpt_step(nanogpt, model_cfg, train_cfg, train_ids, precision=p) for p in ("fp32", "bf16")]
     steppers[1].name = f"ours auto ({steppers[1].precision})"
     times = interleaved({s.name: s.step for s in steppers}, rounds=rounds, warmup=2)
     return [
@@ -57,7 +65,22 @@ def measure(preset: str, train_ids: torch.Tensor, vocab: int, rounds: int, quick
     ]
 
 
-def run(quick: bool = False, presets: tuple[str, ...] = ("baby", "shakespeare-char"), results=None) -> dict:
+def same_precision(rows: list[dict], label: str, r: dict) -> str:
+    """r's speed-up over the peer named ``label`` in r's own precision (stored in r as "vs <label>")."""
+    peer = next((p for p in rows if p["name"].startswith(label) and p["precision"] == r["precision"]), None)
+    if peer is None or r["name"].startswith(label):
+        return "–"
+    r[f"vs {label}"] = peer["s_per_step"] / r["s_per_step"]
+    return f"{r[f'vs {label}']:.2f}×"
+
+
+def run(
+    quick: bool = False,
+    presets: tuple[str, ...] = ("baby", "shakespeare-char"),
+    results=None,
+    nanogpt: str | None = None,
+) -> dict:
+    nanogpt = nanogpt or os.environ.get("BENCH_NANOGPT")
     train_ids, vocab = load_ids()
     peaks = matmul_peaks(n=1024 if quick else 2048, reps=3 if quick else 7)
     report = Report("1. Training throughput: ours vs transformers GPT2LMHeadModel", quick=quick)
@@ -68,35 +91,41 @@ def run(quick: bool = False, presets: tuple[str, ...] = ("baby", "shakespeare-ch
     out: dict = {"peaks": peaks}
     for preset in presets:
         rounds = 3 if quick else ROUNDS.get(preset, 5)
-        rows = measure(preset, train_ids, vocab, rounds, quick)
-        peer = next(r for r in rows if r["name"] == "transformers fp32")
-        best_peer = min((r for r in rows if r["name"].startswith("transformers")), key=lambda r: r["s_per_step"])
+        rows = measure(preset, train_ids, vocab, rounds, quick, nanogpt)
+
         table = []
         for r in rows:
             tps = r["tokens_per_step"] / r["s_per_step"]
             gflops = tps * r["flops_per_token"] / 1e9
-            r.update(
-                tokens_per_s=tps,
-                vs_peer_fp32=peer["s_per_step"] / r["s_per_step"],
-                vs_best_peer=best_peer["s_per_step"] / r["s_per_step"],
-                mfu_fp32=gflops / peaks["fp32"],
-                mfu_bf16=gflops / peaks["bf16"],
-            )
+            r.update(tokens_per_s=tps, mfu_fp32=gflops / peaks["fp32"], mfu_bf16=gflops / peaks["bf16"])
             table.append(
                 [
                     r["name"],
                     f"{r['s_per_step'] * 1e3:.1f}",
                     f"{tps:,.0f}",
-                    f"{r['vs_peer_fp32']:.2f}×",
-                    f"{r['vs_best_peer']:.2f}×",
+                    same_precision(rows, "transformers", r),
+                    same_precision(rows, "nanoGPT", r) if nanogpt else "not run",
                     f"{100 * r['mfu_fp32']:.0f}%",
                     f"{100 * r['mfu_bf16']:.0f}%",
                 ]
             )
         b, t = rows[0]["tokens_per_step"], get_preset(preset).model.get("block_size")
-        report.add(f"**{preset}** (batch {b // t}, context {t}; median of {rounds} interleaved steps each)")
+        report.add(
+            f"**{preset}** (batch {b // t}, context {t}; median of {rounds} interleaved steps each; "
+            f"torch threads {torch.get_num_threads()})"
+            + ("" if nanogpt else "; nanoGPT not run (give --nanogpt PATH or $BENCH_NANOGPT)")
+        )
         report.add_table(
-            ["step", "ms/step", "tokens/s", "vs HF fp32", "vs HF best", "MFU fp32 peak", "MFU bf16 peak"], table
+            [
+                "step",
+                "ms/step",
+                "tokens/s",
+                "vs transformers, same precision",
+                "vs nanoGPT, same precision",
+                "MFU fp32 peak",
+                "MFU bf16 peak",
+            ],
+            table,
         )
         out[preset] = rows
     report.emit(results)
@@ -107,8 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few small steps: checks the script, not the speed")
     ap.add_argument("--preset", action="append", help="preset(s) to time (default: baby and shakespeare-char)")
+    ap.add_argument("--nanogpt", metavar="PATH", help="a nanoGPT checkout: also time its model.py (or $BENCH_NANOGPT)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--results", type=Path, help="append the tables here instead of bench/RESULTS.md")
     args = ap.parse_args(argv)
-    run(args.quick, tuple(args.preset or ("baby", "shakespeare-char")))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(args.quick, tuple(args.preset or ("baby", "shakespeare-char")), args.results, args.nanogpt)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,19 @@ def test_context_length_exact_and_sliding():
     assert [context_length(t, 8, 4) for t in range(7, 18)] == [7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5]
     # slide = block_size: a slide keeps only the newest token
     assert [context_length(t, 8, 8) for t in (8, 9, 16, 17)] == [8, 1, 8, 1]
+    # a 20-token prompt starts from its last 8 tokens (origin 12) and slides from there
+    assert [context_length(t, 8, 4, origin=12) for t in (20, 21, 24, 25)] == [8, 5, 8, 5]
+
+
+def test_a_prompt_longer_than_the_context_is_seen_whole_then_slides():
+    model = tiny(seed=1)
+    prompt = torch.randint(0, V, (1, 20), generator=torch.Generator().manual_seed(2))
+    s = SamplingSettings(strategy="greedy", context_slide=BLOCK // 2)
+    with torch.no_grad():
+        first = model(prompt[:, -BLOCK:]).logits[0, -1].argmax()
+    cached = generate_ids(model, prompt, 30, s, use_cache=True)
+    assert cached[0, 20] == first
+    assert torch.equal(cached, generate_ids(model, prompt, 30, s, use_cache=False))
 
 
 @pytest.mark.parametrize("slide", [1, 5])

@@ -316,17 +316,18 @@ class GenerationResult:
 # The KV cache
 
 
-def context_length(total: int, block_size: int, slide: int = 1) -> int:
+def context_length(total: int, block_size: int, slide: int = 1, origin: int = 0) -> int:
     """How many of the last ``total`` tokens the model sees when it predicts the token after them.
 
-    All of them up to ``block_size``. Past it the window starts at the smallest multiple of
-    ``slide`` that leaves at most block_size tokens: slide=1 keeps exactly the last block_size;
-    slide=s drops s tokens at once whenever the window is full, so it sees block_size - s + 1 to
-    block_size tokens.
+    ``origin`` is where the first window started (a prompt longer than the context starts with its
+    last block_size tokens: origin = prompt length - block_size). Up to block_size tokens after the
+    origin it sees them all; past that the window jumps ``slide`` tokens at a time, as few jumps as
+    leave at most block_size tokens: slide=1 keeps exactly the last block_size; slide=s sees
+    block_size - s + 1 to block_size tokens.
     """
-    if total <= block_size:
-        return total
-    start = slide * -(-(total - block_size) // slide)  # ceil((total - block_size) / slide) slides
+    if total - origin <= block_size:
+        return total - origin
+    start = origin + slide * -(-(total - origin - block_size) // slide)  # ceil(overflow / slide) jumps
     return total - start
 
 
@@ -351,10 +352,13 @@ class _NextLogits:
         self.cache = KVCache(model.config.n_layer, self.block_size) if use_cache else None
         self.valid = False  # the cache holds the window of the last call
         self.seen_len = 0  # length of the sequences of the last call
+        self.origin: int | None = None  # where the first window started (set by the first call)
 
     def __call__(self, idx: torch.Tensor, total: int | None = None) -> torch.Tensor:
         T = idx.size(1) if total is None else total
-        L = context_length(T, self.block_size, self.slide)
+        if self.origin is None:
+            self.origin = max(0, T - self.block_size)
+        L = context_length(T, self.block_size, self.slide, self.origin)
         if self.cache is None:
             out = self.model(idx[:, -L:])
         elif self.valid and T == self.seen_len + 1 and L == self.cache.length + 1:
