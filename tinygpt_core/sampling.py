@@ -217,10 +217,10 @@ class SamplingSettings:
     min_p: float | None = None  # sample only: keep tokens at least this fraction as likely as the top one
     repetition_penalty: float = 1.0  # every strategy: > 1 discourages tokens already in the context
     num_beams: int = 4  # beam only
-    context_slide: int = 1  # past the context, the window jumps this many tokens (1 = exact; see above)
     length_penalty: float = 1.0  # beam only: score = sum of log-probs / length ** length_penalty
     max_new_tokens: int = 100
     seed: int | None = None  # sample only: the same seed gives the same text
+    context_slide: int = 1  # past the context, the window jumps this many tokens (1 = exact; see above)
 
     def validate(self, vocab_size: int | None = None) -> SamplingSettings:
         """Check every field (ConfigError naming the fix); ``vocab_size`` bounds num_beams when given."""
