@@ -53,21 +53,16 @@ def test_a_prompt_longer_than_the_context_is_seen_whole_then_slides():
     assert torch.equal(cached, generate_ids(model, prompt, 30, s, use_cache=False))
 
 
-@pytest.mark.parametrize("slide", [1, 5])
 @pytest.mark.parametrize(
-    "kw",
-    [
-        dict(attn_window=5),
-        dict(pos_encoding="sinusoidal", qk_norm=True),
-        dict(pos_encoding="none", norm_position="post"),
-    ],
+    "kw, slide",
+    [({}, 5), (dict(attn_window=5, pos_encoding="sinusoidal", qk_norm=True), 1), (dict(pos_encoding="none"), 5)],
 )
-def test_cached_logits_equal_the_recomputed_window_across_slides(slide, kw):
+def test_cached_logits_equal_the_recomputed_window_across_slides(kw, slide):
     model = tiny(**kw)
-    seq = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
+    seq = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(1))
     cached, recomputed = _NextLogits(model, True, slide), _NextLogits(model, False, slide)
     with torch.no_grad():
-        for t in range(3, 41):  # one token at a time, through the context and several slides
+        for t in range(3, 33):  # one token at a time, through the context and several slides
             L = context_length(t, BLOCK, slide)
             by_hand = model(seq[:, t - L : t]).logits[:, -1]
             got = cached(seq[:, :t])
@@ -76,15 +71,16 @@ def test_cached_logits_equal_the_recomputed_window_across_slides(slide, kw):
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
-@pytest.mark.parametrize("slide", [1, BLOCK // 2])
-def test_cached_generation_picks_the_recomputed_tokens_across_slides(strategy, slide):
+def test_cached_generation_picks_the_recomputed_tokens_across_slides(strategy):
+    """(The exact window, slide 1, is covered by test_sampling's cache tests.)"""
+    slide = BLOCK // 2
     model = tiny(seed=2)
     s = SamplingSettings(strategy=strategy, num_beams=3, temperature=1.3, context_slide=slide, repetition_penalty=1.2)
     idx = torch.tensor([[1, 2, 3, 4, 5]])
     gen = (lambda: torch.Generator().manual_seed(4)) if strategy == "sample" else (lambda: None)
-    with_cache = generate_ids(model, idx, 40, s, use_cache=True, generator=gen())  # 45 tokens: 3 slides of 8
-    without = generate_ids(model, idx, 40, s, use_cache=False, generator=gen())
-    assert with_cache.shape == (1, 45)
+    with_cache = generate_ids(model, idx, 30, s, use_cache=True, generator=gen())  # 35 tokens: 3 slides of 8
+    without = generate_ids(model, idx, 30, s, use_cache=False, generator=gen())
+    assert with_cache.shape == (1, 35)
     assert torch.equal(with_cache, without)
 
 
@@ -132,7 +128,7 @@ def test_sliding_decoding_work_is_linear_and_rebuilds_once_per_slide():
     model = tiny()
     fed = count_fed_tokens(model)
     idx = torch.tensor([[1, 2, 3]])
-    n = 100
+    n = 60
     generate_ids(model, idx, n, SamplingSettings(strategy="greedy", context_slide=8))
     # the prompt, then the window fills one token at a time; each slide refills 9 and 7 more follow
     slides = sum(1 for k in fed if k > 1) - 1
@@ -141,7 +137,7 @@ def test_sliding_decoding_work_is_linear_and_rebuilds_once_per_slide():
     sliding_work = sum(fed)
     fed.clear()
     generate_ids(model, idx, n, SamplingSettings(strategy="greedy"))
-    assert sum(fed) > 6 * sliding_work  # ~block_size tokens per step past the context
+    assert sum(fed) > 5 * sliding_work  # block_size tokens per step past the context
     assert max(fed) == BLOCK
 
 
@@ -151,15 +147,15 @@ def test_beam_search_feeds_one_token_per_beam_per_step_and_its_work_is_linear():
     s = SamplingSettings(strategy="beam", num_beams=4, context_slide=4)
     work = {}
     with torch.no_grad():
-        for n in (20, 40, 60):
+        for n in (20, 28, 36):
             fed.clear()
             seqs, _ = _beam_search(model, torch.tensor([[1, 2]]), n, s, True)
             assert seqs.shape == (4, 2 + n)
             work[n] = sum(fed)
     assert fed[0] == 2 and fed[1:14] == [4] * 13  # the context fills one token per beam per step
     assert set(k for k in fed if k > 4) == {4 * (BLOCK - 4 + 1)}  # each slide: every beam's 13-token window
-    # 20 more tokens (5 slide periods) cost the same wherever they start: linear in the new tokens
-    assert work[60] - work[40] == work[40] - work[20] == 5 * (3 * 4 + 4 * 13)
+    # 8 more tokens (2 slide periods) cost the same wherever they start: linear in the new tokens
+    assert work[36] - work[28] == work[28] - work[20] == 2 * (3 * 4 + 4 * 13)
 
 
 def test_context_slide_is_validated():
