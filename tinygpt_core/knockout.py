@@ -1,0 +1,199 @@
+"""Head knockout: switch attention heads off at inference and measure what the model loses.
+
+A head's output (hook point ``blocks.{i}.attn.hook_z``, before the output projection mixes the heads)
+is replaced by zeros ("zero": exactly the model with that head's columns of ``c_proj`` zeroed) or by its
+mean over the evaluation tokens ("mean": the head keeps its average contribution but stops reading the
+context, which separates "this head carries information" from "this head adds a constant offset").
+Nothing in the model changes: the replacement lives in ``hooks.run_with_hooks`` for one ``with`` block
+of the calling thread, so the same loaded model keeps serving everyone else unchanged.
+
+Validation loss is the mean cross-entropy over non-overlapping context windows of the given tokens,
+the way training evaluates. ``knockout_grid`` knocks out one head at a time (one forward pass each);
+``knockout_loss`` any set at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import limits
+from .errors import ConfigError
+from .hooks import run_with_hooks
+
+METHODS = ("zero", "mean")
+Head = tuple[int, int]  # (layer, head), both from 0
+_BATCH_WINDOWS = 64  # windows per forward pass: bounds memory for large vocabularies
+
+
+def _z_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+def check_heads(model: torch.nn.Module, heads: Iterable[Head]) -> list[Head]:
+    """The heads as a sorted list; ConfigError naming one that the model does not have."""
+    cfg = model.config
+    out = sorted({(int(layer), int(h)) for layer, h in heads})
+    for layer, h in out:
+        if not (0 <= layer < cfg.n_layer and 0 <= h < cfg.n_head):
+            raise ConfigError(
+                f"Layer {layer}, head {h} does not exist: this model has {cfg.n_layer} layers of {cfg.n_head} heads."
+            )
+    return out
+
+
+def windows(ids: list[int] | torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping (x, y) windows over ``ids``: x (W, T) and y, x shifted by one token; T = min(block, n - 1)."""
+    data = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    n = len(data)
+    if n < 2:
+        raise ConfigError("Knockout needs at least 2 tokens to score.")
+    limits.check_inspect_tokens(n)
+    T = min(block, n - 1)
+    w = (n - 1) // T
+    x = data[: w * T].view(w, T)
+    y = data[1 : w * T + 1].view(w, T)
+    return x, y
+
+
+def _mean_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for c in range(0, len(x), _BATCH_WINDOWS):
+        logits = model(x[c : c + _BATCH_WINDOWS]).logits.float()
+        total += F.cross_entropy(logits.flatten(0, 1), y[c : c + _BATCH_WINDOWS].flatten(), reduction="sum").item()
+        count += y[c : c + _BATCH_WINDOWS].numel()
+    return total / count
+
+
+@contextlib.contextmanager
+def _eval(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def head_means(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(n_layer, n_head, head_size) float32: each head's output averaged over every position of ``x``."""
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+
+    def add(layer: int):
+        def fn(z: torch.Tensor) -> None:  # (B, nh, T, hs)
+            sums[layer] = sums.get(layer, 0) + z.float().sum(dim=(0, 2))
+
+        return fn
+
+    n_layer = model.config.n_layer
+    with _eval(model, _device(model)), run_with_hooks(model, {_z_name(i): add(i) for i in range(n_layer)}):
+        for c in range(0, len(x), _BATCH_WINDOWS):
+            part = x[c : c + _BATCH_WINDOWS].to(_device(model))
+            model(part)
+            count += part.numel()
+    return torch.stack([sums[i] for i in range(n_layer)]) / count
+
+
+@contextlib.contextmanager
+def heads_removed(
+    model: torch.nn.Module, heads: Iterable[Head], method: str = "zero", means: torch.Tensor | None = None
+) -> Iterator[None]:
+    """Inside the block (this thread only), ``model`` runs with ``heads`` knocked out by ``method``.
+
+    "mean" needs ``means`` from ``head_means`` (computed on the tokens the caller evaluates)."""
+    if method not in METHODS:
+        raise ConfigError(f"Unknown knockout method {method!r}: use one of {', '.join(METHODS)}.")
+    if method == "mean" and means is None:
+        raise ConfigError("Mean ablation needs the heads' mean outputs (knockout.head_means) first.")
+    by_layer: dict[int, list[int]] = {}
+    for layer, h in check_heads(model, heads):
+        by_layer.setdefault(layer, []).append(h)
+
+    def replace(layer: int, hs: list[int]):
+        def fn(z: torch.Tensor) -> torch.Tensor:
+            z = z.clone()  # never write into a tensor the caller may still hold
+            if method == "zero":
+                z[:, hs] = 0
+            else:
+                z[:, hs] = means[layer, hs].to(z.dtype).to(z.device)[None, :, None, :]
+            return z
+
+        return fn
+
+    with run_with_hooks(model, {_z_name(layer): replace(layer, hs) for layer, hs in by_layer.items()}):
+        yield
+
+
+@dataclass
+class KnockoutGrid:
+    base_loss: float  # validation loss with every head
+    loss: np.ndarray  # (n_layer, n_head): the loss with that one head knocked out
+    method: str
+    n_tokens: int  # tokens scored
+
+    @property
+    def delta(self) -> np.ndarray:
+        """(n_layer, n_head) loss change when the head is knocked out: > 0 means the model needs it."""
+        return self.loss - self.base_loss
+
+
+def knockout_grid(model: torch.nn.Module, ids: list[int] | torch.Tensor, method: str = "zero") -> KnockoutGrid:
+    """Validation loss of ``model`` on ``ids`` with each head knocked out in turn (one forward pass per head)."""
+    if method not in METHODS:
+        raise ConfigError(f"Unknown knockout method {method!r}: use one of {', '.join(METHODS)}.")
+    cfg = model.config
+    x, y = windows(ids, cfg.block_size)
+    device = _device(model)
+    x, y = x.to(device), y.to(device)
+    means = head_means(model, x) if method == "mean" else None
+    loss = np.zeros((cfg.n_layer, cfg.n_head))
+    with _eval(model, device):
+        base = _mean_loss(model, x, y)
+        for layer in range(cfg.n_layer):
+            for h in range(cfg.n_head):
+                with heads_removed(model, [(layer, h)], method, means):
+                    loss[layer, h] = _mean_loss(model, x, y)
+    return KnockoutGrid(base_loss=base, loss=loss, method=method, n_tokens=int(y.numel()))
+
+
+def knockout_loss(
+    model: torch.nn.Module, ids: list[int] | torch.Tensor, heads: Iterable[Head], method: str = "zero"
+) -> tuple[float, float]:
+    """(loss with every head, loss with ``heads`` knocked out together) on ``ids``."""
+    x, y = windows(ids, model.config.block_size)
+    device = _device(model)
+    x, y = x.to(device), y.to(device)
+    means = head_means(model, x) if method == "mean" else None
+    with _eval(model, device):
+        base = _mean_loss(model, x, y)
+        with heads_removed(model, heads, method, means):
+            return base, _mean_loss(model, x, y)
+
+
+def head_label(head: Head) -> str:
+    return f"L{head[0]}H{head[1]}"
+
+
+__all__ = [
+    "METHODS",
+    "Head",
+    "KnockoutGrid",
+    "check_heads",
+    "head_label",
+    "head_means",
+    "heads_removed",
+    "knockout_grid",
+    "knockout_loss",
+    "windows",
+]
