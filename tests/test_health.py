@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import tiny_spec
+
 from tinygpt_core import health
 from tinygpt_core.config import ModelConfig
 from tinygpt_core.hooks import run_with_hooks

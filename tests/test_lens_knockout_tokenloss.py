@@ -213,7 +213,8 @@ def test_token_loss_is_the_cross_entropy_of_each_next_token(tok):
 def test_long_text_scores_each_token_in_the_window_that_gives_it_most_context(tok):
     m = model_of(vocab_size=tok.vocab_size)
     ids = tok.encode(TEXT)
-    assert len(ids) == 48  # context 16, stride 8: windows start at 0, 8, 16, 24 and 31 (the last ends at the text's end)
+    # context 16, stride 8: windows start at 0, 8, 16, 24 and 31 (the last one ends at the end of the text)
+    assert len(ids) == 48
     tl = tokenloss.token_losses(m, tok, ids)
     assert np.isfinite(tl.loss[1:]).all()
     # token p is scored in the first window that still holds it: the one starting at the smallest s >= p - 16

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,15 +182,57 @@ def knockout_loss(
             return base, _mean_loss(model, x, y)
 
 
+@dataclass
+class Continuations:
+    prompt: str
+    with_all: str  # what the model writes with every head
+    without: str  # ... and with the heads knocked out
+    heads: list[Head]
+    method: str
+
+
+def continuations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    heads: Iterable[Head],
+    method: str = "zero",
+    *,
+    ids: list[int] | torch.Tensor | None = None,
+    max_new_tokens: int = 80,
+) -> Continuations:
+    """Greedy continuations of ``prompt`` with every head and with ``heads`` knocked out.
+
+    Greedy, so the two texts differ only because of the missing heads. Mean ablation takes the heads'
+    means over ``ids`` (the tokens the grid is scored on). The decoding bounds of the server apply
+    (``limits.check_decode``: TINYGPT_MAX_NEW_TOKENS)."""
+    from .sampling import SamplingSettings, generate
+
+    heads = check_heads(model, heads)
+    settings = SamplingSettings(strategy="greedy", max_new_tokens=max_new_tokens).validate(model.config.vocab_size)
+    limits.check_decode([settings, settings])
+    means = None
+    if method == "mean" and heads:
+        if ids is None:
+            raise ConfigError("Mean ablation needs tokens to average the heads' outputs over.")
+        means = head_means(model, windows(ids, model.config.block_size)[0].to(_device(model)))
+    with_all = generate(model, tokenizer, prompt, settings).text
+    with heads_removed(model, heads, method, means):
+        without = generate(model, tokenizer, prompt, settings).text
+    return Continuations(prompt=prompt, with_all=with_all, without=without, heads=heads, method=method)
+
+
 def head_label(head: Head) -> str:
     return f"L{head[0]}H{head[1]}"
 
 
 __all__ = [
     "METHODS",
+    "Continuations",
     "Head",
     "KnockoutGrid",
     "check_heads",
+    "continuations",
     "head_label",
     "head_means",
     "heads_removed",
