@@ -73,7 +73,8 @@ def test_token_loss_knockout_grid_and_logit_lens_in_a_browser(page, server):
     assert all(t.count("'") >= 10 for t in titles[1:])  # five quoted guesses
     assert_no_error(page, "Inspect · token loss")
 
-    # The knockout grid (the view picker is a segmented control: its options are radios): one cell per layer and head, and a switch to mean ablation redraws it.
+    # The knockout grid: one cell per layer and head, and a switch to mean ablation redraws it.
+    # (The view picker is a segmented control: its options are radios.)
     page.get_by_role("radio", name="Head knockout", exact=True).click()
     wait_idle(page)
     shapes = poll(lambda: page.evaluate(HEATMAP_SHAPES), lambda s: len(s) > 0, 60, "the knockout grid")
