@@ -64,7 +64,7 @@ def _without_hook_points(model: torch.nn.Module) -> None:
 
 def run(quick: bool = False, results=None) -> dict:
     source = corpus_source()
-    iters, rounds = (50, 1) if quick else (150, 3)
+    iters, rounds = (50, 1) if quick else (100, 3)
     with tempfile.TemporaryDirectory() as tmp:
         store = RunStore(Path(tmp))
         runs: dict[str, list[float]] = {"with health": [], "without": []}
@@ -88,7 +88,7 @@ def run(quick: bool = False, results=None) -> dict:
         ),
         "plain step, hook points taken out": lambda: states["no hooks"].train_step(lr),
     }
-    step_rounds = 5 if quick else 30
+    step_rounds = 5 if quick else 20
     ms = {k: median(v) * 1e3 for k, v in interleaved(fns, rounds=step_rounds, warmup=2).items()}
     probe_extra = ms["probed step (evaluation steps only)"] - ms["plain step"]
     per_interval = probe_extra / (EVAL_INTERVAL * ms["plain step"])
