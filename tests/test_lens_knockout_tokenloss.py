@@ -122,6 +122,18 @@ def test_knockout_grid_matches_one_head_at_a_time_and_its_hand_computed_loss():
     assert grid.delta[1, 2] == pytest.approx(one - base, abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["zero", "mean"])
+def test_the_batched_grid_agrees_with_knocking_out_each_head_on_its_own(method):
+    m = model_of()
+    ids = ids_of(50).tolist()
+    grid = knockout.knockout_grid(m, ids, method)
+    for layer in range(2):
+        for h in range(4):
+            base, alone = knockout.knockout_loss(m, ids, [(layer, h)], method)
+            assert grid.base_loss == pytest.approx(base, abs=1e-5)
+            assert grid.loss[layer, h] == pytest.approx(alone, abs=1e-5), (layer, h)
+
+
 def test_mean_knockout_replaces_the_head_by_its_average_output():
     m = model_of()
     ids = ids_of(33)
