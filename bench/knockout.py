@@ -1,7 +1,7 @@
 """Bench 10: the Inspect page's head-knockout grid on the ``baby`` model over 2,048 validation tokens.
 
-``knockout.knockout_grid`` knocks out each of the 16 heads in turn (one forward pass over the 2,048
-tokens per head, plus the baseline; "mean" first averages every head's output). Timed with zero and
+``knockout.knockout_grid`` scores the 2,048 tokens with every head and with each of the 16 heads knocked
+out, all 17 head sets in one batched pass ("mean" first averages every head's output). Timed with zero and
 mean ablation, interleaved, on 2 torch threads (the issue's "2 cores"), with the other Inspect views'
 work beside it: token loss over 256 tokens, the logit lens of a 24-token prompt and the grid's figure.
 """
