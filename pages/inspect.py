@@ -26,6 +26,7 @@ from tinygpt_core.runs import LoadedRun
 
 VIEWS = ["Token loss", "Logit lens", "Head knockout"]
 DEFAULT_LOSS_TOKENS = 256
+MAX_LOSS_TOKENS = 1024  # coloured spans with hover text: past this the page gets heavy to draw
 DEFAULT_KNOCKOUT_TOKENS = 2048
 LENS_PROMPT_TOKENS = 24  # a default prompt short enough to read every cell of the lens
 MAX_NEW_TOKENS = 200
@@ -97,9 +98,7 @@ def token_loss_view(summary, checkpoint: str, run: LoadedRun, mtime: float) -> N
     )
     left, right = st.columns([2, 1], vertical_alignment="bottom")
     source = left.radio("Text", ["Validation split", "Your text"], horizontal=True, key="insp_loss_source")
-    n = right.number_input(
-        "Tokens", 16, limits.MAX_INSPECT_TOKENS, DEFAULT_LOSS_TOKENS, step=64, key="insp_loss_tokens"
-    )
+    n = right.number_input("Tokens", 16, MAX_LOSS_TOKENS, DEFAULT_LOSS_TOKENS, step=64, key="insp_loss_tokens")
     if source == "Validation split":
         ids = validation_ids(run, int(n))
         if ids is None:

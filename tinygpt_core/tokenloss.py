@@ -23,7 +23,7 @@ from . import limits
 from .errors import ConfigError
 
 TOP_K = 5
-_WINDOWS_PER_BATCH = 16  # bounds the (windows, T, vocab) logits held at once for large vocabularies
+_LOGIT_FLOATS = 16_000_000  # (windows, T, vocab) logits held at once (64 MB): few windows for a large vocabulary
 
 
 @dataclass
@@ -78,8 +78,9 @@ def token_losses(model: torch.nn.Module, tokenizer: Any, ids: list[int], top_k: 
     was_training = model.training
     model.eval()
     try:
-        for c in range(0, len(starts), _WINDOWS_PER_BATCH):
-            chunk = starts[c : c + _WINDOWS_PER_BATCH]
+        per_batch = max(1, _LOGIT_FLOATS // (span * vocab))
+        for c in range(0, len(starts), per_batch):
+            chunk = starts[c : c + per_batch]
             offs = torch.tensor(chunk, device=device)[:, None] + torch.arange(span + 1, device=device)
             windows = data[offs]  # (W, span + 1)
             logits = model(windows[:, :-1]).logits.float()  # (W, span, vocab)
