@@ -196,6 +196,9 @@ def lens_view(summary, checkpoint: str, run: LoadedRun, mtime: float) -> None:
 
 def knockout_view(summary, checkpoint: str, run: LoadedRun, mtime: float) -> None:
     cfg = run.config.model
+    if cfg.n_layer == 0:
+        st.info("This run is a bigram model (no layers): it has no attention heads to knock out.")
+        return
     st.caption(
         "Switch attention heads off at inference and see what the validation loss loses. *Zero* removes a "
         "head's output; *mean* replaces it by its average output, so the head stops reading the context but "
