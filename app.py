@@ -38,6 +38,12 @@ PAGES: list[tuple[str, str, str, str]] = [
         "Open any layer and head and see what each token attends to in your own text.",
     ),
     (
+        "pages/inspect.py",
+        "Inspect",
+        ":material/biotech:",
+        "Look inside a run: each token's loss, what every layer predicts (logit lens), which heads matter (knockout).",
+    ),
+    (
         "pages/sampling.py",
         "Sampling",
         ":material/casino:",

@@ -27,6 +27,8 @@ BENCHES = {  # name -> module, in the issue's order
     "profile": "bench.profile",  # evidence for RESULTS.md: where a step's time goes
     "watched": "bench.watched",  # training speed while browser tabs watch it (a real server and chromium)
     "dynamics": "bench.dynamics",  # the induction preset's phase change; scrubbing kept checkpoints
+    "knockout": "bench.knockout",  # the Inspect page's head-knockout grid (issue 15), and its other views
+    "health": "bench.health",  # network-health logging against training without it (issue 15)
 }
 
 

@@ -28,11 +28,12 @@ from pages._common import (
 )
 from pages._live_chart import live_chart
 from pages._train_form import K
-from tinygpt_core import viz
+from tinygpt_core import health, viz
 from tinygpt_core.dynamics import induction_marks
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.state import RunState
 
+HEALTH_POLL_S = 5.0  # network health changes only at evaluations: a slower refresh of its own
 POLL_S = 1.0  # refresh while a job is queued or running (the chart updates in place, keeping zoom)
 SHOWN_SAMPLES = 3  # newest samples shown in full; older ones go in an expander
 
@@ -95,6 +96,7 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
             _samples(v)
 
     live_panel()
+    _health_panel(view, started_active)
 
 
 def _status(v: RunState) -> None:
@@ -207,6 +209,29 @@ def _links(v: RunState) -> None:
             icon=":material/stacked_line_chart:",
             query_params={RUN_PARAM: v.run_id},
         )
+
+
+def _health_panel(view: RunState, started_active: bool) -> None:
+    """Network health per layer at each evaluation (tinygpt_core.health), and what looks wrong, in words.
+
+    Its own fragment, refreshed every HEALTH_POLL_S while the run trains: health changes only at an
+    evaluation, so it need not redraw with the live chart. Runs from before health was logged have none,
+    and nothing is drawn for them."""
+
+    @st.fragment(run_every=HEALTH_POLL_S if started_active else None)
+    def health_panel() -> None:
+        v = (load_view(view.job_id, view.run_id) or view) if started_active else view
+        long = health.health_frame(v.metrics)
+        if long.empty:
+            if v.active:
+                st.caption("Network health (gradient norm, update size, activation RMS per layer) with each eval.")
+            return
+        st.markdown("**Network health** per layer, at each evaluation")
+        for note in health.diagnose(v.metrics):
+            st.warning(md(note), icon=":material/monitor_heart:")
+        st.plotly_chart(viz.health_figure(long), key=K + "health_chart", width="stretch")
+
+    health_panel()
 
 
 def _samples(v: RunState) -> None:

@@ -22,6 +22,7 @@ PAGES = {  # nav title -> (url path, the page's h1)
     "Train": ("/train", "Train a tiny GPT"),
     "Runs & ablations": ("/runs", "Runs & ablations"),
     "Attention": ("/attention", "Attention"),
+    "Inspect": ("/inspect", "Inspect"),
     "Sampling": ("/sampling", "Sampling"),
     "Tokenizers": ("/tokenizers", "Tokenizers"),
 }

@@ -106,11 +106,14 @@ def test_job_runs_to_done_and_reports_metrics_and_samples(any_runner, store):
     assert snap.best_val_loss == min(row["val_loss"] for row in evals)
     assert snap.samples and all(isinstance(s["text"], str) and s["text"] for s in snap.samples)
     frame = snap.metrics_frame()
-    assert list(frame.columns) == list(jobs.METRIC_COLUMNS) and len(frame) == len(snap.metrics)
+    assert list(frame.columns)[: len(jobs.METRIC_COLUMNS)] == list(jobs.METRIC_COLUMNS)
+    assert len(frame) == len(snap.metrics)
     # The run the job wrote opens like any other run.
     run = load_run(snap.run_dir)
     # The in-memory rows are the rows of metrics.csv (written with 7 significant digits).
-    pd.testing.assert_frame_equal(frame, run.metrics[list(jobs.METRIC_COLUMNS)], check_dtype=False, rtol=1e-5)
+    # (network health included: the same per-layer columns, live and on disk).
+    assert sorted(frame.columns) == sorted(run.metrics.columns)
+    pd.testing.assert_frame_equal(frame, run.metrics[list(frame.columns)], check_dtype=False, rtol=1e-5)
     assert runner.find_by_run(snap.run_id).id == job_id
 
 

@@ -23,6 +23,7 @@ from tinygpt_core.runs import (
     RunWriter,
     load_checkpoint_state,
     load_run,
+    metric_columns,
     read_metrics,
     read_status,
     write_json_atomic,
@@ -132,7 +133,7 @@ def test_load_run_contract(trained):
     assert run.config.model.n_embd == 32 and run.config.name == "fixture run"
     assert run.tokenizer.vocab_size == run.config.model.vocab_size
     assert isinstance(run.metrics, pd.DataFrame)
-    assert list(run.metrics.columns) == METRIC_COLUMNS
+    assert list(run.metrics.columns) == metric_columns(run.config.model.n_layer)  # health columns per layer
     assert list(run.metrics["step"]) == list(range(1, 21))
     assert run.status.status == "done"
     assert [s["step"] for s in run.samples] == [10, 20]

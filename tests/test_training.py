@@ -16,7 +16,7 @@ from tinygpt_core.config import ModelConfig, TrainConfig
 from tinygpt_core.data import Corpus
 from tinygpt_core.errors import ConfigError, DataError, RunError
 from tinygpt_core.model import GPT, ModelOutput
-from tinygpt_core.runs import RunStore, load_run, read_metrics, read_samples, read_status
+from tinygpt_core.runs import RunStore, load_run, read_config, read_metrics, read_samples, read_status
 from tinygpt_core.training import TrainSpec, estimate_step_time, lr_at, resume, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -336,17 +336,11 @@ def test_a_raising_callback_does_not_stop_training(tmp_path):
 def test_metrics_csv_rows(tmp_path):
     result, _ = run(tmp_path, spec(max_iters=12, eval_interval=6))
     df = pd.read_csv(result.run_dir / "metrics.csv")
-    assert list(df.columns) == [
-        "step",
-        "loss",
-        "train_loss",
-        "val_loss",
-        "lr",
-        "tokens_per_s",
-        "elapsed_s",
-        "induction_score",
-        "icl_score",
-    ]
+    head = ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", "induction_score", "icl_score"]
+    assert list(df.columns)[:9] == head
+    n_layer = read_config(result.run_dir).model.n_layer
+    assert list(df.columns)[9:12] == ["grad_norm_l0", "update_ratio_l0", "act_rms_l0"]  # network health per layer
+    assert len(df.columns) == 9 + 3 * n_layer
     assert df["loss"].notna().all() and (df["tokens_per_s"] > 0).all()
     assert df["elapsed_s"].is_monotonic_increasing
     assert df.loc[df["step"] == 6, "val_loss"].notna().all() and df.loc[df["step"] == 5, "val_loss"].isna().all()

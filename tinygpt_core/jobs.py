@@ -69,7 +69,16 @@ from typing import Any
 from . import data, limits, owners, training
 from .device import resolve_device
 from .errors import JobError, RunError, TinyGPTError
-from .runs import EVAL_METRIC_COLUMNS, FINISHED_STATUSES, METRIC_COLUMNS, RUN_STATUSES, RunStore, RunWriter, os_reason
+from .runs import (
+    EVAL_METRIC_COLUMNS,
+    FINISHED_STATUSES,
+    METRIC_COLUMNS,
+    RUN_STATUSES,
+    RunStore,
+    RunWriter,
+    os_reason,
+    parse_layer_column,
+)
 from .worker import Execution, Task, make_execution, threads_per_job
 
 log = logging.getLogger(__name__)
@@ -121,7 +130,10 @@ class JobSnapshot:
         """The metric rows as a pandas DataFrame with metrics.csv's columns (for the viz figures)."""
         import pandas as pd
 
-        return pd.DataFrame(self.metrics, columns=list(METRIC_COLUMNS)).astype(float).astype({"step": int})
+        # Eval rows also hold the network-health columns (runs.LAYER_METRICS, one per layer).
+        health = {k for r in self.metrics if len(r) > len(METRIC_COLUMNS) for k in r if parse_layer_column(k)}
+        columns = list(METRIC_COLUMNS) + sorted(health, key=lambda c: parse_layer_column(c)[::-1])
+        return pd.DataFrame(self.metrics, columns=columns).astype(float).astype({"step": int})
 
 
 class JobRunner(ABC):
@@ -658,6 +670,7 @@ def _apply_event(job: _Job, event: training.TrainEvent) -> None:
             job.rate_marks.append((now, event.step))  # one mark per eval: the rate spans whole eval cycles
         job.tokens_per_s = _wall_tokens_per_s(job, job.tokens_per_s)
         values = {c: data.get(c) for c in EVAL_METRIC_COLUMNS}
+        values.update({k: v for k, v in data.items() if parse_layer_column(k)})  # network health (per layer)
         if data.get("elapsed_s") is not None:
             values["elapsed_s"] = data["elapsed_s"]  # the step's time now includes its eval, as in metrics.csv
         if job.metrics and job.metrics[-1]["step"] == event.step:  # the eval belongs to the step just logged
@@ -673,6 +686,7 @@ def _apply_event(job: _Job, event: training.TrainEvent) -> None:
 
 def _add_row(job: _Job, values: dict[str, Any]) -> None:
     row = {col: _num(values.get(col)) for col in METRIC_COLUMNS}
+    row.update({k: _num(v) for k, v in values.items() if parse_layer_column(k)})
     row["step"] = int(values["step"])
     job.metrics.append(row)
     if len(job.metrics) > MAX_METRIC_ROWS:

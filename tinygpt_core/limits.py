@@ -276,7 +276,23 @@ def decode_slot(wait_s: float = DECODE_WAIT_S, lim: Limits | None = None):
         slots.release()
 
 
+# Inspection (token loss, logit lens, head knockout): how many tokens one request may score. Fixed rather
+# than an operator setting: at this size one request costs about a second of a core at baby size, and the
+# views stop being readable long before.
+MAX_INSPECT_TOKENS = 4096
+
+
+def check_inspect_tokens(n: int, what: str = "tokens to score") -> None:
+    """ConfigError (saying what to lower) when an inspection request asks for more than MAX_INSPECT_TOKENS."""
+    if not 1 <= n <= MAX_INSPECT_TOKENS:
+        raise ConfigError(
+            f"{n:,} {what} is outside what one inspection scores (1 to {MAX_INSPECT_TOKENS:,}); ask for fewer."
+        )
+
+
 __all__ = [
+    "MAX_INSPECT_TOKENS",
+    "check_inspect_tokens",
     "DEFAULTS",
     "Limits",
     "current",

@@ -3,7 +3,9 @@
 Two attention paths give identical outputs: a fast one through
 ``torch.nn.functional.scaled_dot_product_attention`` for training and generation, and an explicit
 one (softmax of q·kᵀ) used when the caller asks for the attention weights. Inspection taps into
-the model through ``return_attention=True``; nothing else needs special cases.
+the model through ``return_attention=True`` and the named hook points (``hooks.HookPoint``: the
+embeddings, each head's output, each block's output), which the logit lens, head knockout and the
+health probe use; nothing else needs special cases.
 
 Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size = C / nh.
 """
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .hooks import HookPoint, name_hook_points
 
 QK_NORM_EPS = 1e-6
 
@@ -130,6 +133,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.hook_z = HookPoint()  # (B, nh, T, hs): each head's output, before c_proj mixes the heads
 
     def forward(
         self, x: torch.Tensor, past: LayerKV | None = None, need_weights: bool = False
@@ -166,7 +170,7 @@ class CausalSelfAttention(nn.Module):
                     y = self._sdpa(q.float(), k.float(), v.float(), p).to(dtype)
             else:
                 y = self._sdpa(q, k, v, p)
-        y = y.transpose(1, 2).reshape(B, T, C)  # re-assemble heads side by side
+        y = self.hook_z(y).transpose(1, 2).reshape(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y)), weights, kv
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
@@ -206,6 +210,7 @@ class Block(nn.Module):
         self.ln_1, self.attn = _norm(cfg), CausalSelfAttention(cfg)
         # use_mlp=False (the no-mlp ablation) leaves attention alone in the block: no MLP, no norm before it.
         self.ln_2, self.mlp = (_norm(cfg), MLP(cfg)) if cfg.use_mlp else (None, None)
+        self.hook_resid_post = HookPoint()  # (B, T, C): the residual stream this block hands on
 
     def forward(self, x: torch.Tensor, past: LayerKV | None = None, need_weights: bool = False):
         if self.pre_norm:
@@ -220,7 +225,7 @@ class Block(nn.Module):
             if self.mlp is not None:
                 m = self.mlp(x)
                 x = self.ln_2(x + m if self.residual else m)
-        return x, weights, kv
+        return self.hook_resid_post(x), weights, kv
 
 
 class GPT(nn.Module):
@@ -238,6 +243,7 @@ class GPT(nn.Module):
         elif positions == "sinusoidal":
             self.register_buffer("sin_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
+        self.hook_embed = HookPoint()  # (B, T, C): the residual stream before the first block
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         # Post-norm blocks already end in a LayerNorm; pre-norm needs one before the head.
         self.ln_f = _norm(cfg) if cfg.norm_position == "pre" and not self.bigram else nn.Identity()
@@ -249,6 +255,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        name_hook_points(self)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -299,7 +306,7 @@ class GPT(nn.Module):
                 f"Sequence of {start + T} tokens is longer than the model's context ({self.config.block_size}). "
                 "Keep only its last block_size tokens (the samplers and inspection do this for you)."
             )
-        x = self.drop(self.wte(idx) + self.position_embedding(start, T, idx.device))  # (B, T, C)
+        x = self.hook_embed(self.drop(self.wte(idx) + self.position_embedding(start, T, idx.device)))  # (B, T, C)
         attentions = []
         for i, block in enumerate(self.blocks):
             x, weights, _ = block(x, None if past_kv is None else past_kv[i], return_attention)

@@ -85,7 +85,7 @@ from .jobs import (
     job_record,
     visitor_capacity_check,
 )
-from .runs import HEARTBEAT_TIMEOUT_S, METRIC_COLUMNS, RunStore, RunWriter, read_metrics, read_samples
+from .runs import HEARTBEAT_TIMEOUT_S, RunStore, RunWriter, read_metrics, read_samples
 from .shipping import FolderMirror, FolderWatcher, pack_folder, write_changes
 
 log = logging.getLogger(__name__)
@@ -976,7 +976,7 @@ class RayJobRunner(JobRunner):
             df = read_metrics(job.run_dir)
         except RunError:
             return
-        rows = [{c: (float(r[c]) if c != "step" else int(r[c])) for c in METRIC_COLUMNS} for _, r in df.iterrows()]
+        rows = [{c: (float(r[c]) if c != "step" else int(r[c])) for c in df.columns} for _, r in df.iterrows()]
         samples = read_samples(job.run_dir)
         with self._lock:
             job.metrics = rows[-5000:]

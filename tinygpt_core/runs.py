@@ -70,6 +70,28 @@ EVAL_METRIC_COLUMNS = ("train_loss", "val_loss", "induction_score", "icl_score")
 # Columns added after the first runs were written: an older metrics.csv lacks them (read as NaN), and a
 # resumed old run keeps appending under its own header.
 LATER_METRIC_COLUMNS = ("induction_score", "icl_score")
+# Network health, one column per transformer block and measure, filled at each evaluation (tinygpt_core.health
+# says what each means): "grad_norm_l0", "update_ratio_l0", "act_rms_l0", "grad_norm_l1", ... A run's
+# metrics.csv gets them for its own number of layers; runs written before them simply lack them.
+LAYER_METRICS = ("grad_norm", "update_ratio", "act_rms")
+_LAYER_COLUMN = re.compile(r"^(" + "|".join(LAYER_METRICS) + r")_l(\d+)$")
+
+
+def layer_column(metric: str, layer: int) -> str:
+    return f"{metric}_l{layer}"
+
+
+def parse_layer_column(column: str) -> tuple[str, int] | None:
+    """("grad_norm", 2) for "grad_norm_l2"; None for any other column."""
+    m = _LAYER_COLUMN.match(column)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def metric_columns(n_layer: int = 0) -> list[str]:
+    """metrics.csv's columns for a model of ``n_layer`` blocks: METRIC_COLUMNS, then the health columns."""
+    return METRIC_COLUMNS + [layer_column(k, i) for i in range(n_layer) for k in LAYER_METRICS]
+
+
 HEARTBEAT_TIMEOUT_S = 120.0  # a "running" run whose status was not refreshed for this long is dead
 
 _MAX_JSON_BYTES = 20_000_000  # config/status/samples files are small; refuse anything absurd
@@ -247,7 +269,8 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
     missing = [c for c in METRIC_COLUMNS if c not in df.columns]
     if missing:
         raise RunError(f"metrics.csv is missing the column(s) {', '.join(missing)}")
-    df = df[METRIC_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    health = [c for c in df.columns if parse_layer_column(str(c))]
+    df = df[METRIC_COLUMNS + health].apply(pd.to_numeric, errors="coerce")
     df = df.dropna(subset=["step"])  # a row cut short by a crash mid-write has no usable step
     df["step"] = df["step"].astype("int64")
     return df.reset_index(drop=True)
@@ -435,6 +458,7 @@ class RunWriter:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._samples = read_samples(self.run_dir)  # kept in memory so each add rewrites one small file
+        self._columns: list[str] | None = None  # metrics.csv's header, once known
 
     def write_config(self, cfg: RunConfig) -> None:
         write_json_atomic(self.run_dir / "config.json", cfg.to_dict())
@@ -446,17 +470,20 @@ class RunWriter:
         """Append one row to metrics.csv (the header on first write) and flush."""
         self.append_metrics_rows([row])
 
-    def append_metrics_rows(self, rows: list[dict]) -> None:
+    def append_metrics_rows(self, rows: list[dict], n_layer: int | None = None) -> None:
         """Append several rows in one write (training buffers rows to keep I/O cheap).
 
-        With no rows it still creates the file with its header, so a fresh run has a readable metrics.csv.
+        With no rows it still creates the file with its header, so a fresh run has a readable metrics.csv;
+        ``n_layer`` gives a new file the health columns of that many blocks. Rows go under the file's own
+        header (a run from before the health columns keeps its layout when resumed).
         """
         path = self.run_dir / "metrics.csv"
         new = not path.exists()
         buf = io.StringIO()
         if new:
-            buf.write(",".join(METRIC_COLUMNS) + "\n")
-        columns = METRIC_COLUMNS if new else self._header(path)
+            self._columns = metric_columns(n_layer or 0)
+            buf.write(",".join(self._columns) + "\n")
+        columns = self._metric_columns(path)
         for row in rows:
             buf.write(",".join(_fmt(row.get(c)) for c in columns) + "\n")
         if not buf.getvalue():
@@ -465,12 +492,13 @@ class RunWriter:
             f.write(buf.getvalue())
             f.flush()
 
-    @staticmethod
-    def _header(path: Path) -> list[str]:
-        """The columns of an existing metrics.csv (an older run's lack LATER_METRIC_COLUMNS)."""
-        with open(path, encoding="utf-8", newline="") as f:
-            header = f.readline().strip()
-        return header.split(",") if header else METRIC_COLUMNS
+    def _metric_columns(self, path: Path) -> list[str]:
+        """The header of an existing metrics.csv, read once per writer (an older run's lacks later columns)."""
+        if self._columns is None:
+            with open(path, encoding="utf-8", newline="") as f:
+                header = next(csv.reader(f), None)
+            self._columns = header if header and header[0] == "step" else list(METRIC_COLUMNS)
+        return self._columns
 
     def truncate_after(self, step: int) -> None:
         """Drop metrics rows and samples past ``step`` (a resumed run continues from its last checkpoint)."""
@@ -744,9 +772,13 @@ __all__ = [
     "ACTIVE_STATUSES",
     "FINISHED_STATUSES",
     "BROKEN",
+    "LAYER_METRICS",
     "METRIC_COLUMNS",
     "EVAL_METRIC_COLUMNS",
     "LATER_METRIC_COLUMNS",
+    "layer_column",
+    "metric_columns",
+    "parse_layer_column",
     "RunConfig",
     "RunStatus",
     "RunSummary",

@@ -24,13 +24,14 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import checkpoints, limits
+from . import checkpoints, health, limits
 from .checkpoints import load_checkpoint_state
 from .data import check_split, load_corpus, split_ids
 from .device import is_out_of_memory, resolve_device, resolve_precision
@@ -63,7 +64,9 @@ class TrainEvent:
     # eval:  {"train_loss", "val_loss", "best_val_loss", "best_step", "elapsed_s", "grad_norm", "induction_score",
     #         "icl_score"}
     #        grad_norm: the last step's, before clipping (None when clipping is off); "attention" too,
-    #        (n_layer, n_head, T, T) over the first val tokens, when a callback has wants_attention
+    #        (n_layer, n_head, T, T) over the first val tokens, when a callback has wants_attention;
+    #        and the health columns "grad_norm_l0", "update_ratio_l0", "act_rms_l0", ... of
+    #        runs.LAYER_METRICS (health.py)
     # sample: {"text"}
     # end:   {"status", "message", "elapsed_s"}
     # elapsed_s is the run's training time so far (a resumed run's earlier sessions included; an eval's
@@ -126,7 +129,7 @@ def train(
         if not corpus.source.startswith("builtin:"):
             # Uploads (and files that may change) are kept with the run so it can be resumed exactly.
             writer.write_text("corpus.txt", corpus.text)
-        writer.append_metrics_rows([])  # header only: a fresh run already has a readable metrics.csv
+        writer.append_metrics_rows([], n_layer=run.model_config.n_layer)  # header only: readable from the start
 
     session = _Session(run_dir, writer, run_cfg, run.tokenizer, run.train_ids, run.val_ids, run.device, run.precision)
     return session.run(write_files, [*callbacks, *loggers_for(run_cfg.train, run_dir)], stop_event)
@@ -272,6 +275,8 @@ class _Session:
         self._callback_failed = False
         self.keep_steps: frozenset[int] = frozenset()  # the checkpoint history plan (checkpoints.history_plan)
         self._windows: tuple[torch.Tensor, torch.Tensor] | None = None  # fixed val windows for icl_score
+        self.probe: health.StepProbe | None = None  # set on the step an evaluation follows
+        self.health: dict[str, float] = {}  # that evaluation's health columns
 
     @property
     def notes(self) -> list[str]:
@@ -453,7 +458,10 @@ class _Session:
             step = self.step + 1
             lr = lr_at(step, tcfg)
             t_step = time.perf_counter()
-            loss = self.state.train_step(lr)
+            evaluates = step % tcfg.eval_interval == 0 or step == tcfg.max_iters
+            # Network health is measured on the step an evaluation follows (health.StepProbe), nowhere else.
+            self.probe = health.StepProbe(self.state.model) if evaluates and health.LOG_HEALTH else None
+            loss = self.state.train_step(lr, probe=self.probe)
             if not math.isfinite(loss):
                 return self._diverged(step, loss)
             self.step = step
@@ -477,7 +485,7 @@ class _Session:
             # buffer first, so metrics.csv always reaches at least the step of the checkpoint on disk.
             self.rows.append(row)
             end: tuple[str, str] | None = None
-            if step % tcfg.eval_interval == 0 or step == tcfg.max_iters:
+            if evaluates:
                 end = self._evaluate(row)
             elif step in self.keep_steps:
                 self.save_history()
@@ -497,7 +505,9 @@ class _Session:
             self.heartbeat()  # a long eval on a CPU must not look like a dead run
             return self.stop_requested()
 
-        out = self.state.estimate_losses((self.train_ids, self.val_ids), before_batch)
+        with health.activation_rms(self.state.model) if health.LOG_HEALTH else nullcontext([]) as act_rms:
+            out = self.state.estimate_losses((self.train_ids, self.val_ids), before_batch)
+        self.health = health.values(self.probe, act_rms) if health.LOG_HEALTH else {}
         return None if out is None else (out[0], out[1])
 
     def _evaluate(self, row: dict) -> tuple[str, str] | None:
@@ -514,6 +524,7 @@ class _Session:
             self._windows = val_windows(self.val_ids, self.cfg.model.block_size)
         dynamics = eval_dynamics(self.state.model, self.tokenizer, self._windows)
         row.update(dynamics)
+        row.update(self.health)
         row["elapsed_s"] = self.elapsed()  # the step's time includes its eval: the run's time agrees with its end
         self.last_train, self.last_val = train_loss, val_loss
         improved = self.best_val is None or val_loss < self.best_val
@@ -529,6 +540,7 @@ class _Session:
             "elapsed_s": row["elapsed_s"],
             "grad_norm": None if self.state.grad_norm is None else float(self.state.grad_norm),
             **dynamics,
+            **self.health,
         }
         if any(getattr(cb, "wants_attention", False) for cb in self.callbacks):
             data["attention"] = self._probe_attention()

@@ -70,8 +70,11 @@ class TrainState:
 
     # --- one optimizer step ----------------------------------------------------------------------
 
-    def train_step(self, lr: float) -> float:
-        """One optimizer update at learning rate ``lr``; returns the mean loss (not finite: no update)."""
+    def train_step(self, lr: float, probe: Any = None) -> float:
+        """One optimizer update at learning rate ``lr``; returns the mean loss (not finite: no update).
+
+        ``probe`` (a ``health.StepProbe``, on evaluation steps) sees the true gradients before clipping
+        (``before_update``) and the weights once the optimizer has moved them (``after_update``)."""
         self.optimizer.set_lr(lr)
         tcfg = self.train_cfg
         compiled = self.fwd_model is not self.model
@@ -91,14 +94,19 @@ class TrainState:
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             return loss
-        if tcfg.grad_clip > 0:
+        if tcfg.grad_clip > 0 or (probe is not None and self.scaler.is_enabled()):
             for o in self.optimizer.optimizers:
-                self.scaler.unscale_(o)  # clip the true gradients, not the fp16-scaled ones
+                self.scaler.unscale_(o)  # clip (and probe) the true gradients, not the fp16-scaled ones
+        if probe is not None:
+            probe.before_update()
+        if tcfg.grad_clip > 0:
             # Kept as a tensor (no host sync here); the loop reads it only at an eval (TensorBoard's grad norm).
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
         for o in self.optimizer.optimizers:
             self.scaler.step(o)
         self.scaler.update()
+        if probe is not None:
+            probe.after_update()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 

@@ -978,3 +978,139 @@ def figure_to_png(fig: go.Figure, *, scale: float = 2.0) -> bytes | None:
 def png_unavailable_reason() -> str | None:
     """Why ``figure_to_png`` returned None, as a sentence (None while it works or has not been tried)."""
     return _png_unavailable
+
+
+# ---- inside a model: logit lens, head knockout, network health ----------------------------------
+
+KNOCKOUT_SCALE = "RdBu_r"  # diverging: red = the loss rises without the head, blue = it falls
+LENS_SCALE = "Viridis"
+HEALTH_TITLES = {
+    "grad_norm": "gradient norm",
+    "update_ratio": "update / weight",
+    "act_rms": "activation RMS",
+}
+
+
+def _position_labels(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Unique category names per position ("3·a") and short tick labels."""
+    cats = [f"{i}·{_label(t, 10)}" for i, t in enumerate(tokens)]
+    return cats, [_label(t, 6) for t in tokens]
+
+
+def logit_lens_figure(lens: Any, value: str = "top", token_names: Sequence[str] | None = None) -> go.Figure:
+    """Layers (rows, last on top) × positions (columns) of a ``lens.LogitLens``.
+
+    value "top": each cell names the layer's most likely next token, coloured by its probability;
+    value "next": each cell is the probability the layer gives the token that actually comes next.
+    ``token_names`` labels vocabulary ids (the tokenizer's token_strings of range(vocab)).
+    """
+    if value not in ("top", "next"):
+        raise ValueError(f"value must be 'top' or 'next', got {value!r}.")
+    rows, T = lens.top_ids.shape
+    cats, ticks = _position_labels(lens.tokens)
+    names = list(token_names) if token_names is not None else None
+    top_text = [[_label(names[i], 6) if names else str(int(i)) for i in r] for r in lens.top_ids]
+    nxt = [_label(lens.tokens[t + 1], 10) if t + 1 < T else "–" for t in range(T)]
+    custom = np.empty((rows, T, 3), dtype=object)
+    for r in range(rows):
+        for t in range(T):
+            p = lens.next_probs[r, t]
+            custom[r, t] = (top_text[r][t], nxt[t], "–" if not np.isfinite(p) else f"{p:.3f}")
+    z = lens.top_probs if value == "top" else lens.next_probs
+    title = "Top next token at each layer" if value == "top" else "Probability of the actual next token"
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=cats,
+            y=list(lens.layers),
+            zmin=0.0,
+            zmax=1.0,
+            colorscale=LENS_SCALE,
+            text=top_text if value == "top" else [[f"{v:.2f}" if np.isfinite(v) else "" for v in r] for r in z],
+            texttemplate="%{text}",
+            textfont=dict(size=11),
+            customdata=custom,
+            hovertemplate=(
+                "%{y} · position %{x}<br>predicts '%{customdata[0]}' (p %{z:.3f})"
+                if value == "top"
+                else "%{y} · position %{x}"
+            )
+            + "<br>actual next '%{customdata[1]}': p %{customdata[2]}<extra></extra>",
+            colorbar=dict(title=dict(text="p"), thickness=12),
+            xgap=1,
+            ygap=1,
+        )
+    )
+    _style(fig, height=min(140 + 44 * rows, 640), title=title, legend=False)
+    fig.update_xaxes(showgrid=False, tickangle=0, **_tick_values(cats, ticks, max_ticks=48))
+    fig.update_yaxes(showgrid=False)
+    fig.update_layout(margin=dict(l=100, r=20, t=60, b=40))
+    return fig
+
+
+def knockout_figure(grid: Any) -> go.Figure:
+    """A layer × head grid of a ``knockout.KnockoutGrid``: the validation loss change with each head removed."""
+    d = np.asarray(grid.delta, dtype=float)
+    n_layer, n_head = d.shape
+    bound = float(np.nanmax(np.abs(d))) if np.isfinite(d).any() else 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=d,
+            x=[f"head {h}" for h in range(n_head)],
+            y=[f"layer {layer}" for layer in range(n_layer)],
+            zmid=0.0,
+            zmin=-bound or -1.0,
+            zmax=bound or 1.0,
+            colorscale=KNOCKOUT_SCALE,
+            texttemplate="%{z:+.3f}",
+            textfont=dict(size=12),
+            customdata=np.asarray(grid.loss, dtype=float),
+            hovertemplate=("%{y} · %{x} knocked out<br>val loss %{customdata:.4f} (%{z:+.4f} nats)<extra></extra>"),
+            colorbar=dict(title=dict(text="Δ loss"), thickness=12),
+            xgap=2,
+            ygap=2,
+        )
+    )
+    title = f"Val loss change per head ({grid.method} ablation, base {grid.base_loss:.3f})"
+    _style(fig, height=min(140 + 56 * n_layer, 700), title=title, legend=False)
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_xaxes(showgrid=False, side="top")
+    fig.update_layout(margin=dict(l=70, r=20, t=90, b=20))
+    return fig
+
+
+def health_figure(long: pd.DataFrame) -> go.Figure:
+    """Gradient norm, update-to-weight ratio and activation RMS per layer over training, side by side.
+
+    ``long`` is ``health.health_frame(metrics)`` (step, layer, metric, value); empty draws a note."""
+    metrics = list(HEALTH_TITLES)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[HEALTH_TITLES[m] for m in metrics], horizontal_spacing=0.08)
+    if long is None or long.empty:
+        _style(fig, height=280, legend=False)
+        return _empty(fig, "Network health appears with the first evaluation.")
+    layers = sorted(int(v) for v in long["layer"].unique())
+    for c, metric in enumerate(metrics, start=1):
+        part = long[long["metric"] == metric]
+        for k, layer in enumerate(layers):
+            s = part[part["layer"] == layer].dropna(subset=["value"])
+            fig.add_trace(
+                go.Scatter(
+                    x=s["step"],
+                    y=s["value"],
+                    mode="lines+markers",
+                    marker=dict(size=5),
+                    line=dict(color=RUN_COLORS[k % len(RUN_COLORS)], width=2),
+                    name=f"layer {layer}",
+                    legendgroup=f"layer {layer}",
+                    showlegend=c == 1,
+                    hovertemplate=f"layer {layer} · step %{{x}}<br>{HEALTH_TITLES[metric]} %{{y:.3g}}<extra></extra>",
+                ),
+                row=1,
+                col=c,
+            )
+        if metric != "act_rms":
+            fig.update_yaxes(type="log", row=1, col=c)  # norms and ratios span decades
+    _style(fig, height=300, legend=True)
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(margin=dict(l=50, r=20, t=50, b=50))
+    return fig
