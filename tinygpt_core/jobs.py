@@ -658,6 +658,8 @@ def _apply_event(job: _Job, event: training.TrainEvent) -> None:
             job.rate_marks.append((now, event.step))  # one mark per eval: the rate spans whole eval cycles
         job.tokens_per_s = _wall_tokens_per_s(job, job.tokens_per_s)
         values = {"train_loss": data.get("train_loss"), "val_loss": data.get("val_loss")}
+        if data.get("chat_accuracy") is not None:
+            values["chat_accuracy"] = data["chat_accuracy"]  # a chat run's held-out exact-match accuracy
         if data.get("elapsed_s") is not None:
             values["elapsed_s"] = data["elapsed_s"]  # the step's time now includes its eval, as in metrics.csv
         if job.metrics and job.metrics[-1]["step"] == event.step:  # the eval belongs to the step just logged

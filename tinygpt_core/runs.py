@@ -54,7 +54,10 @@ ACTIVE_STATUSES = ("queued", "running")
 FINISHED_STATUSES = ("done", "stopped", "diverged", "error", "interrupted")
 BROKEN = "broken"
 RUN_CONFIG_VERSION = 1
-METRIC_COLUMNS = ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+METRIC_COLUMNS = ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", "chat_accuracy"]
+# Columns added after runs were first written: an older metrics.csv without them reads as NaN there.
+# chat_accuracy: a chat run's exact-match accuracy on held-out prompts at each eval (finetune.py).
+LATER_METRIC_COLUMNS = ("chat_accuracy",)
 HEARTBEAT_TIMEOUT_S = 120.0  # a "running" run whose status was not refreshed for this long is dead
 
 _MAX_JSON_BYTES = 20_000_000  # config/status/samples files are small; refuse anything absurd
@@ -107,9 +110,11 @@ class RunConfig:
     preset: str | None = None
     created_at: str = ""  # ISO-8601 UTC
     version: int = RUN_CONFIG_VERSION
+    chat: dict | None = None  # a chat fine-tune: {"parent", "parent_name", "source", ...} (finetune.py)
 
     def to_dict(self) -> dict:
         return {
+            **({"chat": dict(self.chat)} if self.chat is not None else {}),
             "version": self.version,
             "name": self.name,
             "preset": self.preset,
@@ -146,6 +151,9 @@ class RunConfig:
         vs = tok.get("vocab_size")
         if type(vs) is not int or vs < 1:
             raise RunError(f"config.json is invalid: tokenizer vocab_size must be a positive integer, got {vs!r}")
+        chat = d.get("chat")
+        if chat is not None and not isinstance(chat, dict):
+            raise RunError("config.json is invalid: 'chat' must be an object")
         name, preset, created = d.get("name", ""), d.get("preset"), d.get("created_at", "")
         if not isinstance(name, str) or not isinstance(created, str) or not (preset is None or isinstance(preset, str)):
             raise RunError("config.json is invalid: name, preset and created_at must be strings")
@@ -158,6 +166,7 @@ class RunConfig:
             preset=preset,
             created_at=created,
             version=version,
+            chat=chat,
         )
 
 
@@ -226,6 +235,9 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
         df = pd.DataFrame(columns=METRIC_COLUMNS)
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as e:
         raise RunError(f"metrics.csv cannot be read: {e}") from None
+    for c in LATER_METRIC_COLUMNS:
+        if c not in df.columns:
+            df[c] = math.nan
     missing = [c for c in METRIC_COLUMNS if c not in df.columns]
     if missing:
         raise RunError(f"metrics.csv is missing the column(s) {', '.join(missing)}")
@@ -410,6 +422,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.7g}"
 
 
+def _header(path: Path) -> list[str]:
+    """The columns named by the first line of a metrics.csv (METRIC_COLUMNS if it has none)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        first = f.readline().strip()
+    return first.split(",") if first else METRIC_COLUMNS
+
+
 class RunWriter:
     """Writes one run folder. Training is its only user; every file but metrics.csv is replaced atomically."""
 
@@ -436,10 +455,11 @@ class RunWriter:
         path = self.run_dir / "metrics.csv"
         new = not path.exists()
         buf = io.StringIO()
+        columns = METRIC_COLUMNS if new else _header(path)  # a resumed older run keeps its own columns
         if new:
             buf.write(",".join(METRIC_COLUMNS) + "\n")
         for row in rows:
-            buf.write(",".join(_fmt(row.get(c)) for c in METRIC_COLUMNS) + "\n")
+            buf.write(",".join(_fmt(row.get(c)) for c in columns) + "\n")
         if not buf.getvalue():
             return
         with open(path, "a", encoding="utf-8", newline="") as f:

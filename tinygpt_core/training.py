@@ -111,6 +111,7 @@ def train(
         corpus={"name": corpus.name, "source": corpus.source, "sha256": corpus.sha256, "chars": corpus.chars},
         preset=run.spec.preset,
         created_at=utc_now_iso(),
+        chat=run.chat.record if run.chat is not None else None,
     )
 
     def write_files() -> None:
@@ -122,6 +123,7 @@ def train(
         writer.append_metrics_rows([])  # header only: a fresh run already has a readable metrics.csv
 
     session = _Session(run_dir, writer, run_cfg, run.tokenizer, run.train_ids, run.val_ids, run.device, run.precision)
+    session.chat, session.init_weights = run.chat, run.init_weights
     return session.run(write_files, callbacks, stop_event)
 
 
@@ -163,10 +165,16 @@ def resume(
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     except TokenizerError as e:
         raise RunError(f"Cannot resume {run_dir.name}: tokenizer.json is invalid: {e}") from None
-    text = _resume_corpus_text(run_dir, cfg.corpus)
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    train_ids, val_ids = split_ids(ids, tcfg.val_fraction)
-    check_split(train_ids, val_ids, cfg.model.block_size)
+    chat = None
+    if cfg.chat is not None:  # a chat fine-tune: its conversations again, encoded as before
+        from .finetune import chat_inputs
+
+        train_ids, val_ids, chat = chat_inputs(run_dir, cfg, tokenizer)
+    else:
+        text = _resume_corpus_text(run_dir, cfg.corpus)
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        train_ids, val_ids = split_ids(ids, tcfg.val_fraction)
+        check_split(train_ids, val_ids, cfg.model.block_size)
     cfg = dataclasses.replace(cfg, train=tcfg)
     writer = RunWriter(run_dir)
 
@@ -175,6 +183,7 @@ def resume(
         writer.truncate_after(step)  # drop rows logged after the checkpoint by an interrupted process
 
     session = _Session(run_dir, writer, cfg, tokenizer, train_ids, val_ids, device, precision)
+    session.chat = chat
     return session.run(write_files, callbacks, stop_event, resume_state=(model_state, optim_state, extra))
 
 
@@ -188,13 +197,13 @@ def _sample_text(model: torch.nn.Module, tokenizer: Any, first_id: int, n_tokens
     Draws come from a generator seeded per eval, so sampling never touches the RNG streams that
     drive training, and the same seed gives the same samples.
     """
-    from .sampling import SamplingSettings, generate_ids
+    from .sampling import SamplingSettings, generate_ids, hidden_token_ids
 
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([[first_id]], dtype=torch.long, device=device)
     settings = SamplingSettings(strategy="sample", temperature=SAMPLE_TEMPERATURE)
-    out = generate_ids(model, idx, n_tokens, settings, generator=gen)
+    out = generate_ids(model, idx, n_tokens, settings, generator=gen, banned_ids=hidden_token_ids(tokenizer))
     return tokenizer.decode(out[0].tolist())
 
 
@@ -261,6 +270,8 @@ class _Session:
         self.last_row_elapsed: float | None = None  # elapsed_s of the newest metrics row (its eval included)
         self.rows: list[dict] = []
         self._callback_failed = False
+        self.chat: Any = None  # a chat run's finetune.ChatEval: accuracy and answers at each eval
+        self.init_weights: dict | None = None  # a fine-tune's starting weights (its parent's)
 
     @property
     def notes(self) -> list[str]:
@@ -328,7 +339,10 @@ class _Session:
         try:
             setup_files()
             self.writer.write_status("running", "Starting…", self.step)
-            self.state = TrainState(self.cfg.model, tcfg, self.train_ids, self.device, self.precision, resume_state)
+            self.state = TrainState(
+                self.cfg.model, tcfg, self.train_ids, self.device, self.precision, resume_state, self.init_weights
+            )
+            self.init_weights = None
             if resume_state is not None:
                 self._restore_counters(resume_state[2])
             resume_state = None  # the weights and optimizer tensors now live in the model
@@ -477,6 +491,9 @@ class _Session:
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             return self._diverged(self.step, val_loss if not math.isfinite(val_loss) else train_loss)
         row["train_loss"], row["val_loss"] = train_loss, val_loss
+        answers = None
+        if self.chat is not None:  # a chat run: exact-match accuracy on held-out prompts, and its answers
+            row["chat_accuracy"], answers = self.chat.evaluate(self.state.model)
         row["elapsed_s"] = self.elapsed()  # the step's time includes its eval: the run's time agrees with its end
         self.last_train, self.last_val = train_loss, val_loss
         improved = self.best_val is None or val_loss < self.best_val
@@ -492,9 +509,13 @@ class _Session:
                 "best_val_loss": self.best_val,
                 "best_step": self.best_step,
                 "elapsed_s": row["elapsed_s"],
+                **({"chat_accuracy": row["chat_accuracy"]} if answers is not None else {}),
             },
         )
-        if tcfg.sample_tokens > 0:
+        if answers is not None:
+            self.writer.add_sample(self.step, answers)
+            self.emit("sample", {"text": answers})
+        elif tcfg.sample_tokens > 0:
             text = _sample_text(
                 self.state.model, self.tokenizer, int(self.train_ids[0]), tcfg.sample_tokens, tcfg.seed + self.step
             )
