@@ -345,3 +345,15 @@ def test_cli_generate_says_when_a_prompt_holds_a_special_token(runs):
     r = cli("generate", runs[1], "--prompt", "ab<system>c", "--max-new-tokens", 3, "--strategy", "greedy")
     assert r.returncode == 0, r.stderr
     assert "note: The prompt contains <system>" in r.stderr
+
+
+def test_an_older_metrics_csv_keeps_its_columns(tmp_path):
+    """Runs written before chat_accuracy existed: rows appended on resume follow the file's own header."""
+    from tinygpt_core.runs import RunWriter
+
+    old = "step,loss,train_loss,val_loss,lr,tokens_per_s,elapsed_s\n1,2.0,,,0.1,10,1.0\n"
+    (tmp_path / "metrics.csv").write_text(old)
+    RunWriter(tmp_path).append_metrics_rows([{"step": 2, "loss": 1.5, "lr": 0.1, "chat_accuracy": 0.5}])
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[-1] == "2,1.5,,,0.1,,"
+    m = read_metrics(tmp_path)
+    assert list(m["step"]) == [1, 2] and m["chat_accuracy"].isna().all()

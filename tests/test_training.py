@@ -336,7 +336,16 @@ def test_a_raising_callback_does_not_stop_training(tmp_path):
 def test_metrics_csv_rows(tmp_path):
     result, _ = run(tmp_path, spec(max_iters=12, eval_interval=6))
     df = pd.read_csv(result.run_dir / "metrics.csv")
-    assert list(df.columns) == ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"]
+    assert list(df.columns) == [
+        "step",
+        "loss",
+        "train_loss",
+        "val_loss",
+        "lr",
+        "tokens_per_s",
+        "elapsed_s",
+        "chat_accuracy",
+    ]
     assert df["loss"].notna().all() and (df["tokens_per_s"] > 0).all()
     assert df["elapsed_s"].is_monotonic_increasing
     assert df.loc[df["step"] == 6, "val_loss"].notna().all() and df.loc[df["step"] == 5, "val_loss"].isna().all()

@@ -222,6 +222,7 @@ class ChatBatches:
             raise DataError("No conversations to train on.")
         self.encoded = encoded
         self.n_tokens = sum(len(e.ids) for e in encoded)
+        self.mean_tokens = self.n_tokens / len(encoded)  # tokens per row of a batch, about
 
     def __len__(self) -> int:
         return len(self.encoded)

@@ -354,7 +354,7 @@ class _Session:
                     "precision": self.precision,
                     "max_iters": tcfg.max_iters,
                     "run_dir": str(self.run_dir),
-                    "tokens_per_step": tcfg.batch_size * tcfg.grad_accum * self.cfg.model.block_size,
+                    "tokens_per_step": self.state.tokens_per_step,
                     "elapsed_s": self.elapsed_offset,  # a resumed run's earlier training time
                 },
             )

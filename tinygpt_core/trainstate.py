@@ -69,7 +69,9 @@ class TrainState:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.train_cfg.batch_size * self.train_cfg.grad_accum * self.model_cfg.block_size
+        # A chat run's batches are conversations, shorter than the context: count their mean length.
+        per_row = getattr(self.train_ids, "mean_tokens", self.model_cfg.block_size)
+        return round(self.train_cfg.batch_size * self.train_cfg.grad_accum * per_row)
 
     # --- one optimizer step ----------------------------------------------------------------------
 
