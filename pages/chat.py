@@ -27,16 +27,15 @@ from pages._common import (
     visitor,
 )
 from tinygpt_core import limits
-from tinygpt_core.chat import ROLE_TOKENS, Message, check_messages
+from tinygpt_core.chat import ROLE_TOKENS, Message, check_user_text
 from tinygpt_core.chatbot import Reply, stream_reply
 from tinygpt_core.chatdata import BUILTIN_CHAT, BUILTIN_DESCRIPTION
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.finetune import FINETUNE_SETTINGS, chat_info, finetune_spec
-from tinygpt_core.sampling import SamplingSettings
+from tinygpt_core.sampling import MIN_TEMPERATURE, SamplingSettings
 
 HISTORY = "chat_history"  # session key: {run id: [{"role", "content", "base"}]}
 UPLOAD = "Upload a JSONL file"
-MAX_ANSWER_TOKENS = 200
 
 
 def _chat_record(run) -> dict | None:
@@ -53,13 +52,16 @@ def _settings() -> tuple[SamplingSettings, bool, bool]:
         strategy = st.radio("Strategy", ["greedy", "sample"], horizontal=True, **kept("chat_strategy"))
         s = SamplingSettings(strategy=strategy)
         if strategy == "sample":
-            s.temperature = st.number_input("Temperature", 0.05, 5.0, 0.8, 0.05, **kept("chat_temperature"))
+            s.temperature = st.number_input(
+                "Temperature", MIN_TEMPERATURE, 5.0, 0.8, 0.05, format="%.3g", **kept("chat_temperature")
+            )
             s.top_k = st.number_input("Top-k", 1, 10_000, None, 1, placeholder="off", **kept("chat_top_k"))
             s.top_p = st.number_input("Top-p", 0.01, 1.0, None, 0.05, placeholder="off", **kept("chat_top_p"))
             seed = st.number_input("Seed", 0, 1_000_000, None, 1, placeholder="random", **kept("chat_seed"))
             s.seed = None if seed is None else int(seed)
+        top = limits.current().max_new_tokens  # TINYGPT_MAX_NEW_TOKENS, as on the Sampling page
         s.max_new_tokens = int(
-            st.number_input("Longest answer (tokens)", 1, MAX_ANSWER_TOKENS, 40, 1, **kept("chat_max_tokens"))
+            st.number_input("Longest answer (tokens)", 1, top, min(40, top), 1, **kept("chat_max_tokens"))
         )
         show = st.toggle(
             "Show special tokens",
@@ -235,7 +237,7 @@ def _chat(summary, record: dict, runs) -> None:
     if not text:
         return
     try:
-        check_messages([Message("user", text)], for_training=False)  # e.g. a typed <user>: say so, keep nothing
+        check_user_text(text)  # e.g. a typed <user>: say so, keep nothing
     except TinyGPTError as exc:
         st.error(f"{md(exc)}.", icon=":material/error:")
         return

@@ -280,6 +280,10 @@ def test_special_tokens_are_never_sampled_outside_a_chat_run(runs):
                 run.model, run.tokenizer, "ab", SamplingSettings(strategy=strategy, max_new_tokens=12, seed=1)
             )
             assert not set(out.token_ids) & set(ids), strategy
+        from tinygpt_core.training import _sample_text
+
+        logged = _sample_text(run.model, run.tokenizer, 0, 12, seed=1)  # the samples a run writes as it trains
+        assert not any(t in logged for t in run.tokenizer.special_tokens) and len(logged) == 13  # start + 12
         allowed = generate(
             run.model, run.tokenizer, "ab", SamplingSettings(strategy="greedy", max_new_tokens=3), special_tokens=True
         )

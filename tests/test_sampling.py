@@ -24,6 +24,7 @@ from tinygpt_core.sampling import (
     apply_repetition_penalty,
     generate,
     generate_ids,
+    hidden_token_ids,
     next_token_distribution,
     process_logits,
     text_stats,
@@ -286,10 +287,12 @@ def test_beam_search_with_one_beam_is_greedy(model, tok):
         assert beam.text == greedy.text and beam.beams[0][0] == greedy.text
 
 
-def _logprob_of(model, prompt_ids, new_ids):
+def _logprob_of(model, prompt_ids, new_ids, hidden=()):
     seq = torch.tensor([prompt_ids + new_ids])
     with torch.no_grad():
-        logp = torch.log_softmax(model(seq).logits[0], dim=-1)
+        logits = model(seq).logits[0]
+        logits[:, list(hidden)] = float("-inf")  # tokens the sampler never writes (special tokens)
+        logp = torch.log_softmax(logits, dim=-1)
     return sum(logp[len(prompt_ids) - 1 + k, t].item() for k, t in enumerate(new_ids))
 
 
@@ -307,7 +310,7 @@ def test_beam_scores_are_sorted_and_normalised_log_probs(model, tok, length_pena
     assert len({text for text, _ in res.beams}) == 4  # distinct beams
     prompt_ids = tok.encode("abc")
     for text, score in res.beams:
-        expected = _logprob_of(model, prompt_ids, tok.encode(text)) / n**length_penalty
+        expected = _logprob_of(model, prompt_ids, tok.encode(text), hidden_token_ids(tok)) / n**length_penalty
         assert score == pytest.approx(expected, abs=1e-4)
     assert res.token_ids == tok.encode(res.beams[0][0])
     assert [step.token_id for step in res.steps] == res.token_ids  # the winner's own history

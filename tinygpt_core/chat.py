@@ -88,6 +88,18 @@ def check_messages(messages: Sequence[Message], *, for_training: bool = True) ->
         raise ChatFormatError("a prompt must end with the user's message, which the assistant answers")
 
 
+def check_user_text(text: str) -> None:
+    """A message someone types to a chat run: ChatFormatError if it is empty or holds a role token."""
+    if not text.strip():
+        raise ChatFormatError("the message is empty; type something for the model to answer")
+    inside = [t for t in ROLE_TOKENS.values() if t in text]
+    if inside:
+        raise ChatFormatError(
+            f"your message contains {', '.join(inside)}, a hidden token that marks who speaks (the chat adds "
+            "it itself); remove it"
+        )
+
+
 def role_ids(tokenizer) -> dict[str, int]:
     """The id of each role token in ``tokenizer``; ChatFormatError if it lacks them (an old tokenizer)."""
     special = tokenizer.special_token_ids
@@ -222,6 +234,7 @@ __all__ = [
     "Encoded",
     "Message",
     "check_messages",
+    "check_user_text",
     "encode_conversation",
     "format_text",
     "hide_role_tokens",

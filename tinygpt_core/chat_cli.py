@@ -53,7 +53,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--eval-interval", type=int, default=None, help="evaluate (and answer held-out prompts) every N steps"
     )
     p.add_argument("--batch-size", type=int, default=None, help="conversations per step (default 32)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed of the batches' order (default: the parent's)")
     p.add_argument("--device", choices=DEVICES, default=None, help="default: the parent's setting")
     p.add_argument("--runs-dir", type=Path, default=None, help="run store for the new run when --out is not given")
     p.add_argument("--no-progress", action="store_true", help="print one line per evaluation instead of a progress bar")
@@ -69,18 +69,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "each answer is printed on its own line."
         ),
     )
-    c.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    c.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run made by `finetune`")
     c.add_argument("--system", default=None, help="a system message to open every conversation with")
-    c.add_argument("--strategy", choices=[s for s in STRATEGIES if s != "beam"], default="greedy")
-    c.add_argument("--temperature", type=float, default=1.0)
-    c.add_argument("--top-k", type=int, default=None)
-    c.add_argument("--top-p", type=float, default=None)
-    c.add_argument("--min-p", type=float, default=None)
+    c.add_argument(
+        "--strategy",
+        choices=[s for s in STRATEGIES if s != "beam"],
+        default="greedy",
+        help="greedy (default: the same answer every time) or sample (beam search cannot stream)",
+    )
+    c.add_argument("--temperature", type=float, default=1.0, help="sample: < 1 sharpens, > 1 flattens")
+    c.add_argument("--top-k", type=int, default=None, help="sample: keep the k most likely tokens")
+    c.add_argument("--top-p", type=float, default=None, help="sample: keep the most likely tokens holding p")
+    c.add_argument("--min-p", type=float, default=None, help="sample: drop tokens below min-p x the top one")
     c.add_argument("--max-new-tokens", type=int, default=40, help="the longest answer, in tokens")
-    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--seed", type=int, default=None, help="sample: the same seed gives the same answers")
     c.add_argument("--show-special", action="store_true", help="also print the token that ends each answer")
     c.add_argument("--any-run", action="store_true", help="talk to a run that was not fine-tuned for chat (to compare)")
-    c.add_argument("--device", choices=DEVICES, default="auto")
+    c.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs (default auto)")
     c.set_defaults(func=cmd_chat)
 
 
@@ -126,7 +131,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .chat import Message
+    from .chat import Message, check_user_text
     from .chatbot import Reply, stream_reply
     from .device import resolve_device
     from .finetune import chat_info
@@ -180,6 +185,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         turn = [*history, Message("user", line)]
         reply = Reply()
         try:
+            check_user_text(line)
             if interactive:
                 print("assistant> ", end="", flush=True)
             pieces = []
