@@ -315,40 +315,34 @@ def cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_finetune_then_chat_piped(runs, tmp_path):
+@pytest.mark.slow
+def test_cli_finetune_then_chat_piped(runs, tmp_path, capsys):
+    from tinygpt_core.cli import main
+
     root, base, _ = runs
     out = tmp_path / "cli-chat"
-    r = cli(
-        "finetune",
-        base,
-        "--chat",
-        "builtin:chat",
-        "--out",
-        out,
-        "--max-iters",
-        2,
-        "--eval-interval",
-        2,
-        "--no-progress",
-    )
-    assert r.returncode == 0, r.stderr
-    assert "held-out exact match" in r.stdout and chat_info(out)["parent"] == str(base.resolve())
+    args = ["finetune", base, "--chat", "builtin:chat", "--out", out, "--max-iters", 2, "--eval-interval", 2]
+    assert main([*map(str, args), "--no-progress"]) == 0
+    assert "held-out exact match" in capsys.readouterr().out and chat_info(out)["parent"] == str(base.resolve())
+    # The chat itself as a script would use it: a real process, one user turn per line of piped input.
     r = cli("chat", out, "--max-new-tokens", 5, stdin="reverse abc\n\nlength of abcd\nsay <user> hi\nrepeat xyz\n")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split("\n")
     assert len(lines) == 5 and lines[-1] == ""  # one answer line per user turn (the bad one's empty), blank skipped
-    assert lines[2] == "" and "contains <user>" in r.stderr
+    assert lines[2] == "" and "your message contains <user>" in r.stderr
     assert "<" not in r.stdout  # no role token in the answers
-    r = cli("chat", base, stdin="hi\n")
-    assert r.returncode == 2 and "is not a chat run" in r.stderr and "Traceback" not in r.stderr
-    r = cli("finetune", base, "--chat", tmp_path / "missing.jsonl", "--out", tmp_path / "x")
-    assert r.returncode == 2 and "does not exist" in r.stderr and not (tmp_path / "x").exists()
+    assert main(["chat", str(base)]) == 2
+    assert "is not a chat run" in capsys.readouterr().err
+    assert main(["finetune", str(base), "--chat", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_cli_generate_says_when_a_prompt_holds_a_special_token(runs):
-    r = cli("generate", runs[1], "--prompt", "ab<system>c", "--max-new-tokens", 3, "--strategy", "greedy")
-    assert r.returncode == 0, r.stderr
-    assert "note: The prompt contains <system>" in r.stderr
+def test_cli_generate_says_when_a_prompt_holds_a_special_token(runs, capsys):
+    from tinygpt_core.cli import main
+
+    args = ["generate", str(runs[1]), "--prompt", "ab<system>c", "--max-new-tokens", "3", "--strategy", "greedy"]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert "note: The prompt contains <system>" in capsys.readouterr().err
 
 
 def test_an_older_metrics_csv_keeps_its_columns(tmp_path):
