@@ -36,6 +36,7 @@ from tinygpt_core.sampling import MIN_TEMPERATURE, SamplingSettings
 
 HISTORY = "chat_history"  # session key: {run id: [{"role", "content", "base"}]}
 UPLOAD = "Upload a JSONL file"
+MAX_KEPT_MESSAGES = 200  # per conversation, in the session: bounded memory for a long chat
 
 
 def _chat_record(run) -> dict | None:
@@ -153,7 +154,8 @@ def _finetune_form(runs) -> None:
             key="chat_ft_upload",
             max_upload_size=mb,
         )
-        steps = st.number_input("Steps", 1, None, FINETUNE_SETTINGS["max_iters"], 50, key="chat_ft_steps")
+        top = limits.current().max_iters  # TINYGPT_MAX_ITERS
+        steps = st.number_input("Steps", 1, top, min(FINETUNE_SETTINGS["max_iters"], top), 50, key="chat_ft_steps")
         go = st.form_submit_button("Fine-tune", type="primary", icon=":material/chat:")
     if not go:
         return
@@ -259,6 +261,7 @@ def _chat(summary, record: dict, runs) -> None:
                     _answer(base, [*history, user], "base", dataclasses.replace(settings), show, entry)
     if ok:  # a message the model could not read is not kept: the conversation goes on without it
         history.extend([user, entry])
+        del history[:-MAX_KEPT_MESSAGES]  # older turns no longer fit any context of this lab anyway
 
 
 main()
