@@ -31,12 +31,16 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import REPO, Report, fmt, median
+from pages._live_chart import POINTS_JS
+
+# Points drawn by the live chart, or (a "before" checkout) by plotly's charts, so both can be compared.
+CHART_POINTS = f"""() => ({POINTS_JS})() + Array.from(
+    document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
+    .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))
+    .reduce((a, b) => a + b, 0)"""
 
 CHROMIUM = "/usr/bin/chromium"
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
-    .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))
-    .reduce((a, b) => a + b, 0)"""
 TOKENS_PER_STEP = {"tiny": 16 * 32, "baby": 24 * 64}  # batch_size * block_size of the presets
 TARGETS = {1: 0.80, 3: 0.60}
 CLI_STEPS = 200  # the CLI's tiny run, shortened: a loaded machine makes the "before" crawl
@@ -81,6 +85,62 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=20)
+
+
+# --- CPU accounting -----------------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def _tree(root: int, kids: dict[int, list[int]]) -> set[int]:
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo += kids.get(pid, [])
+    return out
+
+
+def _cpu(pids) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])  # utime + stime of the process (all its threads)
+    return total / _TICK
+
+
+class CpuMeter:
+    """CPU seconds used by the web server's own process (not its training child) and by this bench's
+    browser (every process under this one that is not the server or a CLI run), over an interval."""
+
+    def __init__(self, server_pid: int, exclude: tuple[int, ...] = ()):
+        self.server_pid, self.exclude = server_pid, exclude
+
+    def read(self) -> tuple[float, float]:
+        kids = _children()
+        skip = _tree(self.server_pid, kids)
+        for pid in self.exclude:
+            skip |= _tree(pid, kids)
+        browser = _tree(os.getpid(), kids) - skip - {os.getpid()}
+        return _cpu([self.server_pid]), _cpu(browser)
+
+    def start(self) -> None:
+        self.t0, (self.s0, self.b0) = time.monotonic(), self.read()
+
+    def stop(self) -> dict:
+        (s1, b1), dt = self.read(), time.monotonic() - self.t0
+        return dict(server_cpu=(s1 - self.s0) / dt, browser_cpu=(b1 - self.b0) / dt)
 
 
 # --- one run ------------------------------------------------------------------------------------------
@@ -159,7 +219,9 @@ def _watch(tab0, run_dir: Path, cap_s: float) -> tuple[float, bool]:
     return gap, False
 
 
-def server_run(browser, url: str, runs_dir: Path, preset: str, tabs: int, steps: int, cap_s: float) -> dict:
+def server_run(
+    browser, url: str, runs_dir: Path, preset: str, tabs: int, steps: int, cap_s: float, meter: CpuMeter
+) -> dict:
     ctx = browser.new_context(base_url=url, viewport={"width": 1280, "height": 900})
     try:
         page = ctx.new_page()
@@ -189,7 +251,9 @@ def server_run(browser, url: str, runs_dir: Path, preset: str, tabs: int, steps:
                             break
                     time.sleep(0.1)
                 p.close()
+        meter.start()
         gap, capped = _watch(pages[0] if pages else None, run_dir, cap_s)
+        cpu = meter.stop()
         if capped:  # the "before": stop it from a tab rather than wait many minutes
             stopper = pages[0] if pages else ctx.new_page()
             if not pages:
@@ -200,12 +264,14 @@ def server_run(browser, url: str, runs_dir: Path, preset: str, tabs: int, steps:
                 time.sleep(0.2)
         wall = time.monotonic() - t0
         tps, done, elapsed = _rate(run_dir, preset)
-        return dict(tps=tps, steps=done, elapsed=elapsed, wall=wall, gap=gap, first_paint=first_paint, capped=capped)
+        return dict(
+            tps=tps, steps=done, elapsed=elapsed, wall=wall, gap=gap, first_paint=first_paint, capped=capped, **cpu
+        )
     finally:
         ctx.close()
 
 
-def cli_run(browser, url: str, repo: Path, runs_dir: Path, watched: bool, n: int) -> dict:
+def cli_run(browser, url: str, repo: Path, runs_dir: Path, watched: bool, n: int, server_pid: int) -> dict:
     run_dir = runs_dir / f"cli-{'watched' if watched else 'alone'}-{n}"
     cmd = [sys.executable, "-m", "tinygpt_core", "train", "--corpus", "builtin:tiny", "--preset", "tiny"]
     cmd += ["--out", str(run_dir), "--no-progress", "--max-iters", str(CLI_STEPS)]
@@ -218,14 +284,17 @@ def cli_run(browser, url: str, repo: Path, runs_dir: Path, watched: bool, n: int
                 time.sleep(0.05)
             page = ctx.new_page()
             page.goto(f"/train?run={run_dir.name}")
+        meter = CpuMeter(server_pid, exclude=(proc.pid,))
+        meter.start()
         proc.wait(timeout=600)
+        cpu = meter.stop()
     finally:
         if ctx is not None:
             ctx.close()
     if proc.returncode:
         raise RuntimeError(f"CLI run failed: {proc.stderr.read().decode()[-2000:]}")
     tps, steps, elapsed = _rate(run_dir, "tiny")
-    return dict(tps=tps, steps=steps, elapsed=elapsed)
+    return dict(tps=tps, steps=steps, elapsed=elapsed, **cpu)
 
 
 # --- the bench ----------------------------------------------------------------------------------------
@@ -246,16 +315,17 @@ def measure(repo: Path, repeats: int, baby_steps: int, cap_s: float, label: str)
                     executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run"]
                 )
                 # Warm-up: the first page load compiles the app's modules and the first run pays for imports.
-                server_run(browser, url, runs_dir, "tiny", 0, 0, cap_s)
+                meter = CpuMeter(proc.pid)
+                server_run(browser, url, runs_dir, "tiny", 0, 0, cap_s, meter)
                 for r in range(repeats):
                     for preset in ("tiny", "baby"):
                         for tabs in (0, 1, 3):
-                            out = server_run(browser, url, runs_dir, preset, tabs, baby_steps, cap_s)
+                            out = server_run(browser, url, runs_dir, preset, tabs, baby_steps, cap_s, meter)
                             results.setdefault((preset, tabs), []).append(out)
                             load.append(os.getloadavg()[0])
                             print(f"[{label}] {preset} tabs={tabs}: {out}", flush=True)
                     for watched in (False, True):
-                        out = cli_run(browser, url, repo, runs_dir, watched, r)
+                        out = cli_run(browser, url, repo, runs_dir, watched, r, proc.pid)
                         results.setdefault(("cli", int(watched)), []).append(out)
                         load.append(os.getloadavg()[0])
                         print(f"[{label}] cli watched={watched}: {out}", flush=True)
@@ -289,6 +359,7 @@ def _rows(label: str, m: dict) -> list[list[str]]:
                     f"{wall:.1f} ({wall / base_wall:.1f}×)",
                     fmt(max(x["gap"] for x in xs), 1) if tabs else "–",
                     fmt(max(paint), 1) if paint else "–",
+                    _cpu_cell(xs),
                 ]
             )
     alone = median(x["tps"] for x in res[("cli", 0)])
@@ -307,9 +378,15 @@ def _rows(label: str, m: dict) -> list[list[str]]:
                 "–",
                 "–",
                 "–",
+                _cpu_cell(xs),
             ]
         )
     return rows
+
+
+def _cpu_cell(xs: list[dict]) -> str:
+    """Median CPU cores used by the web server process and by the browser while the run trained."""
+    return f"{median(x['server_cpu'] for x in xs):.2f} / {median(x['browser_cpu'] for x in xs):.2f}"
 
 
 def run(
@@ -335,7 +412,9 @@ def run(
         "tokens/s = tokens / logged training seconds (evals in). "
         f"A run still going after {cap_s:.0f} s is stopped from a tab and its rate taken so far (capped). "
         "Wall = click to done; gap = longest time between two chart updates in a watching tab; "
-        "new tab = seconds until a tab opened mid-run (with 3 watching) shows the chart. "
+        "new tab = seconds until a tab opened mid-run (with 3 watching) shows the chart; "
+        "CPU = cores used (CPU-seconds per second) by the web server's own process and by the browser while "
+        "the run trained: the cost of watching, which the training process competes with. "
         "Load (1-min) during the runs: "
         + "; ".join(f"{k} {min(m['load']):.1f}–{max(m['load']):.1f}" for k, m in measured.items())
         + "."
@@ -344,7 +423,18 @@ def run(
     for label, m in measured.items():
         rows += _rows(label, m)
     report.add_table(
-        ["code", "scenario", "tokens/s (runs)", "median", "steps/s", "vs unwatched", "wall s", "gap s", "new tab s"],
+        [
+            "code",
+            "scenario",
+            "tokens/s (runs)",
+            "median",
+            "steps/s",
+            "vs unwatched",
+            "wall s",
+            "gap s",
+            "new tab s",
+            "CPU server / browser",
+        ],
         rows,
     )
     report.emit(results)

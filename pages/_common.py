@@ -238,7 +238,7 @@ def open_run_picker(prefix: str) -> tuple[RunState, str, LoadedRun] | None:
             "Checkpoint",
             ["best", "last"],
             horizontal=True,
-            key=f"{prefix}_checkpoint",
+            **kept(f"{prefix}_checkpoint"),
             format_func=lambda c: {"best": "Best val loss", "last": "Last step"}[c],
         )
     run = load_run_cached(summary, checkpoint)

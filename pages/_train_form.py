@@ -17,9 +17,12 @@ from pages._ablation_widgets import ablation_overrides, ablation_widget_values, 
 from tinygpt_core.config import ModelConfig, check_field, get_preset, range_text
 from tinygpt_core.data import Corpus
 from tinygpt_core.errors import ConfigError
+from tinygpt_core.gpt2_tokenizer import GPT2_VOCAB_SIZE
 from tinygpt_core.model import count_params
+from tinygpt_core.runs import RunStore
 from tinygpt_core.training import TrainSpec
 
+SIZED_TOKENIZERS = ("bpe", "word")  # the kinds whose vocabulary size the form sets
 K = "train_"  # prefix of every widget key on the Train page (session_state is shared by all pages)
 SOURCES = ("Built-in", "Upload a .txt file", "File on the server")
 # Form fields a preset does not set, with their starting values.
@@ -31,6 +34,7 @@ OTHER_FIELDS: dict[str, Any] = {
     "device": "auto",
     "precision": "auto",
     "compile": False,
+    "tensorboard": False,  # also write TensorBoard events (into the run's own folder)
 }
 # The form's number fields: form key -> (label, the core setting whose allowed range applies, or None for a
 # decimal number that the core's validation checks as a whole config). The inputs have no min/max of their
@@ -69,7 +73,7 @@ def form_problems(f: dict[str, Any]) -> list[str]:
     """Every number of the form that is empty or out of its range, one sentence each naming the field and
     the allowed range (checked with the core's own ranges, config.INT_RANGES); [] when all are usable."""
     problems = []
-    fields = {k: v for k, v in NUMBER_FIELDS.items() if k != "vocab" or f.get("tokenizer") in ("bpe", "word")}
+    fields = {k: v for k, v in NUMBER_FIELDS.items() if k != "vocab" or f.get("tokenizer") in SIZED_TOKENIZERS}
     checks = [(f.get(k), label, setting, k in OFF_WHEN_ZERO) for k, (label, setting) in fields.items()]
     checks += [(f.get(k), label, setting, False) for k, label, setting in parametric_n_fields(f)]
     for value, label, setting, zero_is_off in checks:
@@ -166,6 +170,8 @@ def train_overrides(f: dict[str, Any]) -> dict[str, Any]:
         device=f["device"],
         precision=f["precision"],
         compile=bool(f["compile"]),
+        # The run store's root: each run's events land in its own folder (tensorboard_log.log_dir_for).
+        tensorboard_dir=str(RunStore().root) if f.get("tensorboard") else None,
     )
 
 
@@ -176,7 +182,7 @@ def build_spec(f: dict[str, Any], corpus: Corpus | str) -> TrainSpec:
         model=preset.model_config(**model_overrides(f)),
         train=preset.train_config(**train_overrides(f)),
         tokenizer=f["tokenizer"],
-        tokenizer_vocab_size=int(f["vocab"]) if f["tokenizer"] in ("bpe", "word") else None,
+        tokenizer_vocab_size=int(f["vocab"]) if f["tokenizer"] in SIZED_TOKENIZERS else None,
         name=(f.get("name") or "").strip() or None,
         preset=f["preset"],
     )
@@ -185,6 +191,14 @@ def build_spec(f: dict[str, Any], corpus: Corpus | str) -> TrainSpec:
 @st.cache_data(max_entries=64, show_spinner=False)
 def _param_count(model_json: str) -> int:
     return count_params(ModelConfig.from_dict(json.loads(model_json)))
+
+
+def form_vocab_size(f: dict[str, Any], cfg: ModelConfig) -> int:
+    """The vocabulary the form's tokenizer will have, for counting parameters before it exists: the
+    size typed for bpe/word, GPT-2's fixed one for gpt2, the config's (the corpus decides) for char."""
+    if f["tokenizer"] in SIZED_TOKENIZERS:
+        return int(f["vocab"])
+    return GPT2_VOCAB_SIZE if f["tokenizer"] == "gpt2" else cfg.vocab_size
 
 
 def param_count(cfg: ModelConfig, vocab_size: int | None = None) -> int:

@@ -26,13 +26,13 @@ from pages._common import (
     user_errors,
     visitor,
 )
+from pages._live_chart import live_chart
 from pages._train_form import K
 from tinygpt_core import viz
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.state import RunState
 
-POLL_S = 0.5  # status refresh while a job is queued or running
-CHART_POLL_S = 1.0  # the chart remounts on every refresh (zoom resets), so a little slower
+POLL_S = 1.0  # refresh while a job is queued or running (the chart updates in place, keeping zoom)
 SHOWN_SAMPLES = 3  # newest samples shown in full; older ones go in an expander
 
 
@@ -74,38 +74,25 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
 
     started_active = view.active
 
+    # One fragment per tab refreshes everything live (status, chart, samples) once a second: each
+    # refresh is a script run on the server that also trains, so every open tab costs CPU there.
     @st.fragment(run_every=POLL_S if started_active else None)
-    def status_panel() -> None:
-        v = load_view(view.job_id, view.run_id) or view
+    def live_panel() -> None:
+        v = (load_view(view.job_id, view.run_id) or view) if started_active else view
         if started_active and not v.active:
-            st.rerun()  # it just ended: redraw the whole page once, without the timers
+            st.rerun()  # it just ended: redraw the whole page once, without the timer
         _status(v)
-
-    status_panel()
-
-    opts = st.columns([1, 1, 1, 3])
-    follow = opts[0].toggle(
-        "Follow live",
-        value=True,
-        key=K + "follow",
-        disabled=not started_active,
-        help="Redraws the chart as it trains (which resets zoom). Turn off to zoom in.",
-    )
-    ppl = opts[1].toggle("Perplexity", key=K + "ppl", help="Show exp(loss): the effective number of choices.")
-    log_y = opts[2].toggle("Log scale", key=K + "logy")
-
-    @st.fragment(run_every=CHART_POLL_S if started_active and follow else None)
-    def chart_panel() -> None:
-        v = (load_view(view.job_id, view.run_id) or view) if (started_active and follow) else view
+        opts = st.columns([1, 1, 4])
+        ppl = opts[0].toggle("Perplexity", key=K + "ppl", help="Show exp(loss): the effective number of choices.")
+        log_y = opts[1].toggle("Log scale", key=K + "logy")
+        opts[2].caption("Drag across the chart to zoom in, double-click to zoom out; new steps keep your zoom.")
         chart_col, sample_col = st.columns([3, 2], gap="large")
         with chart_col:
-            _chart(v, ppl, log_y)
-            if started_active and not follow:
-                st.caption("Chart paused: turn on *Follow live* to see new steps.")
+            live_chart(viz.loss_chart_data(v.metrics, perplexity=ppl, log_y=log_y), key=K + "loss_chart")
         with sample_col:
             _samples(v)
 
-    chart_panel()
+    live_panel()
 
 
 def _status(v: RunState) -> None:
@@ -221,12 +208,6 @@ def _links(v: RunState) -> None:
             icon=":material/stacked_line_chart:",
             query_params={RUN_PARAM: v.run_id},
         )
-
-
-def _chart(v: RunState, perplexity: bool, log_y: bool) -> None:
-    # An empty frame draws an empty chart with a note (viz handles it), so the layout does not jump.
-    fig = viz.loss_figure(v.metrics, perplexity=perplexity, log_y=log_y)
-    st.plotly_chart(fig, key=K + "loss_chart", width="stretch")
 
 
 def _samples(v: RunState) -> None:

@@ -23,12 +23,14 @@ from pages._common import (
     remember_job,
     remember_run,
     runner,
+    store,
     user_errors,
     visitor,
 )
 from pages._train_form import (
     LAST_FORM,
     NUMBER_FIELDS,
+    SIZED_TOKENIZERS,
     SOURCES,
     K,
     allowed,
@@ -36,6 +38,7 @@ from pages._train_form import (
     build_spec,
     form_problems,
     form_values,
+    form_vocab_size,
     init_form,
     model_overrides,
     param_count,
@@ -57,6 +60,8 @@ TOKENIZER_HELP = {
     "char": "one token per character: tiny vocabulary, long sequences",
     "word": "one token per word or punctuation mark: large vocabulary",
     "bpe": "byte-level BPE: merges frequent byte pairs up to the vocabulary size",
+    "gpt2": "GPT-2's own 50,257-token BPE (through tiktoken): models that pair with GPT-2's tokenizer when "
+    "exported; tiktoken needs GPT-2's vocabulary file once (downloaded on a connected machine)",
 }
 ESTIMATES = "trainpage_estimates"  # measured seconds per step, by configuration
 
@@ -215,7 +220,7 @@ def _tokenizer_section() -> None:
         "Tokenizer", list(TOKENIZER_HELP), **kept(K + "tokenizer"), horizontal=True, label_visibility="collapsed"
     )
     st.caption(TOKENIZER_HELP[kind])
-    if kind in ("bpe", "word"):
+    if kind in SIZED_TOKENIZERS:
         number_input(
             "vocab",
             step=64,
@@ -305,6 +310,13 @@ def _training_section() -> None:
                 **kept(K + "compile"),
                 help="Compiles the model first: faster steps on a GPU after a slow start.",
             )
+        st.toggle(
+            "TensorBoard events",
+            **kept(K + "tensorboard"),
+            help="Also write losses, learning rate, tokens/s, gradient norm and attention images at each "
+            "evaluation as TensorBoard events, into the run's own folder. The run folder stays the source of "
+            f"truth; view them with `tensorboard --logdir {md(str(store().root))}`.",
+        )
 
 
 def _check_configs(f: dict[str, Any]) -> tuple[ModelConfig | None, TrainConfig | None]:
@@ -317,7 +329,7 @@ def _check_configs(f: dict[str, Any]) -> tuple[ModelConfig | None, TrainConfig |
     try:
         cfg = get_preset(f["preset"]).model_config(**model_overrides(f)).validate()
         # The server's TINYGPT_MAX_PARAMS, on the vocabulary the form asks for (the runner checks the real one).
-        vocab = int(f["vocab"]) if f["tokenizer"] in ("bpe", "word") else cfg.vocab_size
+        vocab = form_vocab_size(f, cfg)
         limits.check_params(param_count(cfg, vocab))
         model_cfg = cfg
     except TinyGPTError as exc:
@@ -336,8 +348,8 @@ def _estimates(
 ) -> None:
     if model_cfg is None or train_cfg is None:
         return
-    vocab = int(f["vocab"]) if f["tokenizer"] in ("bpe", "word") else model_cfg.vocab_size
-    approx = "≈ " if f["tokenizer"] == "char" else "≤ "  # char: the vocabulary is the corpus's own characters
+    vocab = form_vocab_size(f, model_cfg)
+    approx = {"char": "≈ ", "gpt2": ""}.get(f["tokenizer"], "≤ ")  # char: the vocabulary is the corpus's own characters
     sized = ModelConfig.from_dict({**model_cfg.to_dict(), "vocab_size": vocab})
     params = param_count(sized)
     c1, c2, c3 = st.columns([1, 1, 2], vertical_alignment="center")

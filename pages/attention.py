@@ -9,13 +9,14 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages._common import corpus_start, known_symbols_only, open_run_picker, user_errors, weights_mtime
+from pages._common import corpus_start, kept, known_symbols_only, open_run_picker, user_errors, weights_mtime
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.inspection import (
     AttentionMaps,
     attention_maps,
     head_stats,
     induction_scores,
+    no_attention_reason,
     repeated_random_tokens,
 )
 from tinygpt_core.runs import LoadedRun
@@ -130,6 +131,10 @@ ablations = cfg.ablations()
 if ablations:
     facts += " · ablations: " + ", ".join(ablations)
 st.caption(facts)
+nothing_to_show = no_attention_reason(cfg)
+if nothing_to_show:
+    st.info(nothing_to_show, icon=":material/info:")
+    st.stop()
 
 # --- the prompt ---------------------------------------------------------------------------------
 prompt_key = f"attn_prompt_{summary.id}"  # one box per run, so switching runs shows that run's default
@@ -151,7 +156,7 @@ with p_right:
         width="stretch",
     )
 with p_left:
-    prompt = st.text_area("Prompt", key=prompt_key, height=80)
+    prompt = st.text_area("Prompt", **kept(prompt_key), height=80)  # kept across page visits (issue 12)
 
 prompt = known_symbols_only(tok, prompt)
 if not prompt:

@@ -32,7 +32,7 @@ from tinygpt_core.chatbot import Reply, stream_reply
 from tinygpt_core.chatdata import BUILTIN_CHAT, BUILTIN_DESCRIPTION
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.finetune import FINETUNE_SETTINGS, chat_info, finetune_spec
-from tinygpt_core.sampling import MIN_TEMPERATURE, SamplingSettings
+from tinygpt_core.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE, SamplingSettings
 
 HISTORY = "chat_history"  # session key: {run id: [{"role", "content", "base"}]}
 UPLOAD = "Upload a JSONL file"
@@ -54,7 +54,7 @@ def _settings() -> tuple[SamplingSettings, bool, bool]:
         s = SamplingSettings(strategy=strategy)
         if strategy == "sample":
             s.temperature = st.number_input(
-                "Temperature", MIN_TEMPERATURE, 5.0, 0.8, 0.05, format="%.3g", **kept("chat_temperature")
+                "Temperature", MIN_TEMPERATURE, MAX_TEMPERATURE, 0.8, 0.05, format="%.3g", **kept("chat_temperature")
             )
             s.top_k = st.number_input("Top-k", 1, 10_000, None, 1, placeholder="off", **kept("chat_top_k"))
             s.top_p = st.number_input("Top-p", 0.01, 1.0, None, 0.05, placeholder="off", **kept("chat_top_p"))

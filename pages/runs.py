@@ -39,9 +39,10 @@ from tinygpt_core.ablations import (
     with_gap,
 )
 from tinygpt_core.archive import zip_run
-from tinygpt_core.config import PRESETS
+from tinygpt_core.config import PRESETS, check_field, range_text
 from tinygpt_core.data import list_builtin_corpora
 from tinygpt_core.errors import RunError, TinyGPTError
+from tinygpt_core.ladder import RUNG_NAMES, is_ladder, ladder_table
 from tinygpt_core.runs import ACTIVE_STATUSES, read_metrics
 from tinygpt_core.state import RunState
 from tinygpt_core.training import TrainSpec
@@ -356,8 +357,12 @@ def _ablation_order(label: str) -> int:
 
 
 def _grid_members(runs: list[RunState], grid_id: str) -> list[RunState]:
-    """Every run of one grid (the core finds them), baseline first, then in the ablation list's order."""
-    return sorted(state.grid_members(runs, grid_id), key=lambda m: (_ablation_order(m.grid[1]), m.grid[1]))
+    """Every run of one grid (the core finds them): a ladder bottom rung first; an ablation grid baseline
+    first, then in the ablation list's order."""
+    members = state.grid_members(runs, grid_id)
+    if is_ladder(m.grid[1] for m in members):
+        return sorted(members, key=lambda m: RUNG_NAMES.index(m.grid[1]))
+    return sorted(members, key=lambda m: (_ablation_order(m.grid[1]), m.grid[1]))
 
 
 GRID_TAB, RUNS_TAB = "Ablation grid", "All runs"
@@ -380,26 +385,44 @@ def launch_grid_form() -> None:
             help="\n".join(f"- **{name}**: {p.description}" for name, p in PRESETS.items()),
         )
         c2.selectbox("Corpus", corpora, index=corpora.index("tiny") if "tiny" in corpora else 0, key="grid_corpus")
+        # No min/max (issue 12 item 5): a browser silently keeps the old value of an out-of-range entry, and
+        # the form would launch with it. The core's ranges are stated here and checked on Launch.
         c3.number_input(
-            "Steps per run (max_iters)", min_value=10, max_value=100_000, value=300, step=50, key="grid_max_iters"
+            "Steps per run (max_iters)",
+            value=300,
+            step=50,
+            key="grid_max_iters",
+            help=f"Allowed: {range_text('max_iters')}.",
         )
-        c4.number_input("Seed", min_value=0, max_value=2**31 - 1, value=1337, step=1, key="grid_seed")
+        c4.number_input("Seed", value=1337, step=1, key="grid_seed", help=f"Allowed: {range_text('seed')}.")
         grid_ablation_picker("grid_")
-        st.form_submit_button(
+        b1, b2 = st.columns(2)
+        b1.form_submit_button(
             "Launch grid", type="primary", icon=":material/play_arrow:", on_click=_launch_grid, args=(visitor(),)
+        )
+        b2.form_submit_button(
+            "Launch ladder",
+            icon=":material/stairs:",
+            on_click=_launch_grid,
+            args=(visitor(), True),
+            help="Instead of the ablations: the preset climbed from a bigram model to the full transformer, "
+            "one addition per run (" + " → ".join(RUNG_NAMES) + "), same data, seed and data order.",
         )
     error = st.session_state.pop("runs_grid_error", None)
     if error:
         st.error(error)
 
 
-def _launch_grid(owner: str) -> None:
-    """on_click of Launch grid: queue the grid for ``owner`` (this visitor), then show it. A callback runs
+def _launch_grid(owner: str, ladder: bool = False) -> None:
+    """on_click of Launch grid (or, with ``ladder``, Launch ladder): queue the grid for ``owner`` (this
+    visitor), then show it. A callback runs
     before any widget of the next run is drawn, so it can point the tabs, the grid selector and ?grid= at
     the new grid at once."""
     ss = st.session_state
     launched = None
     try:
+        for name, key in (("max_iters", "grid_max_iters"), ("seed", "grid_seed")):
+            check_field(name, ss[key])  # names the setting and its range (an empty box too)
         base = TrainSpec.from_preset(
             ss["grid_preset"],
             f"builtin:{ss['grid_corpus']}",
@@ -407,7 +430,10 @@ def _launch_grid(owner: str) -> None:
             seed=int(ss["grid_seed"]),
         )
         # All of the grid or none of it; the visitor's job cap (TINYGPT_MAX_JOBS_PER_VISITOR) counts every member.
-        launched = state.launch_grid(runner(), base, grid_labels("grid_"), owner=owner)
+        if ladder:
+            launched = state.launch_ladder(runner(), base, owner=owner)
+        else:
+            launched = state.launch_grid(runner(), base, grid_labels("grid_"), owner=owner)
     except TinyGPTError as exc:
         ss["runs_grid_error"] = f"Could not launch the grid: {exc}"
         return
@@ -476,28 +502,31 @@ def grid_live_view(grid_id: str, live: bool) -> None:
         )
         st.plotly_chart(fig, key="grid_overlay_chart", width="stretch")
 
-        table = compare_to_baseline(rows)
-        if rows:
-            table = table.merge(pd.DataFrame(rows)[["name", "message"]], on="name", how="left")
-        st.dataframe(
-            table.drop(columns=["name"]),
-            key="grid_table",
-            hide_index=True,
-            placeholder=MISSING,
-            width="stretch",
-            column_config={
-                "ablation": st.column_config.TextColumn("ablation", pinned=True),
-                "final_train_loss": st.column_config.NumberColumn("final train", format="%.3f"),
-                "final_val_loss": st.column_config.NumberColumn("final val", format="%.3f"),
-                "gap": st.column_config.NumberColumn("gap", format="%+.3f", help="final val − final train"),
-                "best_val_loss": st.column_config.NumberColumn("best val", format="%.3f"),
-                "delta": st.column_config.NumberColumn(
-                    "Δ val vs baseline", format="%+.3f", help="> 0: the ablation hurts; < 0: it helps."
-                ),
-                "ratio": st.column_config.NumberColumn("val ÷ baseline", format="%.3f"),
-                "message": st.column_config.TextColumn("message", width="large"),
-            },
-        )
+        if is_ladder(m.grid[1] for m in members):
+            _ladder_view(rows)
+        else:
+            table = compare_to_baseline(rows)
+            if rows:
+                table = table.merge(pd.DataFrame(rows)[["name", "message"]], on="name", how="left")
+            st.dataframe(
+                table.drop(columns=["name"]),
+                key="grid_table",
+                hide_index=True,
+                placeholder=MISSING,
+                width="stretch",
+                column_config={
+                    "ablation": st.column_config.TextColumn("ablation", pinned=True),
+                    "final_train_loss": st.column_config.NumberColumn("final train", format="%.3f"),
+                    "final_val_loss": st.column_config.NumberColumn("final val", format="%.3f"),
+                    "gap": st.column_config.NumberColumn("gap", format="%+.3f", help="final val − final train"),
+                    "best_val_loss": st.column_config.NumberColumn("best val", format="%.3f"),
+                    "delta": st.column_config.NumberColumn(
+                        "Δ val vs baseline", format="%+.3f", help="> 0: the ablation hurts; < 0: it helps."
+                    ),
+                    "ratio": st.column_config.NumberColumn("val ÷ baseline", format="%.3f"),
+                    "message": st.column_config.TextColumn("message", width="large"),
+                },
+            )
         if not live:
             _chart_downloads(fig, "grid_overlay", grid_id)
         unfinished = [m.job_id for m in members if m.can_stop and can_manage(m.path)]  # only the owner's
@@ -513,6 +542,29 @@ def grid_live_view(grid_id: str, live: bool) -> None:
             st.rerun()
 
     _view()
+
+
+def _ladder_view(rows: list[dict]) -> None:
+    """A ladder grid: each rung's val loss and its gain over the rung below (tinygpt_core.ladder)."""
+    table = ladder_table(rows)
+    st.markdown("**The ladder** — each rung adds one part to the one below; the gain is how much val loss it saves.")
+    st.plotly_chart(viz.ladder_figure(table), key="ladder_chart", width="stretch")
+    st.dataframe(
+        table.drop(columns=["name"]),
+        key="ladder_table",
+        hide_index=True,
+        placeholder=MISSING,
+        width="stretch",
+        column_config={
+            "rung": st.column_config.TextColumn("rung", pinned=True),
+            "adds": st.column_config.TextColumn("adds", width="large"),
+            "val_loss": st.column_config.NumberColumn("final val", format="%.3f"),
+            "gain": st.column_config.NumberColumn(
+                "gain", format="%+.3f", help="val loss of the rung below − this rung's: > 0, the addition helps."
+            ),
+            "best_val_loss": st.column_config.NumberColumn("best val", format="%.3f"),
+        },
+    )
 
 
 def _live_metrics(run: RunState) -> pd.DataFrame | None:

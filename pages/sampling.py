@@ -13,17 +13,30 @@ import json
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from pages._common import corpus_start, known_symbols_only, md, open_run_picker, user_errors, weights_mtime
+from pages._common import (
+    corpus_start,
+    kept,
+    known_symbols_only,
+    md,
+    open_run_picker,
+    user_errors,
+    weights_mtime,
+)
 from tinygpt_core import limits
 from tinygpt_core.errors import ConfigError, TinyGPTError
 from tinygpt_core.runs import LoadedRun
 from tinygpt_core.sampling import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    REPETITION_PENALTY_RANGE,
     GenerationResult,
     SamplingSettings,
+    StepInfo,
     generate,
     next_token_distribution,
     text_stats,
@@ -95,82 +108,92 @@ def _default_prompt(run: LoadedRun) -> str:
     return prompt[:cut] if cut > 0 else prompt
 
 
+def _kept_from(key: str, default: Any, low: float | None = None, high: float | None = None) -> dict[str, Any]:
+    """``kept(key)`` for a widget whose starting value is ``default``: the value is given through
+    session_state (a widget given both value= and a kept value warns), and a kept slider value outside
+    this run's bounds (another run's vocabulary, another server limit) is brought back inside them."""
+    value = st.session_state.setdefault(key, default)
+    if value is not None and high is not None and value > high:
+        st.session_state[key] = high
+    if value is not None and low is not None and value < low:
+        st.session_state[key] = low
+    return kept(key)
+
+
+def _number(label: str, key: str, default: float | int | None, step: float | int, help: str, **kw: Any) -> Any:
+    """A setting's number box, kept across pages. No min/max on purpose: a bound in the widget is a second
+    copy of the core's (they drifted: issue 12), and a browser refuses an out-of-range entry silently;
+    SamplingSettings.validate and limits.check_decode name what is wrong instead, beside the column."""
+    return st.number_input(label, step=step, help=help, **_kept_from(key, default), **kw)
+
+
 def _settings_widgets(cid: str, vocab_size: int, max_beams: int) -> SamplingSettings:
-    """The expander of one column; returns its settings (not yet validated: the caller shows errors)."""
+    """The expander of one column; returns its settings (not yet validated: the caller shows errors).
+    Every field keeps its value across visits to other pages (kept)."""
     base = COLUMNS[cid].settings
     k = f"smp_{cid}_"
     s = dataclasses.replace(base)
     with st.expander("Settings", icon=":material/tune:"):
         if base.strategy == "sample":
-            # Bounds are loose on purpose: the core's validation explains what is out of range.
-            s.temperature = st.number_input(
+            s.temperature = _number(
                 "Temperature",
-                0.0,
-                5.0,
+                k + "temperature",
                 float(base.temperature),
                 0.05,
-                key=k + "temperature",
-                help="Divides the logits: below 1 sharpens the distribution, above 1 flattens it. 0 is greedy.",
+                "Divides the logits: below 1 sharpens the distribution, above 1 flattens it. 0 is greedy. "
+                f"Allowed: {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}.",
             )
-            s.top_k = st.number_input(
+            s.top_k = _number(
                 "Top-k",
-                0,
-                max(1, vocab_size),
+                k + "top_k",
                 None if base.top_k is None else min(base.top_k, vocab_size),
                 1,
-                key=k + "top_k",
+                f"Keep only the k most likely tokens (1 to {vocab_size}, this run's vocabulary). Empty = off.",
                 placeholder="off",
-                help="Keep only the k most likely tokens. Empty = off.",
+                value=None,  # starts empty = off, and can be emptied again (the kept value shows)
             )
-            s.top_p = st.number_input(
+            s.top_p = _number(
                 "Top-p",
-                0.0,
-                1.0,
+                k + "top_p",
                 base.top_p,
                 0.05,
-                key=k + "top_p",
+                "Keep the most likely tokens until their probabilities add up to p (0 < p <= 1). Empty = off.",
                 placeholder="off",
-                help="Keep the most likely tokens until their probabilities add up to p. Empty = off.",
+                value=None,  # starts empty = off, and can be emptied again (the kept value shows)
             )
-            s.min_p = st.number_input(
+            s.min_p = _number(
                 "Min-p",
-                0.0,
-                1.0,
+                k + "min_p",
                 base.min_p,
                 0.01,
-                key=k + "min_p",
+                "Drop tokens less likely than min-p × the top token's probability (0 to 1). Empty = off.",
                 placeholder="off",
-                help="Drop tokens less likely than min-p × the top token's probability. Empty = off.",
+                value=None,  # starts empty = off, and can be emptied again (the kept value shows)
             )
         elif base.strategy == "beam":
-            s.num_beams = st.number_input(
+            s.num_beams = _number(
                 "Beams",
+                k + "num_beams",
+                min(int(base.num_beams), max_beams),  # TINYGPT_MAX_BEAMS
                 1,
-                max_beams,  # TINYGPT_MAX_BEAMS
-                min(int(base.num_beams), max_beams),
-                1,
-                key=k + "num_beams",
-                help=f"How many partial texts are kept at each step (at most the vocabulary size, and {max_beams} "
-                "on this server).",
+                f"How many partial texts are kept at each step (at most the vocabulary size, {vocab_size}, and "
+                f"{max_beams} on this server).",
             )
-            s.length_penalty = st.number_input(
+            s.length_penalty = _number(
                 "Length penalty",
-                -2.0,
-                3.0,
+                k + "length_penalty",
                 float(base.length_penalty),
                 0.1,
-                key=k + "length_penalty",
-                help="Score = log-probability / length^penalty. All beams here have the same length, so it "
+                "Score = log-probability / length^penalty. All beams here have the same length, so it "
                 "rescales the scores without reordering them.",
             )
-        s.repetition_penalty = st.number_input(
+        low, high = REPETITION_PENALTY_RANGE
+        s.repetition_penalty = _number(
             "Repetition penalty",
-            0.0,
-            3.0,
+            k + "repetition_penalty",
             float(base.repetition_penalty),
             0.05,
-            key=k + "repetition_penalty",
-            help="Above 1 makes tokens already in the text less likely (1 = off).",
+            f"Above 1 makes tokens already in the text less likely (1 = off). Allowed: {low:g} to {high:g}.",
         )
     return s
 
@@ -210,21 +233,27 @@ def _fmt(x: float, spec: str) -> str:
     return "–" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def _token_title(s: StepInfo, filters: bool) -> str:
+    """A generated token's hover text: the model's probability and rank (comparable across columns), then
+    the probability after the column's filters where they change it (sampling columns)."""
+    title = f"{s.token!r}: p = {s.prob:.3f} (model), rank {s.rank}"
+    if filters:
+        title += f"\nafter this column's filters: p = {s.filtered_prob:.3f}"
+    return title + "\nmodel's most likely: " + ", ".join(f"{t!r} {p:.2f}" for t, p in s.top[:5])
+
+
 def _show_result(result: GenerationResult, run: LoadedRun) -> None:
     tok = run.tokenizer
     prompt_ids = result.prompt_ids[-PROMPT_TOKENS_SHOWN:] if result.prompt else []
     prompt_tokens = tok.token_strings(prompt_ids)
-    titles = ["prompt"] * len(prompt_tokens) + [
-        f"{s.token!r}: p = {s.prob:.3f}, rank {s.rank}\n"
-        + "most likely: "
-        + ", ".join(f"{t!r} {p:.2f}" for t, p in s.top[:5])
-        for s in result.steps
-    ]
+    filters = result.settings.strategy == "sample" or result.settings.repetition_penalty != 1.0
+    titles = ["prompt"] * len(prompt_tokens) + [_token_title(s, filters) for s in result.steps]
     values = [float("nan")] * len(prompt_tokens) + [s.prob for s in result.steps]
     st.html(token_html(prompt_tokens + [s.token for s in result.steps], values, titles))
     stats = text_stats(result.token_ids, [s.logprob for s in result.steps])
     st.markdown(
-        f"mean log-prob **{_fmt(stats['mean_logprob'], '.2f')}** · distinct-2 **{_fmt(stats['distinct_2'], '.2f')}**"
+        f"mean log-prob (model) **{_fmt(stats['mean_logprob'], '.2f')}**"
+        f" · distinct-2 **{_fmt(stats['distinct_2'], '.2f')}**"
         f" · repeated 4-grams **{_fmt(stats['repetition'], '.0%')}**"
     )
     st.caption(f"{len(result.token_ids)} tokens in {result.elapsed_s:.2f} s ({result.tokens_per_s:,.0f} tokens/s)")
@@ -258,6 +287,8 @@ tok = run.tokenizer
 vocab = tok.vocab_size
 block = run.config.model.block_size
 
+# Every widget below keeps its value across visits to other pages (kept, issue 12); starting values go
+# through session_state only.
 prompt_key = f"smp_prompt_{summary.id}"  # one box per run: switching runs shows that run's default
 if prompt_key not in st.session_state:
     st.session_state[prompt_key] = _default_prompt(run)
@@ -265,24 +296,27 @@ if prompt_key not in st.session_state:
 c_prompt, c_len = st.columns([4, 2])
 with c_prompt:
     prompt = st.text_area(
-        "Prompt", key=prompt_key, height=124, help="Empty is allowed: the model then starts from a newline."
+        "Prompt", **kept(prompt_key), height=124, help="Empty is allowed: the model then starts from a newline."
     )
 with c_len:
     top = LIMITS.max_new_tokens
-    max_new = st.slider("New tokens", min(10, top), top, min(80, top), min(10, top), key="smp_max_new")
+    low = min(10, top)
+    max_new = st.slider("New tokens", low, top, step=low, **_kept_from("smp_max_new", min(80, top), low, top))
     c_seed, c_new = st.columns([3, 2], vertical_alignment="bottom")
-    if "smp_seed" not in st.session_state:
-        st.session_state["smp_seed"] = 1234
     seed = c_seed.number_input(
-        "Seed", 0, 2**31 - 1, key="smp_seed", step=1, help="The same seed gives the same text in every sampling column."
+        "Seed",
+        0,
+        2**31 - 1,
+        step=1,
+        **_kept_from("smp_seed", 1234),
+        help="The same seed gives the same text in every sampling column.",
     )
     c_new.button("New seed", icon=":material/casino:", key="smp_new_seed", on_click=_new_seed, width="stretch")
 chosen = st.multiselect(
     "Strategies to compare",
     list(COLUMNS),
-    default=DEFAULT_COLUMNS,
     format_func=lambda c: COLUMNS[c].title,
-    key="smp_columns",
+    **_kept_from("smp_columns", list(DEFAULT_COLUMNS)),
 )
 
 prompt = known_symbols_only(tok, prompt)
@@ -295,6 +329,11 @@ if not chosen:
     st.info("Pick at least one column above.")
     st.stop()
 
+st.caption(
+    "Colours, hover probabilities and mean log-prob are the model's own (its softmax at temperature 1, before any "
+    "penalty or filter), so the columns compare; hovering a token of a sampling column also shows its probability "
+    "after that column's filters."
+)
 mtime = weights_mtime(summary, checkpoint)
 budget_box = st.empty()  # the decoding budget's message, above the columns
 valid: dict[str, SamplingSettings] = {}
@@ -360,7 +399,9 @@ if valid:
         top_n = (
             vocab
             if vocab <= 10
-            else st.columns([1, 2])[0].slider("Tokens shown", 10, min(100, vocab), min(30, vocab), key="smp_top_n")
+            else st.columns([1, 2])[0].slider(
+                "Tokens shown", 10, min(100, vocab), **_kept_from("smp_top_n", min(30, vocab), 10, min(100, vocab))
+            )
         )
         st.plotly_chart(
             distribution_figure(dist["tokens"], dist["probs"], dist["kept"], top_n=top_n),

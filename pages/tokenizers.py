@@ -12,7 +12,7 @@ from collections import Counter
 import pandas as pd
 import streamlit as st
 
-from pages._common import user_errors
+from pages._common import kept, user_errors
 from tinygpt_core import limits
 from tinygpt_core.data import builtin_corpus_problem, corpus_from_bytes, list_builtin_corpora, load_corpus
 from tinygpt_core.errors import TinyGPTError
@@ -128,7 +128,8 @@ else:
     corpus_sha = f"builtin:{choice}"
     st.caption(f"builtin:{choice} — {descriptions.get(choice, '')}")
 
-text = st.text_area("Text to tokenize", DEFAULT_TEXT, key="tok_text", height=90)
+st.session_state.setdefault("tok_text", DEFAULT_TEXT)  # the start value; kept across page visits (issue 12)
+text = st.text_area("Text to tokenize", **kept("tok_text"), height=90)
 
 tokenizers: dict[str, tuple[Tokenizer, float]] = {}
 with user_errors("Cannot train the tokenizers: "):

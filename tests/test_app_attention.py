@@ -206,3 +206,17 @@ def test_a_damaged_checkpoint_shows_an_error(trained_store, use_store, tmp_path)
     assert not at.exception
     assert len(at.error) == 1 and "model.safetensors is truncated" in at.error[0].value
     assert not at.get("plotly_chart")
+
+
+def test_the_prompt_and_checkpoint_are_kept_across_a_visit_to_another_page(trained_store, use_store):
+    """Issue 12 item 4 (forms forget), on this page's prompt and checkpoint."""
+    root, run_id = trained_store
+    use_store(root)
+    at = open_page()
+    at.text_area(key=f"attn_prompt_{run_id}").set_value("the light held").run()
+    at.radio(key="attn_checkpoint").set_value("last").run()
+    at.switch_page("pages/runs.py").run()
+    at.switch_page("pages/attention.py").run()
+    assert not at.exception
+    assert at.text_area(key=f"attn_prompt_{run_id}").value == "the light held"
+    assert at.radio(key="attn_checkpoint").value == "last"

@@ -278,6 +278,18 @@ def _query_grid(at: AppTest) -> str:
     return value[0] if isinstance(value, list) else value
 
 
+@pytest.mark.parametrize("field, value, named", [("grid_max_iters", -5, "max_iters"), ("grid_seed", -1, "seed")])
+def test_a_grid_number_out_of_range_is_named_and_launches_nothing(runs_dir, field, value, named):
+    """Issue 12 item 5 on the grid form: the value typed is the value checked (no widget bound that a browser
+    enforces by silently keeping the old value), and Launch says what is wrong."""
+    at = open_page()
+    at.number_input(key=field).set_value(value)
+    at.button(key=next(b.key for b in at.button if b.label == "Launch grid")).click().run()
+    assert not at.exception
+    assert f"{named} must be a whole number >=" in texts(at.error) and str(value) in texts(at.error)
+    assert "grid" not in at.query_params and not jobs.get_runner().list_jobs()
+
+
 @pytest.mark.slow
 def test_a_second_grid_opens_on_the_grid_tab_showing_the_new_grid(runs_dir):
     at = open_page()

@@ -4,6 +4,7 @@ run stores."""
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from pathlib import Path
@@ -141,6 +142,10 @@ def test_same_seed_same_text_new_seed_other_text(trained_store, use_store):
         ("top_k", "top_k", 0, "top_k"),
         ("top_p", "top_p", 0.0, "top_p"),
         ("beam", "num_beams", 64, "vocabulary"),
+        # Issue 12 item 13: the app's temperature bound is the core's (the widget once stopped at 5)
+        ("temperature", "temperature", 150.0, "at most 100"),
+        ("combined", "repetition_penalty", 150.0, "between 0.01 and 100"),
+        ("top_p", "top_p", 1.5, "top_p"),
     ],
 )
 def test_out_of_range_settings_show_an_error(trained_store, use_store, column, field, value, expected, monkeypatch):
@@ -161,4 +166,65 @@ def test_unknown_symbols_warn(trained_store, use_store):
     at.text_area(key=f"smp_prompt_{run_id}").set_value("The ✨ light").run()
     assert not at.exception and not at.error
     assert any("✨" in w.value for w in at.warning)
+    assert generated(at)[0]
+
+
+def test_greedy_and_top_k_1_show_the_same_model_numbers(trained_store, use_store):
+    """Issue 12 item 7: columns writing the same text show the same probabilities and mean log-prob
+    (top-k 1 used to show p = 1 and mean log-prob 0.00 beside greedy's -0.xx)."""
+    root, _ = trained_store
+    use_store(root)
+    at = open_page(["greedy", "top_k"])
+    at.number_input(key="smp_top_k_top_k").set_value(1).run()
+    assert not at.exception and not at.error
+    greedy, top1 = generated(at)
+    assert greedy == top1
+    model_p = [re.findall(r"p = ([0-9.]+) \(model\)", h.value) for h in at.get("html")]
+    assert len(model_p) == 2 and model_p[0] == model_p[1] and model_p[0]
+    assert all(float(p) < 1 for p in model_p[0])  # the model's probabilities, not the filtered 1.0
+    means = [m.value for m in at.markdown if "mean log-prob" in m.value]
+    assert len(means) == 2 and means[0] == means[1] and "(model) **-0.00**" not in means[0]
+    assert "after this column's filters: p = 1.000" in html.unescape(at.get("html")[1].value)  # named as such
+
+
+def test_the_sampling_widgets_keep_their_values_across_a_visit_to_another_page(trained_store, use_store):
+    """Issue 12 item 4: prompt, tokens, seed, columns and each column's settings survive a page switch."""
+    root, run_id = trained_store
+    use_store(root)
+    at = open_page(["greedy", "temperature", "beam"], max_new=30)
+    edits = {
+        ("text_area", f"smp_prompt_{run_id}"): "To be or",
+        ("number_input", "smp_seed"): 77,
+        ("number_input", "smp_beam_num_beams"): 3,
+        ("number_input", "smp_beam_length_penalty"): 0.5,
+        ("number_input", "smp_temperature_temperature"): 1.3,
+        ("number_input", "smp_temperature_top_k"): 5,
+        ("number_input", "smp_greedy_repetition_penalty"): 1.2,
+        ("radio", "smp_checkpoint"): "last",
+    }
+    for (kind, key), value in edits.items():
+        getattr(at, kind)(key=key).set_value(value).run()
+        assert not at.exception
+    for page in ("pages/runs.py", "pages/attention.py", "pages/sampling.py"):
+        at.switch_page(page).run()
+        assert not at.exception
+    assert not at.error and not at.warning
+    kept = {(kind, key): getattr(at, kind)(key=key).value for kind, key in edits}
+    assert kept == edits
+    assert at.slider(key="smp_max_new").value == 30
+    assert at.multiselect(key="smp_columns").value == ["greedy", "temperature", "beam"]
+    assert len(generated(at)) == 3
+
+
+def test_a_temperature_the_cli_accepts_is_accepted_here_and_the_help_states_the_cores_bound(trained_store, use_store):
+    """Issue 12 item 13: one temperature limit (sampling.MAX_TEMPERATURE), stated in one place."""
+    from tinygpt_core.sampling import MAX_TEMPERATURE
+
+    root, _ = trained_store
+    use_store(root)
+    at = open_page(["temperature"])
+    box = at.number_input(key="smp_temperature_temperature")
+    assert f"to {MAX_TEMPERATURE:g}" in box.help
+    box.set_value(MAX_TEMPERATURE).run()
+    assert not at.exception and not at.error
     assert generated(at)[0]

@@ -129,3 +129,13 @@ def test_a_builtin_corpus_missing_here_is_marked_and_explained(empty_store, monk
     at.button[0].click().run()
     assert not at.exception
     assert any("builtin:shakespeare cannot be used" in w.value for w in at.warning)
+
+
+def test_the_text_is_kept_across_a_visit_to_another_page(empty_store):
+    """Issue 12 item 4 (forms forget), on this page's text."""
+    at = open_page()
+    at.text_area(key="tok_text").set_value("kept across pages").run()
+    at.switch_page("pages/runs.py").run()
+    at.switch_page("pages/tokenizers.py").run()
+    assert not at.exception
+    assert at.text_area(key="tok_text").value == "kept across pages"

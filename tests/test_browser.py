@@ -12,6 +12,8 @@ import time
 import pytest
 from conftest import poll
 
+from pages._live_chart import POINTS_JS as CHART_POINTS
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
@@ -26,9 +28,6 @@ PAGES = {  # nav title -> (url path, the page's h1)
 }
 TRAIN_STEPS = 20_000  # far more than the test waits for: it watches the chart grow, then presses Stop
 
-# Points per chart, from plotly's own parsed traces (the raw ones may be base64 typed arrays).
-CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
-    .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))"""
 HEATMAPS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
     .reduce((n, gd) => n + (gd._fullData || []).filter(t => t.type === 'heatmap').length, 0)"""
 
@@ -85,10 +84,29 @@ def test_train_tiny_model_watch_the_loss_grow_then_see_its_attention(page):
     page.get_by_role("button", name="Start training").click()
 
     # Live: the loss chart appears and gains points between two reads, without a page reload.
-    points = lambda: sum(page.evaluate(CHART_POINTS))  # noqa: E731
+    points = lambda: page.evaluate(CHART_POINTS)  # noqa: E731
     first = poll(points, lambda n: n > 0, 180, "the loss chart's first points")
     poll(points, lambda n: n > first, 180, "the loss chart to grow")
     assert_no_error(page, "Train (live)")
+
+    # The chart is updated in place: the same element gains points, and a zoom (a drag across the
+    # plot) survives the updates that follow; double-click zooms back out.
+    chart = page.locator(".tg-live-chart")
+    chart.evaluate("el => { el.__mark = 1; }")
+    box = chart.locator("svg").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.3, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, y, steps=4)
+    page.mouse.up()
+    view = chart.get_attribute("data-view")
+    assert view, "a drag across the chart should zoom in"
+    updates = int(chart.get_attribute("data-updates"))
+    poll(lambda: int(chart.get_attribute("data-updates")), lambda n: n >= updates + 2, 60, "two more chart updates")
+    assert chart.get_attribute("data-view") == view, "an update must not reset the user's zoom"
+    assert chart.evaluate("el => el.__mark") == 1, "the chart was remounted instead of updated"
+    page.mouse.dblclick(box["x"] + box["width"] * 0.5, y)
+    assert chart.get_attribute("data-view") == ""
 
     # Stop takes effect within a second or two, and the run ends as "stopped" with its links.
     page.get_by_role("button", name="Stop", exact=True).click()

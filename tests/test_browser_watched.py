@@ -15,13 +15,12 @@ import pandas as pd
 import pytest
 from conftest import poll
 
+from pages._live_chart import POINTS_JS as CHART_POINTS
+
 # heavy: a step-rate ratio wants the machine to itself, so it runs with the load tests, not beside others.
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.heavy]
 
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
-CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
-    .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))
-    .reduce((a, b) => a + b, 0)"""
 MIN_RATIO = 1 / 3
 
 

@@ -12,11 +12,11 @@ from tinygpt_core.errors import ConfigError
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(n_layer=0), "n_layer must be a whole number >= 1 and <= 48, got 0."),
-        (dict(n_layer=-3), "n_layer must be a whole number >= 1 and <= 48, got -3."),
+        (dict(n_layer=49), "n_layer must be a whole number >= 0 and <= 48, got 49."),  # 0: the bigram model
+        (dict(n_layer=-3), "n_layer must be a whole number >= 0 and <= 48, got -3."),
         (dict(n_embd=0), "n_embd must be a whole number >= 1 and <= 4,096, got 0."),
         (dict(block_size=99999), "block_size must be a whole number >= 1 and <= 8,192, got 99999."),
-        (dict(n_layer=2.0), "n_layer must be a whole number >= 1 and <= 48, got 2.0."),  # configs take ints
+        (dict(n_layer=2.0), "n_layer must be a whole number >= 0 and <= 48, got 2.0."),  # configs take ints
         (dict(attn_window=0), "attn_window must be a whole number >= 1"),
     ],
 )
@@ -50,5 +50,5 @@ def test_every_range_is_stated_and_checked_the_same_way():
             check_field(name, hi)
             with pytest.raises(ConfigError, match=f"<= {hi:,}"):
                 check_field(name, hi + 1)
-    assert range_text("n_layer") == "1 to 48" and range_text("max_iters") == "1 or more"
+    assert range_text("n_layer") == "0 to 48" and range_text("max_iters") == "1 or more"
     assert ModelConfig().validate() and TrainConfig().validate()

@@ -49,5 +49,10 @@ def test_a_trained_run_folder_is_readable_by_others_under_umask_022(tmp_path, um
     result = train(spec, tmp_path / "run")
     files = [p for p in result.run_dir.iterdir() if p.is_file()]
     assert {p.name for p in files} >= {"config.json", "model.safetensors", "metrics.csv", "status.json"}
-    for p in files:
+    # and its export (issue 12 item 14: "run folders and exports")
+    from tinygpt_core.export import export_hf
+
+    exported = [p for p in export_hf(result.run_dir, tmp_path / "export", checkpoint="last").iterdir()]
+    assert {p.name for p in exported} >= {"config.json", "model.safetensors"}
+    for p in files + exported:
         assert stat.S_IMODE(p.stat().st_mode) & 0o044 == 0o044, f"{p.name} is {oct(p.stat().st_mode)}"

@@ -1,7 +1,9 @@
 """The Ray runner against a real Ray head on loopback (2 CPUs, started once per session: conftest.ray_head).
 
 Never a mock of Ray: jobs train on real Ray worker processes and ship their run folders back. Each
-job asks for one CPU, so two train at once. Kept few and short; `-m "not ray"` leaves them out.
+job asks for one CPU, so two train at once; each runner keeps one warm spare actor (one CPU) while
+the cluster has room for one more job besides it, so most jobs here train in a spare's process. Kept
+few and short; `-m "not ray"` leaves them out.
 """
 
 from __future__ import annotations
@@ -129,6 +131,34 @@ def test_two_jobs_train_at_once_and_come_back_as_ordinary_runs(ray_runner, store
     rows = {r.run_id: r for r in state.list_runs(store, ray_runner)}
     assert {rows[ray_runner.state(j).run_id].status for j in (a, b)} == {"stopped"}
     assert all(rows[ray_runner.state(j).run_id].can_resume for j in (a, b))
+
+
+@needs_ray
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_warm_spare_takes_the_next_job_and_never_holds_the_last_cpu(ray_runner):
+    """The pool of warm actors: a spare warms up while the cluster is idle and the next job trains in
+    its process; while that job holds one of the 2 CPUs no spare takes the other (a job arriving, this
+    app's or another's, finds room); a new spare warms up once the job ends; an idle pool is released."""
+    import ray
+
+    wait_until(lambda: ray_runner.spares_ready() == 1, 180, every_s=0.2)
+    spare_pid = ray.get(ray_runner._spares[0].actor.placement.remote())["pid"]
+    job = ray_runner.submit(tiny_spec(name="ray-warm", **LONG))
+    wait_until(lambda: ray_runner.state(job).step > 0, 60)
+    assert _placement(ray_runner.state(job).run_dir)["pid"] == spare_pid  # trained in the warm process
+    deadline = time.monotonic() + 4  # several turns of the keeper
+    while time.monotonic() < deadline:
+        assert not ray_runner._spares, "a spare took the cluster's last free CPU"
+        assert ray.available_resources().get("CPU", 0) >= 1
+        time.sleep(0.2)
+    ray_runner.stop(job)
+    assert _done(ray_runner, job, timeout=60).status == "stopped"
+    wait_until(lambda: ray_runner.spares_ready() == 1, 180, every_s=0.2)  # room again: a new spare
+    assert ray.get(ray_runner._spares[0].actor.placement.remote())["pid"] != spare_pid
+    ray_runner.spare_idle_s = 0.0  # no job since: the pool is released and its CPU freed
+    wait_until(lambda: not ray_runner._spares and ray.available_resources().get("CPU", 0) == 2, 30)
 
 
 @needs_ray

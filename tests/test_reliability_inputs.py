@@ -322,6 +322,7 @@ GENERATE_CASES = {  # flags -> words the message must contain
     ("--repetition-penalty", "0"): "repetition_penalty must be a number > 0",
     ("--repetition-penalty", "5e-324"): "repetition_penalty must be between",  # found by hypothesis: crashed
     ("--temperature", "1e-300"): "temperature must be at least",  # the same overflow through temperature
+    ("--temperature", "150"): "temperature must be at most 100",  # the app's bound too (issue 12)
 }
 
 

@@ -26,6 +26,7 @@ import conftest
 import pytest
 from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
 
+from pages._live_chart import POINTS_JS as CHART_POINTS
 from tinygpt_core.errors import RunError
 from tinygpt_core.runs import RunStore, load_checkpoint_state, load_run, read_metrics, read_status
 from tinygpt_core.training import TrainSpec, train
@@ -43,8 +44,6 @@ HEADINGS = {
     "/sampling": "Sampling",
     "/tokenizers": "Tokenizers",
 }
-CHART_POINTS = """() => Array.from(document.querySelectorAll('[data-testid="stPlotlyChart"] .js-plotly-plot'))
-    .map(gd => (gd._fullData || []).reduce((n, t) => n + (t.x ? t.x.length : 0), 0))"""
 
 
 # --- measuring the server -------------------------------------------------------------------------
@@ -128,7 +127,7 @@ def query(page, name: str) -> str:
 
 
 def chart_points(page) -> int:
-    return sum(page.evaluate(CHART_POINTS))
+    return page.evaluate(CHART_POINTS)
 
 
 def stop(page) -> float:

@@ -238,8 +238,8 @@ def test_sampling_with_top_k_1_is_greedy(model, tok):
 def test_sampled_tokens_respect_the_filters(model, tok):
     s = SamplingSettings(strategy="sample", top_k=3, max_new_tokens=40, seed=1, temperature=2.0)
     res = generate(model, tok, "ab", s)
-    assert all(step.rank <= 3 for step in res.steps)
-    assert all(len(step.top) <= 3 for step in res.steps)  # cut tokens are not listed as candidates
+    assert all(step.rank <= 3 for step in res.steps)  # the model's rank: temperature keeps the order
+    assert all(step.token in [t for t, _ in step.top[:3]] for step in res.steps)
     assert any(step.rank > 1 for step in res.steps)  # it really samples
 
 
@@ -340,11 +340,64 @@ def test_generate_records_steps(model, tok):
     assert res.tokens_per_s > 0 and res.elapsed_s > 0
 
 
-def test_generate_sample_steps_use_the_processed_distribution(model, tok):
-    s = SamplingSettings(strategy="sample", top_p=0.6, temperature=0.7, max_new_tokens=10, seed=2)
-    res = generate(model, tok, "ab", s)
+def _model_logprobs(model, ids: list[int], new: list[int]) -> list[float]:
+    """The model's own log-probability of each new token: the plain softmax at temperature 1."""
+    out = []
+    with torch.no_grad():
+        for t in range(len(new)):
+            ctx = torch.tensor([(ids + new[:t])[-model.config.block_size :]])
+            out.append(float(torch.log_softmax(model(ctx).logits[0, -1], dim=-1)[new[t]]))
+    return out
+
+
+def test_temperature_has_one_upper_bound_for_every_caller(model, tok):
+    """Issue 12 item 13: the CLI, generate and the app all refuse the same temperatures, and name the bound."""
+    from tinygpt_core.sampling import MAX_TEMPERATURE
+
+    SamplingSettings(temperature=MAX_TEMPERATURE).validate()
+    for bad in (MAX_TEMPERATURE * 1.01, 1e6):
+        with pytest.raises(ConfigError, match=f"at most {MAX_TEMPERATURE:g}"):
+            SamplingSettings(temperature=bad).validate()
+        with pytest.raises(ConfigError, match="at most"):
+            process_logits(torch.zeros(4), temperature=bad)
+
+
+def test_greedy_and_top_k_1_report_the_same_model_probabilities(model, tok):
+    """Issue 12 item 7: two strategies writing the same text show the same numbers (the model's own)."""
+    greedy = generate(model, tok, "abc", SamplingSettings(strategy="greedy", max_new_tokens=12))
+    top1 = generate(model, tok, "abc", SamplingSettings(strategy="sample", top_k=1, max_new_tokens=12, seed=5))
+    assert top1.token_ids == greedy.token_ids
+    assert [s.prob for s in top1.steps] == pytest.approx([s.prob for s in greedy.steps], abs=1e-6)
+    assert [s.rank for s in top1.steps] == [s.rank for s in greedy.steps] == [1] * 12
+    mean_g = text_stats(greedy.token_ids, [s.logprob for s in greedy.steps])["mean_logprob"]
+    mean_1 = text_stats(top1.token_ids, [s.logprob for s in top1.steps])["mean_logprob"]
+    assert mean_1 == pytest.approx(mean_g, abs=1e-6) and mean_g < -0.01  # an untrained model is unsure
+    own = _model_logprobs(model, tok.encode("abc"), greedy.token_ids)
+    assert [s.logprob for s in greedy.steps] == pytest.approx(own, abs=1e-5)
+    # What each picked from: top-k 1 and greedy keep one token, so that token had probability 1 there.
+    assert [s.filtered_prob for s in top1.steps] == [s.filtered_prob for s in greedy.steps] == [1.0] * 12
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SamplingSettings(strategy="sample", top_p=0.6, temperature=0.7, repetition_penalty=1.3),
+        SamplingSettings(strategy="beam", num_beams=3, repetition_penalty=1.3),
+        SamplingSettings(strategy="greedy", repetition_penalty=1.3),
+    ],
+    ids=["sample", "beam", "greedy"],
+)
+def test_steps_report_the_model_probability_and_the_filtered_one(model, tok, settings):
+    settings.max_new_tokens, settings.seed = 10, 2 if settings.strategy == "sample" else None
+    res = generate(model, tok, "abca", settings)
+    model_lp = _model_logprobs(model, tok.encode("abca"), res.token_ids)
+    assert [s.logprob for s in res.steps] == pytest.approx(model_lp, abs=1e-5)  # no penalty, filter or temperature
     for step in res.steps:
-        assert sum(p for _, p in step.top) == pytest.approx(1.0, abs=1e-5)  # all mass within the kept set
+        assert step.prob == pytest.approx(math.exp(step.logprob))
+        assert sum(p for _, p in step.top) <= 1 + 1e-5 and len(step.top) == 10  # the model's top 10 candidates
+        assert 0 < step.filtered_prob <= 1
+    if settings.strategy == "sample":  # sharpened and cut: the picked tokens were likelier after the filters
+        assert any(s.filtered_prob > s.prob + 1e-3 for s in res.steps)
 
 
 def test_prompts_unknown_symbols_and_empty(model, tok):
@@ -434,7 +487,7 @@ def _reference_beam_search(model, idx, max_new_tokens, settings, use_cache):
     scores = torch.zeros(1, device=idx.device)
     hist = []
     for _ in range(max_new_tokens):
-        logits = next_logits(seqs)
+        raw = logits = next_logits(seqs)
         if settings.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, seqs, settings.repetition_penalty)
         logp = torch.log_softmax(logits, dim=-1)
@@ -444,12 +497,13 @@ def _reference_beam_search(model, idx, max_new_tokens, settings, use_cache):
         rows, tokens = flat // V, flat % V
         seqs = torch.cat([seqs[rows], tokens[:, None]], dim=1)
         next_logits.reorder(rows)
-        lp = logp[rows]
+        lp = torch.log_softmax(raw[rows], dim=-1)  # StepInfo: the model's own distribution (issue 12)
         chosen = lp.gather(1, tokens[:, None])[:, 0]
         rank = 1 + (lp > chosen[:, None]).sum(dim=1)
         top = torch.topk(lp, min(TOP_N, V), dim=-1)
+        filtered = logp[rows].gather(1, tokens[:, None])[:, 0]  # and the penalised one beam scores with
         hist = [[h[rows] for h in step] for step in hist]
-        hist.append([tokens, chosen, rank, top.values, top.indices])
+        hist.append([tokens, chosen, rank, top.values, top.indices, filtered])
     rows_ = [tuple(h[0] for h in step) for step in hist]
     return seqs, scores / (max_new_tokens**settings.length_penalty), rows_
 

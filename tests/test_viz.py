@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -336,3 +337,34 @@ def test_head_stats_titles_put_their_qualifier_on_a_second_line() -> None:
     fig = viz.head_stats_figure({"mean_distance": np.ones((1, 2))}, "mean_distance")
     first, _, second = fig.layout.title.text.partition("<br>")
     assert first == "mean distance attended" and "(tokens)" in second
+
+
+# ---- the live loss chart's data -------------------------------------------------------------------
+
+
+def test_loss_chart_data_series_band_and_best() -> None:
+    data = viz.loss_chart_data(_metrics(), marks=[(40, "induction head forms")])
+    names = [s["name"] for s in data["series"]]
+    assert names == ["batch loss", "train loss", "val loss"]
+    val = data["series"][2]
+    assert data["best"]["x"] == val["x"][val["y"].index(min(val["y"]))] and data["best"]["y"] == min(val["y"])
+    assert data["band"]["x"] == val["x"] and data["band"]["hi"] == val["y"]
+    assert data["marks"] == [{"x": 40, "label": "induction head forms"}]
+    json.dumps(data, allow_nan=False)  # plain JSON: no NaN, no numpy types
+
+
+def test_loss_chart_data_thins_long_runs_and_keeps_the_last_step() -> None:
+    n = 10_000
+    df = pd.DataFrame({"step": range(1, n + 1), "loss": np.linspace(4, 1, n)})
+    batch = viz.loss_chart_data(df, max_points=1_000)["series"][0]
+    assert len(batch["x"]) <= 1_001 and batch["x"][0] == 1 and batch["x"][-1] == n
+    assert viz.loss_chart_data(df)["note"]  # no evaluation yet: the chart says when train/val appear
+
+
+def test_loss_chart_data_perplexity_nan_and_empty() -> None:
+    df = pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, float("nan"), float("inf")]})
+    batch = viz.loss_chart_data(df, perplexity=True)["series"][0]
+    assert batch["x"] == [1] and batch["y"] == [pytest.approx(math.e, abs=1e-4)]  # NaN/inf steps are left out
+    for empty in (None, pd.DataFrame()):
+        data = viz.loss_chart_data(empty, log_y=True)
+        assert data["series"] == [] and data["log"] and "No metrics yet" in data["empty"]

@@ -290,6 +290,16 @@ REGISTRY = Registry(
             export_refusal="GPT-2 always adds residual connections; this run has no residual connections",
         ),
         Ablation(
+            "no-mlp",
+            field="use_mlp",
+            value=False,
+            title="No MLP",
+            removes="No feed-forward network in the blocks: attention alone, so nothing transforms each "
+            "token's vector on its own.",
+            flag="--no-mlp",
+            export_refusal="GPT-2 always has an MLP in each block; this run has none",
+        ),
+        Ablation(
             "pos-sinusoidal",
             field="pos_encoding",
             value="sinusoidal",
@@ -385,6 +395,19 @@ REGISTRY = Registry(
             flag_help="attention heads per block (must divide --n-embd); 1 is the one-head ablation",
             labelled=False,  # a size rather than a departure from GPT-2: runs never carried this label
             toggle=False,  # the Train page's Heads input sets n_head
+        ),
+        Ablation(
+            "bigram",
+            field="n_layer",
+            value=0,
+            title="Bigram model",
+            removes="No transformer blocks and no positions: the token embedding goes straight to the output "
+            "head, so each prediction sees only the current token.",
+            flag="--n-layer",
+            flag_help="transformer blocks; 0 is the bigram model (token embedding → output head)",
+            export_refusal="GPT-2 always has position embeddings and a final LayerNorm; "
+            "this run is a bigram model (n_layer 0) with neither",
+            toggle=False,  # the Train page's Layers input sets n_layer
         ),
     ]
 )

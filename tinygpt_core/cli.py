@@ -102,6 +102,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     out.add_argument("--name", help="a name for the run (shown in the runs table)")
     out.add_argument(
+        "--tensorboard",
+        dest="tensorboard_dir",
+        metavar="DIR",
+        help="also write TensorBoard events (losses, lr, tokens/s, grad norm, attention images) at each eval "
+        "to DIR/<run folder name>; view them with `tensorboard --logdir DIR`",
+    )
+    out.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
@@ -114,14 +121,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         default="tiny",
         help=f"named starting configuration: {', '.join(PRESETS)} (default: tiny; see `presets`)",
     )
-    model.add_argument("--n-layer", type=int, metavar="N", help="transformer blocks")
     model.add_argument("--n-embd", type=int, metavar="N", help="width of the residual stream")
     model.add_argument("--block-size", type=int, metavar="N", help="context length in tokens")
     model.add_argument("--dropout", type=float, metavar="P", help="dropout probability in [0, 1)")
     model.add_argument("--ff-mult", type=int, metavar="N", help="MLP hidden width as a multiple of --n-embd")
 
     # One flag per ablation, from the registry (tinygpt_core.ablation_registry): --no-layernorm,
-    # --pos-encoding, --attn-window N, --n-head N, --activation, --qk-norm, …
+    # --pos-encoding, --attn-window N, --n-head N, --n-layer N, --activation, --qk-norm, --no-mlp, …
     abl = p.add_argument_group("ablations", "switch parts of the GPT-2 architecture off or change them")
     ABLATIONS.add_cli_flags(abl)
 
@@ -220,7 +226,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--show-probs",
         action="store_true",
-        help="after the text, list each generated token with its probability and rank",
+        help="after the text, list each generated token with the model's probability and rank, and its "
+        "probability after the strategy's filters",
     )
     p.set_defaults(func=cmd_generate)
 
@@ -270,6 +277,8 @@ def spec_from_args(args: argparse.Namespace):
     overrides = {
         name: value for name, value in vars(args).items() if name in _MODEL_FIELDS | _TRAIN_FIELDS and value is not None
     }
+    if args.tensorboard_dir:  # absolute, so a resume from another folder logs to the same place
+        overrides["tensorboard_dir"] = str(Path(args.tensorboard_dir).expanduser().resolve())
     if "lr" in overrides and "min_lr" not in overrides:
         overrides["min_lr"] = None  # follow the new lr (lr/10) rather than keep the preset's floor
     if args.tokenizer is not None:
@@ -351,7 +360,8 @@ def _on_ray(spec, run_dir: Path | None, max_iters: int | None, no_progress: bool
         store = RunStore(run_dir.parent)
     elif run_dir is not None:
         store = RunStore(Path(run_dir).resolve().parent)
-    runner = make_runner("ray", store, reattach=False)  # ConfigError without Ray, JobError when unreachable
+    # One job, no warm spares; ConfigError without Ray, JobError when the cluster is unreachable.
+    runner = make_runner("ray", store, reattach=False, spares=0)
     with _Progress(enabled=not no_progress) as progress, _graceful_stop() as stop:
         if spec is None:
             job_id = runner.resume(run_dir.name, max_iters, callbacks=[progress])
@@ -534,10 +544,11 @@ def _print_probs(result) -> None:
         for text, score in result.beams:
             print(f"  {score:9.4f}  {text!r}")
     if result.steps:
-        print(f"{'token':>12}  {'prob':>7}  {'rank':>4}  top alternatives")
+        # prob, rank and alternatives: the model's own distribution; filtered: where the strategy picked it
+        print(f"{'token':>12}  {'prob':>7}  {'rank':>4}  {'filtered':>8}  top alternatives")
         for s in result.steps:
             top = ", ".join(f"{tok!r} {p:.2f}" for tok, p in s.top[:3])
-            print(f"{s.token!r:>12}  {s.prob:7.3f}  {s.rank:>4}  {top}")
+            print(f"{s.token!r:>12}  {s.prob:7.3f}  {s.rank:>4}  {s.filtered_prob:8.3f}  {top}")
 
 
 # --- export ---------------------------------------------------------------------------------------

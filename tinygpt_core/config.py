@@ -17,7 +17,7 @@ from .errors import ConfigError
 ACTIVATIONS = ("gelu", "relu")
 POS_ENCODINGS = ("learned", "sinusoidal", "none")
 NORM_POSITIONS = ("pre", "post")
-TOKENIZER_KINDS = ("char", "word", "bpe")
+TOKENIZER_KINDS = ("char", "word", "bpe", "gpt2")  # gpt2: GPT-2's own fixed vocabulary (gpt2_tokenizer.py)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "muon")
@@ -31,7 +31,7 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
     # ModelConfig
     "vocab_size": (1, None),
     "block_size": (1, 8192),
-    "n_layer": (1, 48),
+    "n_layer": (0, 48),  # 0: the bigram model (embedding → head)
     "n_head": (1, 64),
     "n_embd": (1, 4096),
     "ff_mult": (1, 16),
@@ -55,7 +55,7 @@ INT_RANGES: dict[str, tuple[int, int | None]] = {
 class ModelConfig:
     vocab_size: int = 65  # set from the tokenizer before the model is built
     block_size: int = 64  # longest context the model sees (positions 0..block_size-1)
-    n_layer: int = 4  # transformer blocks
+    n_layer: int = 4  # transformer blocks; 0 is the bigram model (token embedding → head)
     n_head: int = 4  # attention heads per block
     n_embd: int = 128  # residual stream width; must divide by n_head
     ff_mult: int = 4  # MLP hidden width = ff_mult * n_embd
@@ -66,6 +66,7 @@ class ModelConfig:
     norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (original Transformer)
     use_layernorm: bool = True  # False replaces every LayerNorm by the identity
     use_residual: bool = True  # False drops the skip connections: x = f(x)
+    use_mlp: bool = True  # False leaves each block attention only (the no-mlp ablation)
     swap_qk: bool = False  # queries take the key projection and keys the query projection
     attn_window: int | None = None  # local attention: a token sees at most this many tokens (itself included)
     tie_weights: bool = True  # the output head shares the token embedding matrix
@@ -132,6 +133,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda, then mps, then cpu
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast; fp16 only on CUDA)
     compile: bool = False  # torch.compile the model
+    tensorboard_dir: str | None = None  # also write TensorBoard events to <dir>/<run folder name> (tensorboard_log)
 
     def validate(self) -> TrainConfig:
         _ints_in_range(self, "batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "warmup_iters")
@@ -157,6 +159,8 @@ class TrainConfig:
         _choice(self, "optimizer", OPTIMIZERS)
         _choice(self, "device", DEVICES)
         _choice(self, "precision", PRECISIONS)
+        if self.tensorboard_dir is not None and not (isinstance(self.tensorboard_dir, str) and self.tensorboard_dir):
+            raise ConfigError(f"tensorboard_dir must be a folder path or None, got {self.tensorboard_dir!r}.")
         return self
 
     @property
@@ -195,7 +199,7 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "tiny",
-            "2 layers, 2 heads, 64 dims, context 32: trains in seconds on a CPU; memorises builtin:tiny.",
+            "Char-level, 2 layers, 2 heads, 64 dims, context 32, 400 steps at lr 3e-3: seconds on a CPU.",
             model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, dropout=0.0),
             train=dict(
                 batch_size=16,
@@ -210,6 +214,27 @@ PRESETS: dict[str, Preset] = {
             ),
         ),
         Preset(
+            "overfit",
+            "Word-level, 2 layers, 4 heads, 192 dims, context 32, dropout 0.2, untied head, 500 steps at lr 3e-3.",
+            # Made to memorise builtin:tiny (539 training tokens) within a minute on a CPU: wide for its
+            # depth, an own output matrix, no weight decay, a learning rate that stays high (floor 1e-3).
+            # Context 32 rather than 16: the first tokens of every window have little to go on, and that
+            # floor (about 0.35 at 16) must sit under the 0.3 target. Measured: docs/REPRODUCTIONS.md.
+            model=dict(n_layer=2, n_head=4, n_embd=192, block_size=32, dropout=0.2, tie_weights=False),
+            train=dict(
+                batch_size=16,
+                max_iters=500,
+                eval_interval=25,
+                eval_iters=5,
+                lr=3e-3,
+                min_lr=1e-3,
+                warmup_iters=20,
+                weight_decay=0.0,
+                sample_tokens=40,
+            ),
+            tokenizer="word",
+        ),
+        Preset(
             "baby",
             "nanoGPT's CPU recipe: 4 layers, 4 heads, 128 dims, context 64, batch 12, 2000 steps.",
             model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
@@ -217,7 +242,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "baby-fast",
-            "The baby model in about a quarter of its time: Muon, batch 24, lr 5e-3, 400 steps (val ≈ 1.85).",
+            "The baby model trained with Muon: batch 24, lr 5e-3, 400 steps (bench/RESULTS.md times it).",
             model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0),
             # Muon orthogonalised updates tolerate a 5x higher lr than AdamW here, and 24-sequence
             # batches keep a CPU's matmul units busier per token; 10 eval batches of 24 are the same
@@ -237,25 +262,28 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "shakespeare-char",
-            "nanoGPT's Shakespeare-char GPU model: 6 layers, 6 heads, 384 dims, context 256, dropout 0.2.",
+            "nanoGPT's Shakespeare-char GPU model: 6 layers, 6 heads, 384 dims, context 256, dropout 0.2, "
+            "batch 64, 5000 steps.",
             model=dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
             train=dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=200, **_NANOGPT_OPT),
         ),
         Preset(
             "gptiny",
-            "GPTiny: 3 layers, 4 heads, 384 dims, context 256, batch 64, dropout 0.2, lr 3e-4.",
+            "GPTiny: char-level, 3 layers, 4 heads, 384 dims, context 256, batch 64, dropout 0.2, lr 3e-4, 5000 steps.",
             model=dict(n_layer=3, n_head=4, n_embd=384, block_size=256, dropout=0.2),
             train=dict(batch_size=64, max_iters=5000, eval_interval=250, eval_iters=100, lr=3e-4, min_lr=3e-5),
         ),
         Preset(
             "mini-gpt",
-            "Mini-GPT: 2 layers, 4 heads, 128 dims, FFN 512, learned positions up to 512, dropout 0.1.",
+            "Mini-GPT: char-level, 2 layers, 4 heads, 128 dims, FFN 512, learned positions up to 512, "
+            "dropout 0.1, 3000 steps.",
             model=dict(n_layer=2, n_head=4, n_embd=128, ff_mult=4, block_size=512, pos_encoding="learned", dropout=0.1),
             train=dict(batch_size=16, max_iters=3000, eval_interval=250, eval_iters=50, lr=1e-3),
         ),
         Preset(
             "tinystories",
-            "TinyStories-style: 4 layers, 8 heads, 256 dims, FFN 1024, context 512, sinusoidal, window 256, BPE.",
+            "TinyStories-style: BPE 2048, 4 layers, 8 heads, 256 dims, FFN 1024, context 512, sinusoidal "
+            "positions, attention window 256, dropout 0.1.",
             model=dict(
                 n_layer=4,
                 n_head=8,

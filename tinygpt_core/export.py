@@ -55,8 +55,15 @@ def _require_exportable(cfg: ModelConfig) -> None:
         )
 
 
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-    """The GPT2Config fields (as config.json holds them) that reproduce this architecture."""
+def _gpt2_eot(tokenizer: Any | None) -> int | None:
+    """GPT-2's <|endoftext|> id when the run used GPT-2's own tokenizer (kind "gpt2"), else None."""
+    return getattr(tokenizer, "eot_id", None) if getattr(tokenizer, "kind", None) == "gpt2" else None
+
+
+def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, Any]:
+    """The GPT2Config fields (as config.json holds them) that reproduce this architecture; a run on
+    GPT-2's own tokenizer also declares its end-of-text id, so GPT-2's tokenizer pairs with it."""
+    eot = _gpt2_eot(tokenizer)
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -77,9 +84,10 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": cfg.tie_weights,
-        # Our vocabularies have no GPT-2 <|endoftext|> (id 50256), so no special ids are claimed.
-        "bos_token_id": None,
-        "eos_token_id": None,
+        # The lab's own vocabularies have no GPT-2 <|endoftext|> (id 50256), so no special ids are
+        # claimed; a gpt2-tokenizer run has GPT-2's real vocabulary, <|endoftext|> included.
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "pad_token_id": None,
         "use_cache": True,
         "dtype": "float32",
@@ -168,6 +176,8 @@ def _readme(cfg: ModelConfig, tokenizer: Any | None, source: dict[str, Any]) -> 
     for a in REGISTRY:
         if a.labelled and a.export_as and a.active(cfg):
             lines.append(f"  - {a.label_of(cfg)}: {a.export_as}.")
+    if _gpt2_eot(tokenizer) is not None:
+        return "\n".join([*lines, *_gpt2_tokenizer_notes(cfg, tokenizer)])
     lines += [
         "",
         "## Tokenizer: not GPT-2's",
@@ -202,6 +212,31 @@ def _readme(cfg: ModelConfig, tokenizer: Any | None, source: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
+def _gpt2_tokenizer_notes(cfg: ModelConfig, tokenizer: Any) -> list[str]:
+    return [
+        "",
+        "## Tokenizer: GPT-2's own",
+        "",
+        f"This run was trained on GPT-2's BPE vocabulary ({tokenizer.vocab_size:,} tokens, `<|endoftext|>` = "
+        f"{tokenizer.eot_id}, declared as `eos_token_id`), so GPT-2's own tokenizer gives the right ids:",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer",
+        'tok = AutoTokenizer.from_pretrained("gpt2")  # or: tiktoken.get_encoding("gpt2")',
+        'ids = tok("...", return_tensors="pt").input_ids',
+        f"out = model.generate(ids, max_new_tokens={max(1, cfg.block_size // 2)}, do_sample=True)",
+        "print(tok.decode(out[0]))",
+        "```",
+        "",
+        f"Keep prompt + new tokens within the context of {cfg.block_size}. `{TOKENIZER_FILE}` names the encoding "
+        "for TinyGPT Lab.",
+        "",
+        f"`{SOURCE_FILE}` holds the original TinyGPT Lab model config. Logits match the run's own model "
+        "to within 1e-4 (float32).",
+        "",
+    ]
+
+
 def export_model(
     model: GPT, out_dir: str | Path, tokenizer: Any | None = None, source: dict[str, Any] | None = None
 ) -> Path:
@@ -217,7 +252,7 @@ def export_model(
     sd = hf_state_dict(model)
     # transformers checks the "format" metadata entry of a safetensors checkpoint.
     write_bytes_atomic(out / WEIGHTS_FILE, st_save(sd, metadata={"format": "pt"}))
-    write_json_atomic(out / CONFIG_FILE, hf_config(cfg))
+    write_json_atomic(out / CONFIG_FILE, hf_config(cfg, tokenizer))
     write_json_atomic(out / SOURCE_FILE, {"model": cfg.to_dict(), "ablations": cfg.ablations(), **source})
     if tokenizer is not None:
         tokenizer.save(out / TOKENIZER_FILE)

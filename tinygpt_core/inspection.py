@@ -36,6 +36,16 @@ class AttentionMaps:
         return self.weights.shape[1]
 
 
+def no_attention_reason(cfg: Any) -> str | None:
+    """Why a model of ``cfg`` (a ModelConfig) has no attention to show, or None when it has some."""
+    if cfg.n_layer == 0:
+        return (
+            "This is a bigram model (0 layers): the token embedding goes straight to the output head, so "
+            "there is no attention and nothing to show here. Each prediction depends on the current token only."
+        )
+    return None
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -51,6 +61,14 @@ def _attention(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
     finally:
         model.train(was_training)
     return torch.stack(out.attentions, dim=1).float()
+
+
+def attention_of_ids(model: torch.nn.Module, ids: torch.Tensor) -> np.ndarray | None:
+    """Every layer's attention over one sequence of token ids: (n_layer, n_head, T, T) float32 numpy;
+    None for a model without attention (the bigram model)."""
+    if len(getattr(model, "blocks", ())) == 0:
+        return None
+    return _attention(model, ids.reshape(1, -1))[0].cpu().numpy()
 
 
 def attention_maps(model: torch.nn.Module, tokenizer: Any, text: str, device: Any = None) -> AttentionMaps:

@@ -145,19 +145,22 @@ class Block(nn.Module):
         super().__init__()
         self.pre_norm, self.residual = cfg.norm_position == "pre", cfg.use_residual
         self.ln_1, self.attn = _norm(cfg), CausalSelfAttention(cfg)
-        self.ln_2, self.mlp = _norm(cfg), MLP(cfg)
+        # use_mlp=False (the no-mlp ablation) leaves attention alone in the block: no MLP, no norm before it.
+        self.ln_2, self.mlp = (_norm(cfg), MLP(cfg)) if cfg.use_mlp else (None, None)
 
     def forward(self, x: torch.Tensor, past: KVCache | None = None, need_weights: bool = False):
         if self.pre_norm:
             a, weights, kv = self.attn(self.ln_1(x), past, need_weights)
             x = x + a if self.residual else a
-            m = self.mlp(self.ln_2(x))
-            x = x + m if self.residual else m
+            if self.mlp is not None:
+                m = self.mlp(self.ln_2(x))
+                x = x + m if self.residual else m
         else:
             a, weights, kv = self.attn(x, past, need_weights)
             x = self.ln_1(x + a if self.residual else a)
-            m = self.mlp(x)
-            x = self.ln_2(x + m if self.residual else m)
+            if self.mlp is not None:
+                m = self.mlp(x)
+                x = self.ln_2(x + m if self.residual else m)
         return x, weights, kv
 
 
@@ -165,15 +168,20 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg = cfg.validate()
+        # n_layer 0 is the bigram model: token embedding → head, so each position's logits depend on its
+        # own token only. It has no positions (they would make the logits depend on where the token is)
+        # and no final norm (nothing has mixed anything to rescale).
+        self.bigram = cfg.n_layer == 0
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        if cfg.pos_encoding == "learned":
+        positions = "none" if self.bigram else cfg.pos_encoding
+        if positions == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        elif cfg.pos_encoding == "sinusoidal":
+        elif positions == "sinusoidal":
             self.register_buffer("sin_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         # Post-norm blocks already end in a LayerNorm; pre-norm needs one before the head.
-        self.ln_f = _norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.ln_f = _norm(cfg) if cfg.norm_position == "pre" and not self.bigram else nn.Identity()
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
@@ -200,6 +208,8 @@ class GPT(nn.Module):
         return n
 
     def position_embedding(self, start: int, T: int, device) -> torch.Tensor | float:
+        if self.bigram:
+            return 0.0
         if self.config.pos_encoding == "learned":
             return self.wpe(torch.arange(start, start + T, device=device))  # (T, C)
         if self.config.pos_encoding == "sinusoidal":
@@ -215,7 +225,7 @@ class GPT(nn.Module):
         use_cache: bool = False,
     ) -> ModelOutput:
         B, T = idx.shape
-        start = 0 if past_kv is None else past_kv[0][0].size(2)
+        start = past_kv[0][0].size(2) if past_kv else 0  # a bigram model's cache is empty: it has no layers
         if start + T > self.config.block_size:
             raise ConfigError(
                 f"Sequence of {start + T} tokens is longer than the model's context ({self.config.block_size}). "

@@ -69,7 +69,8 @@ def build_optimizer(model: Any, cfg: TrainConfig, device: torch.device) -> Optim
     if device.type in ("cuda", "cpu"):
         # One kernel for all parameters instead of a loop of small ops: ~10% of a baby step on a CPU.
         adam_kw["fused"] = True
-    if cfg.optimizer == "adamw":
+    has_blocks = len(model.blocks) > 0  # a bigram model (n_layer 0) has no hidden matrices for Muon
+    if cfg.optimizer == "adamw" or not has_blocks:
         return OptimizerSet([torch.optim.AdamW(model.optimizer_groups(cfg.weight_decay), **adam_kw)])
     # Muon orthogonalises whole-matrix updates, which suits the blocks' Linear weights; embeddings
     # and the output head (tied to wte) are lookups rather than linear maps and stay with AdamW.

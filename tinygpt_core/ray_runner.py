@@ -6,12 +6,22 @@ module that imports Ray, and nothing imports it otherwise. Same five calls as ``
 
 How a job runs
 --------------
-- **One detached Ray actor per job** (``JobWorker``), named ``tinygpt-job-<run id>`` in the namespace
-  ``$TINYGPT_RAY_NAMESPACE`` (default "tinygpt"), asking for ``$TINYGPT_RAY_CPUS_PER_JOB`` CPUs
-  (default 1) and ``$TINYGPT_RAY_GPUS_PER_JOB`` of a GPU (default 0.25 when the cluster has GPUs, so
-  four tiny runs share one; 0 on a CPU-only cluster). Ray queues the actors that do not fit; the
+- **One detached Ray actor per job** (``JobWorker``), named ``tinygpt-job-<worker id>`` in the
+  namespace ``$TINYGPT_RAY_NAMESPACE`` (default "tinygpt"), asking for ``$TINYGPT_RAY_CPUS_PER_JOB``
+  CPUs (default 1) and ``$TINYGPT_RAY_GPUS_PER_JOB`` of a GPU (default 0.25 when the cluster has GPUs,
+  so four tiny runs share one; 0 on a CPU-only cluster). Ray queues the actors that do not fit; the
   job says so in its message ("Waiting for a GPU on the cluster…") with its place among this
-  server's waiting jobs.
+  server's waiting jobs. The actor learns its run from the job it is handed (``start``).
+- **Warm spares.** Ray gives every actor a new worker process, which must import Ray, torch and the
+  trainer and pay torch's first-use costs before its first step (6-18 s on a busy node). So the app's
+  runner keeps ``$TINYGPT_RAY_SPARES`` (default 1) actors started in advance, each having trained a
+  few steps of a tiny model; a job of the same shape takes one and logs its first step about a
+  second after submit, and a new spare is started behind it. A spare holds its CPU/GPU share while
+  it waits, so it is only kept while the cluster has room for one more job besides it: it never
+  holds the last free share (a job that would have to wait for it, this app's or anyone's, finds the
+  room instead), and the spares are released after ``$TINYGPT_RAY_SPARE_IDLE_S`` (default 600 s)
+  without a new job, and exit on their own a minute after their runner is gone. The CLI keeps none
+  (it submits one job).
 - **No shared filesystem.** The worker trains into a temporary folder of its own node and streams
   back (``JobWorker.stream``, a Ray streaming generator) the training events and every file of that
   folder that changed (``tinygpt_core.shipping``: whole files, appended tails, deletions). One
@@ -27,9 +37,10 @@ How a job runs
   with every file it had shipped (metrics up to its last flush, the last checkpoint); Resume
   continues it. A job that raises on the worker ends as "error" with the reason; the runner serves on.
 - **The app restarted** while jobs train: detached actors keep training, and the new runner finds
-  them by name (those of its own store) and follows them again; a run whose worker is gone reads as
-  interrupted from its folder (its status names a process that has ended). A worker whose run has
-  ended and that nobody followed for ``$TINYGPT_RAY_ORPHAN_TIMEOUT_S`` (default 600 s) exits.
+  them by their name's prefix (those of its own store, asking each which run it trains) and follows
+  them again; a run whose worker is gone reads as interrupted from its folder (its status names a
+  process that has ended). A worker whose run has ended and that nobody followed for
+  ``$TINYGPT_RAY_ORPHAN_TIMEOUT_S`` (default 600 s) exits.
 - **The cluster**: ``$RAY_ADDRESS`` (Ray's own variable; ``host:port`` of the head's GCS), else a
   Ray instance on this machine (joined if one runs, started otherwise). An address that does not
   answer is a ``JobError`` at once; there is no silent fallback to the local runner.
@@ -79,9 +90,13 @@ from .shipping import FolderMirror, FolderWatcher, pack_folder, write_changes
 
 log = logging.getLogger(__name__)
 
-ACTOR_PREFIX = "tinygpt-job-"
+ACTOR_PREFIX = "tinygpt-job-"  # + a worker id: a spare is named before it has a run
 DEFAULT_NAMESPACE = "tinygpt"
 DEFAULT_GPU_SHARE = 0.25  # of one GPU per job when the cluster has GPUs: four tiny runs per GPU
+DEFAULT_SPARES = 1  # warm job actors the app's runner keeps ready
+DEFAULT_SPARE_IDLE_S = 600.0  # spares are released after this long without a new job
+SPARE_ORPHAN_S = 60.0  # a spare that nobody pinged for this long exits (its runner is gone)
+KEEP_S = 1.0  # the spare keeper looks at the pool and the cluster's free room this often
 PLACEMENT_FILE = "placement.json"
 BATCH_S = 0.1  # the worker sends what it has at most this often
 SCAN_INTERVAL_S = 0.5  # the worker looks for changed files at most this often (and after every eval)
@@ -184,10 +199,13 @@ class JobWorker:
 
     A threaded actor: ``stream`` (a generator) runs while ``stop`` and ``ping`` are called."""
 
-    def __init__(self, owner: str, run_id: str, orphan_timeout_s: float = 600.0):
-        self.owner, self.run_id = owner, run_id
-        self.dir = Path(tempfile.mkdtemp(prefix=f"tinygpt-{run_id[-40:].replace('/', '_')}-"))
-        self.watcher = FolderWatcher(self.dir)
+    def __init__(self, owner: str, name: str, orphan_timeout_s: float = 600.0, warm: dict | None = None):
+        """``warm`` ({"device", "threads"}): a spare, which trains a tiny model once (in the background,
+        so it answers calls meanwhile) before it takes a job."""
+        self.owner, self.name = owner, name
+        self.run_id: str | None = None  # set by start(): the run this worker trains
+        self.dir: Path | None = None
+        self.watcher: FolderWatcher | None = None
         self.out: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
@@ -200,15 +218,29 @@ class JobWorker:
         self.generation = 0  # the newest stream; an older one ends
         self.last_ping = time.monotonic()
         self.orphan_timeout_s = orphan_timeout_s
+        self.warm = threading.Event()
         threading.Thread(target=self._watchdog, name="tinygpt-orphan-watchdog", daemon=True).start()
+        if warm is None:
+            self.warm.set()
+        else:
+            threading.Thread(target=self._warm_up, args=(warm,), name="tinygpt-warm-up", daemon=True).start()
 
     # --- calls from the driver ---
 
-    def owner_key(self) -> str:
-        return self.owner
-
     def info(self) -> dict:
-        return {"started": self.thread is not None, "finished": self.final is not None, "step": self.step}
+        return {
+            "owner": self.owner,
+            "run_id": self.run_id,
+            "started": self.thread is not None,
+            "finished": self.final is not None,
+            "step": self.step,
+            "warm": self.warm.is_set(),
+        }
+
+    def wait_warm(self) -> bool:
+        """Returns once the warm-up is over (at once for a worker started for a job)."""
+        self.warm.wait()
+        return True
 
     def placement(self) -> dict:
         ctx = ray.get_runtime_context()
@@ -219,13 +251,18 @@ class JobWorker:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "actor": ACTOR_PREFIX + self.run_id,
+            "actor": self.name,
         }
 
     def start(self, payload: dict) -> dict:
-        """Unpack the shipped files and start training (once); returns where it trains."""
+        """Unpack the shipped files of run ``payload["run_id"]`` and start training (once); returns
+        where it trains. A spare still warming up finishes that first."""
+        self.warm.wait()
         with self.lock:
             if self.thread is None:
+                self.run_id = str(payload["run_id"])
+                self.dir = Path(tempfile.mkdtemp(prefix=f"tinygpt-{self.run_id[-40:].replace('/', '_')}-"))
+                self.watcher = FolderWatcher(self.dir)
                 write_changes(self.dir, payload.get("files") or [])
                 self.watcher.mark_known()
                 threads = payload.get("threads")
@@ -285,7 +322,8 @@ class JobWorker:
 
     def close(self) -> None:
         """The owner has everything: remove the folder and end this worker."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
         ray.actor.exit_actor()
 
     # --- on the worker ---
@@ -338,12 +376,32 @@ class JobWorker:
         if changes:
             self.out.put(("files", changes))
 
+    def _warm_up(self, settings: dict) -> None:
+        try:
+            _warm_up(settings.get("device", "cpu"), settings.get("threads"))
+        finally:
+            self.warm.set()
+
     def _watchdog(self) -> None:
+        """End this worker once nobody needs it: a finished run that no app followed for the orphan
+        timeout, or a spare (never handed a job) whose runner stopped pinging it."""
         while True:
-            time.sleep(min(10.0, self.orphan_timeout_s))
-            if self.final is not None and time.monotonic() - self.last_ping > self.orphan_timeout_s:
-                shutil.rmtree(self.dir, ignore_errors=True)
+            time.sleep(min(10.0, self.orphan_timeout_s, SPARE_ORPHAN_S / 4))
+            quiet = time.monotonic() - self.last_ping
+            finished_orphan = self.final is not None and quiet > self.orphan_timeout_s
+            lost_spare = self.thread is None and quiet > SPARE_ORPHAN_S
+            if finished_orphan or lost_spare:
+                if self.dir is not None:
+                    shutil.rmtree(self.dir, ignore_errors=True)
                 os._exit(0)
+
+
+def _warm_up(device: str, threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    training.warm_up(device)
 
 
 # --- the driver (the app's server or the CLI) -------------------------------------------------------
@@ -359,7 +417,18 @@ class _RayJob(_Job):
     gpus: float = 0.0
     cpus: float = 1.0
     reattached: bool = False
+    from_spare: bool = False  # its actor was a warm spare (one that may have died meanwhile)
     last_status: float = 0.0  # time.monotonic() of the last status.json written for it
+
+
+@dataclass
+class _Spare:
+    """A warm job actor of the runner's pool, not yet handed a job."""
+
+    actor: Any
+    ready: Any  # ObjectRef of its wait_warm(): resolves once it has warmed up (or raises if it died)
+    cpus: float
+    gpus: float
 
 
 class RayJobRunner(JobRunner):
@@ -374,7 +443,10 @@ class RayJobRunner(JobRunner):
         gpus_per_job: float | None = None,
         cpus_per_job: float | None = None,
         reattach: bool = True,
+        spares: int | None = None,
     ):
+        """``spares``: warm job actors to keep ready (default $TINYGPT_RAY_SPARES, else 1; the CLI
+        passes 0)."""
         self.store = store if store is not None else RunStore()
         self.address = connect(address)
         self.namespace = namespace or os.environ.get("TINYGPT_RAY_NAMESPACE", "").strip() or DEFAULT_NAMESPACE
@@ -395,14 +467,22 @@ class RayJobRunner(JobRunner):
                 f"TINYGPT_RAY_GPUS_PER_JOB must be a fraction up to 1 or a whole number, got {self.gpus_per_job:g}."
             )
         self.orphan_timeout_s = _env_float("TINYGPT_RAY_ORPHAN_TIMEOUT_S", 600.0)
+        self.spare_count = int(spares if spares is not None else _env_float("TINYGPT_RAY_SPARES", DEFAULT_SPARES))
+        self.spare_idle_s = _env_float("TINYGPT_RAY_SPARE_IDLE_S", DEFAULT_SPARE_IDLE_S)
         self.owner = f"{socket.gethostname()}:{self.store.root.resolve()}"
         self._lock = threading.Lock()
         self._jobs: dict[str, _RayJob] = {}
         self._seq = iter(range(1 << 62))
         self._free_cache: tuple[float, dict] = (0.0, {})
         self._where: dict[str, str] = {}  # job id -> "host (ip)" it trains on
+        self._spares: list[_Spare] = []
+        self._last_demand = time.monotonic()  # the last submit or resume: spares are released when idle
+        self._closed = False
+        self._keeper_wake = threading.Event()
         if reattach:
             self._reattach()
+        if self.spare_count > 0:
+            threading.Thread(target=self._keep_spares, name="tinygpt-ray-spares", daemon=True).start()
 
     # --- the JobRunner interface -----------------------------------------------------------------
 
@@ -429,7 +509,7 @@ class RayJobRunner(JobRunner):
             run_dir.mkdir(parents=True, exist_ok=True)
         job = self._new_job(spec.name or run_dir.name, run_dir, spec.train.max_iters, gpus, callbacks)
         job.spec, job.owner = spec, owner
-        job.payload = {"spec": shipped, "files": [], "threads": self._threads()}
+        job.payload = {"run_id": run_dir.name, "spec": shipped, "files": [], "threads": self._threads()}
         try:
             if owner is not None:
                 owners.write_owner(run_dir, owner)
@@ -478,7 +558,14 @@ class RayJobRunner(JobRunner):
         job = self._new_job(cfg.name or run_dir.name, run_dir, target, gpus, callbacks)
         job.step = int(extra["step"])
         job.resume_max_iters = max_iters
-        job.payload = {"spec": None, "files": files, "max_iters": max_iters, "threads": self._threads()}
+        job.payload = {
+            "run_id": run_dir.name,
+            "spec": None,
+            "files": files,
+            "max_iters": max_iters,
+            "threads": self._threads(),
+        }
+        self._end_stale_workers(run_dir.name)
         self._launch(job)
         return job.id
 
@@ -522,12 +609,17 @@ class RayJobRunner(JobRunner):
         return (
             f"each job on the Ray cluster at {self.address} ({self.cluster_cpus:g} CPUs, {self.cluster_gpus:g} GPUs) "
             f"asking for {self.cpus_per_job:g} CPU{gpu}; the cluster queues what does not fit"
+            + (f"; {self.spare_count} warm worker(s) kept ready while it has room" if self.spare_count else "")
         )
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop every job of this runner and wait (up to ``timeout`` s) for their ends to arrive."""
+        """Stop every job of this runner, release its spares and wait (up to ``timeout`` s) for the
+        jobs' ends to arrive."""
         with self._lock:
+            self._closed = True
             ids = [j.id for j in self._jobs.values() if not j.finished]
+        self._keeper_wake.set()
+        self._release_spares("the runner shuts down")
         for job_id in ids:
             with contextlib.suppress(TinyGPTError):
                 self.cancel(job_id)
@@ -601,6 +693,8 @@ class RayJobRunner(JobRunner):
 
     def _launch(self, job: _RayJob) -> None:
         with self._lock:
+            if not job.reattached:
+                self._last_demand = time.monotonic()
             self._jobs[job.id] = job
             job.thread = threading.Thread(target=self._follow, args=(job,), name=f"tinygpt-ray-{job.id}", daemon=True)
             job.thread.start()
@@ -617,7 +711,18 @@ class RayJobRunner(JobRunner):
                 actor = self._create_actor(job)
                 if actor is None:
                     return  # cancelled before its actor was made
-                placement = ray.get(actor.start.remote(job.payload))  # waits while Ray queues the actor
+                try:
+                    placement = ray.get(actor.start.remote(job.payload))  # waits while Ray queues the actor
+                except ray.exceptions.RayActorError:
+                    if not job.from_spare:
+                        raise
+                    # The spare died before it was handed the job (its node went, or a restarted app
+                    # on this store ended it): a fresh actor takes the job instead.
+                    log.warning("job %s: its warm spare was gone; starting a fresh worker", job.id)
+                    actor = self._create_actor(job, use_spare=False)
+                    if actor is None:
+                        return
+                    placement = ray.get(actor.start.remote(job.payload))
                 job.payload = None
             else:
                 actor = job.actor
@@ -679,25 +784,138 @@ class RayJobRunner(JobRunner):
             job.finished_at = time.monotonic()
             self._prune()
 
-    def _create_actor(self, job: _RayJob):
-        options: dict[str, Any] = {
-            "name": ACTOR_PREFIX + job.run_dir.name,
-            "namespace": self.namespace,
-            "lifetime": "detached",
-            "num_cpus": job.cpus,
-            "num_gpus": job.gpus,
-        }
+    def _create_actor(self, job: _RayJob, use_spare: bool = True):
+        """The job's actor: a warm spare of its shape when the pool has one, else a new one."""
         with self._lock:
             if job.finished:
                 return None
+            spare = self._take_spare(job) if use_spare else None
+            if spare is not None:
+                job.actor, job.from_spare = spare.actor, True
+            else:
+                job.actor, job.from_spare = self._new_actor(job.cpus, job.gpus), False
+            actor = job.actor
+        self._keeper_wake.set()  # replenish the pool behind it
+        return actor
+
+    def _new_actor(self, cpus: float, gpus: float, warm: bool = False, **options: Any):
+        name = ACTOR_PREFIX + uuid.uuid4().hex
+        return JobWorker.options(
+            name=name,
+            namespace=self.namespace,
+            lifetime="detached",
+            num_cpus=cpus,
+            num_gpus=gpus,
+            **options,
+        ).remote(
+            self.owner,
+            name,
+            self.orphan_timeout_s,
+            {"device": "cuda" if gpus > 0 else "cpu", "threads": self._threads()} if warm else None,
+        )
+
+    # --- the pool of warm spares ---------------------------------------------------------------------
+
+    def _take_spare(self, job: _RayJob) -> _Spare | None:  # lock held
+        """The oldest spare of the job's shape (most likely warm by now), out of the pool."""
+        for spare in self._spares:
+            if (spare.cpus, spare.gpus) == (job.cpus, job.gpus):
+                self._spares.remove(spare)
+                return spare
+        return None
+
+    def _keep_spares(self) -> None:
+        """The keeper thread: tend the pool about every KEEP_S, and at once when a spare was taken."""
+        last_ping = time.monotonic()
+        failing = False  # log a failure once, not every second while the cluster is away
+        while not self._closed:
             try:
-                job.actor = JobWorker.options(**options).remote(self.owner, job.run_dir.name, self.orphan_timeout_s)
-            except ValueError:  # the name is taken: a stale worker of this run (its owner died); replace it
-                with contextlib.suppress(Exception):
-                    ray.kill(ray.get_actor(options["name"], namespace=self.namespace), no_restart=True)
-                time.sleep(0.5)
-                job.actor = JobWorker.options(**options).remote(self.owner, job.run_dir.name, self.orphan_timeout_s)
-            return job.actor
+                ping = time.monotonic() - last_ping >= PING_S
+                self._tend_spares(ping)
+                if ping:
+                    last_ping = time.monotonic()
+                failing = False
+            except Exception:  # noqa: BLE001 - the pool is an optimisation: jobs still start without it
+                if not failing:
+                    log.exception("could not tend the pool of spare Ray workers")
+                failing = True
+            self._keeper_wake.wait(KEEP_S)
+            self._keeper_wake.clear()
+
+    def _tend_spares(self, ping: bool) -> None:
+        """Drop dead spares; release them all when the runner is idle or the cluster has no room for one
+        more job besides them; else start one more while below the target and everything is warm.
+
+        A spare holds its CPU/GPU share while it waits. "Room for one more job besides the spares"
+        (``ray.available_resources()`` counts the spares' shares as used) means a spare never holds
+        the last free share: any job that arrives, this app's of another shape or another app's on the
+        same cluster, finds room instead of waiting behind a spare; and while a job of this runner
+        waits, no spare is started."""
+        with self._lock:
+            spares = list(self._spares)
+            idle = time.monotonic() - self._last_demand > self.spare_idle_s
+            waiting = any(j.status == "queued" and not j.finished for j in self._jobs.values())
+        pending = []
+        for spare in spares:
+            done, _ = ray.wait([spare.ready], timeout=0)
+            if not done:
+                pending.append(spare)
+                continue
+            try:
+                ray.get(spare.ready, timeout=0)
+            except Exception:  # noqa: BLE001 - it died (killed, node lost): forget it
+                self._forget_spare(spare)
+                continue
+            if ping:
+                spare.actor.ping.remote()
+        if ping:
+            for spare in pending:  # still warming up (or not placed yet: the ping waits for it)
+                spare.actor.ping.remote()
+        share = {"CPU": self.cpus_per_job, "GPU": self.gpus_per_job}
+        free = self._free_resources(fresh=True)
+        room_for_one = all(free.get(k, 0.0) >= v for k, v in share.items() if v > 0)
+        if idle or not room_for_one:
+            if spares:
+                self._release_spares("idle" if idle else "the cluster has no room for one more job besides them")
+            return
+        with self._lock:
+            count = len(self._spares)
+        room_for_two = all(free.get(k, 0.0) >= 2 * v for k, v in share.items() if v > 0)
+        if self._closed or waiting or pending or count >= self.spare_count or not room_for_two:
+            return
+        actor = self._new_actor(self.cpus_per_job, self.gpus_per_job, warm=True, scheduling_strategy="SPREAD")
+        spare = _Spare(actor, actor.wait_warm.remote(), self.cpus_per_job, self.gpus_per_job)
+        with self._lock:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                self._spares.append(spare)
+        if closed:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        self._free_cache = (0.0, {})  # the next look sees the spare's share taken
+
+    def _forget_spare(self, spare: _Spare) -> None:
+        with self._lock:
+            if spare in self._spares:
+                self._spares.remove(spare)
+
+    def _release_spares(self, why: str) -> None:
+        with self._lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            log.info("releasing a spare Ray worker: %s", why)
+            with contextlib.suppress(Exception):
+                ray.kill(spare.actor, no_restart=True)
+        if spares:
+            self._free_cache = (0.0, {})
+
+    def spares_ready(self) -> int:
+        """How many spares are warm and waiting for a job now (the benchmark waits for one)."""
+        with self._lock:
+            refs = [s.ready for s in self._spares]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
 
     def _apply_events(self, job: _RayJob, events: list) -> None:
         for event in events:
@@ -796,36 +1014,57 @@ class RayJobRunner(JobRunner):
 
     # --- found again after a restart ---------------------------------------------------------------
 
-    def _reattach(self) -> None:
-        """Follow again the workers this store's runs left training on the cluster."""
+    def _workers(self) -> list[tuple[Any, dict]]:
+        """This store's job actors on the cluster, each with its ``info()`` (asked of all at once)."""
         try:
             named = ray.util.list_named_actors(all_namespaces=True)
         except Exception:  # noqa: BLE001
             log.exception("could not list the cluster's actors")
-            return
+            return []
+        actors = []
         for entry in named:
             name = entry.get("name", "") if isinstance(entry, dict) else str(entry)
-            if entry.get("namespace") != self.namespace or not name.startswith(ACTOR_PREFIX):
+            if isinstance(entry, dict) and entry.get("namespace") == self.namespace and name.startswith(ACTOR_PREFIX):
+                with contextlib.suppress(ValueError):  # gone since the listing
+                    actors.append(ray.get_actor(name, namespace=self.namespace))
+        asked = [(a, a.info.remote()) for a in actors]
+        refs = [ref for _, ref in asked]
+        answered = set(ray.wait(refs, num_returns=len(refs), timeout=10)[0]) if refs else set()
+        found = []
+        for actor, ref in asked:
+            if ref not in answered:  # not started yet (Ray queues it) or stuck
                 continue
-            run_id = name[len(ACTOR_PREFIX) :]
             try:
-                run_dir = self.store.path(run_id)
-                actor = ray.get_actor(name, namespace=self.namespace)
-                if ray.get(actor.owner_key.remote(), timeout=10) != self.owner:
-                    continue  # another app's run that happens to share the cluster and namespace
-                info = ray.get(actor.info.remote(), timeout=10)
-            except (RunError, ValueError):
+                info = ray.get(ref)
+            except Exception:  # noqa: BLE001 - it died meanwhile
                 continue
-            except Exception:  # noqa: BLE001 - a dying actor: its run reads as interrupted from disk
-                log.exception("could not reach %s", name)
-                continue
-            if not info.get("started"):  # its owner died before handing it the job: nothing to follow
+            if info.get("owner") == self.owner:  # not another app's that shares the cluster and namespace
+                found.append((actor, info))
+        return found
+
+    def _end_stale_workers(self, run_id: str) -> None:
+        """Before a resume: end any worker still holding this run (its owner died unseen, e.g. a CLI
+        that did not find it again), so two workers never train one run."""
+        for actor, info in self._workers():
+            if info.get("run_id") == run_id:  # the run's status said it was not training here
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+
+    def _reattach(self) -> None:
+        """Follow again the workers this store's runs left training on the cluster."""
+        from .runs import read_config
+
+        for actor, info in self._workers():
+            if not info.get("started"):  # a spare or an unstarted job of a runner that is gone
                 with contextlib.suppress(Exception):
                     ray.kill(actor, no_restart=True)
                 continue
+            run_id = str(info.get("run_id") or "")
             try:
-                from .runs import read_config
-
+                run_dir = self.store.path(run_id)
+            except (RunError, ValueError):
+                continue
+            try:
                 cfg = read_config(run_dir)
                 title, max_iters = cfg.name or run_id, cfg.train.max_iters
                 device = cfg.train.device
@@ -868,14 +1107,19 @@ class RayJobRunner(JobRunner):
 
     def _fits(self, job: _RayJob) -> bool:
         """Whether the cluster has room for the job right now (cached: a snapshot must be cheap)."""
+        free = self._free_resources()
+        return free.get("CPU", 0) >= job.cpus and free.get("GPU", 0) >= job.gpus
+
+    def _free_resources(self, fresh: bool = False) -> dict:
+        """The cluster's free resources (cached for RESOURCE_CACHE_S unless ``fresh``)."""
         at, free = self._free_cache
-        if time.monotonic() - at > RESOURCE_CACHE_S:
+        if fresh or time.monotonic() - at > RESOURCE_CACHE_S:
             try:
                 free = ray.available_resources()
             except Exception:  # noqa: BLE001
                 free = {}
             self._free_cache = (time.monotonic(), free)
-        return free.get("CPU", 0) >= job.cpus and free.get("GPU", 0) >= job.gpus
+        return free
 
 
 __all__ = ["RayJobRunner", "JobWorker", "connect", "ACTOR_PREFIX", "PLACEMENT_FILE", "HEARTBEAT_TIMEOUT_S"]

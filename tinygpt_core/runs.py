@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from . import checkpoints, limits
-from .config import ModelConfig, TrainConfig
+from .config import TOKENIZER_KINDS, ModelConfig, TrainConfig
 from .errors import ConfigError, RunError, TokenizerError
 from .fileio import write_bytes_atomic
 from .model import GPT, count_params
@@ -146,7 +146,7 @@ class RunConfig:
         except ConfigError as e:
             raise RunError(f"config.json is invalid: {e}") from None
         tok = d["tokenizer"]
-        if tok.get("kind") not in ("char", "word", "bpe"):
+        if tok.get("kind") not in TOKENIZER_KINDS:
             raise RunError(f"config.json is invalid: unknown tokenizer kind {tok.get('kind')!r}")
         vs = tok.get("vocab_size")
         if type(vs) is not int or vs < 1:

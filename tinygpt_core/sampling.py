@@ -50,6 +50,9 @@ TOP_N = 10  # candidates recorded per step in StepInfo.top
 # Below these, logits / temperature (or / penalty) overflow float32 to inf and the softmax turns to
 # NaN (found by the property tests: 5e-324 passed "> 0" and crashed torch.multinomial).
 MIN_TEMPERATURE = 1e-3
+# Above this every token is all but equally likely: a larger T is a typo, not an experiment. The one bound
+# the CLI, the app's widgets and their help share (issue 12: the app once capped at 5 while the CLI took 100).
+MAX_TEMPERATURE = 100.0
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 
 
@@ -64,6 +67,11 @@ def _check_filters(temperature: Any, top_k: Any, top_p: Any, min_p: Any) -> None
         raise ConfigError(
             f"temperature must be at least {MIN_TEMPERATURE:g}, got {temperature!r}: smaller values overflow. "
             "Use greedy, which is what temperature 0 means."
+        )
+    if temperature > MAX_TEMPERATURE:
+        raise ConfigError(
+            f"temperature must be at most {MAX_TEMPERATURE:g}, got {temperature!r}: beyond that every token is "
+            "about equally likely. Use a smaller temperature (above 1 flattens, below 1 sharpens)."
         )
     if top_k is not None:
         try:
@@ -252,15 +260,21 @@ def _is_int(x: Any) -> bool:
 
 @dataclass
 class StepInfo:
+    """One generated token. prob, logprob, rank and top describe the model's own distribution (the plain
+    softmax of its logits at temperature 1: no repetition penalty, no filter), whatever the strategy,
+    so two strategies that write the same text report the same numbers (issue 12). ``filtered_prob``
+    is the chosen token's probability in the distribution the strategy actually picked from."""
+
     token_id: int
     token: str  # readable label of the token (tokenizer.token_strings)
-    # prob, logprob and rank are measured under the distribution the token was actually chosen
-    # from: sample: after the repetition penalty and the processors (temperature, top-k, ...);
-    # greedy and beam: the softmax of the logits after the repetition penalty.
-    prob: float
-    logprob: float
-    rank: int  # 1 = the most likely token of that distribution
-    top: list[tuple[str, float]]  # the TOP_N most likely (token, prob) of that distribution
+    prob: float  # the model's probability of this token
+    logprob: float  # its natural log (text_stats averages these)
+    rank: int  # 1 = the model's most likely token
+    top: list[tuple[str, float]]  # the model's TOP_N most likely (token, prob)
+    # The probability in the distribution the token was picked from: sample: after the repetition penalty
+    # and the processors (temperature, top-k, ...); greedy: 1, as top-k=1 (it keeps only its pick); beam:
+    # the softmax after the repetition penalty (what beam scores add up).
+    filtered_prob: float = 1.0
 
 
 @dataclass
@@ -357,23 +371,32 @@ class _NextLogits:
 # Strategies
 
 
+def _step_record(model_logits: torch.Tensor, filtered_logp: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Per row: [token, model log-prob, model rank, model top-N log-probs, their ids, filtered log-prob].
+
+    ``model_logits`` (B, V) are the model's raw logits, ``filtered_logp`` (B,) the chosen tokens' log-probs
+    in the distribution each strategy picked from, ``tokens`` (B,) the chosen ids."""
+    logp = torch.log_softmax(model_logits, dim=-1)
+    chosen = logp.gather(1, tokens[:, None])[:, 0]
+    rank = 1 + (logp > chosen[:, None]).sum(dim=1)
+    top = torch.topk(logp, min(TOP_N, logp.size(-1)), dim=-1)
+    return [tokens, chosen, rank, top.values, top.indices, filtered_logp]
+
+
 class _Recorder:
-    """Collects, per step, the chosen token's prob/logprob/rank and the top candidates (row 0)."""
+    """Collects, per step, the chosen token's record (_step_record) of row 0 (beam search: the best beam)."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[torch.Tensor, ...]] = []
 
-    def add(self, used_logits: torch.Tensor, token: torch.Tensor) -> None:
-        # used_logits: (V,) the distribution the token was chosen from; token: () its id
-        logp = torch.log_softmax(used_logits, dim=-1)
-        chosen = logp[token]
-        rank = 1 + (logp > chosen).sum()
-        top = torch.topk(logp, min(TOP_N, logp.numel()))
-        self.rows.append((token, chosen, rank, top.values, top.indices))
+    def add(self, model_logits: torch.Tensor, filtered_logp: torch.Tensor, token: torch.Tensor) -> None:
+        # model_logits: (V,) raw logits; filtered_logp: () the token's log-prob where it was picked; token: ()
+        record = _step_record(model_logits[None], filtered_logp.reshape(1), token.reshape(1))
+        self.rows.append(tuple(r[0] for r in record))
 
     def steps(self, tokenizer: Any) -> list[StepInfo]:
         out = []
-        for token, chosen, rank, top_lp, top_ids in self.rows:
+        for token, chosen, rank, top_lp, top_ids, filtered in self.rows:
             ids = top_ids.tolist()
             labels = tokenizer.token_strings([int(token)] + ids)
             out.append(
@@ -383,8 +406,8 @@ class _Recorder:
                     prob=math.exp(float(chosen)),
                     logprob=float(chosen),
                     rank=int(rank),
-                    # tokens a filter cut (-inf) are not candidates, even when fewer than TOP_N remain
-                    top=[(lab, math.exp(lp)) for lab, lp in zip(labels[1:], top_lp.tolist()) if lp > -math.inf],
+                    top=[(lab, math.exp(lp)) for lab, lp in zip(labels[1:], top_lp.tolist())],
+                    filtered_prob=math.exp(float(filtered)),
                 )
             )
         return out
@@ -404,11 +427,12 @@ def _sample_loop(
     next_logits = _NextLogits(model, use_cache, banned_ids)
     greedy = settings.strategy == "greedy"
     for _ in range(max_new_tokens):
-        logits = next_logits(idx)  # (B, V)
+        raw = next_logits(idx)  # (B, V) the model's own
+        logits = raw
         if settings.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, idx, settings.repetition_penalty)
         if greedy:
-            used = logits
+            used = None
             nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1); ties go to the lowest id
         else:
             used = process_logits(
@@ -420,7 +444,10 @@ def _sample_loop(
             )
             nxt = torch.multinomial(used.softmax(dim=-1), 1, generator=generator)  # (B, 1)
         if recorder is not None:
-            recorder.add(used[0], nxt[0, 0])
+            token = nxt[0, 0]
+            # greedy keeps only its pick, as top-k=1 does: probability 1 (log 0) where it picked
+            picked = torch.zeros(()) if used is None else torch.log_softmax(used[0], dim=-1)[token]
+            recorder.add(raw[0], picked, token)
         idx = torch.cat([idx, nxt], dim=1)
     return idx
 
@@ -463,7 +490,7 @@ def _beam_search(
     chosen_tokens: list[torch.Tensor] = []  # per step (nb,): the token it appended
     records: list[list[torch.Tensor]] = []  # per step: (nb, ...) tensors for StepInfo
     for _ in range(max_new_tokens):
-        logits = next_logits(window)  # (b, V)
+        raw = logits = next_logits(window)  # (b, V); raw: the model's own, for StepInfo
         V = logits.size(-1)
         if penalty != 1.0:
             if seen is None:
@@ -481,12 +508,8 @@ def _beam_search(
             seen[torch.arange(len(rows), device=seen.device), tokens] = True
         parents.append(rows)
         chosen_tokens.append(tokens)
-        if recorder is not None:
-            lp = logp[rows]  # (nb, V) the distribution each surviving beam chose from
-            chosen = lp.gather(1, tokens[:, None])[:, 0]
-            rank = 1 + (lp > chosen[:, None]).sum(dim=1)
-            top = torch.topk(lp, min(TOP_N, V), dim=-1)
-            records.append([tokens, chosen, rank, top.values, top.indices])
+        if recorder is not None:  # each surviving beam's step, from the beam it extends
+            records.append(_step_record(raw[rows], logp[rows, tokens], tokens))
     # Follow the back-pointers from the last step to the first.
     n = len(parents)
     beam = torch.arange(len(scores), device=idx.device)  # (nb,) where each final beam sits at step t

@@ -115,6 +115,10 @@ def prepare(spec: TrainSpec) -> PreparedRun:
     if own is not None:
         return own()
     spec.validate()
+    if spec.train.tensorboard_dir:
+        from .tensorboard_log import check_available
+
+        check_available()  # a clear message now rather than a failing callback later
     device = resolve_device(spec.train.device)
     precision = resolve_precision(spec.train.precision, device)
     corpus = load_corpus(spec.corpus) if isinstance(spec.corpus, str) else spec.corpus

@@ -222,7 +222,18 @@ def launch_grid(
     ``submit_options`` go to the runner's submit for every member."""
     from .ablations import grid_specs
 
-    specs = grid_specs(base, ablations, grid_id)
+    return _launch_specs(runner, grid_specs(base, ablations, grid_id), submit_options)
+
+
+def launch_ladder(runner: JobRunner, base: TrainSpec, grid_id: str | None = None, **submit_options: Any) -> GridLaunch:
+    """Queue the bigram-to-transformer ladder (``ladder.ladder_specs``: one run per rung, ``base`` on top)
+    as a grid, all of it or none, like ``launch_grid``."""
+    from .ladder import ladder_specs
+
+    return _launch_specs(runner, ladder_specs(base, grid_id), submit_options)
+
+
+def _launch_specs(runner: JobRunner, specs: list[TrainSpec], submit_options: dict[str, Any]) -> GridLaunch:
     job_ids = runner.submit_all(specs, **submit_options)
     snaps = [runner.snapshot(j) for j in job_ids]
     grid = _grid_of(specs[0].name)

@@ -560,7 +560,7 @@ def train_tokenizer(
     vocab_size: int | None = None,
     special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
 ) -> Tokenizer:
-    """Train a tokenizer of ``kind`` ("char" | "word" | "bpe") on ``text``.
+    """Train a tokenizer of ``kind`` ("char" | "word" | "bpe"; "gpt2" is GPT-2's fixed one) on ``text``.
 
     ``vocab_size`` counts every id (special tokens and ``<unk>`` included). It is ignored for char
     (the text decides), the upper bound for word (default: every piece) and the target for bpe
@@ -572,6 +572,10 @@ def train_tokenizer(
         raise TokenizerError("Cannot train a tokenizer on empty text. Pick a corpus that has some text in it.")
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0):
         raise TokenizerError(f"The vocabulary size must be a positive whole number, got {vocab_size!r}.")
+    if kind == "gpt2":  # GPT-2's fixed vocabulary: nothing to train (gpt2_tokenizer.py)
+        from .gpt2_tokenizer import gpt2_tokenizer
+
+        return gpt2_tokenizer(vocab_size)
     if kind == "char":
         return CharTokenizer.train(text, special_tokens)
     if kind == "word":
@@ -618,8 +622,13 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         "char": {"kind", "version", "special_tokens", "vocab"},
         "word": {"kind", "version", "special_tokens", "unk_token", "vocab"},
         "bpe": {"kind", "version", "special_tokens", "pre_tokenizer", "vocab_size", "merges"},
+        "gpt2": {"kind", "version", "encoding"},
     }[kind]
     _check_keys(d, expected, kind)
+    if kind == "gpt2":
+        from .gpt2_tokenizer import gpt2_from_dict
+
+        return gpt2_from_dict(d)
 
     specials = d["special_tokens"]
     if not isinstance(specials, list):

@@ -37,11 +37,13 @@ from .errors import DataError, RunError, TinyGPTError, TokenizerError
 from .optim import lr_at
 from .runs import RunConfig, RunStore, RunWriter, os_reason, read_config, read_status, utc_now_iso
 from .spec import PreparedRun, TrainSpec, prepare
+from .tensorboard_log import loggers_for
 from .trainstate import TrainState, estimate_step_time
 
 FLUSH_INTERVAL_S = 0.5  # metrics.csv is appended at most this often (and at every eval and the end)
 HEARTBEAT_INTERVAL_S = 10.0  # status.json is refreshed at least this often while running
 SAMPLE_TEMPERATURE = 0.8
+PROBE_TOKENS = 32  # length of the attention probe in eval events (callbacks with wants_attention)
 TPS_SMOOTHING = 0.1  # weight of the newest step in the tokens/s moving average
 
 
@@ -56,7 +58,9 @@ class TrainEvent:
     data: dict
     # start: {"params", "device", "precision", "max_iters", "run_dir", "tokens_per_step", "elapsed_s"}
     # step:  {"loss", "lr", "tokens_per_s", "elapsed_s"}   tokens_per_s: while computing the step (no evals)
-    # eval:  {"train_loss", "val_loss", "best_val_loss", "best_step", "elapsed_s"}
+    # eval:  {"train_loss", "val_loss", "best_val_loss", "best_step", "elapsed_s", "grad_norm"}
+    #        grad_norm: the last step's, before clipping (None when clipping is off); "attention" too,
+    #        (n_layer, n_head, T, T) over the first val tokens, when a callback has wants_attention
     # sample: {"text"}
     # end:   {"status", "message", "elapsed_s"}
     # elapsed_s is the run's training time so far (a resumed run's earlier sessions included; an eval's
@@ -124,7 +128,7 @@ def train(
 
     session = _Session(run_dir, writer, run_cfg, run.tokenizer, run.train_ids, run.val_ids, run.device, run.precision)
     session.chat, session.init_weights = run.chat, run.init_weights
-    return session.run(write_files, callbacks, stop_event)
+    return session.run(write_files, [*callbacks, *loggers_for(run_cfg.train, run_dir)], stop_event)
 
 
 def resume(
@@ -184,6 +188,7 @@ def resume(
 
     session = _Session(run_dir, writer, cfg, tokenizer, train_ids, val_ids, device, precision)
     session.chat = chat
+    callbacks = [*callbacks, *loggers_for(tcfg, run_dir)]
     return session.run(write_files, callbacks, stop_event, resume_state=(model_state, optim_state, extra))
 
 
@@ -501,17 +506,19 @@ class _Session:
             self.best_val, self.best_step, self.evals_since_best = val_loss, self.step, 0
         else:
             self.evals_since_best += 1
-        self.emit(
-            "eval",
-            {
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "best_val_loss": self.best_val,
-                "best_step": self.best_step,
-                "elapsed_s": row["elapsed_s"],
-                **({"chat_accuracy": row["chat_accuracy"]} if answers is not None else {}),
-            },
-        )
+        data = {
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "best_val_loss": self.best_val,
+            "best_step": self.best_step,
+            "elapsed_s": row["elapsed_s"],
+            "grad_norm": None if self.state.grad_norm is None else float(self.state.grad_norm),
+        }
+        if answers is not None:
+            data["chat_accuracy"] = row["chat_accuracy"]
+        if any(getattr(cb, "wants_attention", False) for cb in self.callbacks):
+            data["attention"] = self._probe_attention()
+        self.emit("eval", data)
         if answers is not None:
             self.writer.add_sample(self.step, answers)
             self.emit("sample", {"text": answers})
@@ -537,6 +544,13 @@ class _Session:
                 f"{self.evals_since_best} evals (best {self.best_val:.4f} at step {self.best_step})."
             )
         return None
+
+    def _probe_attention(self):
+        """Attention over the first val tokens ((n_layer, n_head, T, T) numpy), for callbacks that ask."""
+        from .inspection import attention_of_ids
+
+        T = min(self.cfg.model.block_size, PROBE_TOKENS, len(self.val_ids))
+        return attention_of_ids(self.state.model, self.val_ids[:T].to(self.device))
 
     def _done_message(self) -> str:
         took = self.last_row_elapsed if self.last_row_elapsed is not None else self.elapsed()
@@ -587,3 +601,25 @@ __all__ = [
     "resume",
     "train",
 ]
+
+
+def warm_up(device: str = "cpu") -> None:
+    """Train a tiny model for two steps (an eval, a sample and a checkpoint included) in a scratch
+    folder, so the next run in this process pays none of the first-use costs: torch's optimizer
+    machinery is imported lazily on the first AdamW (2-5 s on a busy CPU), kernels and the allocator
+    warm up on the first steps, CUDA makes its context on first use. Used by the warm spare training
+    processes (a local runner's spare child, a Ray runner's spare actor); never raises."""
+    import logging
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="tinygpt-warm-")
+    try:
+        spec = TrainSpec.from_preset(
+            "tiny", "builtin:tiny", max_iters=2, eval_interval=2, eval_iters=1, sample_tokens=4, device=device
+        )
+        train(spec, scratch)
+    except Exception:  # noqa: BLE001 - a process that could not warm up still trains, only less quickly
+        logging.getLogger(__name__).exception("the warm-up run failed")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -46,6 +46,7 @@ class TrainState:
     ):
         self.model_cfg, self.train_cfg, self.train_ids = model_cfg, train_cfg, train_ids
         self.device, self.precision = device, precision
+        self.grad_norm: torch.Tensor | None = None  # the last step's gradient norm (set when clipping)
         self.notes: list[str] = []  # what the user should know at the end (e.g. torch.compile skipped)
         # Seed everything that draws: torch's global RNG (init, dropout) and the batch generator.
         torch.manual_seed(train_cfg.seed)
@@ -99,7 +100,8 @@ class TrainState:
         if tcfg.grad_clip > 0:
             for o in self.optimizer.optimizers:
                 self.scaler.unscale_(o)  # clip the true gradients, not the fp16-scaled ones
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+            # Kept as a tensor (no host sync here); the loop reads it only at an eval (TensorBoard's grad norm).
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
         for o in self.optimizer.optimizers:
             self.scaler.step(o)
         self.scaler.update()

@@ -320,6 +320,90 @@ def loss_figure(
     return fig
 
 
+LIVE_MAX_POINTS = 1_500  # batch-loss points sent to the live chart; longer runs are thinned evenly
+
+
+def _thin(df: pd.DataFrame, max_points: int) -> pd.DataFrame:
+    """Every k-th row (and always the last), so a long run sends at most ``max_points`` of them."""
+    if len(df) <= max_points:
+        return df
+    k = math.ceil(len(df) / max_points)
+    keep = np.zeros(len(df), dtype=bool)
+    keep[::k] = True
+    keep[-1] = True
+    return df[keep]
+
+
+def _floats(values) -> list[float | None]:
+    return [None if not math.isfinite(v) else round(float(v), 5) for v in values]
+
+
+def loss_chart_data(
+    metrics: pd.DataFrame | None,
+    *,
+    perplexity: bool = False,
+    log_y: bool = False,
+    marks: Sequence[tuple[int, str]] = (),
+    max_points: int = LIVE_MAX_POINTS,
+) -> dict[str, Any]:
+    """What the Train page's live chart draws, as plain JSON-ready data (no figure object to build):
+    the per-step batch loss faint behind, train and val loss at each evaluation, the train→val gap
+    shaded, the best val point starred, and ``marks`` ((step, label) vertical lines).
+
+    Plain lists keep a refresh cheap on the server: every open tab asks for this about once a second
+    while a run trains, so it must cost milliseconds, not the ~100 ms of building a plotly figure."""
+    what = "perplexity" if perplexity else "loss"
+    data: dict[str, Any] = {
+        "series": [],
+        "band": None,
+        "best": None,
+        "marks": [{"x": int(s), "label": str(label)} for s, label in marks],
+        "ylabel": "perplexity" if perplexity else "loss (nats / token)",
+        "log": bool(log_y),
+        "digits": 2 if perplexity else 3,
+        "height": LOSS_HEIGHT,
+        "empty": "No metrics yet: the curve appears after the first training step.",
+    }
+    if metrics is None or len(metrics) == 0:
+        return data
+    df = pd.DataFrame({c: _column(metrics, c) for c in ("step", "loss", "train_loss", "val_loss")})
+    df = df.dropna(subset=["step"]).sort_values("step", kind="stable")
+    transform = _as_perplexity if perplexity else (lambda v: v)
+
+    def series(frame: pd.DataFrame, col: str, **style) -> dict[str, Any]:
+        return {"x": frame["step"].astype(int).tolist(), "y": _floats(transform(frame[col].to_numpy())), **style}
+
+    steps = _thin(df.dropna(subset=["loss"]), max_points)
+    train = df.dropna(subset=["train_loss"])
+    val = df.dropna(subset=["val_loss"])
+    both = df.dropna(subset=["train_loss", "val_loss"])
+    if len(steps):
+        data["series"].append(series(steps, "loss", name=f"batch {what}", color=TRAIN_COLOR, width=1, opacity=0.3))
+    if len(train):
+        data["series"].append(
+            series(train, "train_loss", name=f"train {what}", color=TRAIN_COLOR, width=2.2, markers=True)
+        )
+    if len(val):
+        data["series"].append(series(val, "val_loss", name=f"val {what}", color=VAL_COLOR, width=2.2, markers=True))
+        best = val.loc[val["val_loss"].idxmin()]
+        best_y = float(transform(np.array([best["val_loss"]]))[0])
+        data["best"] = {
+            "x": int(best["step"]),
+            "y": _floats([best_y])[0],
+            "label": f"best val {best_y:.{data['digits']}f} @ step {int(best['step']):,}",
+        }
+    if len(both) >= 2:
+        data["band"] = {
+            "x": both["step"].astype(int).tolist(),
+            "lo": _floats(transform(both["train_loss"].to_numpy())),
+            "hi": _floats(transform(both["val_loss"].to_numpy())),
+            "color": GAP_FILL,
+        }
+    if len(steps) and not len(val):
+        data["note"] = "train/val loss appear at the first evaluation"
+    return data
+
+
 def overlay_figure(
     runs: dict[str, pd.DataFrame],
     *,
@@ -369,6 +453,31 @@ def overlay_figure(
             plotted += 1
     if plotted == 0:
         _empty(fig, f"No {label} to show yet: pick runs that have been evaluated.")
+    return fig
+
+
+def ladder_figure(table: pd.DataFrame) -> go.Figure:
+    """The ladder (``ladder.ladder_table``): each rung's val loss as a bar, bottom rung first, labelled
+    with its gain over the rung below (> 0: the addition helps)."""
+    fig = go.Figure()
+    _style(fig, height=380, legend=False)
+    fig.update_yaxes(title_text=METRIC_LABELS["val_loss"])
+    known = table[table["val_loss"].notna()] if len(table) else table
+    if len(known) == 0:
+        return _empty(fig, "No val loss yet: the rungs have not been evaluated.")
+    gains = ["" if pd.isna(g) else f"{g:+.3f}" for g in known["gain"]]
+    fig.add_trace(
+        go.Bar(
+            x=[html.escape(str(r), quote=False) for r in known["rung"]],
+            y=known["val_loss"],
+            text=gains,
+            textposition="outside",
+            marker_color=[VAL_COLOR if pd.isna(g) or g > 0 else RAW_COLOR for g in known["gain"]],
+            customdata=[html.escape(str(a), quote=False) for a in known["adds"]],
+            hovertemplate="%{x}: val loss %{y:.3f}<br>gain over the rung below %{text}<br>%{customdata}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(range=[0, float(known["val_loss"].max()) * 1.15])
     return fig
 
 

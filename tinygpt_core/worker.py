@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import signal
 import struct
 import subprocess
@@ -391,7 +392,15 @@ def main() -> int:
     inp = sys.stdin.buffer
     with contextlib.suppress(AttributeError, ValueError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C of the server: the closed pipe ends us
-    from . import training  # noqa: F401 - imported before the task arrives: a spare child is warm
+    from . import training  # imported before the task arrives: a spare child is warm
+
+    if not select.select([inp], [], [], 0)[0]:
+        # No task waiting: this is a spare. Train two steps of a tiny model on one thread, so the job it
+        # is handed later skips the first-use costs (the lazy optimizer imports alone take 2-5 s).
+        import torch
+
+        torch.set_num_threads(1)
+        training.warm_up("auto")
 
     try:
         kind, task = _recv(inp)

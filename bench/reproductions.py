@@ -1,0 +1,206 @@
+"""The seed projects' results, measured here: the overfit demo, the bigram-to-transformer ladder, GPTiny's
+val loss on Tiny Shakespeare and Mini-GPT's per-epoch table (issue 17; docs/REPRODUCTIONS.md quotes them).
+
+``python -m bench.reproductions [--only overfit,ladder,gptiny,minigpt] [--steps N] [--threads N]``
+
+Every run is an ordinary lab run (``training.train``) in a temporary folder; a shortened run says so in
+its table. Each part appends its own section to bench/RESULTS.md, with the machine, date and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from bench.common import Report, corpus_source, fmt, load_average
+from tinygpt_core.ablations import metrics_summary
+from tinygpt_core.data import load_corpus
+from tinygpt_core.ladder import ladder_specs, ladder_table
+from tinygpt_core.runs import read_metrics
+from tinygpt_core.spec import prepare
+from tinygpt_core.training import TrainSpec, train
+
+PARTS = ("overfit", "ladder", "gptiny", "minigpt")
+
+
+def _train(spec: TrainSpec, root: Path, name: str) -> tuple[pd.DataFrame, float, str]:
+    t0 = time.perf_counter()
+    result = train(spec, root / name)
+    return read_metrics(root / name), time.perf_counter() - t0, result.status
+
+
+def _cpu_s() -> float:
+    """CPU seconds used by this process so far: on a busy shared machine, closer than the wall clock to
+    what the same run takes on an idle one (at one thread; cache contention still inflates it a little)."""
+    return time.process_time()
+
+
+def overfit(root: Path) -> Report:
+    report = Report("Reproductions: the overfit demo (`overfit` preset, word-level builtin:tiny)")
+    spec = TrainSpec.from_preset("overfit", "builtin:tiny", device="cpu")
+    load, cpu0 = load_average(), _cpu_s()
+    m, wall, status = _train(spec, root, "overfit")
+    cpu = _cpu_s() - cpu0
+    s = metrics_summary(m)
+    rise = s["final_val_loss"] - s["best_val_loss"]
+    first = m.dropna(subset=["val_loss"]).iloc[0]
+    report.add_table(
+        ["steps", "wall s", "CPU s", "threads", "first eval train / val", "final train", "min val (step)", "final val"]
+        + ["val rise", "load"],
+        [
+            [
+                s["steps"],
+                fmt(wall),
+                fmt(cpu),
+                torch.get_num_threads(),
+                f"{first['train_loss']:.2f} / {first['val_loss']:.2f}",
+                fmt(s["final_train_loss"], 3),
+                f"{s['best_val_loss']:.3f} ({s['best_step']})",
+                fmt(s["final_val_loss"], 3),
+                f"{rise:+.2f}",
+                fmt(load, 1),
+            ]
+        ],
+    )
+    report.add(f"Status {status}; wall time includes evaluations and checkpoints.")
+    return report
+
+
+def ladder(root: Path, steps: int) -> Report:
+    report = Report(f"Reproductions: the ladder at `baby` size, {steps} steps a rung (Tiny Shakespeare, char)")
+    base = TrainSpec.from_preset(
+        "baby", corpus_source(), device="cpu", max_iters=steps, eval_interval=steps, sample_tokens=0
+    )
+    load = load_average()
+    rows, t0 = [], time.perf_counter()
+    for spec in ladder_specs(base, grid_id="bench"):
+        m, _, status = _train(spec, root, spec.name.replace("/", "_"))
+        rows.append({"name": spec.name, "status": status, **metrics_summary(m)})
+    table = ladder_table(rows)
+    report.add_table(
+        ["rung", "adds", "val loss", "gain"],
+        [
+            [r.rung, r.adds, fmt(r.val_loss, 3), "–" if math.isnan(r.gain) else f"{r.gain:+.3f}"]
+            for r in table.itertuples()
+        ],
+    )
+    report.add(
+        f"baby preset (4 layers, 4 heads, 128 dims, context 64, batch 12), untied head, dropout 0.2 on the top "
+        f"rung; {steps} steps instead of 2000, same seed and data order for every rung; val loss from one "
+        f"estimate of {base.train.eval_iters} batches at the end. {fmt(time.perf_counter() - t0)} s in all; "
+        f"1-min load {fmt(load, 1)} at the start (a shared machine)."
+    )
+    return report
+
+
+def gptiny(root: Path, steps: int, batch: int) -> Report:
+    report = Report(f"Reproductions: GPTiny on Tiny Shakespeare at reduced steps ({steps} steps, batch {batch})")
+    spec = TrainSpec.from_preset(
+        "gptiny",
+        corpus_source(),
+        device="cpu",
+        max_iters=steps,
+        batch_size=batch,
+        warmup_iters=min(100, steps // 6),  # the preset's 100-step warm-up would fill a shortened run
+        eval_interval=max(1, steps // 2),
+        eval_iters=10,  # 10 batches a split: on a CPU budget the preset's 100 would cost more than the steps
+        sample_tokens=0,
+    )
+    load = load_average()
+    m, wall, status = _train(spec, root, "gptiny")
+    evals = m.dropna(subset=["val_loss"])
+    report.add_table(
+        ["step", "train loss", "val loss"],
+        [[int(r.step), fmt(r.train_loss, 3), fmt(r.val_loss, 3)] for r in evals.itertuples()],
+    )
+    report.add(
+        f"gptiny preset (3 layers, 4 heads, 384 dims, context 256, dropout 0.2, lr 3e-4) with batch {batch} "
+        f"instead of 64, {steps} steps instead of 5000 and a {spec.train.warmup_iters}-step warm-up, on a CPU: "
+        f"{fmt(wall)} s, status {status}, "
+        f"1-min load {fmt(load, 1)}."
+    )
+    return report
+
+
+def minigpt(root: Path, epochs: int, chars: int | None) -> Report:
+    source, what = corpus_source(), "Tiny Shakespeare"
+    if chars:  # a CPU budget: the first `chars` characters, written beside the temporary runs (never kept)
+        text = load_corpus(source).text[:chars]
+        source = str(root / "minigpt-corpus.txt")
+        Path(source).write_text(text, encoding="utf-8")
+        what = f"the first {len(text):,} characters of Tiny Shakespeare"
+    # On a slice, 10 eval batches already cover the held-out tenth several times over (the preset's 50 would
+    # cost as much as the training steps).
+    spec = TrainSpec.from_preset(
+        "mini-gpt", source, device="cpu", sample_tokens=0, **({"eval_iters": 10} if chars else {})
+    )
+    prepared = prepare(spec)
+    tokens_per_step = spec.train.batch_size * spec.model.block_size
+    per_epoch = max(1, math.ceil(len(prepared.train_ids) / tokens_per_step))  # steps that see the split once
+    spec.train.max_iters, spec.train.eval_interval = per_epoch * epochs, per_epoch
+    spec.train.warmup_iters = min(spec.train.warmup_iters, spec.train.max_iters // 6)  # see gptiny
+    report = Report(f"Reproductions: Mini-GPT, per-epoch loss and perplexity ({epochs} epochs, {what})")
+    load = load_average()
+    m, wall, status = _train(prepare(spec), root, "minigpt")
+    evals = m.dropna(subset=["val_loss"])
+    report.add_table(
+        ["epoch", "train loss", "train ppl", "val loss", "val ppl"],
+        [
+            [
+                k + 1,
+                fmt(r.train_loss, 4),
+                fmt(math.exp(r.train_loss), 2),
+                fmt(r.val_loss, 4),
+                fmt(math.exp(r.val_loss), 2),
+            ]
+            for k, r in enumerate(evals.itertuples())
+        ],
+    )
+    report.add(
+        f"mini-gpt preset (2 layers, 4 heads, 128 dims, FFN 512, context 512, dropout 0.1), char-level; an epoch is "
+        f"{per_epoch} steps of {tokens_per_step:,} tokens (one pass over the {len(prepared.train_ids):,} training "
+        f"tokens, windows drawn at random); losses are estimates over {spec.train.eval_iters} batches. "
+        f"{fmt(wall)} s, status {status}, 1-min load {fmt(load, 1)}."
+    )
+    return report
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss)  # perplexity: e to the mean cross-entropy in nats
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
+    ap.add_argument("--ladder-steps", type=int, default=300, help="steps per ladder rung (baby's own: 2000)")
+    ap.add_argument("--gptiny-steps", type=int, default=200)
+    ap.add_argument("--gptiny-batch", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=2, help="Mini-GPT epochs")
+    ap.add_argument("--minigpt-chars", type=int, help="train Mini-GPT on only the corpus's first N characters")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="tinygpt-repro-") as tmp:
+        root = Path(tmp)
+        for part in [p.strip() for p in args.only.split(",") if p.strip()]:
+            if part == "overfit":
+                overfit(root).emit()
+            elif part == "ladder":
+                ladder(root, args.ladder_steps).emit()
+            elif part == "gptiny":
+                gptiny(root, args.gptiny_steps, args.gptiny_batch).emit()
+            elif part == "minigpt":
+                minigpt(root, args.epochs, args.minigpt_chars).emit()
+            else:
+                raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+
+
+if __name__ == "__main__":
+    main()
