@@ -340,13 +340,16 @@ def test_generate_records_steps(model, tok):
     assert res.tokens_per_s > 0 and res.elapsed_s > 0
 
 
-def _model_logprobs(model, ids: list[int], new: list[int]) -> list[float]:
-    """The model's own log-probability of each new token: the plain softmax at temperature 1."""
+def _model_logprobs(model, ids: list[int], new: list[int], hidden=()) -> list[float]:
+    """The model's own log-probability of each new token: the plain softmax at temperature 1, over the
+    tokens it may write (``hidden``: the special tokens, which a model that is not a chat model never writes)."""
     out = []
     with torch.no_grad():
         for t in range(len(new)):
             ctx = torch.tensor([(ids + new[:t])[-model.config.block_size :]])
-            out.append(float(torch.log_softmax(model(ctx).logits[0, -1], dim=-1)[new[t]]))
+            logits = model(ctx).logits[0, -1]
+            logits[list(hidden)] = float("-inf")
+            out.append(float(torch.log_softmax(logits, dim=-1)[new[t]]))
     return out
 
 
@@ -372,7 +375,7 @@ def test_greedy_and_top_k_1_report_the_same_model_probabilities(model, tok):
     mean_g = text_stats(greedy.token_ids, [s.logprob for s in greedy.steps])["mean_logprob"]
     mean_1 = text_stats(top1.token_ids, [s.logprob for s in top1.steps])["mean_logprob"]
     assert mean_1 == pytest.approx(mean_g, abs=1e-6) and mean_g < -0.01  # an untrained model is unsure
-    own = _model_logprobs(model, tok.encode("abc"), greedy.token_ids)
+    own = _model_logprobs(model, tok.encode("abc"), greedy.token_ids, hidden_token_ids(tok))
     assert [s.logprob for s in greedy.steps] == pytest.approx(own, abs=1e-5)
     # What each picked from: top-k 1 and greedy keep one token, so that token had probability 1 there.
     assert [s.filtered_prob for s in top1.steps] == [s.filtered_prob for s in greedy.steps] == [1.0] * 12
@@ -390,7 +393,7 @@ def test_greedy_and_top_k_1_report_the_same_model_probabilities(model, tok):
 def test_steps_report_the_model_probability_and_the_filtered_one(model, tok, settings):
     settings.max_new_tokens, settings.seed = 10, 2 if settings.strategy == "sample" else None
     res = generate(model, tok, "abca", settings)
-    model_lp = _model_logprobs(model, tok.encode("abca"), res.token_ids)
+    model_lp = _model_logprobs(model, tok.encode("abca"), res.token_ids, hidden_token_ids(tok))
     assert [s.logprob for s in res.steps] == pytest.approx(model_lp, abs=1e-5)  # no penalty, filter or temperature
     for step in res.steps:
         assert step.prob == pytest.approx(math.exp(step.logprob))
