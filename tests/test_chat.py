@@ -125,7 +125,7 @@ def test_every_tokenizer_kind_reserves_the_role_tokens():
         assert t.decode(encode_conversation(t, conv(("user", "hello"), ("assistant", "world")), 99).ids) == (
             f"{U}hello{A}world{U}"
         )
-    with pytest.raises(ChatFormatError, match="has no <user>, <assistant>, <system> token"):
+    with pytest.raises(ChatFormatError, match="char tokenizer has no <user>, <assistant>, <system> token"):
         role_ids(CharTokenizer.train("abc", special_tokens=()))
 
 

@@ -106,8 +106,9 @@ def role_ids(tokenizer) -> dict[str, int]:
     missing = [t for t in ROLE_TOKENS.values() if t not in special]
     if missing:
         raise ChatFormatError(
-            f"this run's tokenizer has no {', '.join(missing)} token, so it cannot mark who speaks; "
-            "train a new base run (every tokenizer of this lab reserves them) and fine-tune that one"
+            f"this run's {getattr(tokenizer, 'kind', '')} tokenizer has no {', '.join(missing)} token, so it "
+            "cannot mark who speaks; fine-tune a run trained with a char, word or BPE tokenizer (they reserve "
+            "these tokens; GPT-2's fixed vocabulary has none)"
         )
     return {role: special[tok] for role, tok in ROLE_TOKENS.items()}
 

@@ -303,8 +303,10 @@ class GenerationResult:
 
 
 def hidden_token_ids(tokenizer: Any) -> list[int]:
-    """Ids a model that is not a chat model must never produce: the tokenizer's special tokens."""
-    return sorted(int(i) for i in tokenizer.special_token_ids.values())
+    """Ids a model that is not a chat model must never produce: the tokenizer's reserved chat tokens
+    (GPT-2's tokenizer reserves none; its <|endoftext|> is left alone)."""
+    ids = tokenizer.special_token_ids
+    return sorted(int(ids[t]) for t in tokenizer.special_tokens if t in ids)
 
 
 def special_tokens_in(tokenizer: Any, text: str) -> list[str]:
