@@ -50,6 +50,12 @@ PAGES: list[tuple[str, str, str, str]] = [
         "Decode one model with greedy, sampling and beam search side by side; see what top-k/top-p cut.",
     ),
     (
+        "pages/chat.py",
+        "Chat",
+        ":material/chat:",
+        "Fine-tune a run on conversations and talk to it, beside the model it started from.",
+    ),
+    (
         "pages/tokenizers.py",
         "Tokenizers",
         ":material/text_fields:",

@@ -21,6 +21,7 @@ from tinygpt_core.data import load_visitor_corpus
 from tinygpt_core.errors import TinyGPTError
 from tinygpt_core.jobs import JobRunner, get_runner
 from tinygpt_core.runs import LoadedRun, RunStore
+from tinygpt_core.sampling import special_tokens_notice
 from tinygpt_core.state import RunState
 
 # Query-parameter and session keys shared across pages, so a reload or a second tab finds the run.
@@ -246,7 +247,11 @@ def open_run_picker(prefix: str) -> tuple[RunState, str, LoadedRun] | None:
 
 def known_symbols_only(tokenizer, prompt: str) -> str:
     """The prompt as the run's tokenizer can read it, with a warning naming what it lacks: a char
-    tokenizer cannot encode unseen characters, so they are dropped; word tokenizers read them as <unk>."""
+    tokenizer cannot encode unseen characters, so they are dropped; word tokenizers read them as <unk>.
+    A special (chat) token typed in the prompt is said to be one hidden token (issue 12, item 6)."""
+    notice = special_tokens_notice(tokenizer, prompt)
+    if notice:
+        st.info(md(notice), icon=":material/info:")
     unknown = tokenizer.unknown_symbols(prompt)
     if not unknown:
         return prompt

@@ -145,6 +145,9 @@ def _status(v: RunState) -> None:
         f"on {v.device}" if v.device else None,
         f"run `{v.run_id}`",
     ]
+    accuracy = _last(v.metrics, "chat_accuracy")  # a chat run: exact match on held-out prompts at its last eval
+    if accuracy is not None:
+        facts.insert(0, f"held-out exact match **{accuracy:.0%}**")
     st.caption(" · ".join(x for x in facts if x))
 
     if v.active:

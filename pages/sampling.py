@@ -206,7 +206,9 @@ def _generate(
     # A cache miss takes one of the server's decoding slots (TINYGPT_MAX_DECODES_AT_ONCE): requests
     # take turns instead of all competing for the cores other visitors' pages need (issue 11).
     with limits.decode_slot():
-        return generate(_run.model, _run.tokenizer, prompt, SamplingSettings(**json.loads(settings_json)))
+        settings = SamplingSettings(**json.loads(settings_json))
+        # Only a chat run may write the special tokens (<user>, ...); any other run never does.
+        return generate(_run.model, _run.tokenizer, prompt, settings, special_tokens=_run.config.chat is not None)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -214,7 +216,8 @@ def _distribution(
     run_path: str, checkpoint: str, mtime: float, prompt: str, settings_json: str, _run: LoadedRun
 ) -> dict:
     labelled = {label: SamplingSettings(**d) for label, d in json.loads(settings_json).items()}
-    return next_token_distribution(_run.model, _run.tokenizer, prompt, labelled)
+    chat_run = _run.config.chat is not None
+    return next_token_distribution(_run.model, _run.tokenizer, prompt, labelled, special_tokens=chat_run)
 
 
 def _new_seed() -> None:

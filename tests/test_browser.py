@@ -24,6 +24,7 @@ PAGES = {  # nav title -> (url path, the page's h1)
     "Attention": ("/attention", "Attention"),
     "Inspect": ("/inspect", "Inspect"),
     "Sampling": ("/sampling", "Sampling"),
+    "Chat": ("/chat", "Chat"),
     "Tokenizers": ("/tokenizers", "Tokenizers"),
 }
 TRAIN_STEPS = 20_000  # far more than the test waits for: it watches the chart grow, then presses Stop

@@ -18,7 +18,7 @@ from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-NAV_TITLES = ["Home", "Train", "Runs & ablations", "Attention", "Inspect", "Sampling", "Tokenizers"]
+NAV_TITLES = ["Home", "Train", "Runs & ablations", "Attention", "Inspect", "Sampling", "Chat", "Tokenizers"]
 NOT_PAGES = {"app", "common", "_common", "train form", "train setup", "train run"}
 
 # Every distinct list of sidebar nav entries, in the order they appeared (records even a state that

@@ -24,6 +24,7 @@ from tinygpt_core.sampling import (
     apply_repetition_penalty,
     generate,
     generate_ids,
+    hidden_token_ids,
     next_token_distribution,
     process_logits,
     text_stats,
@@ -286,10 +287,12 @@ def test_beam_search_with_one_beam_is_greedy(model, tok):
         assert beam.text == greedy.text and beam.beams[0][0] == greedy.text
 
 
-def _logprob_of(model, prompt_ids, new_ids):
+def _logprob_of(model, prompt_ids, new_ids, hidden=()):
     seq = torch.tensor([prompt_ids + new_ids])
     with torch.no_grad():
-        logp = torch.log_softmax(model(seq).logits[0], dim=-1)
+        logits = model(seq).logits[0]
+        logits[:, list(hidden)] = float("-inf")  # tokens the sampler never writes (special tokens)
+        logp = torch.log_softmax(logits, dim=-1)
     return sum(logp[len(prompt_ids) - 1 + k, t].item() for k, t in enumerate(new_ids))
 
 
@@ -307,7 +310,7 @@ def test_beam_scores_are_sorted_and_normalised_log_probs(model, tok, length_pena
     assert len({text for text, _ in res.beams}) == 4  # distinct beams
     prompt_ids = tok.encode("abc")
     for text, score in res.beams:
-        expected = _logprob_of(model, prompt_ids, tok.encode(text)) / n**length_penalty
+        expected = _logprob_of(model, prompt_ids, tok.encode(text), hidden_token_ids(tok)) / n**length_penalty
         assert score == pytest.approx(expected, abs=1e-4)
     assert res.token_ids == tok.encode(res.beams[0][0])
     assert [step.token_id for step in res.steps] == res.token_ids  # the winner's own history
@@ -337,13 +340,16 @@ def test_generate_records_steps(model, tok):
     assert res.tokens_per_s > 0 and res.elapsed_s > 0
 
 
-def _model_logprobs(model, ids: list[int], new: list[int]) -> list[float]:
-    """The model's own log-probability of each new token: the plain softmax at temperature 1."""
+def _model_logprobs(model, ids: list[int], new: list[int], hidden=()) -> list[float]:
+    """The model's own log-probability of each new token: the plain softmax at temperature 1, over the
+    tokens it may write (``hidden``: the special tokens, which a model that is not a chat model never writes)."""
     out = []
     with torch.no_grad():
         for t in range(len(new)):
             ctx = torch.tensor([(ids + new[:t])[-model.config.block_size :]])
-            out.append(float(torch.log_softmax(model(ctx).logits[0, -1], dim=-1)[new[t]]))
+            logits = model(ctx).logits[0, -1]
+            logits[list(hidden)] = float("-inf")
+            out.append(float(torch.log_softmax(logits, dim=-1)[new[t]]))
     return out
 
 
@@ -369,7 +375,7 @@ def test_greedy_and_top_k_1_report_the_same_model_probabilities(model, tok):
     mean_g = text_stats(greedy.token_ids, [s.logprob for s in greedy.steps])["mean_logprob"]
     mean_1 = text_stats(top1.token_ids, [s.logprob for s in top1.steps])["mean_logprob"]
     assert mean_1 == pytest.approx(mean_g, abs=1e-6) and mean_g < -0.01  # an untrained model is unsure
-    own = _model_logprobs(model, tok.encode("abc"), greedy.token_ids)
+    own = _model_logprobs(model, tok.encode("abc"), greedy.token_ids, hidden_token_ids(tok))
     assert [s.logprob for s in greedy.steps] == pytest.approx(own, abs=1e-5)
     # What each picked from: top-k 1 and greedy keep one token, so that token had probability 1 there.
     assert [s.filtered_prob for s in top1.steps] == [s.filtered_prob for s in greedy.steps] == [1.0] * 12
@@ -387,7 +393,7 @@ def test_greedy_and_top_k_1_report_the_same_model_probabilities(model, tok):
 def test_steps_report_the_model_probability_and_the_filtered_one(model, tok, settings):
     settings.max_new_tokens, settings.seed = 10, 2 if settings.strategy == "sample" else None
     res = generate(model, tok, "abca", settings)
-    model_lp = _model_logprobs(model, tok.encode("abca"), res.token_ids)
+    model_lp = _model_logprobs(model, tok.encode("abca"), res.token_ids, hidden_token_ids(tok))
     assert [s.logprob for s in res.steps] == pytest.approx(model_lp, abs=1e-5)  # no penalty, filter or temperature
     for step in res.steps:
         assert step.prob == pytest.approx(math.exp(step.logprob))

@@ -337,10 +337,10 @@ def test_metrics_csv_rows(tmp_path):
     result, _ = run(tmp_path, spec(max_iters=12, eval_interval=6))
     df = pd.read_csv(result.run_dir / "metrics.csv")
     head = ["step", "loss", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s", "induction_score", "icl_score"]
-    assert list(df.columns)[:9] == head
+    assert list(df.columns)[:10] == [*head, "chat_accuracy"]
     n_layer = read_config(result.run_dir).model.n_layer
-    assert list(df.columns)[9:12] == ["grad_norm_l0", "update_ratio_l0", "act_rms_l0"]  # network health per layer
-    assert len(df.columns) == 9 + 3 * n_layer
+    assert list(df.columns)[10:13] == ["grad_norm_l0", "update_ratio_l0", "act_rms_l0"]  # network health per layer
+    assert len(df.columns) == 10 + 3 * n_layer
     assert df["loss"].notna().all() and (df["tokens_per_s"] > 0).all()
     assert df["elapsed_s"].is_monotonic_increasing
     assert df.loc[df["step"] == 6, "val_loss"].notna().all() and df.loc[df["step"] == 5, "val_loss"].isna().all()

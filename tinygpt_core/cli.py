@@ -1,4 +1,4 @@
-"""The command line: ``python -m tinygpt_core train|resume|generate|export|runs|presets|corpora``.
+"""The command line: ``python -m tinygpt_core train|resume|generate|export|runs|finetune|chat|presets|corpora``.
 
 A thin layer over the core, like the app's pages: it turns flags into a ``TrainSpec`` or
 ``SamplingSettings``, calls one core function and prints the outcome. Every ``TinyGPTError`` becomes
@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import limits
+from . import chat_cli, limits
 from .ablation_registry import REGISTRY as ABLATIONS
 from .config import (
     DEVICES,
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_export(sub)
     _add_runs(sub)
+    chat_cli.add_commands(sub)  # finetune, chat
     sub.add_parser("presets", help="list the named presets with their descriptions").set_defaults(func=cmd_presets)
     corpora = sub.add_parser("corpora", help="list the built-in corpora, or download a well-known one")
     corpora.add_argument(
@@ -524,7 +525,7 @@ def _report(result, progress: _Progress) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .runs import load_run
-    from .sampling import SamplingSettings, generate
+    from .sampling import SamplingSettings, generate, special_tokens_notice
 
     settings = SamplingSettings(
         strategy=args.strategy,
@@ -540,7 +541,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings.validate()  # bad settings fail before the model is loaded
     device = resolve_device(args.device)
     run = load_run(args.run_dir, checkpoint=args.checkpoint, device=str(device))
-    result = generate(run.model, run.tokenizer, args.prompt, settings, device=device)
+    notice = special_tokens_notice(run.tokenizer, args.prompt)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+    chat_run = run.config.chat is not None  # only a chat run may write its special tokens
+    result = generate(run.model, run.tokenizer, args.prompt, settings, device=device, special_tokens=chat_run)
     print(result.full_text)  # prompt + continuation
     if args.show_probs:
         print()

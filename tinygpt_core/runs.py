@@ -64,12 +64,13 @@ METRIC_COLUMNS = [
     "elapsed_s",
     "induction_score",  # at each eval: the best head's induction score (dynamics.eval_dynamics)
     "icl_score",  # at each eval: loss late in the context minus loss early in it (negative: context helps)
+    "chat_accuracy",  # at each eval of a chat run: exact-match accuracy on held-out prompts (finetune.py)
 ]
 # Columns filled only at evaluations (empty between them), from the eval event of the same name.
-EVAL_METRIC_COLUMNS = ("train_loss", "val_loss", "induction_score", "icl_score")
+EVAL_METRIC_COLUMNS = ("train_loss", "val_loss", "induction_score", "icl_score", "chat_accuracy")
 # Columns added after the first runs were written: an older metrics.csv lacks them (read as NaN), and a
 # resumed old run keeps appending under its own header.
-LATER_METRIC_COLUMNS = ("induction_score", "icl_score")
+LATER_METRIC_COLUMNS = ("induction_score", "icl_score", "chat_accuracy")
 # Network health, one column per transformer block and measure, filled at each evaluation (tinygpt_core.health
 # says what each means): "grad_norm_l0", "update_ratio_l0", "act_rms_l0", "grad_norm_l1", ... A run's
 # metrics.csv gets them for its own number of layers; runs written before them simply lack them.
@@ -144,9 +145,11 @@ class RunConfig:
     preset: str | None = None
     created_at: str = ""  # ISO-8601 UTC
     version: int = RUN_CONFIG_VERSION
+    chat: dict | None = None  # a chat fine-tune: {"parent", "parent_name", "source", ...} (finetune.py)
 
     def to_dict(self) -> dict:
         return {
+            **({"chat": dict(self.chat)} if self.chat is not None else {}),
             "version": self.version,
             "name": self.name,
             "preset": self.preset,
@@ -183,6 +186,9 @@ class RunConfig:
         vs = tok.get("vocab_size")
         if type(vs) is not int or vs < 1:
             raise RunError(f"config.json is invalid: tokenizer vocab_size must be a positive integer, got {vs!r}")
+        chat = d.get("chat")
+        if chat is not None and not isinstance(chat, dict):
+            raise RunError("config.json is invalid: 'chat' must be an object")
         name, preset, created = d.get("name", ""), d.get("preset"), d.get("created_at", "")
         if not isinstance(name, str) or not isinstance(created, str) or not (preset is None or isinstance(preset, str)):
             raise RunError("config.json is invalid: name, preset and created_at must be strings")
@@ -195,6 +201,7 @@ class RunConfig:
             preset=preset,
             created_at=created,
             version=version,
+            chat=chat,
         )
 
 
@@ -451,6 +458,13 @@ def _fmt(v: Any) -> str:
     return f"{v:.7g}"
 
 
+def _header(path: Path) -> list[str]:
+    """The columns named by the first line of a metrics.csv (METRIC_COLUMNS if it has none)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        first = f.readline().strip()
+    return first.split(",") if first else METRIC_COLUMNS
+
+
 class RunWriter:
     """Writes one run folder. Training is its only user; every file but metrics.csv is replaced atomically."""
 
@@ -480,6 +494,7 @@ class RunWriter:
         path = self.run_dir / "metrics.csv"
         new = not path.exists()
         buf = io.StringIO()
+        columns = METRIC_COLUMNS if new else _header(path)  # a resumed older run keeps its own columns
         if new:
             self._columns = metric_columns(n_layer or 0)
             buf.write(",".join(self._columns) + "\n")

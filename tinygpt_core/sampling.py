@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import operator
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,6 +313,38 @@ class GenerationResult:
 
 
 # ---------------------------------------------------------------------------------------------
+# Hidden tokens
+
+# Every tokenizer reserves the chat role tokens (<user>, <assistant>, <system>). Only a chat run
+# (fine-tuned on conversations, chat.py) knows what they mean; any other model must never write
+# them, so the one place that produces next-token logits (_NextLogits) sets theirs to -inf.
+
+
+def hidden_token_ids(tokenizer: Any) -> list[int]:
+    """Ids a model that is not a chat model must never produce: the tokenizer's reserved chat tokens
+    (GPT-2's tokenizer reserves none; its <|endoftext|> is left alone)."""
+    ids = tokenizer.special_token_ids
+    return sorted(int(ids[t]) for t in tokenizer.special_tokens if t in ids)
+
+
+def special_tokens_in(tokenizer: Any, text: str) -> list[str]:
+    """The special tokens written in ``text``: each is read as one hidden token, not as its characters."""
+    return [t for t in tokenizer.special_tokens if t in text]
+
+
+def special_tokens_notice(tokenizer: Any, text: str) -> str | None:
+    """What to tell someone whose prompt contains special tokens (None when it contains none)."""
+    found = special_tokens_in(tokenizer, text)
+    if not found:
+        return None
+    return (
+        f"The prompt contains {', '.join(found)}: the tokenizer reads "
+        f"{'each' if len(found) > 1 else 'it'} as one hidden chat token, not as text. Chat runs use "
+        "these tokens to mark who speaks; other models never write them."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # The KV cache
 
 
@@ -341,8 +373,9 @@ class _NextLogits:
     from the window, or, for a full window (which the next token slides anyway), runs it uncached.
     """
 
-    def __init__(self, model: torch.nn.Module, use_cache: bool, slide: int = 1):
+    def __init__(self, model: torch.nn.Module, use_cache: bool, slide: int = 1, banned_ids: Sequence[int] = ()):
         self.model, self.use_cache, self.slide = model, use_cache, slide
+        self.banned = list(banned_ids)  # ids never to produce (hidden tokens outside a chat run)
         self.block_size: int = model.config.block_size
         if slide > self.block_size:
             raise ConfigError(
@@ -355,6 +388,12 @@ class _NextLogits:
         self.origin: int | None = None  # where the first window started (set by the first call)
 
     def __call__(self, idx: torch.Tensor, total: int | None = None) -> torch.Tensor:
+        logits = self._logits(idx, total)
+        if self.banned:
+            logits[:, self.banned] = float("-inf")
+        return logits
+
+    def _logits(self, idx: torch.Tensor, total: int | None) -> torch.Tensor:
         T = idx.size(1) if total is None else total
         if self.origin is None:
             self.origin = max(0, T - self.block_size)
@@ -433,9 +472,10 @@ def _sample_loop(
     use_cache: bool,
     generator: torch.Generator | None,
     recorder: _Recorder | None = None,
+    banned_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Greedy or sampled decoding of (B, T) -> (B, T + max_new_tokens)."""
-    next_logits = _NextLogits(model, use_cache, settings.context_slide)
+    next_logits = _NextLogits(model, use_cache, settings.context_slide, banned_ids)
     greedy = settings.strategy == "greedy"
     B, T0 = idx.shape
     out = idx.new_empty(B, T0 + max_new_tokens)  # every token written in place, no concatenation per step
@@ -474,6 +514,7 @@ def _beam_search(
     settings: SamplingSettings,
     use_cache: bool,
     recorder: _Recorder | None = None,
+    banned_ids: Sequence[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search from one prompt (1, T). Returns (sequences (nb, T + n), scores (nb,)), best first.
 
@@ -494,7 +535,7 @@ def _beam_search(
     back-pointers once, at the end, instead of re-indexing the whole history at every step.
     """
     nb = settings.num_beams
-    next_logits = _NextLogits(model, use_cache, settings.context_slide)
+    next_logits = _NextLogits(model, use_cache, settings.context_slide, banned_ids)
     block = next_logits.block_size
     window = idx[:, -block:]  # (b, <= block) what the model sees of each beam; one beam to start with
     scores = torch.zeros(1, device=idx.device)  # (b,) summed log-probs
@@ -557,9 +598,11 @@ def generate_ids(
     *,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    banned_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Low-level decoding of token ids: (B, T) -> (B, T + max_new_tokens).
 
+    ``banned_ids`` are never produced (``hidden_token_ids`` of the run's tokenizer, outside a chat run).
     Greedy and sample work on any batch; beam search takes one prompt (B = 1) and returns its best
     beam. ``generator`` drives sampling (``settings.seed`` is ignored here: the caller owns the
     randomness, e.g. training draws its samples from its own generator). The model runs in eval
@@ -582,9 +625,9 @@ def generate_ids(
             if settings.strategy == "beam":
                 if idx.size(0) != 1:
                     raise ConfigError("Beam search decodes one prompt at a time (batch size 1).")
-                seqs, _ = _beam_search(model, idx, max_new_tokens, settings, use_cache)
+                seqs, _ = _beam_search(model, idx, max_new_tokens, settings, use_cache, banned_ids=banned_ids)
                 return seqs[:1]
-            return _sample_loop(model, idx, max_new_tokens, settings, use_cache, generator)
+            return _sample_loop(model, idx, max_new_tokens, settings, use_cache, generator, banned_ids=banned_ids)
     finally:
         model.train(was_training)
 
@@ -617,9 +660,11 @@ def generate(
     *,
     use_cache: bool = True,
     device: str | torch.device | None = None,
+    special_tokens: bool = False,
 ) -> GenerationResult:
     """Continue ``prompt`` with the strategy in ``settings``; records every step.
 
+    The tokenizer's special (chat) tokens are never produced unless ``special_tokens`` (a chat run).
     Unknown symbols in the prompt raise the tokenizer's TokenizerError. ``device`` moves the model
     there first (default: wherever the model already is). The prompt may be longer than the
     model's context: only its last block_size tokens are seen.
@@ -633,6 +678,7 @@ def generate(
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=dev)  # (1, T)
     n = settings.max_new_tokens
     recorder = _Recorder()
+    banned = [] if special_tokens else hidden_token_ids(tokenizer)
     beams = None
     was_training = model.training
     model.eval()
@@ -640,7 +686,7 @@ def generate(
     try:
         with torch.no_grad():
             if settings.strategy == "beam":
-                seqs, scores = _beam_search(model, idx, n, settings, use_cache, recorder)
+                seqs, scores = _beam_search(model, idx, n, settings, use_cache, recorder, banned)
                 new = seqs[:, idx.size(1) :].tolist()
                 beams = [(tokenizer.decode(ids), float(s)) for ids, s in zip(new, scores.tolist())]
                 new_ids = new[0]
@@ -648,7 +694,7 @@ def generate(
                 generator = None
                 if settings.seed is not None:
                     generator = torch.Generator(device=dev).manual_seed(settings.seed)
-                out = _sample_loop(model, idx, n, settings, use_cache, generator, recorder)
+                out = _sample_loop(model, idx, n, settings, use_cache, generator, recorder, banned)
                 new_ids = out[0, idx.size(1) :].tolist()
             steps = recorder.steps(tokenizer)
     finally:
@@ -667,14 +713,70 @@ def generate(
     )
 
 
+def stream_ids(
+    model: torch.nn.Module,
+    idx: torch.Tensor,
+    settings: SamplingSettings,
+    *,
+    stop_ids: Sequence[int] = (),
+    banned_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Greedy or sampled decoding of one prompt (1, T), yielding each new token id as it is chosen.
+
+    Ends after ``settings.max_new_tokens`` tokens or at the first id in ``stop_ids`` (which is
+    yielded: the caller sees why it ended). For a chat answer that streams to the screen token by
+    token; beam search needs the whole sequence before it knows a token, so it is refused here.
+    """
+    settings.validate(model.config.vocab_size)
+    if settings.strategy == "beam":
+        raise ConfigError("Beam search cannot stream token by token; use greedy or sample.")
+    if idx.dim() != 2 or idx.size(0) != 1 or idx.size(1) == 0:
+        raise ConfigError(f"idx must be one (1, time) prompt with at least one token, got shape {tuple(idx.shape)}.")
+    idx = idx.to(_model_device(model))
+    if generator is None and settings.seed is not None:
+        generator = torch.Generator(device=idx.device).manual_seed(settings.seed)
+    stops = {int(i) for i in stop_ids}
+    next_logits = _NextLogits(model, True, settings.context_slide, banned_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(settings.max_new_tokens):
+            with torch.no_grad():
+                logits = next_logits(idx)
+                if settings.repetition_penalty != 1.0:
+                    logits = apply_repetition_penalty(logits, idx, settings.repetition_penalty)
+                if settings.strategy == "greedy":
+                    nxt = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    used = process_logits(
+                        logits,
+                        temperature=settings.temperature,
+                        top_k=settings.top_k,
+                        top_p=settings.top_p,
+                        min_p=settings.min_p,
+                    )
+                    nxt = torch.multinomial(used.softmax(dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            token = int(nxt[0, 0])
+            yield token
+            if token in stops:
+                return
+    finally:
+        model.train(was_training)
+
+
 def next_token_distribution(
     model: torch.nn.Module,
     tokenizer: Any,
     prompt: str,
     settings_list: Sequence[SamplingSettings] | Mapping[str, SamplingSettings],
+    *,
+    special_tokens: bool = False,
 ) -> dict[str, Any]:
     """The model's next-token distribution after ``prompt`` and what each setting keeps of it.
 
+    As in ``generate``, special tokens get probability 0 unless ``special_tokens`` (a chat run).
     Returns a dict:
       tokens     list[str] (V,)  a label per token id
       probs      np.ndarray (V,) the raw softmax (no penalty, no filter)
@@ -709,7 +811,8 @@ def next_token_distribution(
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(idx[:, -block:]).logits[0, -1].float()  # (V,)
+            banned = [] if special_tokens else hidden_token_ids(tokenizer)
+            logits = _NextLogits(model, False, banned_ids=banned)(idx)[0]  # (V,)
             kept, processed = {}, {}
             for label, s in labelled:
                 x = apply_repetition_penalty(logits, idx[0], s.repetition_penalty)

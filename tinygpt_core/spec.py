@@ -89,6 +89,10 @@ class PreparedRun:
     val_ids: torch.Tensor  # (N_val,) int64
     device: torch.device
     precision: str  # fp32 | bf16 | fp16, resolved for ``device``
+    # A fine-tune (finetune.py): the weights it starts from, and the chat evaluation and record
+    # (train_ids/val_ids are then chatdata.ChatBatches, which serve their own batches).
+    init_weights: dict | None = None
+    chat: Any = None
 
     @property
     def train_config(self) -> TrainConfig:
@@ -107,6 +111,9 @@ def prepare(spec: TrainSpec) -> PreparedRun:
     """
     from .tokenizers import train_tokenizer
 
+    own = getattr(spec, "prepare_run", None)  # a fine-tune prepares from its parent run (finetune.py)
+    if own is not None:
+        return own()
     spec.validate()
     if spec.train.tensorboard_dir:
         from .tensorboard_log import check_available

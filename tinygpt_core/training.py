@@ -121,6 +121,7 @@ def train(
         corpus={"name": corpus.name, "source": corpus.source, "sha256": corpus.sha256, "chars": corpus.chars},
         preset=run.spec.preset,
         created_at=utc_now_iso(),
+        chat=run.chat.record if run.chat is not None else None,
     )
 
     def write_files() -> None:
@@ -132,6 +133,7 @@ def train(
         writer.append_metrics_rows([], n_layer=run.model_config.n_layer)  # header only: readable from the start
 
     session = _Session(run_dir, writer, run_cfg, run.tokenizer, run.train_ids, run.val_ids, run.device, run.precision)
+    session.chat, session.init_weights = run.chat, run.init_weights
     return session.run(write_files, [*callbacks, *loggers_for(run_cfg.train, run_dir)], stop_event)
 
 
@@ -173,10 +175,16 @@ def resume(
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     except TokenizerError as e:
         raise RunError(f"Cannot resume {run_dir.name}: tokenizer.json is invalid: {e}") from None
-    text = _resume_corpus_text(run_dir, cfg.corpus)
-    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    train_ids, val_ids = split_ids(ids, tcfg.val_fraction)
-    check_split(train_ids, val_ids, cfg.model.block_size)
+    chat = None
+    if cfg.chat is not None:  # a chat fine-tune: its conversations again, encoded as before
+        from .finetune import chat_inputs
+
+        train_ids, val_ids, chat = chat_inputs(run_dir, cfg, tokenizer)
+    else:
+        text = _resume_corpus_text(run_dir, cfg.corpus)
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        train_ids, val_ids = split_ids(ids, tcfg.val_fraction)
+        check_split(train_ids, val_ids, cfg.model.block_size)
     cfg = dataclasses.replace(cfg, train=tcfg)
     writer = RunWriter(run_dir)
 
@@ -186,6 +194,7 @@ def resume(
         checkpoints.drop_after(run_dir, step)  # history kept past it: rewritten (perhaps on a new schedule)
 
     session = _Session(run_dir, writer, cfg, tokenizer, train_ids, val_ids, device, precision)
+    session.chat = chat
     callbacks = [*callbacks, *loggers_for(tcfg, run_dir)]
     return session.run(write_files, callbacks, stop_event, resume_state=(model_state, optim_state, extra))
 
@@ -200,13 +209,13 @@ def _sample_text(model: torch.nn.Module, tokenizer: Any, first_id: int, n_tokens
     Draws come from a generator seeded per eval, so sampling never touches the RNG streams that
     drive training, and the same seed gives the same samples.
     """
-    from .sampling import SamplingSettings, generate_ids
+    from .sampling import SamplingSettings, generate_ids, hidden_token_ids
 
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([[first_id]], dtype=torch.long, device=device)
     settings = SamplingSettings(strategy="sample", temperature=SAMPLE_TEMPERATURE)
-    out = generate_ids(model, idx, n_tokens, settings, generator=gen)
+    out = generate_ids(model, idx, n_tokens, settings, generator=gen, banned_ids=hidden_token_ids(tokenizer))
     return tokenizer.decode(out[0].tolist())
 
 
@@ -277,6 +286,8 @@ class _Session:
         self._windows: tuple[torch.Tensor, torch.Tensor] | None = None  # fixed val windows for icl_score
         self.probe: health.StepProbe | None = None  # set on the step an evaluation follows
         self.health: dict[str, float] = {}  # that evaluation's health columns
+        self.chat: Any = None  # a chat run's finetune.ChatEval: accuracy and answers at each eval
+        self.init_weights: dict | None = None  # a fine-tune's starting weights (its parent's)
 
     @property
     def notes(self) -> list[str]:
@@ -363,7 +374,10 @@ class _Session:
         try:
             setup_files()
             self.writer.write_status("running", "Starting…", self.step)
-            self.state = TrainState(self.cfg.model, tcfg, self.train_ids, self.device, self.precision, resume_state)
+            self.state = TrainState(
+                self.cfg.model, tcfg, self.train_ids, self.device, self.precision, resume_state, self.init_weights
+            )
+            self.init_weights = None
             if resume_state is not None:
                 self._restore_counters(resume_state[2])
             resume_state = None  # the weights and optimizer tensors now live in the model
@@ -376,7 +390,7 @@ class _Session:
                     "precision": self.precision,
                     "max_iters": tcfg.max_iters,
                     "run_dir": str(self.run_dir),
-                    "tokens_per_step": tcfg.batch_size * tcfg.grad_accum * self.cfg.model.block_size,
+                    "tokens_per_step": self.state.tokens_per_step,
                     "elapsed_s": self.elapsed_offset,  # a resumed run's earlier training time
                 },
             )
@@ -525,6 +539,9 @@ class _Session:
         dynamics = eval_dynamics(self.state.model, self.tokenizer, self._windows)
         row.update(dynamics)
         row.update(self.health)
+        answers = None
+        if self.chat is not None:  # a chat run: exact-match accuracy on held-out prompts, and its answers
+            row["chat_accuracy"], answers = self.chat.evaluate(self.state.model)
         row["elapsed_s"] = self.elapsed()  # the step's time includes its eval: the run's time agrees with its end
         self.last_train, self.last_val = train_loss, val_loss
         improved = self.best_val is None or val_loss < self.best_val
@@ -542,10 +559,15 @@ class _Session:
             **dynamics,
             **self.health,
         }
+        if answers is not None:
+            data["chat_accuracy"] = row["chat_accuracy"]
         if any(getattr(cb, "wants_attention", False) for cb in self.callbacks):
             data["attention"] = self._probe_attention()
         self.emit("eval", data)
-        if tcfg.sample_tokens > 0:
+        if answers is not None:
+            self.writer.add_sample(self.step, answers)
+            self.emit("sample", {"text": answers})
+        elif tcfg.sample_tokens > 0:
             text = _sample_text(
                 self.state.model, self.tokenizer, int(self.train_ids[0]), tcfg.sample_tokens, tcfg.seed + self.step
             )

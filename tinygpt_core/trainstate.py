@@ -42,6 +42,7 @@ class TrainState:
         device: torch.device,
         precision: str,
         resume_state: tuple[dict, dict, dict] | None = None,
+        init_weights: dict | None = None,
     ):
         self.model_cfg, self.train_cfg, self.train_ids = model_cfg, train_cfg, train_ids
         self.device, self.precision = device, precision
@@ -49,7 +50,10 @@ class TrainState:
         self.notes: list[str] = []  # what the user should know at the end (e.g. torch.compile skipped)
         # Seed everything that draws: torch's global RNG (init, dropout) and the batch generator.
         torch.manual_seed(train_cfg.seed)
-        self.model = GPT(model_cfg).to(device)
+        self.model = GPT(model_cfg)
+        if init_weights is not None:  # a fine-tune starts from its parent's weights
+            load_model_state(self.model, init_weights)
+        self.model.to(device)
         self.optimizer = build_optimizer(self.model, train_cfg, device)
         self.data_gen = torch.Generator().manual_seed(train_cfg.seed)
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
@@ -66,7 +70,9 @@ class TrainState:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.train_cfg.batch_size * self.train_cfg.grad_accum * self.model_cfg.block_size
+        # A chat run's batches are conversations, shorter than the context: count their mean length.
+        per_row = getattr(self.train_ids, "mean_tokens", self.model_cfg.block_size)
+        return round(self.train_cfg.batch_size * self.train_cfg.grad_accum * per_row)
 
     # --- one optimizer step ----------------------------------------------------------------------
 
@@ -114,7 +120,7 @@ class TrainState:
         tcfg = self.train_cfg
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(tcfg.grad_accum):
-            x, y = get_batch(self.train_ids, self.model_cfg.block_size, tcfg.batch_size, self.data_gen, self.device)
+            x, y = _batch(self.train_ids, self.model_cfg.block_size, tcfg.batch_size, self.data_gen, self.device)
             with autocast(self.device, self.precision):
                 loss = model(x, y).loss / tcfg.grad_accum  # mean over the whole accumulated batch
             loss_sum += loss.detach().float()
@@ -142,7 +148,7 @@ class TrainState:
                 for _ in range(tcfg.eval_iters):
                     if before_batch():
                         return None
-                    x, y = get_batch(data, block, tcfg.batch_size, gen, self.device)
+                    x, y = _batch(data, block, tcfg.batch_size, gen, self.device)
                     with autocast(self.device, self.precision):
                         total += self.model(x, y).loss.float()
                 out.append((total / tcfg.eval_iters).item())
@@ -178,6 +184,14 @@ class TrainState:
         if self.scaler.is_enabled() and isinstance(extra.get("scaler"), dict):
             self.scaler.load_state_dict(extra["scaler"])
         return extra
+
+
+def _batch(data: Any, block: int, batch_size: int, gen: torch.Generator, device: torch.device) -> tuple:
+    """Random windows of a token stream, or a chat run's conversations (chatdata.ChatBatches)."""
+    own = getattr(data, "get_batch", None)
+    if own is not None:
+        return own(block, batch_size, gen, device)
+    return get_batch(data, block, batch_size, gen, device)
 
 
 def estimate_step_time(spec: Any, device: str = "auto", steps: int = 3) -> float:
