@@ -180,8 +180,8 @@ def _add_threads(group) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="CPU threads for torch (default: torch's choice); 1 is often fastest for tiny "
-        "models, and much faster when other programs keep the cores busy",
+        help="CPU threads for torch (default: $TINYGPT_NUM_THREADS, else all cores but one, so a browser "
+        "or the app watching keeps a core); 1 is often fastest for tiny models",
     )
 
 
@@ -398,8 +398,13 @@ def _on_ray(spec, run_dir: Path | None, max_iters: int | None, no_progress: bool
 
 
 def _set_threads(n: int | None) -> None:
+    """--threads, else the runner's own choice (worker.threads_per_job: $TINYGPT_NUM_THREADS, else the cores
+    but one). Torch's default (every core) collapses as soon as anything else wants a core: on 2 cores a
+    watching browser tab cut a CLI run to 29% of its rate, and a busy machine to a fifth (bench/RESULTS.md)."""
     if n is None:
-        return
+        from .worker import threads_per_job
+
+        n = threads_per_job()
     if n < 1:
         raise ConfigError(f"--threads must be a whole number >= 1, got {n}.")
     import torch

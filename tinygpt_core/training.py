@@ -534,9 +534,11 @@ class _Session:
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             return self._diverged(self.step, val_loss if not math.isfinite(val_loss) else train_loss)
         row["train_loss"], row["val_loss"] = train_loss, val_loss
-        if self._windows is None:
-            self._windows = val_windows(self.val_ids, self.cfg.model.block_size)
-        dynamics = eval_dynamics(self.state.model, self.tokenizer, self._windows)
+        dynamics: dict[str, float] = {}
+        if isinstance(self.val_ids, torch.Tensor):  # a chat run's val split is conversations, not a token stream
+            if self._windows is None:
+                self._windows = val_windows(self.val_ids, self.cfg.model.block_size)
+            dynamics = eval_dynamics(self.state.model, self.tokenizer, self._windows)
         row.update(dynamics)
         row.update(self.health)
         answers = None
