@@ -297,13 +297,19 @@ MODES = {  # name -> (precision asked of our run, extra environment, what it sta
 
 
 def _spread(xs: list[float | None]) -> str:
+    """Median (min–max) of the values given; steps print as whole numbers, losses with 3 decimals."""
     got = [x for x in xs if x is not None]
     if not got:
         return "–"
+
+    def f(x: float) -> str:
+        if all(isinstance(v, int) for v in got):
+            return str(round(x))
+        return fmt(float(x), 3 if max(got) < 10 else 1)
+
     if len(got) == 1:
-        return fmt(got[0], 3 if got[0] < 10 else 1)
-    digits = 3 if max(got) < 10 else 1
-    return f"{fmt(median(got), digits)} ({fmt(min(got), digits)}–{fmt(max(got), digits)})"
+        return f(got[0])
+    return f"{f(median(got))} ({f(min(got))}–{f(max(got))})"
 
 
 def run(
@@ -428,7 +434,8 @@ def run(
         for flavour, r in out["nanogpt"].items():
             lines.append(
                 f"nanoGPT ({'ONEDNN_MAX_CPU_ISA=AVX2' if flavour == 'no-bf16' else 'this CPU'}, fp32, its fixed seed "
-                f"1337): {_hit_text(r)} (its own estimate: 20 fresh random batches per eval, every 250 steps)."
+                f"1337): {_hit_text(r)} (its own estimate: 20 fresh random batches per eval, every "
+                f"{r['evals'][1]['step'] - r['evals'][0]['step'] if len(r['evals']) > 1 else '?'} steps)."
             )
         report.add(
             "nanoGPT: its checkout's own `train.py` with the README's CPU recipe, on the same corpus and machine, "

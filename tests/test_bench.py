@@ -202,7 +202,8 @@ def _heavy_params():
     from bench.__main__ import BENCHES
 
     names = [n for n in BENCHES if n not in SMOKE_BENCHES]
-    return names, [pytest.param(n, marks=(pytest.mark.heavy, *HEAVY_MARKS.get(n, ()))) for n in names]
+    marks = (pytest.mark.heavy, pytest.mark.timeout(1500))  # minutes each on a busy 2-core machine
+    return names, [pytest.param(n, marks=(*marks, *HEAVY_MARKS.get(n, ()))) for n in names]
 
 
 _HEAVY_BENCHES, _HEAVY_PARAMS = _heavy_params()
