@@ -45,8 +45,8 @@ DEFAULTS: dict[str, Any] = {
     "TINYGPT_MAX_PARAMS": 50_000_000,
     "TINYGPT_MAX_ITERS": 100_000,
     # None: one job per CPU core (cpu_cores()). Tiny models are dispatch-bound: a run gains little from
-    # a second thread, while a second run in its own process keeps that core busy, so an ablation grid
-    # finishes sooner side by side than one run after another (bench/grids.py measures it).
+    # a second thread, while a second run in its own process keeps that core busy, so where cores are
+    # idle an ablation grid finishes sooner side by side than one run after another (bench/grids.py).
     "TINYGPT_MAX_JOBS_PER_DEVICE": None,
     "TINYGPT_MAX_QUEUED_JOBS": 32,
     "TINYGPT_READ_ONLY": False,
