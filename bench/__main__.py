@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 import traceback
@@ -19,6 +20,7 @@ import torch
 BENCHES = {  # name -> module, in the order
     "throughput": "bench.throughput",
     "convergence": "bench.convergence",
+    "grids": "bench.grids",  # an ablation grid one member after another vs side by side
     "generation": "bench.generation",
     "live": "bench.live",
     "inspection": "bench.inspection",
@@ -38,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", metavar="NAMES", help=f"comma-separated subset of: {', '.join(BENCHES)}")
     ap.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--results", type=Path, metavar="FILE", help="append the tables here instead")
+    ap.add_argument(
+        "--nanogpt",
+        type=Path,
+        metavar="PATH",
+        help="a nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT): convergence runs its "
+        "train.py side by side with ours; without it that comparison is skipped",
+    )
     args = ap.parse_args(argv)
     names = list(BENCHES) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = [n for n in names if n not in BENCHES]
@@ -50,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"\n=== {name} ===", flush=True)
         try:
-            importlib.import_module(BENCHES[name]).run(quick=args.quick, results=args.results)
+            module = importlib.import_module(BENCHES[name])
+            params = inspect.signature(module.run).parameters
+            extra = {k: v for k, v in (("nanogpt", args.nanogpt), ("threads", args.threads)) if k in params}
+            module.run(quick=args.quick, results=args.results, **extra)
         except Exception:  # noqa: BLE001 - report it and go on with the next benchmark
             traceback.print_exc()
             failed.append(name)

@@ -8,6 +8,7 @@ really land in the file they name.
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,118 @@ def test_quick_suite_smoke(tmp_path):
     for title in ("3. Generation", "4. Live overhead", "5. Inspection"):
         assert title in text
     assert "decode the same tokens: yes" in text
+
+
+# --- every bench script in its --quick form ----------------------------------------------------------
+
+# The suite's fast benches run in the README's test command (test_quick_suite_smoke above); the rest
+# train real presets, start servers, browsers or Ray, and run with -m heavy.
+SMOKE_BENCHES = ("inspection", "generation", "live")
+HEAVY_MARKS = {"ray": (pytest.mark.ray,), "watched": (pytest.mark.browser,)}
+
+
+def test_every_bench_has_a_quick_test():
+    from bench.__main__ import BENCHES
+
+    assert set(SMOKE_BENCHES) | set(_HEAVY_BENCHES) == set(BENCHES)
+
+
+def _heavy_params():
+    from bench.__main__ import BENCHES
+
+    names = [n for n in BENCHES if n not in SMOKE_BENCHES]
+    marks = (pytest.mark.heavy, pytest.mark.timeout(1500))  # minutes each on a busy 2-core machine
+    return names, [pytest.param(n, marks=(*marks, *HEAVY_MARKS.get(n, ()))) for n in names]
+
+
+_HEAVY_BENCHES, _HEAVY_PARAMS = _heavy_params()
+
+
+@pytest.mark.parametrize("name", _HEAVY_PARAMS)
+def test_bench_quick(name, tmp_path):
+    """``python -m bench --quick --only NAME`` ends well and writes its section (built-in corpus)."""
+    out = tmp_path / "R.md"
+    env = {**os.environ, "BENCH_CORPUS": "builtin:tiny"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", name, "--results", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "(--quick: smoke figures, not results)" in text
+    if name == "convergence":  # no checkout given: said so, and no nanoGPT time quoted
+        assert "nanoGPT comparison skipped" in text and "| skipped" in text
+
+
+# --- the convergence harness's parts ------------------------------------------------------------------
+
+
+def test_whole_split_loss_is_the_mean_over_every_window():
+    from bench.convergence import whole_split_loss
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)).eval()
+    val = torch.randint(0, 20, (8 * 5 + 3,))
+    x, y = val[:40].view(5, 8), val[1:41].view(5, 8)
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(x).logits.reshape(-1, 20), y.reshape(-1)).item()
+    assert abs(whole_split_loss(model, val, 8, batch=2) - ref) < 1e-5  # batching does not change it
+    assert not model.training
+
+
+FAKE_TRAIN = """
+import sys, time
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--"))
+assert args["device"] == "cpu" and args["batch_size"] == "12" and args["n_embd"] == "128"  # the CPU recipe
+for step, val in ((0, 4.2), (250, 2.5), (500, 1.9), (750, 1.8), (1000, 1.7)):
+    print(f"step {step}: train loss {val:.4f}, val loss {val:.4f}", flush=True)
+    print(f"iter {step}: loss {val:.4f}, time 1.00ms, mfu 0.00%", flush=True)
+    time.sleep(0.05)
+"""
+
+
+def _fake_nanogpt(root: Path) -> Path:
+    from bench.convergence import NANOGPT_FILES
+
+    for f in (*NANOGPT_FILES, "data/shakespeare_char/prepare.py"):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("")
+    (root / "train.py").write_text(FAKE_TRAIN)
+    (root / "data/shakespeare_char/prepare.py").write_text("open('input.txt').read()\n")  # reads the linked corpus
+    return root
+
+
+def test_nanogpt_runs_from_a_copy_and_is_timed_to_its_first_eval_at_the_target(tmp_path):
+    from bench.convergence import nanogpt_problem, prepare_nanogpt, run_nanogpt
+
+    checkout = _fake_nanogpt(tmp_path / "nanoGPT")
+    before = sorted(p.name for p in checkout.rglob("*"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world\n" * 50)
+    assert nanogpt_problem(checkout) is None
+    work = prepare_nanogpt(checkout, corpus, tmp_path / "work")
+    r = run_nanogpt(work, target=1.886)
+    assert r["hit"]["step"] == 750 and r["hit"]["estimate"] == 1.8  # 1.9 at step 500 is not there yet
+    assert [e["step"] for e in r["evals"]] == [0, 250, 500, 750]  # stopped at the target
+    assert 0 < r["evals"][0]["s"] <= r["hit"]["s"]
+    assert sorted(p.name for p in checkout.rglob("*")) == before  # the checkout is never written to
+
+
+def test_without_a_nanogpt_checkout_the_comparison_says_why(tmp_path):
+    from bench.convergence import nanogpt_problem
+
+    assert "no nanoGPT checkout" in nanogpt_problem(None)
+    assert "is not a nanoGPT checkout" in nanogpt_problem(tmp_path)
+
+
+def test_grid_modes_parse_and_alternate():
+    from bench.grids import mirrored, parse_mode
+
+    assert parse_mode("seq-2") == (1, 2) and parse_mode("par-3x1") == (3, 1) and parse_mode("auto") == (None, None)
+    with pytest.raises(ValueError):
+        parse_mode("fast")
+    assert mirrored(["a", "b"], 3) == ["a", "b", "b", "a", "a", "b"]

@@ -165,6 +165,22 @@ def test_train_without_out_writes_into_the_run_store(tmp_path, capsys):
     assert str(run_dir) in capsys.readouterr().out
 
 
+def test_train_grid_runs_every_member_side_by_side_into_the_store(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TINYGPT_JOB_EXECUTION", "thread")  # the members train in this process: fast
+    monkeypatch.setenv("TINYGPT_MAX_JOBS_PER_DEVICE", "2")
+    argv = ["train", *TINY, "--max-iters", "2", "--eval-interval", "2", "--runs-dir", str(tmp_path)]
+    assert cli.main([*argv, "--grid", "relu,no-bias"]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs" in out and "2 at a time" in out
+    runs = RunStore(tmp_path).list()
+    assert sorted(r.name.rsplit("/", 1)[-1] for r in runs) == ["baseline", "no-bias", "relu"]
+    assert {r.status for r in runs} == {"done"}
+    # A grid is not one run folder: --out is refused with a clear message, before anything is written.
+    code = cli.main([*argv, "--grid", "relu", "--out", str(tmp_path / "x")])
+    assert_clean_error(code, capsys.readouterr().err, "--grid")
+    assert len(RunStore(tmp_path).list()) == 3
+
+
 def test_train_refuses_a_non_empty_out_folder(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     code = cli.main(["train", *TINY, "--out", str(tmp_path)])

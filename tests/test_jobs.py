@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from conftest import wait_until
 
-from tinygpt_core import checkpoints, jobs, training
+from tinygpt_core import checkpoints, jobs, training, worker
 from tinygpt_core.errors import ConfigError, DataError, JobError
 from tinygpt_core.jobs import LocalJobRunner
 from tinygpt_core.runs import load_run
@@ -191,6 +191,41 @@ def test_two_slots_per_device_run_two_jobs_at_once(store, fake):
         assert runner.snapshot(ids[2]).message.startswith("Queued: 2 jobs ahead on cpu.")
     finally:
         fake.release.set()
+        runner.shutdown()
+
+
+class RecordingExecution(worker.Execution):
+    """Records the torch threads each task is given, and blocks until released (no training)."""
+
+    def __init__(self):
+        self.threads: list[int | None] = []
+        self.release = threading.Event()
+
+    def run(self, task, on_event, stop):
+        self.threads.append(task.threads)
+        self.release.wait(10)
+        return "done", "ok"
+
+
+def test_a_grid_shares_the_cores_and_a_lone_run_keeps_them(store, monkeypatch):
+    monkeypatch.delenv("TINYGPT_NUM_THREADS", raising=False)
+    monkeypatch.setattr(worker, "cpu_cores", lambda: 16)
+    execution = RecordingExecution()
+    runner = LocalJobRunner(store, max_jobs_per_device=4, execution=execution)
+    try:
+        alone = runner.submit(tiny_spec())
+        wait_until(lambda: len(execution.threads) == 1)
+        assert execution.threads == [15]  # a run on its own: every core but the server's
+        execution.release.set()
+        runner.wait(alone, timeout=10)
+        execution.release.clear()
+        ids = runner.submit_all([tiny_spec(name=f"m{i}") for i in range(6)])
+        wait_until(lambda: len(execution.threads) == 5)
+        # Four members start together (the slots) and split the 15 cores; the other two wait.
+        assert execution.threads[1:] == [4, 4, 4, 4]
+        assert [runner.snapshot(i).status for i in ids].count("queued") == 2
+    finally:
+        execution.release.set()
         runner.shutdown()
 
 

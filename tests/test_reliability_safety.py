@@ -78,7 +78,7 @@ def test_defaults_are_safe_for_a_shared_server():
         max_upload_bytes=10_000_000,
         max_params=50_000_000,
         max_iters=100_000,
-        max_jobs_per_device=1,
+        max_jobs_per_device=limits.cpu_cores(),  # one job per core: a grid uses the whole machine
         max_queued_jobs=32,
         read_only=False,
     )

@@ -166,7 +166,13 @@ def lab(tmp_path_factory):
     seed = seed_run(runs_dir)
     log = ARTIFACTS / f"streamlit-reliability-{os.getpid()}.log"
     conftest._SERVER_LOGS.append(log)  # kept only when a test fails
-    proc, url = start_streamlit(runs_dir, log, extra_args=("--server.disconnectedSessionTTL", str(SESSION_TTL_S)))
+    proc, url = start_streamlit(
+        runs_dir,
+        log,
+        # One job per device (the default is one per core), so the load test's second trainer queues.
+        extra_env={"TINYGPT_MAX_JOBS_PER_DEVICE": "1"},
+        extra_args=("--server.disconnectedSessionTTL", str(SESSION_TTL_S)),
+    )
     try:
         yield {"url": url, "port": int(url.rsplit(":", 1)[1]), "pid": proc.pid, "runs_dir": runs_dir, "seed": seed}
     finally:

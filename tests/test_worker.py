@@ -194,6 +194,17 @@ def test_threads_per_job_leaves_the_server_a_core(monkeypatch):
     assert worker.threads_per_job(1) == 3
 
 
+def test_jobs_running_together_split_the_cores(monkeypatch):
+    monkeypatch.delenv("TINYGPT_NUM_THREADS", raising=False)
+    monkeypatch.setattr(worker, "cpu_cores", lambda: 2)
+    # The 2-core machine: a run alone and each of two side by side get one thread (no core is idle).
+    assert worker.threads_per_job(1) == worker.threads_per_job(2) == 1
+    assert worker.grid_plan(6, max_jobs=2) == (2, 1)
+    monkeypatch.setattr(worker, "cpu_cores", lambda: 16)
+    assert [worker.threads_per_job(n) for n in (1, 2, 3, 16)] == [15, 8, 5, 1]
+    assert worker.grid_plan(3, max_jobs=16) == (3, 5)  # never more at once than members
+
+
 def test_the_step_time_estimate_is_timed_in_a_training_process(runner):
     per_step = runner.estimate_step_time(tiny_spec())
     assert 0 < per_step < 10

@@ -110,6 +110,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "to DIR/<run folder name>; view them with `tensorboard --logdir DIR`",
     )
     out.add_argument(
+        "--grid",
+        metavar="ABLATIONS",
+        help="an ablation grid instead of one run: these settings as the baseline plus one run per "
+        "comma-separated ablation (e.g. relu,no-bias,qk-norm), written to the run store; the runs train "
+        "side by side, one per CPU core (TINYGPT_MAX_JOBS_PER_DEVICE), sharing the cores",
+    )
+    out.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
@@ -319,6 +326,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     spec = spec_from_args(args)  # bad flags fail here, before any folder is created
+    if args.grid is not None:
+        return _train_grid(args, spec)
     prepared = prepare(spec)  # corpus, tokenizer, split and device, once; DataError before any folder
     # The operator's limits, where set (TINYGPT_READ_ONLY, _MAX_ITERS, _MAX_PARAMS; see limits.py).
     limits.check_spec(prepared, limits.current(explicit_only=True))
@@ -331,6 +340,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _Progress(enabled=not args.no_progress) as progress, _graceful_stop() as stop:
         result = train(prepared, run_dir, store=store, callbacks=[progress], stop_event=stop)
     return _report(result, progress)
+
+
+def _train_grid(args: argparse.Namespace, spec: Any) -> int:
+    """Train ``spec`` and one copy per ablation of ``--grid`` through the local job runner (each in its own
+    process, as many at once as it has slots), printing each run's end; exit 1 if any did not finish well."""
+    from . import state
+    from .jobs import LocalJobRunner
+    from .runs import RunStore
+    from .worker import grid_plan
+
+    if args.out is not None or args.runner != "local":
+        raise ConfigError(
+            "--grid writes one run per member into the run store (--runs-dir) on the local runner; "
+            "drop --out and --runner."
+        )
+    labels = [x.strip() for x in args.grid.split(",") if x.strip()]
+    if args.threads is not None:  # the members' training processes take their threads from here
+        import os
+
+        os.environ["TINYGPT_NUM_THREADS"] = str(args.threads)
+    runner = LocalJobRunner(RunStore(args.runs_dir) if args.runs_dir is not None else None)
+    try:
+        launch = state.launch_grid(runner, spec, labels)
+        at_once, threads = grid_plan(len(launch.job_ids), runner.max_jobs_per_device)
+        print(
+            f"Grid {launch.grid_id}: {len(launch.job_ids)} runs in {runner.store.root}, {at_once} at a time "
+            f"with {threads} torch thread{'s' if threads != 1 else ''} each.",
+            flush=True,
+        )
+        pending, failed, stopping = list(launch.job_ids), 0, False
+        with _graceful_stop() as stop:
+            while pending:
+                if stop.is_set() and not stopping:  # Ctrl-C: every member saves and ends, the queued never start
+                    stopping = True
+                    for job_id in pending:
+                        runner.stop(job_id)
+                time.sleep(0.2)
+                for job_id in list(pending):
+                    snap = runner.snapshot(job_id)
+                    if snap.finished:
+                        pending.remove(job_id)
+                        failed += snap.status != "done"
+                        print(f"{snap.run_id}: {snap.status}. {snap.message}", flush=True)
+    finally:
+        runner.shutdown()
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:

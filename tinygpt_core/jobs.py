@@ -257,6 +257,7 @@ class _Job:
     last_step_at: tuple[float, int] | None = None  # (t, step) of the newest step event
     stop_event: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    threads: int | None = None  # torch threads of its training process, set when it starts (_start_ready)
     resume_max_iters: int | None = None  # resume jobs only: the new total (None: the run's own)
     owner: str | None = None  # who submitted it (owners.py); None: the machine's own user
 
@@ -290,6 +291,7 @@ class LocalJobRunner(JobRunner):
         self._jobs: dict[str, _Job] = {}
         self._queues: dict[str, collections.deque[str]] = collections.defaultdict(collections.deque)
         self._seq = itertools.count()
+        self._holding = 0  # > 0 while submit_all queues a grid (guarded by _lock)
 
     # --- the JobRunner interface -----------------------------------------------------------------
 
@@ -305,6 +307,9 @@ class LocalJobRunner(JobRunner):
         del prepared  # the worker prepares again when the job starts: a queued job holds no token ids
         with self._lock:
             waiting = sum(len(q) for q in self._queues.values())
+            if self._holding:  # a grid's members held in the queue that will start at once do not wait
+                running = sum(1 for j in self._jobs.values() if j.device == device and j.status == "running")
+                waiting -= min(len(self._queues[device]), max(0, self.max_jobs_per_device - running))
         if waiting >= self.max_queued_jobs:
             raise JobError(
                 f"{waiting} jobs are already waiting for a free slot on this server (the limit is "
@@ -368,7 +373,17 @@ class LocalJobRunner(JobRunner):
                 f"{self.max_queued_jobs} wait ({waiting} already do); nothing was launched. Choose fewer "
                 "runs, or try again when some have finished."
             )
-        return super().submit_all(specs, **options)
+        # The members queue first and then start together, so that each is told how many share the
+        # cores with it (threads_per_job): started one by one, the first would take every core.
+        with self._lock:
+            self._holding += 1
+        try:
+            return super().submit_all(specs, **options)
+        finally:
+            with self._lock:
+                self._holding -= 1
+                for queued_device in list(self._queues):
+                    self._start_ready(queued_device)
 
     def describe(self) -> str:
         n = self.max_jobs_per_device
@@ -450,14 +465,9 @@ class LocalJobRunner(JobRunner):
                 job.message = "Stopping after the current step…"
 
     def estimate_step_time(self, spec: training.TrainSpec) -> float:
-        """Timed by the execution backend: in a child process with a job's torch threads by default,
-        so the figure holds for a run trained while pages are being watched."""
-        return self.execution.estimate_step_time(spec, spec.train.device, threads_per_job(self.max_jobs_per_device))
-
-    @property
-    def threads_per_job(self) -> int:
-        """Torch threads each CPU job trains with (see worker.threads_per_job)."""
-        return threads_per_job(self.max_jobs_per_device)
+        """Timed by the execution backend: in a child process with the threads of a job that runs alone
+        by default, so the figure holds for a run trained while pages are being watched."""
+        return self.execution.estimate_step_time(spec, spec.train.device, threads_per_job(1))
 
     def list_jobs(self) -> list[JobSnapshot]:
         with self._lock:
@@ -495,11 +505,16 @@ class LocalJobRunner(JobRunner):
 
     def _start_ready(self, device: str) -> None:
         """Start queued jobs of ``device`` while it has free slots (FIFO)."""
+        if self._holding:
+            return  # a grid is being queued: its members start together when it is (submit_all)
         queue = self._queues[device]
         running = sum(1 for j in self._jobs.values() if j.device == device and j.status == "running")
+        # Jobs starting together (a grid's members) share the cores: each is told how many run with it.
+        together = min(self.max_jobs_per_device, running + len(queue))
         while queue and running < self.max_jobs_per_device:
             job = self._jobs[queue.popleft()]
             job.status, job.message, job.started_at = "running", "Starting…", time.monotonic()
+            job.threads = threads_per_job(together)
             job.thread = threading.Thread(target=self._work, args=(job,), name=f"tinygpt-job-{job.id}", daemon=True)
             job.thread.start()
             running += 1
@@ -521,7 +536,7 @@ class LocalJobRunner(JobRunner):
                 spec=job.spec,
                 store_root=self.store.root,
                 resume_max_iters=job.resume_max_iters,
-                threads=threads_per_job(self.max_jobs_per_device),
+                threads=job.threads,
             )
             status, message = self.execution.run(task, lambda ev: self._publish(job, ev), job.stop_event)
             if job.spec is not None:

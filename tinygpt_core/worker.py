@@ -10,7 +10,7 @@ with a callback and a stop event, and return the run's final ``(status, message)
   child, which checks it every step and ends with a checkpoint, exactly as a thread does. Training
   thus never shares the server's interpreter lock: a Streamlit server busy redrawing pages for
   watching browsers (plotly figures, post-run garbage collection, websocket traffic) cannot stall it.
-  The child uses ``worker_threads()`` torch threads, leaving the server a core. A child that dies
+  The child uses ``threads_per_job()`` torch threads, leaving the server a core. A child that dies
   without a result (killed, out of memory) ends the job as an error that says so. If the server
   dies, the child sees its control pipe close and exits at once, so the run reads as interrupted
   (resumable from its last checkpoint), as a thread's run would.
@@ -44,7 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from . import limits
 from .errors import JobError, TinyGPTError
+from .limits import cpu_cores
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,12 @@ class Execution(ABC):
         """Release what the backend holds (a child still running is killed)."""
 
 
-def threads_per_job(max_jobs: int = 1) -> int:
-    """Torch threads for one training process: $TINYGPT_NUM_THREADS, else the cores left after one for
-    the server, shared among the jobs that may run at once (at least 1)."""
+def threads_per_job(running: int = 1) -> int:
+    """Torch threads for one training process when ``running`` jobs (it included) train at once:
+    $TINYGPT_NUM_THREADS, else the cores left after one for the server, shared among them (at least 1).
+
+    The runner asks when a job starts, with the jobs running then, so a run alone gets every core it
+    got before, and the members of a grid started together split the machine between them."""
     env = os.environ.get("TINYGPT_NUM_THREADS", "").strip()
     if env:
         try:
@@ -102,8 +107,17 @@ def threads_per_job(max_jobs: int = 1) -> int:
         if n < 1:
             raise JobError(f"TINYGPT_NUM_THREADS must be a whole number >= 1, got {env!r}.")
         return n
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, (cores - 1) // max(1, max_jobs))
+    running = max(1, running)
+    return max(1, -(-(cpu_cores() - 1) // running))  # ceil: 2 jobs on 2 cores get 1 thread each, not 0
+
+
+def grid_plan(members: int, max_jobs: int | None = None) -> tuple[int, int]:
+    """(jobs at once, torch threads each) with which the local runner trains a grid of ``members`` runs
+    by default: as many at once as it has slots (``max_jobs``, default the operator's per-device bound)."""
+    if max_jobs is None:
+        max_jobs = limits.current().max_jobs_per_device
+    at_once = max(1, min(members, max_jobs))
+    return at_once, threads_per_job(at_once)
 
 
 def make_execution(name: str | None = None, warm: bool = False) -> Execution:

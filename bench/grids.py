@@ -1,0 +1,197 @@
+"""Bench: an ablation grid run one member after another against members running side by side.
+
+A grid is what the Runs page's "Launch grid" queues (``state.launch_grid``): the baseline plus one run
+per ablation, each trained by the local job runner in its own process, exactly as the app does it.
+Tiny models are dispatch-bound (a step is thousands of small kernels, each too small to share out
+over threads), so a second core helps a run little, while a second run in its own process uses it
+fully. This bench measures that choice side by side in one process:
+
+* **one after another**: the runner allows 1 job at a time (``max_jobs_per_device=1``), each with
+  the given threads (``seq-T``: T torch threads each);
+* **k at once**: the runner allows k jobs at a time with the given threads each (``par-kxT``);
+* **auto**: the runner's own default for this machine (what the app and the CLI's ``grid`` get).
+
+Modes run in turns, mirrored (A B B A ...), so a neighbour's burst of work lands on every mode; the
+1-minute load is recorded before and after each round. Wall seconds are from the submission of the
+grid to the end of its last member (process starts, evals and checkpoints included). CPU seconds
+are the children's user + system time: on a busy shared machine more processes take a larger share
+of the CPUs than one does, so compare those too before reading a ratio as a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Report, corpus_source, fmt, load_average, median
+from tinygpt_core import state
+from tinygpt_core.jobs import LocalJobRunner
+from tinygpt_core.limits import cpu_cores
+from tinygpt_core.runs import RunStore
+from tinygpt_core.training import TrainSpec
+from tinygpt_core.worker import grid_plan
+
+# Five ablations that keep the step's cost about the baseline's, so members take about as long each.
+ABLATIONS = ("relu", "no-bias", "qk-norm", "untied", "swap-qk")
+DEFAULT_MODES = ("seq-1", "auto")
+
+
+def parse_mode(mode: str) -> tuple[int | None, int | None]:
+    """``seq-T`` -> (1, T); ``par-KxT`` -> (K, T); ``auto`` -> (None, None): the runner's defaults."""
+    if mode == "auto":
+        return None, None
+    if mode.startswith("seq-"):
+        return 1, int(mode[4:])
+    if mode.startswith("par-") and "x" in mode:
+        k, t = mode[4:].split("x", 1)
+        return int(k), int(t)
+    raise ValueError(f"unknown mode {mode!r}: use seq-T, par-KxT or auto")
+
+
+@contextlib.contextmanager
+def _threads_env(threads: int | None):
+    """TINYGPT_NUM_THREADS set to ``threads`` (None: unset) for the runner's jobs, restored after."""
+    old = os.environ.get("TINYGPT_NUM_THREADS")
+    if threads is None:
+        os.environ.pop("TINYGPT_NUM_THREADS", None)
+    else:
+        os.environ["TINYGPT_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TINYGPT_NUM_THREADS", None)
+        else:
+            os.environ["TINYGPT_NUM_THREADS"] = old
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_grid(base: TrainSpec, ablations: tuple[str, ...], mode: str, root: Path) -> dict:
+    """Launch one grid through a fresh local runner in ``mode``; wall and CPU seconds until all members end."""
+    slots, threads = parse_mode(mode)
+    with _threads_env(threads):
+        runner = LocalJobRunner(RunStore(root / mode), max_jobs_per_device=slots, execution="process")
+        try:
+            cpu0, t0 = _children_cpu_s(), time.perf_counter()
+            launch = state.launch_grid(runner, base, list(ablations))
+            snaps = [runner.wait(j) for j in launch.job_ids]
+            wall = time.perf_counter() - t0
+            cpu = _children_cpu_s() - cpu0
+        finally:
+            runner.shutdown()
+    bad = [s for s in snaps if s.status != "done"]
+    if bad:
+        raise RuntimeError(f"grid member {bad[0].name} ended {bad[0].status}: {bad[0].message}")
+    return dict(
+        mode=mode,
+        slots=runner.max_jobs_per_device,
+        wall_s=wall,
+        cpu_s=cpu,
+        vals=[s.best_val_loss for s in snaps],
+    )
+
+
+def mirrored(modes: list[str], rounds: int) -> list[str]:
+    """A B C, C B A, A B C ...: each mode is as often early in a round as late."""
+    order: list[str] = []
+    for r in range(rounds):
+        order += modes if r % 2 == 0 else modes[::-1]
+    return order
+
+
+def run(
+    quick: bool = False,
+    results=None,
+    modes: tuple[str, ...] = DEFAULT_MODES,
+    rounds: int = 2,
+    iters: int | None = None,
+    preset: str = "baby-fast",
+) -> dict:
+    source = "builtin:tiny" if quick else corpus_source()
+    ablations = ABLATIONS[:2] if quick else ABLATIONS
+    overrides = dict(max_iters=iters or 20, eval_interval=10, eval_iters=2) if quick else {}
+    if iters and not quick:
+        overrides.update(max_iters=iters, eval_interval=max(1, iters // 8))
+    base = TrainSpec.from_preset("tiny" if quick else preset, source, device="cpu", **overrides)
+    n = len(ablations) + 1
+    auto_slots, auto_threads = grid_plan(n)
+    report = Report(f"Grids: {n} members one after another vs side by side", quick=quick)
+    times: dict[str, list[dict]] = {m: [] for m in modes}
+    loads = []
+    with tempfile.TemporaryDirectory(prefix="tinygpt-bench-grid-") as tmp:
+        root = Path(tmp)
+        for i, mode in enumerate(mirrored(list(modes), 1 if quick else rounds)):
+            load0 = load_average()
+            r = run_grid(base, ablations, mode, root / str(i))
+            r["load"] = (load0, load_average())
+            loads += [x for x in r["load"] if x is not None]
+            times[mode].append(r)
+            print(f"  {mode}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, load {r['load']}", flush=True)
+    ref = modes[0]
+    ref_wall = median(r["wall_s"] for r in times[ref])
+    rows = []
+    for m in modes:
+        rs = times[m]
+        wall = median(r["wall_s"] for r in rs)
+        label = (
+            f"auto ({auto_slots} at once × {auto_threads} thread{'s' if auto_threads != 1 else ''})"
+            if m == "auto"
+            else m
+        )
+        rows.append(
+            [
+                label,
+                "/".join(f"{r['wall_s']:.0f}" for r in rs),
+                fmt(wall),
+                fmt(median(r["cpu_s"] for r in rs)),
+                fmt(wall / ref_wall, 2),
+            ]
+        )
+    step_desc = f"{base.train.max_iters} steps each" + (f", preset {preset}" if not quick else ", preset tiny")
+    report.add(
+        f"**{n}-member ablation grid** (baseline + {', '.join(ablations)}; {step_desc}) launched with "
+        "`state.launch_grid` on a fresh local runner per grid, each member in its own training process. "
+        f"Modes in mirrored turns; this machine has {cpu_cores()} core(s) "
+        f"(`{auto_slots}` at once × {auto_threads} thread(s) is the runner's default plan for a {n}-member grid). "
+        f"Load (1-min) during the runs: {min(loads):.1f}–{max(loads):.1f}."
+        if loads
+        else ""
+    )
+    report.add_table(["mode", "wall s per grid", "median wall s", "median CPU s", f"÷ {ref}"], rows)
+    report.add(
+        "`seq-T`: one member at a time with T torch threads; `par-KxT`: K members at once, T threads each. "
+        "CPU s: the training processes' user + system seconds (more processes take a larger share of a "
+        "shared machine, so a ratio well below what the CPU seconds allow is partly the neighbours' loss)."
+    )
+    report.emit(results)
+    return dict(times=times, ratio={m: median(r["wall_s"] for r in times[m]) / ref_wall for m in modes})
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a 3-member grid of 20-step tiny runs: checks the script")
+    ap.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help="comma-separated: seq-T, par-KxT, auto (the first is the reference; default %(default)s)",
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="mirrored rounds (each mode once per round)")
+    ap.add_argument("--iters", type=int, help="steps per member (default: the preset's)")
+    ap.add_argument("--preset", default="baby-fast", help="the grid's baseline preset (default %(default)s)")
+    ap.add_argument("--results", type=Path, metavar="FILE", help="append the table here instead")
+    args = ap.parse_args(argv)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    run(args.quick, args.results, modes=modes, rounds=args.rounds, iters=args.iters, preset=args.preset)
+
+
+if __name__ == "__main__":
+    main()
