@@ -247,10 +247,10 @@ def _samples(v: RunState) -> None:
         st.caption(f"step {s['step']:,}")
         st.code(s["text"], language=None, wrap_lines=True)
     if len(newest) > SHOWN_SAMPLES:
+        older = newest[SHOWN_SAMPLES:20]
         with st.expander(f"{len(newest) - SHOWN_SAMPLES} older samples"):
-            for s in newest[SHOWN_SAMPLES:20]:
-                st.caption(f"step {s['step']:,}")
-                st.code(s["text"], language=None, wrap_lines=True)
+            # One block, not one element per sample: every open tab redraws this panel once a second.
+            st.code("\n\n".join(f"— step {s['step']:,} —\n{s['text']}" for s in older), language=None, wrap_lines=True)
 
 
 # --- page ------------------------------------------------------------------------------------------
