@@ -232,7 +232,9 @@ def _health_panel(view: RunState, started_active: bool) -> None:
         st.markdown("**Network health** per layer, at each evaluation")
         for note in health.diagnose(v.metrics):
             st.warning(md(note), icon=":material/monitor_heart:")
-        st.plotly_chart(viz.health_figure(long), key=K + "health_chart", width="stretch")
+        for col, metric in zip(st.columns(len(viz.HEALTH_TITLES)), viz.HEALTH_TITLES, strict=True):
+            with col:
+                live_chart(viz.health_chart_data(long, metric), key=K + "health_" + metric)
 
     health_panel()
 

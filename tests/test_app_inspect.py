@@ -11,6 +11,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from tinygpt_core import viz
 from tinygpt_core.runs import RunStore
 from tinygpt_core.training import TrainSpec, train
 
@@ -152,10 +153,10 @@ def test_train_page_plots_network_health_and_names_a_spike(two_runs, monkeypatch
         at.query_params["run"] = run_a
         at.run()
         assert not at.exception
-        health = [f for f in charts(at) if "gradient norm" in json.dumps(f["layout"].get("annotations", []))]
-        assert len(health) == 1
-        names = {t["name"] for t in health[0]["data"]}
-        assert names == {"layer 0", "layer 1"}
+        live = [json.loads(c.proto.json) for c in at.get("bidi_component")]
+        health = {c["ylabel"]: c for c in live if c["ylabel"] in viz.HEALTH_TITLES.values()}
+        assert set(health) == set(viz.HEALTH_TITLES.values())  # one in-place chart per measure
+        assert {t["name"] for t in health["gradient norm"]["series"]} == {"layer 0", "layer 1"}
         assert any(w.value.startswith("Gradient spike in layer 1 at step 6") for w in at.warning)
     finally:
         path.write_text(original)

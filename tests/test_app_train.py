@@ -61,8 +61,9 @@ def wait_until_finished(at: AppTest, timeout: float = 60.0) -> None:
 
 def live_chart(at: AppTest) -> dict:
     """The data the Train page's live loss chart (a v2 component) was given on the last run."""
-    (chart,) = at.get("bidi_component")
-    return json.loads(chart.proto.json)
+    charts = [json.loads(c.proto.json) for c in at.get("bidi_component")]
+    (chart,) = [c for c in charts if c["ylabel"].startswith("loss")]  # the others: network health per layer
+    return chart
 
 
 def texts(elements) -> str:

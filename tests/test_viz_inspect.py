@@ -41,14 +41,13 @@ def test_knockout_figure_is_centred_on_no_change():
     assert np.allclose(np.asarray(heat.z), [[0.5, 0.0], [-0.1, 0.1]])
 
 
-def test_health_figure_has_a_line_per_layer_in_each_panel_or_a_note():
+def test_health_chart_data_has_a_line_per_layer_per_measure_or_a_note():
     cols = [(layer_column(k, i), i) for i in range(2) for k in health.LAYER_METRICS]
     rows = [{"step": s, "val_loss": 1.0, **{c: s * (i + 1) for c, i in cols}} for s in (10, 20)]
     long = health.health_frame(pd.DataFrame(rows))
-    fig = viz.health_figure(long).to_plotly_json()
-    assert len(fig["data"]) == 3 * 2
-    assert {t["name"] for t in fig["data"]} == {"layer 0", "layer 1"}
-    assert sum(t["showlegend"] for t in fig["data"]) == 2  # one legend entry per layer
-    assert fig["layout"]["yaxis"]["type"] == "log" and fig["layout"]["yaxis3"].get("type") != "log"
-    empty = viz.health_figure(health.health_frame(None)).to_plotly_json()
-    assert not empty["data"] and "first evaluation" in empty["layout"]["annotations"][-1]["text"]
+    grad = viz.health_chart_data(long, "grad_norm")
+    assert [t["name"] for t in grad["series"]] == ["layer 0", "layer 1"]
+    assert grad["series"][1]["x"] == [10, 20] and grad["series"][1]["y"] == [20.0, 40.0]
+    assert grad["log"] and not viz.health_chart_data(long, "act_rms")["log"]  # norms span decades, RMS does not
+    empty = viz.health_chart_data(health.health_frame(None), "update_ratio")
+    assert empty["series"] == [] and "first evaluation" in empty["empty"]

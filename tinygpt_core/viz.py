@@ -1079,38 +1079,34 @@ def knockout_figure(grid: Any) -> go.Figure:
     return fig
 
 
-def health_figure(long: pd.DataFrame) -> go.Figure:
-    """Gradient norm, update-to-weight ratio and activation RMS per layer over training, side by side.
-
-    ``long`` is ``health.health_frame(metrics)`` (step, layer, metric, value); empty draws a note."""
-    metrics = list(HEALTH_TITLES)
-    fig = make_subplots(rows=1, cols=3, subplot_titles=[HEALTH_TITLES[m] for m in metrics], horizontal_spacing=0.08)
-    if long is None or long.empty:
-        _style(fig, height=280, legend=False)
-        return _empty(fig, "Network health appears with the first evaluation.")
-    layers = sorted(int(v) for v in long["layer"].unique())
-    for c, metric in enumerate(metrics, start=1):
-        part = long[long["metric"] == metric]
-        for k, layer in enumerate(layers):
-            s = part[part["layer"] == layer].dropna(subset=["value"])
-            fig.add_trace(
-                go.Scatter(
-                    x=s["step"],
-                    y=s["value"],
-                    mode="lines+markers",
-                    marker=dict(size=5),
-                    line=dict(color=RUN_COLORS[k % len(RUN_COLORS)], width=2),
-                    name=f"layer {layer}",
-                    legendgroup=f"layer {layer}",
-                    showlegend=c == 1,
-                    hovertemplate=f"layer {layer} · step %{{x}}<br>{HEALTH_TITLES[metric]} %{{y:.3g}}<extra></extra>",
-                ),
-                row=1,
-                col=c,
+def health_chart_data(long: pd.DataFrame, metric: str) -> dict[str, Any]:
+    """One health measure per layer over training, as data for the Train page's live chart (the same
+    in-place chart as the loss curve, so a refresh while training neither rebuilds a figure nor resets
+    zoom). ``long`` is ``health.health_frame(metrics)``; ``metric`` a key of HEALTH_TITLES. Norms and
+    ratios span decades, so they are drawn on a log scale; activation RMS on a linear one."""
+    part = long[long["metric"] == metric].dropna(subset=["value"]) if long is not None and len(long) else long
+    series = []
+    if part is not None and len(part):
+        for k, layer in enumerate(sorted(int(v) for v in part["layer"].unique())):
+            s = part[part["layer"] == layer]
+            series.append(
+                {
+                    "name": f"layer {layer}",
+                    "color": RUN_COLORS[k % len(RUN_COLORS)],
+                    "width": 2,
+                    "markers": True,
+                    "x": s["step"].astype(int).tolist(),
+                    "y": _floats(s["value"].to_numpy(dtype=float)),
+                }
             )
-        if metric != "act_rms":
-            fig.update_yaxes(type="log", row=1, col=c)  # norms and ratios span decades
-    _style(fig, height=300, legend=True)
-    fig.update_xaxes(title_text="step")
-    fig.update_layout(margin=dict(l=50, r=20, t=50, b=50))
-    return fig
+    return {
+        "series": series,
+        "band": None,
+        "best": None,
+        "marks": [],
+        "ylabel": HEALTH_TITLES[metric],
+        "log": metric != "act_rms",
+        "digits": 4,
+        "height": 260,
+        "empty": "Network health appears with the first evaluation.",
+    }
