@@ -140,7 +140,8 @@ class CpuMeter:
 
     def stop(self) -> dict:
         (s1, b1), dt = self.read(), time.monotonic() - self.t0
-        return dict(server_cpu=(s1 - self.s0) / dt, browser_cpu=(b1 - self.b0) / dt)
+        # A browser process that exited in between (a closed tab) takes its CPU time with it: never below 0.
+        return dict(server_cpu=max(0.0, s1 - self.s0) / dt, browser_cpu=max(0.0, b1 - self.b0) / dt)
 
 
 # --- one run ------------------------------------------------------------------------------------------
