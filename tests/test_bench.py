@@ -165,6 +165,7 @@ def test_bench_cli_rejects_unknown_names(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # every bench's quick form, ~30 s: CI's heavy stage
 def test_quick_suite_smoke(tmp_path):
     """The fast benchmarks end to end, on the built-in corpus, writing to a temp results file."""
     out = tmp_path / "R.md"

@@ -14,7 +14,7 @@ from conftest import poll
 
 from pages._live_chart import POINTS_JS as CHART_POINTS
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.heavy]  # its own server: CI's heavy stage
 
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 PAGES = {  # nav title -> (url path, the page's h1)

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import pytest
 from test_browser import PAGES, open_from_nav, wait_idle
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.heavy]  # its own server: CI's heavy stage
 
 LOCAL_SCHEMES = {"data", "blob", "about", "chrome-extension"}
 

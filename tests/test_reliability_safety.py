@@ -124,7 +124,7 @@ def test_the_queue_is_bounded_too(tmp_path, monkeypatch):
     fake = Blocking()
     monkeypatch.setattr(training, "train", fake)
     store = RunStore(tmp_path / "runs")
-    runner = LocalJobRunner(store, execution="thread")  # the fake trainer lives in this process
+    runner = LocalJobRunner(store, max_jobs_per_device=1, execution="thread")  # the fake trainer lives here
     try:
         for i in range(3):  # one running, two waiting
             runner.submit(tiny_spec(name=f"j{i}"))

@@ -103,7 +103,8 @@ def eval_dynamics(
 ) -> dict[str, float]:
     """The per-evaluation columns of metrics.csv: {"induction_score", "icl_score"}."""
     cfg = model.config
-    induction = best_induction_score(model, tokenizer) if cfg.block_size >= 2 else math.nan
+    # A bigram model (no blocks) has no heads to score; its ICL score is still defined (and about 0).
+    induction = best_induction_score(model, tokenizer) if cfg.block_size >= 2 and cfg.n_layer > 0 else math.nan
     return {"induction_score": induction, "icl_score": icl_score(position_loss(model, *windows))}
 
 
