@@ -12,6 +12,7 @@ import re
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
 from test_browser import assert_no_error, open_from_nav, set_number, wait_idle
 
@@ -39,9 +40,25 @@ def home(page, server) -> None:
 
 
 def choose(page, picker, option: str) -> None:
-    """Pick ``option`` in a multiselect and wait until it shows as chosen."""
-    picker.click()
-    page.get_by_role("option", name=option, exact=True).first.click()
+    """Pick ``option`` in a multiselect and wait until it shows as chosen.
+
+    The dropdown is opened by typing the option into the picker's search box, and opened again if a
+    rerun that an earlier click started (Clear all, say) closed it before the option could be clicked.
+    """
+    box = picker.locator("input").first
+    for attempt in range(3):
+        box.click()
+        box.fill(option)
+        item = page.get_by_role("option", name=option, exact=True).first
+        try:
+            item.wait_for(timeout=10_000)
+            item.click()
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
+            wait_idle(page)
     picker.get_by_text(option, exact=True).first.wait_for(timeout=30_000)
     page.keyboard.press("Escape")
     wait_idle(page)
@@ -157,6 +174,7 @@ def test_a_second_grid_opens_on_the_grid_tab_showing_it(page, server):
         set_number(page, "Steps per run (max_iters)", 10)
         picker = page.get_by_test_id("stMultiSelect").filter(has_text="Ablations")
         picker.get_by_role("button", name=re.compile("Clear all", re.I)).first.click()  # the defaults
+        wait_idle(page)
         choose(page, picker, ablation)
         page.get_by_role("button", name="Launch grid").click()
         wait_idle(page)
