@@ -12,8 +12,8 @@ import re
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from test_browser import assert_no_error, open_from_nav, set_number, wait_idle
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.heavy]  # its own server: CI's heavy stage
