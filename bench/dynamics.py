@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import plotly.io as pio
 import torch
 
 from bench.common import Report, load_average, median
@@ -76,7 +77,8 @@ def scrub(quick: bool, workdir: Path) -> dict:
 
     def figures(maps) -> None:
         for layer in range(run.config.model.n_layer):
-            viz.attention_grid_figure(maps, layer)
+            fig = viz.attention_grid_figure(maps, layer)
+            pio.to_json(fig.to_dict(), validate=False)  # what st.plotly_chart does with it before sending
 
     steps = checkpoint_steps(result.run_dir)
     cold, warm, figs = [], [], []
@@ -133,7 +135,10 @@ def run(quick: bool = False, results=None) -> dict:
         [
             ["model + maps + statistics + induction, cold (weights read from disk)", *_ms(sc["cold"])],
             ["model + maps + statistics + induction, warm (model cached per step)", *_ms(sc["warm"])],
-            [f"every layer's grid figure ({sc['layers']} × viz.attention_grid_figure)", *_ms(sc["figures"])],
+            [
+                f"every layer's grid figure ({sc['layers']} × viz.attention_grid_figure + its JSON)",
+                *_ms(sc["figures"]),
+            ],
         ],
     )
     total = median(sc["cold"]) * 1e3 + fig_ms

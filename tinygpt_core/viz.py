@@ -77,8 +77,9 @@ METRIC_LABELS = {
 _UNIT_INTERVAL_STATS = {"prev_token", "first_token", "induction"}
 
 
-def _style(fig: go.Figure, *, height: int, title: str | None = None, legend: bool = True) -> go.Figure:
-    fig.update_layout(
+def _style_layout(*, height: int, title: str | None = None, legend: bool = True) -> dict[str, Any]:
+    """The layout every figure of the lab shares: template, font, title, margins, legend."""
+    return dict(
         template=TEMPLATE,
         font=FONT,
         height=height,
@@ -97,6 +98,10 @@ def _style(fig: go.Figure, *, height: int, title: str | None = None, legend: boo
             traceorder="normal",
         ),
     )
+
+
+def _style(fig: go.Figure, *, height: int, title: str | None = None, legend: bool = True) -> go.Figure:
+    fig.update_layout(**_style_layout(height=height, title=title, legend=legend))
     return fig
 
 
@@ -527,6 +532,12 @@ def _check_layer_head(maps: Any, layer: int, head: int | None = None) -> None:
 _ATTN_HOVER = "query %{y} → key %{x}: %{z:.2f}<extra>%{fullData.name}</extra>"
 
 
+def _grid_domains(n: int, spacing: float) -> list[list[float]]:
+    """``n`` equal [start, end] paper intervals with ``spacing`` between them, left to right."""
+    size = (1.0 - spacing * (n - 1)) / n
+    return [[i * (size + spacing), i * (size + spacing) + size] for i in range(n)]
+
+
 def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, cols: int = 4) -> go.Figure:
     """One heatmap per head of ``layer`` on a shared 0..1 colour scale; rows are queries, columns keys.
 
@@ -538,75 +549,90 @@ def attention_grid_figure(maps: Any, layer: int, *, window: int | None = None, c
     cols = max(1, min(cols, n_head))
     rows = math.ceil(n_head / cols)
     tick_size = 9 if T <= 16 else 8  # every label must fit its cell, or plotly would skip some
-    fig = make_subplots(
-        rows=rows,
-        cols=cols,
-        subplot_titles=[f"head {h}" for h in range(n_head)],
-        horizontal_spacing=0.06 if T <= MAX_TICKS else 0.03,
-        vertical_spacing=0.12 / rows,
-    )
     cats, ticks = _attention_axes(maps)
     axis_ticks = _tick_values(cats, ticks)  # every token up to MAX_TICKS; beyond that every k-th
+    x_domains = _grid_domains(cols, 0.06 if T <= MAX_TICKS else 0.03)
+    y_domains = _grid_domains(rows, 0.12 / rows)[::-1]  # row 0 at the top
+    title = f"Layer {layer} attention · {plural(n_head, 'head')}"
+    if getattr(maps, "cropped", False):
+        title += f" · last {T} tokens"
+    if window is not None:
+        title += f" · window {window}"
+    # The figure is written as one dict and validated once: a scrub through training redraws every
+    # layer's grid, and make_subplots plus per-axis updates cost ~90 ms a grid (bench/dynamics.py).
+    data, annotations, shapes = [], [], []
+    layout: dict[str, Any] = dict(
+        coloraxis=dict(
+            colorscale=ATTENTION_SCALE, cmin=0.0, cmax=1.0, colorbar=dict(title=dict(text="weight"), thickness=12)
+        ),
+        plot_bgcolor="white",
+    )
     for h in range(n_head):
         r, c = divmod(h, cols)
-        fig.add_trace(
-            go.Heatmap(
+        suffix = str(h + 1) if h else ""
+        data.append(
+            dict(
+                type="heatmap",
                 z=_masked_weights(maps.weights[layer, h], window),
                 x=cats,
                 y=cats,
+                xaxis=f"x{suffix}",
+                yaxis=f"y{suffix}",
                 coloraxis="coloraxis",
                 name=f"head {h}",
                 hoverongaps=False,
                 hovertemplate=_ATTN_HOVER,
                 xgap=0,
                 ygap=0,
-            ),
-            row=r + 1,
-            col=c + 1,
+            )
         )
         # Square cells; "domain" shrinks the plot area rather than padding the axis range with blank space.
-        fig.update_xaxes(
-            row=r + 1,
-            col=c + 1,
+        layout[f"xaxis{suffix}"] = dict(
+            domain=x_domains[c],
+            anchor=f"y{suffix}",
             tickangle=-90 if T > 8 else 0,
             tickfont=dict(size=tick_size),
             showgrid=False,
             constrain="domain",
             **axis_ticks,
         )
-        fig.update_yaxes(
-            row=r + 1,
-            col=c + 1,
+        layout[f"yaxis{suffix}"] = dict(
+            domain=y_domains[r],
+            anchor=f"x{suffix}",
             autorange="reversed",
             tickfont=dict(size=tick_size),
             showgrid=False,
-            scaleanchor=f"x{h + 1 if h else ''}",
+            scaleanchor=f"x{suffix}",
             constrain="domain",
             **axis_ticks,
         )
-        if window is not None:
-            fig.add_shape(
-                type="path",
-                path=_window_path(T, window),
-                row=r + 1,
-                col=c + 1,
-                line=dict(color=VAL_COLOR, width=1.5),
-                fillcolor="rgba(0,0,0,0)",
+        annotations.append(
+            dict(
+                text=f"head {h}",
+                x=sum(x_domains[c]) / 2,
+                y=y_domains[r][1],
+                xref="paper",
+                yref="paper",
+                xanchor="center",
+                yanchor="bottom",
+                showarrow=False,
+                font=dict(size=16),
             )
-    title = f"Layer {layer} attention · {plural(n_head, 'head')}"
-    if getattr(maps, "cropped", False):
-        title += f" · last {T} tokens"
-    if window is not None:
-        title += f" · window {window}"
-    _style(fig, height=90 + rows * GRID_CELL, title=title, legend=False)
-    fig.update_layout(
-        coloraxis=dict(
-            colorscale=ATTENTION_SCALE, cmin=0.0, cmax=1.0, colorbar=dict(title=dict(text="weight"), thickness=12)
-        ),
-        margin=dict(l=50, r=20, t=80, b=40),
-        plot_bgcolor="white",
-    )
-    return fig
+        )
+        if window is not None:
+            shapes.append(
+                dict(
+                    type="path",
+                    path=_window_path(T, window),
+                    xref=f"x{suffix}",
+                    yref=f"y{suffix}",
+                    line=dict(color=VAL_COLOR, width=1.5),
+                    fillcolor="rgba(0,0,0,0)",
+                )
+            )
+    style = _style_layout(height=90 + rows * GRID_CELL, title=title, legend=False)
+    style.update(layout, annotations=annotations, shapes=shapes, margin=dict(l=50, r=20, t=80, b=40))
+    return go.Figure(data=data, layout=style)
 
 
 def attention_head_figure(maps: Any, layer: int, head: int, *, window: int | None = None) -> go.Figure:
