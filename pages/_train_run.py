@@ -26,6 +26,7 @@ from pages._common import (
     user_errors,
     visitor,
 )
+from pages._live_board import live_board
 from pages._live_chart import live_chart
 from pages._train_form import K
 from tinygpt_core import health, viz
@@ -93,19 +94,35 @@ def run_view(job_id: str | None, run_id: str | None) -> None:
             marks = induction_marks(v.metrics)  # the step where induction heads form (dynamics), if they did
             live_chart(viz.loss_chart_data(v.metrics, perplexity=ppl, log_y=log_y, marks=marks), key=K + "loss_chart")
         with sample_col:
-            _samples(v)
+            live_board(samples_board(v), key=K + "samples_board")
 
     live_panel()
     _health_panel(view, started_active)
 
 
 def _status(v: RunState) -> None:
+    _alert(v)
+    live_board(status_board(v), key=K + "status_board")
+
+    if v.active:
+        if v.can_stop and not can_manage(v.path):  # only the run's owner (or the operator) may stop it
+            not_yours("train_stop")
+        elif v.can_stop:
+            if st.button("Stop", icon=":material/stop:", key=K + "stop", type="secondary"):
+                with user_errors("Cannot stop: "):
+                    runner().stop(v.job_id)
+                st.toast("Stopping after the current step…")
+        else:
+            st.caption("This run is being trained by another process; stop it there.")
+    else:
+        _resume_button(v)
+        _links(v)
+
+
+def _alert(v: RunState) -> None:
+    """How the run ended or why it waits, as an alert; a running run shows the board's progress bar."""
     if v.status == "queued":
         st.info(md(v.message) or "Queued: waiting for a free slot.", icon=":material/hourglass_top:")
-    elif v.status == "running":
-        frac = min(1.0, v.step / v.max_iters) if v.max_iters else 0.0
-        of = f" / {v.max_iters:,}" if v.max_iters else ""
-        st.progress(frac, text=f"Step {v.step:,}{of} · {md(v.message)}")
     elif v.status == "done":
         at = f" (step {v.best_step:,})" if v.best_step is not None else ""
         st.success(
@@ -121,48 +138,55 @@ def _status(v: RunState) -> None:
             f"Interrupted: {md(v.message or 'the process training it ended.')} "
             "Resume it from its last checkpoint, or start a new run."
         )
-    else:
+    elif v.status != "running":
         st.info(f"{v.status}: {md(v.message)}")
 
-    m = st.columns(6)
-    m[0].metric("Step", f"{v.step:,}" + (f" / {v.max_iters:,}" if v.max_iters else ""))
-    m[1].metric("Train loss", format_loss(_last(v.metrics, "train_loss")))
-    m[2].metric("Val loss", format_loss(_last(v.metrics, "val_loss")))
-    m[3].metric(
-        "Best val", format_loss(v.best_val_loss), help=f"at step {v.best_step}" if v.best_step is not None else None
-    )
-    m[4].metric(
-        "Tokens/s",
-        format_count(v.tokens_per_s),
-        help="Tokens trained per second of wall-clock time, evaluations included (recently, while it trains).",
-    )
-    if v.active:
-        m[5].metric("ETA", format_duration(v.eta_s), help=f"Elapsed {format_duration(v.elapsed_s)}")
-    else:
-        m[5].metric("Time", format_duration(v.elapsed_s))
-    facts = [
-        f"{format_count(v.params)} parameters" if v.params else None,
-        f"on {v.device}" if v.device else None,
-        f"run `{v.run_id}`",
+
+def status_board(v: RunState) -> dict:
+    """The live board's progress bar (while running), metric cards and facts line for ``v``."""
+    progress = None
+    if v.status == "running":
+        text = v.message or f"Step {v.step:,}" + (f" of {v.max_iters:,}" if v.max_iters else "")
+        progress = dict(fraction=min(1.0, v.step / v.max_iters) if v.max_iters else 0.0, text=text)
+    metrics = [
+        dict(label="Step", value=f"{v.step:,}", sub=f"/ {v.max_iters:,}" if v.max_iters else None),
+        dict(label="Train loss", value=format_loss(_last(v.metrics, "train_loss"))),
+        dict(label="Val loss", value=format_loss(_last(v.metrics, "val_loss"))),
+        dict(
+            label="Best val",
+            value=format_loss(v.best_val_loss),
+            help=f"at step {v.best_step:,}" if v.best_step is not None else None,
+        ),
+        dict(
+            label="Tokens/s",
+            value=format_count(v.tokens_per_s),
+            help="Tokens trained per second of wall-clock time, evaluations included (recently, while it trains).",
+        ),
+        dict(label="ETA", value=format_duration(v.eta_s), help=f"Elapsed {format_duration(v.elapsed_s)}")
+        if v.active
+        else dict(label="Time", value=format_duration(v.elapsed_s)),
     ]
     accuracy = _last(v.metrics, "chat_accuracy")  # a chat run: exact match on held-out prompts at its last eval
-    if accuracy is not None:
-        facts.insert(0, f"held-out exact match **{accuracy:.0%}**")
-    st.caption(" · ".join(x for x in facts if x))
+    facts = [
+        f"held-out exact match {accuracy:.0%}" if accuracy is not None else None,
+        f"{format_count(v.params)} parameters" if v.params else None,
+        f"on {v.device}" if v.device else None,
+        f"run {v.run_id}",
+    ]
+    return dict(progress=progress, metrics=metrics, facts=" · ".join(x for x in facts if x))
 
-    if v.active:
-        if v.can_stop and not can_manage(v.path):  # only the run's owner (or the operator) may stop it
-            not_yours("train_stop")
-        elif v.can_stop:
-            if st.button("Stop", icon=":material/stop:", key=K + "stop", type="secondary"):
-                with user_errors("Cannot stop: "):
-                    runner().stop(v.job_id)
-                st.toast("Stopping after the current step…")
-        else:
-            st.caption("This run is being trained by another process; stop it there.")
-    else:
-        _resume_button(v)
-        _links(v)
+
+def samples_board(v: RunState) -> dict:
+    """The newest samples in full, older ones (up to 20) folded into one block."""
+    newest = sorted(v.samples or [], key=lambda s: s["step"], reverse=True)
+    shown = [dict(title=f"step {s['step']:,}", text=s["text"]) for s in newest[:20]]
+    older = shown[SHOWN_SAMPLES:]
+    return dict(
+        heading="What it writes (a sample at each evaluation, newest first)",
+        empty="No samples yet: the first one comes with the first evaluation.",
+        samples=shown[:SHOWN_SAMPLES],
+        older=dict(label=f"{len(newest) - SHOWN_SAMPLES} older samples", samples=older) if older else None,
+    )
 
 
 def _resume_button(v: RunState) -> None:
@@ -237,22 +261,6 @@ def _health_panel(view: RunState, started_active: bool) -> None:
                 live_chart(viz.health_chart_data(long, metric), key=K + "health_" + metric)
 
     health_panel()
-
-
-def _samples(v: RunState) -> None:
-    st.markdown("**What it writes** (a sample at each evaluation, newest first)")
-    if not v.samples:
-        st.caption("No samples yet: the first one comes with the first evaluation.")
-        return
-    newest = sorted(v.samples, key=lambda s: s["step"], reverse=True)
-    for s in newest[:SHOWN_SAMPLES]:
-        st.caption(f"step {s['step']:,}")
-        st.code(s["text"], language=None, wrap_lines=True)
-    if len(newest) > SHOWN_SAMPLES:
-        older = newest[SHOWN_SAMPLES:20]
-        with st.expander(f"{len(newest) - SHOWN_SAMPLES} older samples"):
-            # One block, not one element per sample: every open tab redraws this panel once a second.
-            st.code("\n\n".join(f"— step {s['step']:,} —\n{s['text']}" for s in older), language=None, wrap_lines=True)
 
 
 # --- page ------------------------------------------------------------------------------------------

@@ -59,11 +59,30 @@ def wait_until_finished(at: AppTest, timeout: float = 60.0) -> None:
         assert not at.exception
 
 
+def components(at: AppTest) -> list[dict]:
+    """The data every v2 component on the page (live charts, live boards) was given on the last run."""
+    return [json.loads(c.proto.json) for c in at.get("bidi_component")]
+
+
 def live_chart(at: AppTest) -> dict:
-    """The data the Train page's live loss chart (a v2 component) was given on the last run."""
-    charts = [json.loads(c.proto.json) for c in at.get("bidi_component")]
-    (chart,) = [c for c in charts if c["ylabel"].startswith("loss")]  # the others: network health per layer
+    """The data the Train page's live loss chart was given on the last run."""
+    (chart,) = [c for c in components(at) if c.get("ylabel", "").startswith("loss")]  # others: network health
     return chart
+
+
+def status_board(at: AppTest) -> dict:
+    """The live board with the run's progress and metric cards: {progress, metrics, facts}."""
+    (board,) = [c for c in components(at) if "metrics" in c]
+    return board
+
+
+def samples_board(at: AppTest) -> dict:
+    (board,) = [c for c in components(at) if "samples" in c]
+    return board
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m["value"] for m in status_board(at)["metrics"] if m["label"] == label)
 
 
 def texts(elements) -> str:
@@ -85,10 +104,14 @@ def test_train_run_to_the_end_then_reload_from_disk(runs_dir):
     val = chart["series"][2]
     assert val["x"] == [20, 40, 60] and chart["best"]["x"] in val["x"]
     assert chart["best"]["y"] == min(val["y"])
-    # Samples at each eval, newest first, with their steps.
-    captions = [c.value for c in at.caption]
-    assert [c for c in captions if c.startswith("step ")][:3] == ["step 60", "step 40", "step 20"]
-    assert len(at.code) >= 3 and all(c.value for c in at.code[:3])
+    # Samples at each eval, newest first, with their steps; the run's figures on the board.
+    samples = samples_board(at)["samples"]
+    assert [s["title"] for s in samples] == ["step 60", "step 40", "step 20"]
+    assert all(s["text"] for s in samples)
+    board = status_board(at)
+    assert board["progress"] is None  # it has ended: the alert says how
+    assert metric(at, "Step") == "60" and abs(float(metric(at, "Best val")) - min(val["y"])) < 1e-3
+    assert f"run {run_id}" in board["facts"]
     links = {p.proto.page: p.proto.query_string for p in at.get("page_link")}
     for page in ("attention", "sampling", "runs"):
         assert links.get(page) == f"run={run_id}", links
@@ -128,7 +151,8 @@ def test_stop_and_second_tab_sees_the_live_job(runs_dir):
     other.run()
     assert not other.exception
     assert "train_stop" in keys(other.button)
-    assert other.get("progress")  # running (the runner starts it at once: the slot is free), shown live
+    progress = status_board(other)["progress"]  # running (the runner starts it at once: the slot is free), live
+    assert progress is not None and 0 <= progress["fraction"] < 1
 
     # Another browser sees it live too, but may not stop it (issue 11: runs belong to who started them).
     stranger = AppTest.from_file(APP, default_timeout=60)
@@ -136,7 +160,7 @@ def test_stop_and_second_tab_sees_the_live_job(runs_dir):
     stranger.switch_page("pages/train.py")
     stranger.query_params["run"] = run_id
     stranger.run()
-    assert not stranger.exception and stranger.get("progress")
+    assert not stranger.exception and status_board(stranger)["progress"] is not None
     assert "train_stop" not in keys(stranger.button)
     assert any("Only whoever started this run" in c.value for c in stranger.caption)
 
@@ -198,7 +222,7 @@ def test_diverged_run_shows_the_message(runs_dir, monkeypatch):
     assert "Diverged" in errors and "learning rate" in errors
     assert not at.success
     # The message and the Step metric name the same step: the last one applied.
-    step = next(m.value for m in at.metric if m.label == "Step").split("/")[0].strip().replace(",", "")
+    step = metric(at, "Step").replace(",", "")
     assert f"stopped at step {step}:" in errors or f"at step {step}:" in errors
 
 

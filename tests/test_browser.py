@@ -94,6 +94,10 @@ def test_train_tiny_model_watch_the_loss_grow_then_see_its_attention(page):
     # plot) survives the updates that follow; double-click zooms back out.
     chart = page.locator(".tg-live-chart")
     chart.evaluate("el => { el.__mark = 1; }")
+    # So is the board of progress and metrics: its Step card changes, the element stays.
+    step_card = page.locator('.tg-metric[data-label="Step"]').first
+    step_card.evaluate("el => { el.__mark = 1; }")
+    step_before = step_card.get_attribute("data-value")
     box = chart.locator("svg").bounding_box()
     y = box["y"] + box["height"] / 2
     page.mouse.move(box["x"] + box["width"] * 0.3, y)
@@ -106,6 +110,8 @@ def test_train_tiny_model_watch_the_loss_grow_then_see_its_attention(page):
     poll(lambda: int(chart.get_attribute("data-updates")), lambda n: n >= updates + 2, 60, "two more chart updates")
     assert chart.get_attribute("data-view") == view, "an update must not reset the user's zoom"
     assert chart.evaluate("el => el.__mark") == 1, "the chart was remounted instead of updated"
+    assert step_card.get_attribute("data-value") != step_before, "the Step card did not move"
+    assert step_card.evaluate("el => el.__mark") == 1, "the board was remounted instead of updated"
     page.mouse.dblclick(box["x"] + box["width"] * 0.5, y)
     assert chart.get_attribute("data-view") == ""
 
@@ -118,8 +124,8 @@ def test_train_tiny_model_watch_the_loss_grow_then_see_its_attention(page):
     open_attention = page.get_by_role("link", name="Open in Attention")
     open_attention.wait_for(timeout=30_000)
     assert_no_error(page, "Train (stopped)")
-    step = page.get_by_test_id("stMetric").filter(has_text="Step").first.inner_text()
-    done_steps = int(re.search(r"([\d,]+)\s*/", step).group(1).replace(",", ""))
+    step = page.locator('.tg-metric[data-label="Step"]').first.get_attribute("data-value")
+    done_steps = int(step.replace(",", ""))
     assert 0 < done_steps < TRAIN_STEPS
 
     # The stopped run opens in Attention with a heatmap per head.

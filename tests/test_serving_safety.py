@@ -15,6 +15,7 @@ The browser half (the same attacks through the real pages) is at the end, marked
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import threading
@@ -30,7 +31,7 @@ from tinygpt_core.archive import zip_run
 from tinygpt_core.data import load_corpus, load_visitor_corpus, resolve_visitor_corpus
 from tinygpt_core.errors import ConfigError, DataError, JobError, RunError
 from tinygpt_core.jobs import LocalJobRunner
-from tinygpt_core.runs import RunStore
+from tinygpt_core.runs import RunStore, read_samples
 from tinygpt_core.sampling import SamplingSettings
 from tinygpt_core.training import TrainResult, TrainSpec
 
@@ -434,6 +435,8 @@ def _seed_runs(runs_dir: Path, alice_token: str) -> dict[str, str]:
     cli = training.train(tiny_spec(name="cli-run", max_iters=50), store=store, stop_event=stopped).run_dir
     evil_corpus = Corpus("evil.txt", XSS_TEXT, "upload:evil.txt")
     evil = training.train(tiny_spec(evil_corpus, name=XSS_NAME, max_iters=20, tokenizer="char"), store=store).run_dir
+    # A sample that is markup: the Train page's live board must show it as characters.
+    (evil / "samples.json").write_text(json.dumps([*read_samples(evil), {"step": 21, "text": XSS_TEXT}]))
     return {"alice": alice.name, "cli": cli.name, "evil": evil.name}
 
 
@@ -676,6 +679,9 @@ def test_html_and_script_in_names_corpora_and_prompts_render_as_text(lab, browse
         _ready(page)
         title = page.locator("h1").first.inner_text().replace("\u2060", "")  # a word joiner keeps "://" unlinked
         assert title.strip() == XSS_NAME  # shown as the characters typed
+        newest = page.locator(".tg-board pre").first  # the live board's newest sample, as text
+        assert newest.inner_text().startswith("<script>window.__xss=3</script><b>bold</b>")
+        assert f"run {lab['evil']}" in page.locator(".tg-board .tg-facts").first.inner_text()
         # Sampling: the default prompt is the corpus's start (HTML and a script), decoded and coloured.
         page.goto(f"/sampling?run={lab['evil']}")
         _ready(page)
