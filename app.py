@@ -85,11 +85,9 @@ def _freeze_startup_objects() -> None:
     collected."""
     import gc
 
-    import pandas as pd
-
     from tinygpt_core import viz
 
-    viz.loss_figure(pd.DataFrame()).to_json()  # loads plotly's figure machinery before the freeze
+    viz.overlay_figure({}).to_json()  # loads plotly's figure machinery before the freeze
     gc.collect()
     gc.freeze()
 

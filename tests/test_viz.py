@@ -49,64 +49,6 @@ def _maps(T: int = 8, n_layer: int = 2, n_head: int = 3, tokens: list[str] | Non
 # ---- loss curves --------------------------------------------------------------------------------
 
 
-def test_loss_figure_has_curves_gap_and_best_marker() -> None:
-    df = _metrics()
-    fig = viz.loss_figure(df, title="run")
-    train, val, batch = _trace(fig, "train loss"), _trace(fig, "val loss"), _trace(fig, "batch loss")
-    assert list(train.x) == [0, 50, 100, 150, 200, 250] and list(val.x) == list(train.x)
-    assert len(batch.x) == 26 and "lines" == batch.mode
-    assert "step %{x}" in val.hovertemplate and "val loss" in val.hovertemplate
-
-    gap = _trace(fig, "generalisation gap")
-    assert gap.fill == "tonexty"
-    base = fig.data[list(fig.data).index(gap) - 1]  # "tonexty" fills to the trace just before
-    np.testing.assert_allclose(base.y, df.dropna(subset=["train_loss"])["train_loss"])
-    np.testing.assert_allclose(gap.y, df.dropna(subset=["val_loss"])["val_loss"])
-
-    best = _trace(fig, "best val")
-    assert best.marker.symbol == "star"
-    assert list(best.x) == [150] and best.y[0] == pytest.approx(2.05)  # argmin of val_loss, not the last eval
-    assert any("best val 2.050 @ step 150" in a.text for a in fig.layout.annotations)
-
-
-def test_loss_figure_options() -> None:
-    df = _metrics()
-    plain = viz.loss_figure(df, show_gap=False, best_marker=False, log_y=True)
-    names = [t.name for t in plain.data]
-    assert "generalisation gap" not in names and "best val" not in names
-    assert not any(getattr(t, "fill", None) for t in plain.data)
-    assert plain.layout.yaxis.type == "log"
-
-    ppl = viz.loss_figure(df, perplexity=True)
-    np.testing.assert_allclose(_trace(ppl, "val perplexity").y, np.exp(df["val_loss"].dropna()))
-    assert _trace(ppl, "best val").y[0] == pytest.approx(math.exp(2.05))
-    assert ppl.layout.yaxis.title.text == "perplexity"
-
-
-@pytest.mark.parametrize(
-    "metrics",
-    [
-        None,
-        pd.DataFrame(),
-        pd.DataFrame(columns=["step", "loss", "train_loss", "val_loss"]),
-    ],
-)
-def test_loss_figure_empty_metrics(metrics) -> None:
-    fig = viz.loss_figure(metrics)
-    assert len(fig.data) == 0
-    assert any("No metrics yet" in a.text for a in fig.layout.annotations)
-    fig.to_json()  # serialisable as a page would send it
-
-
-def test_loss_figure_before_first_eval() -> None:
-    # Only step rows, no eval columns at all, and a diverged last step.
-    df = pd.DataFrame({"step": [1, 2, 3, 4], "loss": [3.0, 2.9, 2.8, float("nan")]})
-    fig = viz.loss_figure(df)
-    assert [t.name for t in fig.data] == ["batch loss"]
-    assert list(fig.data[0].x) == [1, 2, 3]
-    fig.to_json()
-
-
 def test_overlay_figure_emphasises_baseline() -> None:
     df = _metrics()
     runs = {"base": df, "relu": df.assign(val_loss=df["val_loss"] + 0.1), "fresh": pd.DataFrame()}
@@ -253,7 +195,7 @@ def test_token_html_without_values_or_titles() -> None:
 
 
 def test_figure_to_html_is_self_contained() -> None:
-    page = viz.figure_to_html(viz.loss_figure(_metrics()))
+    page = viz.figure_to_html(viz.overlay_figure({"run": _metrics()}))
     assert "<html>" in page[:200] and page.rstrip().endswith("</html>")
     assert not re.search(r"<script[^>]*\bsrc=", page)  # plotly.js is inlined, nothing fetched: opens offline
     assert len(page) > 1_000_000
@@ -266,20 +208,20 @@ def test_figure_to_png_returns_none_when_unavailable(monkeypatch: pytest.MonkeyP
     def broken(*args, **kwargs):
         raise RuntimeError("Kaleido requires Google Chrome to be installed. E2BIG /tmp/xyz")
 
-    fig = viz.loss_figure(_metrics())
+    fig = viz.overlay_figure({"run": _metrics()})
     monkeypatch.setattr(fig, "to_image", broken)
     assert viz.figure_to_png(fig) is None
     # A sentence for the user, never the exception's own text (that goes to the server log).
     reason = viz.png_unavailable_reason()
     assert reason == viz.PNG_FAILED == viz.png_export_problem()
     assert "Kaleido" not in reason and "Error" not in reason and "HTML" in reason
-    assert viz.figure_to_png(viz.loss_figure(None)) is None  # not retried after a failure
+    assert viz.figure_to_png(viz.overlay_figure({})) is None  # not retried after a failure
 
 
 def test_figure_to_png_never_returns_an_empty_or_foreign_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(viz, "_png_unavailable", None)
     monkeypatch.setattr(viz, "_find_browser", lambda: "/usr/bin/chromium")
-    fig = viz.loss_figure(_metrics())
+    fig = viz.overlay_figure({"run": _metrics()})
     monkeypatch.setattr(fig, "to_image", lambda *a, **k: b"")
     assert viz.figure_to_png(fig) is None and viz.png_unavailable_reason() == viz.PNG_FAILED
 
@@ -288,7 +230,7 @@ def test_png_export_problem_says_what_is_missing_without_starting_a_browser(monk
     monkeypatch.setattr(viz, "_png_unavailable", None)
     monkeypatch.setattr(viz, "_find_browser", lambda: None)
     assert viz.png_export_problem() == viz.PNG_NO_BROWSER and "Chromium" in viz.PNG_NO_BROWSER
-    assert viz.figure_to_png(viz.loss_figure(None)) is None  # refused at once, without trying kaleido
+    assert viz.figure_to_png(viz.overlay_figure({})) is None  # refused at once, without trying kaleido
 
     monkeypatch.setattr(viz, "_png_unavailable", None)
     monkeypatch.setitem(sys.modules, "kaleido", None)  # import kaleido -> ImportError
