@@ -447,6 +447,86 @@ def run(
     return measured
 
 
+# --- steady state: what watching costs once the tabs are open ---------------------------------------------
+
+
+def steady(repo: Path, tabs: int, seconds: float, settle_s: float = 6.0) -> dict:
+    """A long CLI ``tiny`` run on one thread; ``tabs`` tabs open its Train page, and after ``settle_s`` the
+    run's steps/s and the server's and browser's CPU are measured for ``seconds``. The scenarios above
+    include opening the tabs; this is the cost of keeping them open."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="tinygpt-steady-") as tmp:
+        runs_dir = Path(tmp) / "runs"
+        runs_dir.mkdir()
+        proc, url = start_server(repo, runs_dir)
+        run_dir = runs_dir / "cli-long"
+        cmd = [sys.executable, "-m", "tinygpt_core", "train", "--corpus", "builtin:tiny", "--preset", "tiny"]
+        cmd += ["--out", str(run_dir), "--no-progress", "--max-iters", "1000000", "--threads", "1"]
+        env = {**os.environ, "PYTHONPATH": str(repo)}
+        cli = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while not (run_dir / "metrics.csv").exists() and cli.poll() is None:
+                time.sleep(0.1)
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+                ctx = browser.new_context(base_url=url, viewport={"width": 1280, "height": 900})
+                for _ in range(tabs):
+                    ctx.new_page().goto(f"/train?run={run_dir.name}")
+                time.sleep(settle_s)
+                meter = CpuMeter(proc.pid, exclude=(cli.pid,))
+                meter.start()
+                s0, t0 = _rate(run_dir, "tiny")[1], time.monotonic()
+                time.sleep(seconds)
+                s1, t1 = _rate(run_dir, "tiny")[1], time.monotonic()
+                cpu = meter.stop()
+                browser.close()
+        finally:
+            cli.terminate()
+            cli.wait(timeout=60)
+            stop_server(proc)
+    return dict(tabs=tabs, steps_per_s=(s1 - s0) / (t1 - t0), load=os.getloadavg()[0], **cpu)
+
+
+def run_steady(quick: bool = False, results=None, repeats: int = 2, before: Path | None = None) -> dict:
+    seconds, settle = (5.0, 4.0) if quick else (15.0, 6.0)
+    repeats = 1 if quick else repeats
+    codes = ([("before", before)] if before is not None else []) + [("after", REPO)]
+    out: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(repeats):  # in turns: a neighbour's burst lands on every row
+        for label, repo in codes:
+            for tabs in (0, 1, 3):
+                m = steady(repo, tabs, seconds, settle)
+                out.setdefault((label, tabs), []).append(m)
+                print(f"[steady {label}] {m}", flush=True)
+    report = Report("8b. Watching a run, steady state: a long CLI run with 0, 1 and 3 tabs open", quick=quick)
+    report.add(
+        f"A CLI `tiny` run on one thread trains on; N tabs open its Train page, and after {settle:.0f} s its "
+        f"steps/s and the CPU of the web server and the browser are measured for {seconds:.0f} s. "
+        f"{repeats} run(s) per row, in turns."
+    )
+    rows = []
+    for label, _repo in codes:
+        base = median(x["steps_per_s"] for x in out[(label, 0)])
+        for tabs in (0, 1, 3):
+            xs = out[(label, tabs)]
+            sps = median(x["steps_per_s"] for x in xs)
+            rows.append(
+                [
+                    label,
+                    str(tabs),
+                    "/".join(f"{x['steps_per_s']:.1f}" for x in xs),
+                    f"{100 * sps / base:.0f}%",
+                    f"{median(x['server_cpu'] for x in xs):.2f}",
+                    f"{median(x['browser_cpu'] for x in xs):.2f}",
+                    f"{min(x['load'] for x in xs):.1f}–{max(x['load'] for x in xs):.1f}",
+                ]
+            )
+    report.add_table(["code", "tabs", "steps/s (runs)", "vs 0 tabs", "server cores", "browser cores", "load"], rows)
+    report.emit(results)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one short run of each: checks the script")
@@ -455,7 +535,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--before", type=Path, help="also measure the app of this checkout first (e.g. /work/main)")
     ap.add_argument("--before-repeats", type=int, help="runs of each scenario for --before (default: --repeats)")
     ap.add_argument("--results", type=Path, help="append the table here instead of bench/RESULTS.md")
+    ap.add_argument(
+        "--steady", action="store_true", help="only the steady-state table: a long CLI run with tabs kept open"
+    )
     args = ap.parse_args(argv)
+    if args.steady:
+        run_steady(args.quick, args.results, args.repeats, args.before)
+        return
     run(args.quick, args.results, args.repeats, args.baby_steps, args.before, args.before_repeats)
 
 

@@ -312,6 +312,15 @@ with c_len:
         help="The same seed gives the same text in every sampling column.",
     )
     c_new.button("New seed", icon=":material/casino:", key="smp_new_seed", on_click=_new_seed, width="stretch")
+    half = max(1, block // 2)
+    jump = st.toggle(
+        "Fast past the context",
+        **_kept_from("smp_fast_slide", False),
+        help=f"This model sees at most {block} tokens. Off: past that, it always sees exactly the last {block} "
+        f"(one full forward per new token). On: the window jumps {half} tokens at a time and the KV cache is "
+        f"reused in between, so the model sees {block - half + 1} to {block} tokens: long texts decode about 2× "
+        "faster per token (bench/RESULTS.md, generation).",
+    )
 chosen = st.multiselect(
     "Strategies to compare",
     list(COLUMNS),
@@ -348,6 +357,7 @@ for col, cid in zip(cols, chosen):
         st.caption(spec.blurb)
         settings = _settings_widgets(cid, vocab, LIMITS.max_beams)
         settings.max_new_tokens = int(max_new)
+        settings.context_slide = half if jump else 1
         settings.seed = int(seed) if settings.strategy == "sample" else None
         try:
             settings.validate(vocab)

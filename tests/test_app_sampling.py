@@ -228,3 +228,28 @@ def test_a_temperature_the_cli_accepts_is_accepted_here_and_the_help_states_the_
     box.set_value(MAX_TEMPERATURE).run()
     assert not at.exception and not at.error
     assert generated(at)[0]
+
+
+def test_fast_past_the_context_slides_the_window_by_half_the_context(trained_store, use_store):
+    from tinygpt_core.runs import load_run
+    from tinygpt_core.sampling import SamplingSettings, generate
+
+    root, run_id = trained_store
+    use_store(root)
+    at = open_page(["greedy"], max_new=40)  # 40 new tokens, a 16-token context: the window slides
+    exact = generated(at)
+    assert not any("slide=" in c.value for c in at.caption)
+    at.toggle(key="smp_fast_slide").set_value(True).run()
+    assert not at.exception and not at.error
+    assert any("slide=8" in c.value for c in at.caption)  # the settings the column decoded with
+    fast = generated(at)
+    run = load_run(root / run_id)
+    prompt = at.text_area[0].value
+    core = [
+        generate(
+            run.model, run.tokenizer, prompt, SamplingSettings(strategy="greedy", max_new_tokens=40, context_slide=s)
+        )
+        for s in (1, 8)
+    ]
+    assert (exact == fast) == (core[0].text == core[1].text)
+    assert len(core[1].token_ids) == 40

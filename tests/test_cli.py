@@ -533,3 +533,21 @@ def test_help_documents_every_flag_in_groups(capsys):
     for sub in parser._subparsers._group_actions[0].choices.values():
         for action in sub._actions:
             assert action.help, f"{sub.prog} {action.option_strings or action.dest} has no help"
+
+
+def test_generate_context_slide_matches_the_core_and_bad_slides_get_one_line(trained, capsys):
+    from tinygpt_core.runs import load_run
+    from tinygpt_core.sampling import SamplingSettings, generate
+
+    run = load_run(trained)
+    block = run.config.model.block_size
+    n = 2 * block + 3  # well past the context: the window slides
+    for slide in (1, block // 2):
+        argv = ["generate", str(trained), "--prompt", "the", "--strategy", "greedy", "--max-new-tokens", str(n)]
+        assert cli.main([*argv, "--context-slide", str(slide)]) == 0
+        printed = capsys.readouterr().out.rstrip("\n")
+        settings = SamplingSettings(strategy="greedy", max_new_tokens=n, context_slide=slide)
+        assert printed == "the" + generate(run.model, run.tokenizer, "the", settings).text
+    for bad in ("0", str(block + 1)):
+        code = cli.main(["generate", str(trained), "--prompt", "the", "--context-slide", bad])
+        assert_clean_error(code, capsys.readouterr().err, "context_slide")
