@@ -154,7 +154,7 @@ def test_train_page_plots_network_health_and_names_a_spike(two_runs, monkeypatch
         at.run()
         assert not at.exception
         live = [json.loads(c.proto.json) for c in at.get("bidi_component")]
-        health = {c["ylabel"]: c for c in live if c["ylabel"] in viz.HEALTH_TITLES.values()}
+        health = {c["ylabel"]: c for c in live if c.get("ylabel") in viz.HEALTH_TITLES.values()}  # not the boards
         assert set(health) == set(viz.HEALTH_TITLES.values())  # one in-place chart per measure
         assert {t["name"] for t in health["gradient norm"]["series"]} == {"layer 0", "layer 1"}
         assert any(w.value.startswith("Gradient spike in layer 1 at step 6") for w in at.warning)
