@@ -298,3 +298,24 @@ def test_grid_modes_parse_and_alternate():
     with pytest.raises(ValueError):
         parse_mode("fast")
     assert mirrored(["a", "b"], 3) == ["a", "b", "b", "a", "a", "b"]
+
+
+@pytest.mark.heavy
+@pytest.mark.browser
+@pytest.mark.timeout(900)
+def test_watched_steady_quick(tmp_path):
+    """``python -m bench.watched --steady --quick``: a long CLI run watched by 0, 1 and 3 tabs, measured."""
+    out = tmp_path / "R.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.watched", "--steady", "--quick", "--results", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "8b. Watching a run, steady state" in text and "(--quick: smoke figures, not results)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| after")]
+    assert [row.split("|")[2].strip() for row in rows] == ["0", "1", "3"]
+    assert all(float(row.split("|")[3]) > 0 for row in rows), rows  # the run trained while watched
