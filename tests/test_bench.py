@@ -164,22 +164,26 @@ def test_bench_cli_rejects_unknown_names(capsys):
     assert "unknown benchmark" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.heavy  # every bench's quick form, ~30 s: CI's heavy stage
-def test_quick_suite_smoke(tmp_path):
-    """The fast benchmarks end to end, on the built-in corpus, writing to a temp results file."""
-    out = tmp_path / "R.md"
-    env = {**__import__("os").environ, "BENCH_CORPUS": "builtin:tiny"}
+def run_quick(module: str, *args: str, out: Path, timeout: int) -> str:
+    """``python -m MODULE ARGS --results OUT`` on the built-in corpus; asserts it ended well, returns OUT's text."""
+    env = {**os.environ, "BENCH_CORPUS": "builtin:tiny"}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", "inspection,generation,live", "--results", str(out)],
+        [sys.executable, "-m", module, *args, "--results", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    text = out.read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # every bench's quick form, ~30 s: CI's heavy stage
+def test_quick_suite_smoke(tmp_path):
+    """The fast benchmarks end to end, on the built-in corpus, writing to a temp results file."""
+    text = run_quick("bench", "--quick", "--only", "inspection,generation,live", out=tmp_path / "R.md", timeout=600)
     for title in ("3. Generation", "4. Live overhead", "5. Inspection"):
         assert title in text
     assert "decode the same tokens: yes" in text
@@ -213,18 +217,7 @@ _HEAVY_BENCHES, _HEAVY_PARAMS = _heavy_params()
 @pytest.mark.parametrize("name", _HEAVY_PARAMS)
 def test_bench_quick(name, tmp_path):
     """``python -m bench --quick --only NAME`` ends well and writes its section (built-in corpus)."""
-    out = tmp_path / "R.md"
-    env = {**os.environ, "BENCH_CORPUS": "builtin:tiny"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--only", name, "--results", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out.read_text()
+    text = run_quick("bench", "--quick", "--only", name, out=tmp_path / "R.md", timeout=1200)
     assert "(--quick: smoke figures, not results)" in text
     if name == "convergence":  # no checkout given: said so, and no nanoGPT time quoted
         assert "nanoGPT comparison skipped" in text and "| skipped" in text
@@ -305,16 +298,7 @@ def test_grid_modes_parse_and_alternate():
 @pytest.mark.timeout(900)
 def test_watched_steady_quick(tmp_path):
     """``python -m bench.watched --steady --quick``: a long CLI run watched by 0, 1 and 3 tabs, measured."""
-    out = tmp_path / "R.md"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.watched", "--steady", "--quick", "--results", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out.read_text()
+    text = run_quick("bench.watched", "--steady", "--quick", out=tmp_path / "R.md", timeout=600)
     assert "8b. Watching a run, steady state" in text and "(--quick: smoke figures, not results)" in text
     rows = [line for line in text.splitlines() if line.startswith("| after")]
     assert [row.split("|")[2].strip() for row in rows] == ["0", "1", "3"]
