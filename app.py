@@ -20,43 +20,43 @@ st.set_page_config(
 # (file, nav title, icon, one line for Home). Order is the nav order after Home.
 PAGES: list[tuple[str, str, str, str]] = [
     (
-        "pages/train.py",
+        "app_pages/train.py",
         "Train",
         ":material/model_training:",
         "Train a tiny GPT live: watch train and validation loss move, and read what it writes as it learns.",
     ),
     (
-        "pages/runs.py",
+        "app_pages/runs.py",
         "Runs & ablations",
         ":material/stacked_line_chart:",
         "Compare runs on disk, overlay their curves and launch a grid of ablations against a baseline.",
     ),
     (
-        "pages/attention.py",
+        "app_pages/attention.py",
         "Attention",
         ":material/grid_on:",
         "Open any layer and head and see what each token attends to in your own text.",
     ),
     (
-        "pages/inspect.py",
+        "app_pages/inspect.py",
         "Inspect",
         ":material/biotech:",
         "Look inside a run: each token's loss, what every layer predicts (logit lens), which heads matter (knockout).",
     ),
     (
-        "pages/sampling.py",
+        "app_pages/sampling.py",
         "Sampling",
         ":material/casino:",
         "Decode one model with greedy, sampling and beam search side by side; see what top-k/top-p cut.",
     ),
     (
-        "pages/chat.py",
+        "app_pages/chat.py",
         "Chat",
         ":material/chat:",
         "Fine-tune a run on conversations and talk to it, beside the model it started from.",
     ),
     (
-        "pages/tokenizers.py",
+        "app_pages/tokenizers.py",
         "Tokenizers",
         ":material/text_fields:",
         "Run one text through char, word and BPE tokenizers and step through the BPE merges.",
@@ -115,7 +115,7 @@ QUICK_STARTS = (
 
 def home() -> None:
     # Imported here so the navigation itself never fails on a core import problem.
-    from pages._common import (
+    from app_pages._common import (
         format_loss,
         md,
         read_only,
@@ -177,7 +177,7 @@ def home() -> None:
                     params = {"job": job_id}
                     if snap.run_id:
                         params["run"] = snap.run_id
-                    st.switch_page("pages/train.py", query_params=params)
+                    st.switch_page("app_pages/train.py", query_params=params)
 
     with left:
         st.subheader("What you can do here")
@@ -203,16 +203,19 @@ def home() -> None:
             with c3:
                 links = st.columns(3)
                 links[0].page_link(
-                    "pages/train.py", label="Open", icon=":material/open_in_new:", query_params={"run": r.id}
+                    "app_pages/train.py", label="Open", icon=":material/open_in_new:", query_params={"run": r.id}
                 )
                 if r.has_weights:
                     links[1].page_link(
-                        "pages/attention.py", label="Attention", icon=":material/grid_on:", query_params={"run": r.id}
+                        "app_pages/attention.py",
+                        label="Attention",
+                        icon=":material/grid_on:",
+                        query_params={"run": r.id},
                     )
                     links[2].page_link(
-                        "pages/sampling.py", label="Sample", icon=":material/casino:", query_params={"run": r.id}
+                        "app_pages/sampling.py", label="Sample", icon=":material/casino:", query_params={"run": r.id}
                     )
-    st.page_link("pages/runs.py", label="All runs", icon=":material/stacked_line_chart:")
+    st.page_link("app_pages/runs.py", label="All runs", icon=":material/stacked_line_chart:")
 
 
 def _status_badge(status: str) -> str:
@@ -229,13 +232,11 @@ def _status_badge(status: str) -> str:
     return f":{colour}-badge[{status}]"
 
 
-# The sidebar shows this navigation, and nothing else, from the first frame. A `pages/` folder next to
-# the entry script makes Streamlit treat the app as an old-style multipage app until a script run
-# reaches st.navigation: the first session of a fresh server would first list every file of pages/
-# ("app", "common", ...) for as long as the imports before st.navigation take. .streamlit/config.toml
-# therefore hides that automatic list (client.showSidebarNavigation = false), and the app turns the
-# sidebar navigation back on for its own st.navigation, drawn before anything slow is imported.
-st.set_option("client.showSidebarNavigation", True)
+# The sidebar shows this navigation, and nothing else, from the first frame, whichever page a visitor
+# opens first. The page scripts live in app_pages/, not pages/: a folder named `pages` beside the entry
+# script makes Streamlit run a fresh server's first session as an old-style multipage app, which runs
+# the requested page's file directly (no app.py, so no navigation at all on a shared /train?run=… link)
+# or lists every file of the folder until st.navigation runs (tests/test_browser_nav.py).
 nav = st.navigation(
     [st.Page(home, title="Home", icon=":material/home:", default=True)]
     + [st.Page(path, title=title, icon=icon) for path, title, icon, _ in PAGES]

@@ -30,8 +30,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from app_pages._live_chart import POINTS_JS
 from bench.common import REPO, Report, fmt, median
-from pages._live_chart import POINTS_JS
 
 # Points drawn by the live chart, or (a "before" checkout) by plotly's charts, so both can be compared.
 CHART_POINTS = f"""() => ({POINTS_JS})() + Array.from(

@@ -68,7 +68,7 @@ def use_store(monkeypatch):
 def open_page() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=90)
     at.run()
-    at.switch_page("pages/attention.py").run()
+    at.switch_page("app_pages/attention.py").run()
     assert not at.exception
     return at
 
@@ -215,8 +215,8 @@ def test_the_prompt_and_checkpoint_are_kept_across_a_visit_to_another_page(train
     at = open_page()
     at.text_area(key=f"attn_prompt_{run_id}").set_value("the light held").run()
     at.radio(key="attn_checkpoint").set_value("last").run()
-    at.switch_page("pages/runs.py").run()
-    at.switch_page("pages/attention.py").run()
+    at.switch_page("app_pages/runs.py").run()
+    at.switch_page("app_pages/attention.py").run()
     assert not at.exception
     assert at.text_area(key=f"attn_prompt_{run_id}").value == "the light held"
     assert at.radio(key="attn_checkpoint").value == "last"

@@ -44,7 +44,7 @@ def open_chat(query: dict | None = None) -> AppTest:
     for k, v in (query or {}).items():
         at.query_params[k] = v
     at.run()
-    at.switch_page("pages/chat.py").run()
+    at.switch_page("app_pages/chat.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -125,7 +125,7 @@ def test_sampling_page_says_when_a_prompt_holds_a_special_token(chat_store, use_
     at = AppTest.from_file(APP, default_timeout=120)
     at.query_params["run"] = base.name
     at.run()
-    at.switch_page("pages/sampling.py").run()
+    at.switch_page("app_pages/sampling.py").run()
     at.multiselect(key="smp_columns").set_value(["greedy"])
     at.slider(key="smp_max_new").set_value(10)
     at.text_area(key=f"smp_prompt_{base.name}").set_value("ab<user>c").run()

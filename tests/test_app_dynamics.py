@@ -60,7 +60,7 @@ def use_store(monkeypatch):
 def open_page() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=90)
     at.run()
-    at.switch_page("pages/attention.py").run()
+    at.switch_page("app_pages/attention.py").run()
     assert not at.exception
     return at
 

@@ -64,7 +64,7 @@ def app(two_runs, monkeypatch):
 def open_inspect(run_id: str) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=90)
     at.run()
-    at.switch_page("pages/inspect.py")
+    at.switch_page("app_pages/inspect.py")
     at.query_params["run"] = run_id
     at.run()
     assert not at.exception, at.exception
@@ -149,7 +149,7 @@ def test_train_page_plots_network_health_and_names_a_spike(two_runs, monkeypatch
         df.to_csv(path, index=False)
         at = AppTest.from_file(APP, default_timeout=90)
         at.run()
-        at.switch_page("pages/train.py")
+        at.switch_page("app_pages/train.py")
         at.query_params["run"] = run_a
         at.run()
         assert not at.exception

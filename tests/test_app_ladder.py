@@ -55,7 +55,7 @@ def test_ladder_grid_shows_each_rungs_val_loss_and_gain(runs_dir):
     base = conftest.tiny_spec(max_iters=2, eval_interval=2, eval_iters=1, batch_size=4, sample_tokens=0)
     for spec in ladder_specs(base, grid_id="lad"):
         assert train(spec, store=store).status == "done"
-    at = _page("pages/runs.py", grid="grid-lad")
+    at = _page("app_pages/runs.py", grid="grid-lad")
     assert not at.error, [e.value for e in at.error]
     table = next(d.value for d in at.dataframe if "gain" in d.value.columns)
     assert list(table["rung"]) == list(RUNG_NAMES)
@@ -68,13 +68,13 @@ def test_ladder_grid_shows_each_rungs_val_loss_and_gain(runs_dir):
     bigram = next(
         p.name for p in runs_dir.iterdir() if json.loads((p / "config.json").read_text())["model"]["n_layer"] == 0
     )
-    at = _page("pages/attention.py", run=bigram)
+    at = _page("app_pages/attention.py", run=bigram)
     assert not at.exception and not at.error
     assert any("bigram model" in i.value and "nothing to show" in i.value for i in at.info)
 
 
 def test_launch_ladder_queues_one_run_per_rung(runs_dir):
-    at = _page("pages/runs.py")
+    at = _page("app_pages/runs.py")
     at.number_input(key="grid_max_iters").set_value(10)
     at.button(key=next(b.key for b in at.button if b.label == "Launch ladder")).click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]

@@ -19,7 +19,7 @@ from tinygpt_core.runs import RunStore, read_config
 from tinygpt_core.training import TrainSpec, train
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
-PAGE = "pages/runs.py"
+PAGE = "app_pages/runs.py"
 
 
 def small_spec(name: str, **overrides) -> TrainSpec:

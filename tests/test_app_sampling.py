@@ -64,7 +64,7 @@ def use_store(monkeypatch):
 def open_page(columns: list[str] | None = None, max_new: int = 20) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=90)
     at.run()
-    at.switch_page("pages/sampling.py").run()
+    at.switch_page("app_pages/sampling.py").run()
     assert not at.exception
     if at.get("multiselect"):
         if columns is not None:
@@ -205,7 +205,7 @@ def test_the_sampling_widgets_keep_their_values_across_a_visit_to_another_page(t
     for (kind, key), value in edits.items():
         getattr(at, kind)(key=key).set_value(value).run()
         assert not at.exception
-    for page in ("pages/runs.py", "pages/attention.py", "pages/sampling.py"):
+    for page in ("app_pages/runs.py", "app_pages/attention.py", "app_pages/sampling.py"):
         at.switch_page(page).run()
         assert not at.exception
     assert not at.error and not at.warning

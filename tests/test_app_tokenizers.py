@@ -33,7 +33,7 @@ def empty_store(tmp_path, monkeypatch):
 def open_page(corpus: str | None = "tiny", size: int | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=90)
     at.run()
-    at.switch_page("pages/tokenizers.py").run()
+    at.switch_page("app_pages/tokenizers.py").run()
     assert not at.exception
     if corpus is not None or size is not None:
         if corpus is not None:
@@ -135,7 +135,7 @@ def test_the_text_is_kept_across_a_visit_to_another_page(empty_store):
     """Issue 12 item 4 (forms forget), on this page's text."""
     at = open_page()
     at.text_area(key="tok_text").set_value("kept across pages").run()
-    at.switch_page("pages/runs.py").run()
-    at.switch_page("pages/tokenizers.py").run()
+    at.switch_page("app_pages/runs.py").run()
+    at.switch_page("app_pages/tokenizers.py").run()
     assert not at.exception
     assert at.text_area(key="tok_text").value == "kept across pages"

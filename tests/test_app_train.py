@@ -37,7 +37,7 @@ def runs_dir(tmp_path, monkeypatch) -> Path:
 def open_train(**values) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/train.py").run()
     assert not at.exception
     for key, value in values.items():
         at.number_input(key=f"train_{key}").set_value(value)
@@ -126,7 +126,7 @@ def test_train_run_to_the_end_then_reload_from_disk(runs_dir):
     again = AppTest.from_file(APP, default_timeout=60)
     again.query_params["run"] = run_id
     again.run()
-    again.switch_page("pages/train.py")
+    again.switch_page("app_pages/train.py")
     again.query_params["run"] = run_id
     again.run()
     assert not again.exception and not again.error
@@ -146,7 +146,7 @@ def test_stop_and_second_tab_sees_the_live_job(runs_dir):
     other = AppTest.from_file(APP, default_timeout=60)
     other.session_state["_tinygpt_owner_token"] = at.session_state["_tinygpt_owner_token"]
     other.run()
-    other.switch_page("pages/train.py")
+    other.switch_page("app_pages/train.py")
     other.query_params["run"] = run_id
     other.run()
     assert not other.exception
@@ -157,7 +157,7 @@ def test_stop_and_second_tab_sees_the_live_job(runs_dir):
     # Another browser sees it live too, but may not stop it (issue 11: runs belong to who started them).
     stranger = AppTest.from_file(APP, default_timeout=60)
     stranger.run()
-    stranger.switch_page("pages/train.py")
+    stranger.switch_page("app_pages/train.py")
     stranger.query_params["run"] = run_id
     stranger.run()
     assert not stranger.exception and status_board(stranger)["progress"] is not None
@@ -289,9 +289,9 @@ def test_the_setup_form_keeps_its_edits_across_a_visit_to_another_page(runs_dir)
     at.radio(key="train_tokenizer").set_value("bpe").run()
     at.number_input(key="train_vocab").set_value(300).run()
     at.text_input(key="train_name").set_value("kept").run()
-    at.switch_page("pages/runs.py").run()
+    at.switch_page("app_pages/runs.py").run()
     assert not at.exception
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/train.py").run()
     assert not at.exception
     values = {k: at.number_input(key=f"train_{k}").value for k in ("n_layer", "n_embd", "max_iters", "vocab")}
     assert values == {"n_layer": 3, "n_embd": 96, "max_iters": 123, "vocab": 300}

@@ -33,7 +33,7 @@ def runs_dir(tmp_path, monkeypatch) -> Path:
 def _train_page() -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/train.py").run()
     assert not at.exception
     return at
 

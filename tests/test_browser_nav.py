@@ -1,8 +1,10 @@
-"""The first navigation a visitor sees is the app's own, on a fresh server, from the first frame.
+"""The first navigation a visitor sees is the app's own, on a fresh server, from the first frame,
+whichever page they open first.
 
-A `pages/` folder next to app.py makes Streamlit treat a fresh server's first session as an
-old-style multipage app until app.py reaches st.navigation: without care, the sidebar first lists
-every file of pages/ ("app", "common", ...). This test starts its own server (the shared one of
+A folder named `pages/` next to app.py would make Streamlit run a fresh server's first session as an
+old-style multipage app: the sidebar first listed every file of that folder ("app", "common", ...), and a
+first visit to a shared link such as /train?run=… ran that page's file alone, with no navigation at all.
+The page scripts therefore live in app_pages/. Each test starts its own server (the shared one of
 tests/conftest.py has served other sessions already, and the effect only shows on the first), records
 every state of the sidebar navigation from the moment the document exists (a MutationObserver
 installed before any page script runs), and checks each of them.
@@ -49,18 +51,23 @@ def fresh_server(tmp_path):
         log.unlink(missing_ok=True)
 
 
-def test_the_first_navigation_lists_only_the_apps_pages(browser, fresh_server):
+@pytest.mark.parametrize(
+    ("first_url", "heading"),
+    [("/", "TinyGPT Lab"), ("/train?run=no-such-run", "Train"), ("/attention", "Attention")],
+    ids=["home", "train-link", "attention"],
+)
+def test_the_first_navigation_lists_only_the_apps_pages(browser, fresh_server, first_url, heading):
     page = browser.new_page()
     try:
         page.add_init_script(RECORD_NAV)
-        page.goto(fresh_server + "/", wait_until="commit")
+        page.goto(fresh_server + first_url, wait_until="commit")
         seen = poll(
             lambda: [json.loads(k) for k in page.evaluate("window.__navSeen || []")],
             lambda states: bool(states) and states[-1] == NAV_TITLES,
             timeout_s=90,
-            what="the app's navigation in the sidebar",
+            what=f"the app's navigation in the sidebar of {first_url}",
         )
-        page.get_by_role("heading", name="TinyGPT Lab", exact=True).first.wait_for(timeout=60_000)
+        page.get_by_role("heading", name=heading, exact=True).first.wait_for(timeout=60_000)
         page.wait_for_timeout(500)  # anything drawn after the app settled would be recorded too
         seen = [json.loads(k) for k in page.evaluate("window.__navSeen")]
     finally:

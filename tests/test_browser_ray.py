@@ -12,7 +12,7 @@ import pytest
 from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
 from test_browser import assert_no_error, open_from_nav, set_number, wait_idle
 
-from pages._live_chart import POINTS_JS as CHART_POINTS
+from app_pages._live_chart import POINTS_JS as CHART_POINTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.ray]
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import poll
 
-from pages._live_chart import POINTS_JS as CHART_POINTS
+from app_pages._live_chart import POINTS_JS as CHART_POINTS
 
 # heavy: a step-rate ratio wants the machine to itself, so it runs with the load tests, not beside others.
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.heavy]

@@ -126,7 +126,7 @@ def test_dockerignore_excludes_local_state_but_not_the_app():
         "test-artifacts",
     ):
         assert _ignored(path, patterns), f".dockerignore must exclude {path}"
-    for path in ("app.py", "requirements.txt", "pages/runs.py", "tinygpt_core/model.py", "assets"):
+    for path in ("app.py", "requirements.txt", "app_pages/runs.py", "tinygpt_core/model.py", "assets"):
         assert not _ignored(path, patterns), f".dockerignore must keep {path} in the image"
 
 

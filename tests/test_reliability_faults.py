@@ -675,7 +675,7 @@ def test_the_train_page_resumes_an_interrupted_run_from_its_checkpoint(tmp_path,
         at.session_state["_tinygpt_owner_token"] = token
         owners.write_owner(run_dir, owners.visitor_owner(token))
         at.run()
-        at.switch_page("pages/train.py")
+        at.switch_page("app_pages/train.py")
         at.query_params["run"] = run_dir.name
         at.run()
         assert not at.exception
@@ -721,14 +721,14 @@ def test_the_app_lists_every_broken_folder_with_its_reason_and_opens_the_good_ru
     try:
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
         at.run()
-        at.switch_page("pages/runs.py").run()
+        at.switch_page("app_pages/runs.py").run()
         assert not at.exception
         table = at.dataframe(key="runs_table").value
         rows = dict(zip(table["id"], zip(table["status"], table["message"])))
         assert rows[good][0] == "done"
         for run_id in ids:
             assert rows[run_id][0] == "broken" and rows[run_id][1], run_id
-        for page in ("pages/attention.py", "pages/sampling.py"):
+        for page in ("app_pages/attention.py", "app_pages/sampling.py"):
             at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=90)
             at.query_params["run"] = good
             at.run()

@@ -253,17 +253,17 @@ def test_read_only_app_shows_runs_but_offers_no_training_or_deleting(app_env, mo
     assert "read-only" in _infos(home)
     assert trained.name in "\n".join(m.value for m in home.markdown)  # the runs are still shown
 
-    train_page = _open("pages/train.py")
+    train_page = _open("app_pages/train.py")
     assert "train_start" not in {b.key for b in train_page.button}
     assert "Training is turned off" in _infos(train_page) and "TINYGPT_READ_ONLY" in _infos(train_page)
 
-    runs_page = _open("pages/runs.py")
+    runs_page = _open("app_pages/runs.py")
     assert "Launching ablation grids is turned off" in _infos(runs_page)
     assert not runs_page.get("form")  # no grid form to submit
     assert "runs_delete_confirm" not in {b.key for b in runs_page.button}
     assert runs_page.get("dataframe")  # the table of runs is there
 
-    attention = _open("pages/attention.py", run=trained.name)
+    attention = _open("app_pages/attention.py", run=trained.name)
     assert attention.get("plotly_chart") and not attention.error  # opening a run still works
     assert not jobs.get_runner().list_jobs()
 
@@ -271,7 +271,7 @@ def test_read_only_app_shows_runs_but_offers_no_training_or_deleting(app_env, mo
 def test_the_app_refuses_settings_over_the_limits_before_start(app_env, monkeypatch):
     monkeypatch.setenv("TINYGPT_MAX_ITERS", "500")
     monkeypatch.setenv("TINYGPT_MAX_PARAMS", "20000")
-    at = _open("pages/train.py")
+    at = _open("app_pages/train.py")
     at.number_input(key="train_max_iters").set_value(501).run()
     errors = "\n".join(e.value for e in at.error)
     assert "501 steps is more than this server allows (500" in errors
@@ -282,7 +282,7 @@ def test_the_app_refuses_settings_over_the_limits_before_start(app_env, monkeypa
 
 def test_the_app_caps_uploads_at_the_operator_limit(app_env, monkeypatch):
     monkeypatch.setenv("TINYGPT_MAX_UPLOAD_MB", "1")
-    at = _open("pages/train.py")
+    at = _open("app_pages/train.py")
     at.radio(key="train_source").set_value("Upload a .txt file").run()
     assert "up to 1 MB" in at.file_uploader(key="train_upload").label
     at.file_uploader(key="train_upload").set_value(("big.txt", b"abc " * 300_000, "text/plain")).run()
@@ -330,7 +330,7 @@ def test_run_names_cannot_escape_the_store(tmp_path, name):
 @pytest.mark.parametrize("run_id", ["../..", "../outside", "..%2F..%2Fetc", "/etc", ".", "", "a\x00b"])
 def test_run_ids_in_urls_cannot_reach_outside_the_store(app_env, tmp_path, run_id):
     (tmp_path / "outside").mkdir(exist_ok=True)
-    for page in ("pages/train.py", "pages/attention.py", "pages/sampling.py", "pages/runs.py"):
+    for page in ("app_pages/train.py", "app_pages/attention.py", "app_pages/sampling.py", "app_pages/runs.py"):
         at = _open(page, run=run_id)
         assert not at.exception
     with pytest.raises(RunError):
@@ -406,8 +406,8 @@ def test_the_cli_applies_only_the_limits_an_operator_has_set(monkeypatch):
 )
 def test_a_malformed_limit_shows_on_every_page_instead_of_a_traceback(app_env, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
-    for page in (None, "pages/train.py", "pages/runs.py", "pages/attention.py", "pages/sampling.py"):
+    for page in (None, "app_pages/train.py", "app_pages/runs.py", "app_pages/attention.py", "app_pages/sampling.py"):
         at = _open(page)  # asserts no exception
-        if page in (None, "pages/train.py", "pages/runs.py"):  # the pages that train or delete say why not
+        if page in (None, "app_pages/train.py", "app_pages/runs.py"):  # the pages that train or delete say why not
             assert name in "\n".join(e.value for e in at.error)
             assert "train_start" not in {b.key for b in at.button}

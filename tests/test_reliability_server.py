@@ -26,7 +26,7 @@ import conftest
 import pytest
 from conftest import ARTIFACTS, poll, start_streamlit, stop_streamlit
 
-from pages._live_chart import POINTS_JS as CHART_POINTS
+from app_pages._live_chart import POINTS_JS as CHART_POINTS
 from tinygpt_core.errors import RunError
 from tinygpt_core.runs import RunStore, load_checkpoint_state, load_run, read_metrics, read_status
 from tinygpt_core.training import TrainSpec, train

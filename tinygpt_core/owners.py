@@ -6,7 +6,7 @@ The rule lives in one function, ``can_manage``; pages ask it, never decide thems
 Identities are opaque strings:
 
 - ``visitor:<hash>``: a browser of the app. The app keeps a random token in a cookie of that browser
-  (see pages/_common.py) and only its hash is ever written next to a run, so nothing on disk, in a
+  (see app_pages/_common.py) and only its hash is ever written next to a run, so nothing on disk, in a
   run zip or in a log lets anyone act as that visitor.
 - ``user:<hash>``: someone signed in through Streamlit's own login (``st.login``); the hash of their
   stable account id (``sub``, else e-mail).

@@ -12,8 +12,8 @@ from typing import Any
 
 import streamlit as st
 
-from pages._ablation_widgets import ablation_toggles
-from pages._common import (
+from app_pages._ablation_widgets import ablation_toggles
+from app_pages._common import (
     active_runs,
     format_count,
     format_duration,
@@ -27,7 +27,7 @@ from pages._common import (
     user_errors,
     visitor,
 )
-from pages._train_form import (
+from app_pages._train_form import (
     LAST_FORM,
     NUMBER_FIELDS,
     SIZED_TOKENIZERS,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages._common import (
+from app_pages._common import (
     known_symbols_only,
     load_run_cached,
     md,

@@ -15,7 +15,7 @@ from typing import Any
 
 import streamlit as st
 
-from pages._common import kept
+from app_pages._common import kept
 from tinygpt_core.ablation_registry import PARAM, REGISTRY, Ablation
 from tinygpt_core.config import INT_RANGES, ModelConfig, range_text
 

@@ -12,7 +12,7 @@ from collections import Counter
 import pandas as pd
 import streamlit as st
 
-from pages._common import kept, user_errors
+from app_pages._common import kept, user_errors
 from tinygpt_core import limits
 from tinygpt_core.data import builtin_corpus_problem, corpus_from_bytes, list_builtin_corpora, load_corpus
 from tinygpt_core.errors import TinyGPTError

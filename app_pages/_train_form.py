@@ -13,7 +13,7 @@ from typing import Any
 
 import streamlit as st
 
-from pages._ablation_widgets import ablation_overrides, ablation_widget_values, parametric_n_fields
+from app_pages._ablation_widgets import ablation_overrides, ablation_widget_values, parametric_n_fields
 from tinygpt_core.config import ModelConfig, check_field, get_preset, range_text
 from tinygpt_core.data import Corpus
 from tinygpt_core.errors import ConfigError

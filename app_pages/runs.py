@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from pages._ablation_widgets import grid_ablation_picker, grid_labels
-from pages._common import (
+from app_pages._ablation_widgets import grid_ablation_picker, grid_labels
+from app_pages._common import (
     NOT_YOURS,
     can_manage,
     list_runs,
@@ -305,9 +305,9 @@ def manage_run(run: RunState) -> None:
     )
     openable = run.has_weights
     links = [
-        ("pages/train.py", "Open in Train", ":material/model_training:", True),
-        ("pages/attention.py", "Attention", ":material/grid_on:", openable),
-        ("pages/sampling.py", "Sampling", ":material/casino:", openable),
+        ("app_pages/train.py", "Open in Train", ":material/model_training:", True),
+        ("app_pages/attention.py", "Attention", ":material/grid_on:", openable),
+        ("app_pages/sampling.py", "Sampling", ":material/casino:", openable),
     ]
     for col, (page, label, icon, enabled) in zip(cols[1:4], links):
         if (ROOT / page).exists():  # pages are optional in navigation; never link to a missing one
@@ -576,7 +576,7 @@ def _live_metrics(run: RunState) -> pd.DataFrame | None:
 
 # ---- the page ------------------------------------------------------------------------------------
 
-visitor()  # issue 11: keeps this browser's owner token in its cookie (pages/_common.py)
+visitor()  # issue 11: keeps this browser's owner token in its cookie (app_pages/_common.py)
 st.title("Runs & ablations")
 st.caption(
     "Every run on disk, their curves side by side, and ablation grids: switch one part of the "

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from pages._common import (
+from app_pages._common import (
     corpus_start,
     kept,
     known_symbols_only,

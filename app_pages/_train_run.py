@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from pages._common import (
+from app_pages._common import (
     RUN_PARAM,
     can_manage,
     format_count,
@@ -26,9 +26,9 @@ from pages._common import (
     user_errors,
     visitor,
 )
-from pages._live_board import live_board
-from pages._live_chart import live_chart
-from pages._train_form import K
+from app_pages._live_board import live_board
+from app_pages._live_chart import live_chart
+from app_pages._train_form import K
 from tinygpt_core import health, viz
 from tinygpt_core.dynamics import induction_marks
 from tinygpt_core.errors import TinyGPTError
@@ -217,21 +217,21 @@ def _links(v: RunState) -> None:
     if v.has_weights:
         with cols[0]:
             st.page_link(
-                "pages/attention.py",
+                "app_pages/attention.py",
                 label="Open in Attention",
                 icon=":material/grid_on:",
                 query_params={RUN_PARAM: v.run_id},
             )
         with cols[1]:
             st.page_link(
-                "pages/sampling.py",
+                "app_pages/sampling.py",
                 label="Sample from it",
                 icon=":material/casino:",
                 query_params={RUN_PARAM: v.run_id},
             )
     with cols[2]:
         st.page_link(
-            "pages/runs.py",
+            "app_pages/runs.py",
             label="Compare in Runs",
             icon=":material/stacked_line_chart:",
             query_params={RUN_PARAM: v.run_id},

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from pages._common import (
+from app_pages._common import (
     kept,
     load_run_cached,
     md,
@@ -176,7 +176,7 @@ def _finetune_form(runs) -> None:
         if snap.run_id:
             remember_run(snap.run_id)
             params["run"] = snap.run_id
-        st.switch_page("pages/train.py", query_params=params)
+        st.switch_page("app_pages/train.py", query_params=params)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from pages._common import corpus_start, kept, known_symbols_only, open_run_picker, user_errors, weights_mtime
+from app_pages._common import corpus_start, kept, known_symbols_only, open_run_picker, user_errors, weights_mtime
 from tinygpt_core import dynamics
 from tinygpt_core.checkpoints import history, weights_path
 from tinygpt_core.errors import TinyGPTError
