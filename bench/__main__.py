@@ -31,6 +31,8 @@ BENCHES = {  # name -> module, in the issue's order
     "dynamics": "bench.dynamics",  # the induction preset's phase change; scrubbing kept checkpoints
     "knockout": "bench.knockout",  # the Inspect page's head-knockout grid (issue 15), and its other views
     "health": "bench.health",  # network-health logging against training without it (issue 15)
+    "chat": "bench.chat",  # the README's chat recipe: base run, fine-tune, held-out exact match (issue 16)
+    "reproductions": "bench.reproductions",  # the seed projects' results (issue 17, docs/REPRODUCTIONS.md)
 }
 
 

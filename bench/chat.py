@@ -5,39 +5,105 @@ Runs exactly the documented commands' core calls (``train`` of the base preset, 
 base model before fine-tuning and of the fine-tuned run after each evaluation, with the 1-minute
 load next to the times (the machine may be shared), and the CPU time of the process: with one
 torch thread, what the recipe takes on a core of its own however busy the others are.
-``python -m bench.chat`` (``TINYGPT_NUM_THREADS`` sets the threads).
+``python -m bench.chat`` (``TINYGPT_NUM_THREADS`` sets the threads), or ``python -m bench --only chat``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from bench.common import Report, load_average
 from tinygpt_core.finetune import evaluate_run, finetune_spec
 from tinygpt_core.runs import read_metrics
 from tinygpt_core.spec import TrainSpec, prepare
 from tinygpt_core.training import train
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "RESULTS.md"
 # The recipe in the README: keep the two in step.
 BASE = dict(preset="baby-fast", corpus="builtin:pystdlib", max_iters=200)
 FINETUNE = dict(max_iters=600)
+QUICK = dict(base_iters=10, ft_iters=10, ft_eval_interval=5)  # a smoke run: the scripts work, no figure
 
 
-def load() -> float:
-    return os.getloadavg()[0]
+def recipe(
+    *,
+    base_preset: str = BASE["preset"],
+    base_corpus: str = BASE["corpus"],
+    base_iters: int = BASE["max_iters"],
+    ft_iters: int = FINETUNE["max_iters"],
+    ft_lr: float | None = None,
+    ft_eval_interval: int | None = None,
+    keep: Path | None = None,
+    quick: bool = False,
+) -> Report:
+    """Train the base run, score it, fine-tune it on builtin:chat and score each evaluation."""
+    import torch
+
+    report = Report("Chat recipe: base run, then a chat fine-tune on builtin:chat", quick=quick)
+    root = keep or Path(tempfile.mkdtemp(prefix="chat-bench-"))
+    try:
+        loads = [load_average()]
+        c0 = time.process_time()  # CPU seconds of this process: what the recipe costs a core of its own
+        t0 = time.perf_counter()
+        spec = TrainSpec.from_preset(base_preset, base_corpus, max_iters=base_iters)
+        base = train(prepare(spec), root / "base")
+        t_base, cpu_base = time.perf_counter() - t0, time.process_time() - c0
+        loads.append(load_average())
+        acc_base = evaluate_run(root / "base")
+        t1, c1 = time.perf_counter(), time.process_time()
+        fs = finetune_spec(root / "base", "builtin:chat", max_iters=ft_iters, lr=ft_lr, eval_interval=ft_eval_interval)
+        ft = train(prepare(fs), root / "chat")
+        t_ft, cpu_ft = time.perf_counter() - t1, time.process_time() - c1
+        loads.append(load_average())
+        m = read_metrics(root / "chat").dropna(subset=["chat_accuracy"])
+        curve = ", ".join(f"{int(s)}: {a:.0%}" for s, a in zip(m["step"], m["chat_accuracy"], strict=True))
+        final = float(m["chat_accuracy"].iloc[-1])
+        report.add_table(
+            ["stage", "command", "wall time", "CPU time", "held-out exact match"],
+            [
+                [
+                    "base",
+                    f"`train --corpus {base_corpus} --preset {base_preset} --max-iters {base_iters}`",
+                    f"{t_base:.0f} s ({base.status})",
+                    f"{cpu_base:.0f} s",
+                    f"{acc_base:.1%} (before fine-tuning)",
+                ],
+                [
+                    "fine-tune",
+                    f"`finetune BASE --chat builtin:chat --max-iters {ft_iters}`",
+                    f"{t_ft:.0f} s ({ft.status})",
+                    f"{cpu_ft:.0f} s",
+                    f"{final:.1%}",
+                ],
+                ["total", "", f"{t_base + t_ft:.0f} s", f"{cpu_base + cpu_ft:.0f} s", ""],
+            ],
+        )
+        report.add(f"Accuracy at each evaluation (step: accuracy): {curve}.")
+        report.add(
+            f"{torch.get_num_threads()} torch thread(s); 1-min load "
+            + ", ".join("–" if x is None else f"{x:.1f}" for x in loads)
+            + " (start, after base, end). CPU time is this process's: on a shared machine, closer than the "
+            "wall clock to what the recipe takes on a free one."
+        )
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+def run(quick: bool = False, results: Path | None = None) -> None:
+    """The suite's entry (``python -m bench --only chat``): the README's recipe, or a smoke run of it."""
+    from tinygpt_core.device import configure_threads
+
+    configure_threads()
+    recipe(**(QUICK if quick else {}), quick=quick).emit(results)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base-preset", default=BASE["preset"])
     ap.add_argument("--base-corpus", default=BASE["corpus"])
     ap.add_argument("--base-iters", type=int, default=BASE["max_iters"])
@@ -46,54 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-eval-interval", type=int, default=None)
     ap.add_argument("--no-write", action="store_true", help="print only, do not append to RESULTS.md")
     ap.add_argument("--keep", type=Path, default=None, help="keep the two runs in this folder")
+    ap.add_argument("--results", type=Path, help="append the table here instead of bench/RESULTS.md")
     args = ap.parse_args(argv)
     from tinygpt_core.device import configure_threads
 
     configure_threads()
-    root = args.keep or Path(tempfile.mkdtemp(prefix="chat-bench-"))
-    try:
-        loads = [load()]
-        c0 = time.process_time()  # CPU seconds of this process: what the recipe costs a core of its own
-        t0 = time.perf_counter()
-        spec = TrainSpec.from_preset(args.base_preset, args.base_corpus, max_iters=args.base_iters)
-        base = train(prepare(spec), root / "base")
-        t_base = time.perf_counter() - t0
-        cpu_base = time.process_time() - c0
-        loads.append(load())
-        acc_base = evaluate_run(root / "base")
-        t1, c1 = time.perf_counter(), time.process_time()
-        fs = finetune_spec(
-            root / "base", "builtin:chat", max_iters=args.ft_iters, lr=args.ft_lr, eval_interval=args.ft_eval_interval
-        )
-        ft = train(prepare(fs), root / "chat")
-        t_ft, cpu_ft = time.perf_counter() - t1, time.process_time() - c1
-        loads.append(load())
-        m = read_metrics(root / "chat").dropna(subset=["chat_accuracy"])
-        curve = ", ".join(f"{int(s)}: {a:.0%}" for s, a in zip(m["step"], m["chat_accuracy"]))
-        final = float(m["chat_accuracy"].iloc[-1])
-        lines = [
-            f"### Chat recipe — {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, "
-            f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), "
-            f"1-min load {', '.join(f'{x:.1f}' for x in loads)} (start, after base, end)",
-            "",
-            "| stage | command | wall time | CPU time | held-out exact match |",
-            "|---|---|---|---|---|",
-            f"| base | `train --corpus {args.base_corpus} --preset {args.base_preset} --max-iters {args.base_iters}` "
-            f"| {t_base:.0f} s ({base.status}) | {cpu_base:.0f} s | {acc_base:.1%} (before fine-tuning) |",
-            f"| fine-tune | `finetune BASE --chat builtin:chat --max-iters {args.ft_iters}` "
-            f"| {t_ft:.0f} s ({ft.status}) | {cpu_ft:.0f} s | {final:.1%} |",
-            f"| total | | {t_base + t_ft:.0f} s | {cpu_base + cpu_ft:.0f} s | |",
-            "",
-            f"Accuracy at each evaluation (step: accuracy): {curve}.",
-            "",
-        ]
-        print("\n".join(lines))
-        if not args.no_write:
-            with open(RESULTS, "a", encoding="utf-8") as f:
-                f.write("\n" + "\n".join(lines))
-    finally:
-        if args.keep is None:
-            shutil.rmtree(root, ignore_errors=True)
+    report = recipe(
+        base_preset=args.base_preset,
+        base_corpus=args.base_corpus,
+        base_iters=args.base_iters,
+        ft_iters=args.ft_iters,
+        ft_lr=args.ft_lr,
+        ft_eval_interval=args.ft_eval_interval,
+        keep=args.keep,
+    )
+    if args.no_write:
+        print(report.text())
+    else:
+        report.emit(args.results)
     return 0
 
 

@@ -10,6 +10,7 @@ its table. Each part appends its own section to bench/RESULTS.md, with the machi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import tempfile
 import time
@@ -18,11 +19,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from bench.common import Report, corpus_source, fmt, load_average
+from bench.common import Report, corpus_source, fmt, load_average, median
+from bench.convergence import whole_split_loss
 from tinygpt_core.ablations import metrics_summary
 from tinygpt_core.data import load_corpus
 from tinygpt_core.ladder import ladder_specs, ladder_table
-from tinygpt_core.runs import read_metrics
+from tinygpt_core.runs import load_run, read_metrics
 from tinygpt_core.spec import prepare
 from tinygpt_core.training import TrainSpec, train
 
@@ -41,9 +43,9 @@ def _cpu_s() -> float:
     return time.process_time()
 
 
-def overfit(root: Path) -> Report:
+def overfit(root: Path, steps: int | None = None) -> Report:
     report = Report("Reproductions: the overfit demo (`overfit` preset, word-level builtin:tiny)")
-    spec = TrainSpec.from_preset("overfit", "builtin:tiny", device="cpu")
+    spec = TrainSpec.from_preset("overfit", "builtin:tiny", device="cpu", **({"max_iters": steps} if steps else {}))
     load, cpu0 = load_average(), _cpu_s()
     m, wall, status = _train(spec, root, "overfit")
     cpu = _cpu_s() - cpu0
@@ -72,34 +74,58 @@ def overfit(root: Path) -> Report:
     return report
 
 
-def ladder(root: Path, steps: int) -> Report:
-    report = Report(f"Reproductions: the ladder at `baby` size, {steps} steps a rung (Tiny Shakespeare, char)")
+def ladder(root: Path, steps: int, seeds: int = 1) -> Report:
+    """Every rung trained once per seed (same data order within a seed), scored on the whole validation
+    split from its final weights; the table gives the median over seeds and the gain of the medians."""
+    report = Report(
+        f"Reproductions: the ladder at `baby` size, {steps} steps a rung, {seeds} seed(s) (Tiny Shakespeare, char)"
+    )
     base = TrainSpec.from_preset(
         "baby", corpus_source(), device="cpu", max_iters=steps, eval_interval=steps, sample_tokens=0
     )
+    val_ids = prepare(base).val_ids
     load = load_average()
-    rows, t0 = [], time.perf_counter()
-    for spec in ladder_specs(base, grid_id="bench"):
-        m, _, status = _train(spec, root, spec.name.replace("/", "_"))
-        rows.append({"name": spec.name, "status": status, **metrics_summary(m)})
+    whole: dict[str, list[float]] = {}
+    estimate: dict[str, list[float]] = {}
+    t0 = time.perf_counter()
+    for k in range(seeds):
+        seeded = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=base.train.seed + k))
+        for spec in ladder_specs(seeded, grid_id=f"bench{k}"):
+            name = spec.name.replace("/", "_")
+            m, _, status = _train(spec, root, name)
+            rung = spec.name.rsplit("/", 1)[-1]
+            run = load_run(root / name, checkpoint="last")
+            whole.setdefault(rung, []).append(whole_split_loss(run.model, val_ids, run.config.model.block_size))
+            estimate.setdefault(rung, []).append(metrics_summary(m)["final_val_loss"])
+    rows = [{"name": f"grid-bench/{r}", "status": "done", "final_val_loss": median(v)} for r, v in whole.items()]
     table = ladder_table(rows)
     report.add_table(
-        ["rung", "adds", "val loss", "gain"],
+        ["rung", "adds", "whole-split val loss (median)", "seeds", "gain"],
         [
-            [r.rung, r.adds, fmt(r.val_loss, 3), "–" if math.isnan(r.gain) else f"{r.gain:+.3f}"]
+            [
+                r.rung,
+                r.adds,
+                fmt(r.val_loss, 3),
+                " / ".join(f"{x:.3f}" for x in whole[r.rung]),
+                "–" if math.isnan(r.gain) else f"{r.gain:+.3f}",
+            ]
             for r in table.itertuples()
         ],
     )
+    shortened = f"{steps} steps instead of 2000" if steps != 2000 else "baby's 2000 steps"
     report.add(
         f"baby preset (4 layers, 4 heads, 128 dims, context 64, batch 12), untied head, dropout 0.2 on the top "
-        f"rung; {steps} steps instead of 2000, same seed and data order for every rung; val loss from one "
-        f"estimate of {base.train.eval_iters} batches at the end. {fmt(time.perf_counter() - t0)} s in all; "
-        f"1-min load {fmt(load, 1)} at the start (a shared machine)."
+        f"rung; {shortened}; seeds {base.train.seed}..{base.train.seed + seeds - 1}, each rung of a seed with "
+        f"the same seed and data order. Val loss: every token of the validation split ({len(val_ids):,} tokens, "
+        f"windows of 64) from the rung's final weights; the gain is between medians (> 0: the rung helps). The "
+        f"runs' own end-of-run estimates ({base.train.eval_iters} batches) agree to within "
+        f"{max(abs(median(estimate[r]) - median(whole[r])) for r in whole):.3f}. "
+        f"{fmt(time.perf_counter() - t0)} s in all; 1-min load {fmt(load, 1)} at the start."
     )
     return report
 
 
-def gptiny(root: Path, steps: int, batch: int) -> Report:
+def gptiny(root: Path, steps: int, batch: int, block_size: int | None = None) -> Report:
     report = Report(f"Reproductions: GPTiny on Tiny Shakespeare at reduced steps ({steps} steps, batch {batch})")
     spec = TrainSpec.from_preset(
         "gptiny",
@@ -111,6 +137,7 @@ def gptiny(root: Path, steps: int, batch: int) -> Report:
         eval_interval=max(1, steps // 2),
         eval_iters=10,  # 10 batches a split: on a CPU budget the preset's 100 would cost more than the steps
         sample_tokens=0,
+        **({"block_size": block_size} if block_size else {}),  # --quick, on a corpus shorter than 256 tokens
     )
     load = load_average()
     m, wall, status = _train(spec, root, "gptiny")
@@ -120,7 +147,8 @@ def gptiny(root: Path, steps: int, batch: int) -> Report:
         [[int(r.step), fmt(r.train_loss, 3), fmt(r.val_loss, 3)] for r in evals.itertuples()],
     )
     report.add(
-        f"gptiny preset (3 layers, 4 heads, 384 dims, context 256, dropout 0.2, lr 3e-4) with batch {batch} "
+        f"gptiny preset (3 layers, 4 heads, 384 dims, context {spec.model.block_size}, dropout 0.2, lr 3e-4) "
+        f"with batch {batch} "
         f"instead of 64, {steps} steps instead of 5000 and a {spec.train.warmup_iters}-step warm-up, on a CPU: "
         f"{fmt(wall)} s, status {status}, "
         f"1-min load {fmt(load, 1)}."
@@ -128,17 +156,23 @@ def gptiny(root: Path, steps: int, batch: int) -> Report:
     return report
 
 
-def minigpt(root: Path, epochs: int, chars: int | None) -> Report:
-    source, what = corpus_source(), "Tiny Shakespeare"
+def minigpt(root: Path, epochs: int, chars: int | None, block_size: int | None = None) -> Report:
+    source = corpus_source()
+    what = "Tiny Shakespeare" if "shakespeare" in source.lower() else source
     if chars:  # a CPU budget: the first `chars` characters, written beside the temporary runs (never kept)
         text = load_corpus(source).text[:chars]
         source = str(root / "minigpt-corpus.txt")
         Path(source).write_text(text, encoding="utf-8")
-        what = f"the first {len(text):,} characters of Tiny Shakespeare"
+        what = f"the first {len(text):,} characters of {what}"
     # On a slice, 10 eval batches already cover the held-out tenth several times over (the preset's 50 would
     # cost as much as the training steps).
     spec = TrainSpec.from_preset(
-        "mini-gpt", source, device="cpu", sample_tokens=0, **({"eval_iters": 10} if chars else {})
+        "mini-gpt",
+        source,
+        device="cpu",
+        sample_tokens=0,
+        **({"eval_iters": 10} if chars else {}),
+        **({"block_size": block_size} if block_size else {}),  # --quick, on a corpus shorter than 512 tokens
     )
     prepared = prepare(spec)
     tokens_per_step = spec.train.batch_size * spec.model.block_size
@@ -163,7 +197,8 @@ def minigpt(root: Path, epochs: int, chars: int | None) -> Report:
         ],
     )
     report.add(
-        f"mini-gpt preset (2 layers, 4 heads, 128 dims, FFN 512, context 512, dropout 0.1), char-level; an epoch is "
+        f"mini-gpt preset (2 layers, 4 heads, 128 dims, FFN 512, context {spec.model.block_size}, dropout 0.1), "
+        f"char-level; an epoch is "
         f"{per_epoch} steps of {tokens_per_step:,} tokens (one pass over the {len(prepared.train_ids):,} training "
         f"tokens, windows drawn at random); losses are estimates over {spec.train.eval_iters} batches. "
         f"{fmt(wall)} s, status {status}, 1-min load {fmt(load, 1)}."
@@ -175,10 +210,25 @@ def _ppl(loss: float) -> float:
     return math.exp(loss)  # perplexity: e to the mean cross-entropy in nats
 
 
+def run(quick: bool = False, results: Path | None = None) -> None:
+    """The suite's entry (``python -m bench --only reproductions``): every part at the sizes main()
+    defaults to, or (``--quick``) a few steps of each, which only shows that the scripts work."""
+    with tempfile.TemporaryDirectory(prefix="tinygpt-repro-") as tmp:
+        root = Path(tmp)
+        if quick:
+            reports = [overfit(root, 20), ladder(root, 3), gptiny(root, 2, 2, 32), minigpt(root, 1, None, 32)]
+        else:  # main()'s defaults
+            reports = [overfit(root), ladder(root, 2000, 3), gptiny(root, 200, 16), minigpt(root, 2, None)]
+        for report in reports:
+            report.quick = quick
+            report.emit(results)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
-    ap.add_argument("--ladder-steps", type=int, default=300, help="steps per ladder rung (baby's own: 2000)")
+    ap.add_argument("--ladder-steps", type=int, default=2000, help="steps per ladder rung (baby's own)")
+    ap.add_argument("--ladder-seeds", type=int, default=3, help="seeds per ladder rung (median and each)")
     ap.add_argument("--gptiny-steps", type=int, default=200)
     ap.add_argument("--gptiny-batch", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2, help="Mini-GPT epochs")
@@ -193,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             if part == "overfit":
                 overfit(root).emit()
             elif part == "ladder":
-                ladder(root, args.ladder_steps).emit()
+                ladder(root, args.ladder_steps, args.ladder_seeds).emit()
             elif part == "gptiny":
                 gptiny(root, args.gptiny_steps, args.gptiny_batch).emit()
             elif part == "minigpt":
