@@ -53,8 +53,12 @@ def fresh_server(tmp_path):
 
 @pytest.mark.parametrize(
     ("first_url", "heading"),
-    [("/", "TinyGPT Lab"), ("/train?run=no-such-run", "Train"), ("/attention", "Attention")],
-    ids=["home", "train-link", "attention"],
+    [
+        pytest.param("/", "TinyGPT Lab", id="home"),
+        # A fresh server each (7 s): the deep links run in CI's heavy stage.
+        pytest.param("/train?run=no-such-run", "Train", id="train-link", marks=pytest.mark.heavy),
+        pytest.param("/attention", "Attention", id="attention", marks=pytest.mark.heavy),
+    ],
 )
 def test_the_first_navigation_lists_only_the_apps_pages(browser, fresh_server, first_url, heading):
     page = browser.new_page()

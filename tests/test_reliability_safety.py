@@ -402,7 +402,12 @@ def test_the_cli_applies_only_the_limits_an_operator_has_set(monkeypatch):
 
 @pytest.mark.parametrize(
     "name,value",
-    [("TINYGPT_MAX_JOBS_PER_DEVICE", "lots"), ("TINYGPT_READ_ONLY", "maybe"), ("TINYGPT_MAX_UPLOAD_MB", "-3")],
+    [
+        ("TINYGPT_MAX_JOBS_PER_DEVICE", "lots"),
+        # The same path with other variables, 11-14 s each: in CI's heavy stage, so the README command stays fast.
+        pytest.param("TINYGPT_READ_ONLY", "maybe", marks=pytest.mark.heavy),
+        pytest.param("TINYGPT_MAX_UPLOAD_MB", "-3", marks=pytest.mark.heavy),
+    ],
 )
 def test_a_malformed_limit_shows_on_every_page_instead_of_a_traceback(app_env, monkeypatch, name, value):
     monkeypatch.setenv(name, value)

@@ -85,6 +85,7 @@ def test_the_default_runner_trains_in_a_child_process_and_streams_its_events(run
     assert list(read_metrics(snap.run_dir)["step"]) == list(range(1, 21))
 
 
+@pytest.mark.heavy  # a process fault, like the kill-restart tests: CI's heavy stage
 def test_a_killed_training_process_ends_the_job_as_an_error_that_says_so(runner, store):
     job_id = runner.submit(tiny_spec(max_iters=100_000, eval_interval=50_000))
     wait_until(lambda: runner.snapshot(job_id).step > 2, what="a few steps")
@@ -139,6 +140,7 @@ def test_a_warm_spare_process_takes_the_next_job_and_shutdown_ends_it(store):
     new_spare.wait(timeout=10)  # killed by shutdown, not left behind
 
 
+@pytest.mark.heavy  # a process fault, like the kill-restart tests: CI's heavy stage
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses prctl and /proc")
 def test_the_training_process_ends_when_its_server_dies(tmp_path):
     """A server killed mid-run takes its jobs with it: the run reads as interrupted and resumable."""
