@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from bench.common import Report, load_average
 from tinygpt_core.finetune import evaluate_run, finetune_spec
 from tinygpt_core.runs import read_metrics
@@ -40,8 +42,6 @@ def recipe(
     quick: bool = False,
 ) -> Report:
     """Train the base run, score it, fine-tune it on builtin:chat and score each evaluation."""
-    import torch
-
     report = Report("Chat recipe: base run, then a chat fine-tune on builtin:chat", quick=quick)
     root = keep or Path(tempfile.mkdtemp(prefix="chat-bench-"))
     try:

@@ -92,7 +92,7 @@ def ladder(root: Path, steps: int, seeds: int = 1) -> Report:
         seeded = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=base.train.seed + k))
         for spec in ladder_specs(seeded, grid_id=f"bench{k}"):
             name = spec.name.replace("/", "_")
-            m, _, status = _train(spec, root, name)
+            m, _, _ = _train(spec, root, name)
             rung = spec.name.rsplit("/", 1)[-1]
             run = load_run(root / name, checkpoint="last")
             whole.setdefault(rung, []).append(whole_split_loss(run.model, val_ids, run.config.model.block_size))
@@ -210,46 +210,60 @@ def _ppl(loss: float) -> float:
     return math.exp(loss)  # perplexity: e to the mean cross-entropy in nats
 
 
-def run(quick: bool = False, results: Path | None = None) -> None:
-    """The suite's entry (``python -m bench --only reproductions``): every part at the sizes main()
-    defaults to, or (``--quick``) a few steps of each, which only shows that the scripts work."""
+# The sizes each part runs at (main()'s defaults), and the smoke sizes of ``--quick``: a few steps each,
+# with contexts short enough for the built-in corpus the test suite uses.
+SIZES = dict(
+    overfit_steps=None, ladder_steps=2000, ladder_seeds=3, gptiny_steps=200, gptiny_batch=16, epochs=2,
+    minigpt_chars=None, block_size=None,
+)  # fmt: skip
+QUICK = dict(
+    overfit_steps=20, ladder_steps=3, ladder_seeds=1, gptiny_steps=2, gptiny_batch=2, epochs=1,
+    minigpt_chars=None, block_size=32,
+)  # fmt: skip
+
+
+def measure(parts: list[str], sizes: dict, quick: bool = False, results: Path | None = None) -> None:
+    """Run ``parts`` at ``sizes`` (keys of SIZES) in a temporary folder, emitting one section each."""
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    z = sizes
     with tempfile.TemporaryDirectory(prefix="tinygpt-repro-") as tmp:
         root = Path(tmp)
-        if quick:
-            reports = [overfit(root, 20), ladder(root, 3), gptiny(root, 2, 2, 32), minigpt(root, 1, None, 32)]
-        else:  # main()'s defaults
-            reports = [overfit(root), ladder(root, 2000, 3), gptiny(root, 200, 16), minigpt(root, 2, None)]
-        for report in reports:
+        for part in parts:
+            if part == "overfit":
+                report = overfit(root, z["overfit_steps"])
+            elif part == "ladder":
+                report = ladder(root, z["ladder_steps"], z["ladder_seeds"])
+            elif part == "gptiny":
+                report = gptiny(root, z["gptiny_steps"], z["gptiny_batch"], z["block_size"])
+            else:
+                report = minigpt(root, z["epochs"], z["minigpt_chars"], z["block_size"])
             report.quick = quick
             report.emit(results)
+
+
+def run(quick: bool = False, results: Path | None = None) -> None:
+    """The suite's entry (``python -m bench --only reproductions``): every part at SIZES, or (``--quick``)
+    at QUICK, which only shows that the scripts work."""
+    measure(list(PARTS), QUICK if quick else SIZES, quick, results)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of: {', '.join(PARTS)}")
-    ap.add_argument("--ladder-steps", type=int, default=2000, help="steps per ladder rung (baby's own)")
-    ap.add_argument("--ladder-seeds", type=int, default=3, help="seeds per ladder rung (median and each)")
-    ap.add_argument("--gptiny-steps", type=int, default=200)
-    ap.add_argument("--gptiny-batch", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=2, help="Mini-GPT epochs")
+    ap.add_argument("--ladder-steps", type=int, default=SIZES["ladder_steps"], help="steps per ladder rung")
+    ap.add_argument("--ladder-seeds", type=int, default=SIZES["ladder_seeds"], help="seeds (median and each)")
+    ap.add_argument("--gptiny-steps", type=int, default=SIZES["gptiny_steps"])
+    ap.add_argument("--gptiny-batch", type=int, default=SIZES["gptiny_batch"])
+    ap.add_argument("--epochs", type=int, default=SIZES["epochs"], help="Mini-GPT epochs")
     ap.add_argument("--minigpt-chars", type=int, help="train Mini-GPT on only the corpus's first N characters")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="tinygpt-repro-") as tmp:
-        root = Path(tmp)
-        for part in [p.strip() for p in args.only.split(",") if p.strip()]:
-            if part == "overfit":
-                overfit(root).emit()
-            elif part == "ladder":
-                ladder(root, args.ladder_steps, args.ladder_seeds).emit()
-            elif part == "gptiny":
-                gptiny(root, args.gptiny_steps, args.gptiny_batch).emit()
-            elif part == "minigpt":
-                minigpt(root, args.epochs, args.minigpt_chars).emit()
-            else:
-                raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+    sizes = {**SIZES, **{k: getattr(args, k) for k in SIZES if hasattr(args, k)}}
+    measure([p.strip() for p in args.only.split(",") if p.strip()], sizes)
 
 
 if __name__ == "__main__":
