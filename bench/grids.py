@@ -7,7 +7,9 @@ over threads), so a second core helps a run little, while a second run in its ow
 fully. This bench measures that choice side by side in one process:
 
 * **one after another**: the runner allows 1 job at a time (``max_jobs_per_device=1``), each with
-  the given threads (``seq-T``: T torch threads each);
+  the given threads (``seq-T``: T torch threads each). The reference is ``seq-<cores>``, each member
+  with every core, the fastest way to run them one after another (a lone job in the app gets one
+  core fewer, ``seq-<cores - 1>``, which would flatter side by side);
 * **k at once**: the runner allows k jobs at a time with the given threads each (``par-kxT``);
 * **auto**: the runner's own default for this machine (what the app and the CLI's ``grid`` get).
 
@@ -38,7 +40,7 @@ from tinygpt_core.worker import grid_plan
 
 # Five ablations that keep the step's cost about the baseline's, so members take about as long each.
 ABLATIONS = ("relu", "no-bias", "qk-norm", "untied", "swap-qk")
-DEFAULT_MODES = ("seq-1", "auto")
+DEFAULT_MODES = (f"seq-{cpu_cores()}", "auto")  # the first is the reference: each member on every core
 
 
 def parse_mode(mode: str) -> tuple[int | None, int | None]:

@@ -1,7 +1,9 @@
 """Where a training step's time goes: torch.profiler tables of our ``baby`` step in fp32 and the default mode.
 
 The evidence behind RESULTS.md's explanations (which operators a missed target is spent in), so
-a gap is explained by a measurement rather than a guess.
+a gap is explained by a measurement rather than a guess. The first table puts our fp32 ``baby``
+step beside the peers' (transformers' GPT-2, and nanoGPT's model.py given a checkout), each
+operator's self time summed into a few kinds, so a ratio between steps can be read kind by kind.
 """
 
 from __future__ import annotations
@@ -11,11 +13,66 @@ import argparse
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import Report
-from bench.steps import our_step
+from bench.steps import Stepper, hf_step, nanogpt_step, our_step
 from bench.throughput import load_ids
 from tinygpt_core.config import get_preset
 
 ROWS = 14
+# Operator kinds for the side-by-side table: the first kind whose name fragment an operator contains.
+KINDS = (
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")),
+    ("attention", ("attention",)),
+    ("activation", ("gelu", "relu", "tanh")),
+    ("layer norm", ("layer_norm",)),
+    ("loss, softmax", ("softmax", "nll_loss", "cross_entropy")),
+    ("optimizer, clipping", ("adam", "optimizer", "foreach", "norm", "lerp", "clamp", "_fused")),
+    ("copies, casts", ("copy_", "_to_copy", "contiguous", "clone", "aten::cat")),
+    ("embedding", ("embedding", "index", "gather")),
+)
+
+
+def kind_of(op: str) -> str:
+    low = op.lower()
+    for kind, fragments in KINDS:
+        if any(f in low for f in fragments):
+            return kind
+    return "other"
+
+
+def step_kinds(stepper: Stepper, steps: int) -> dict[str, float]:
+    """Milliseconds per step of self CPU time in each kind of operator (and "total"), under the profiler."""
+    for _ in range(3):
+        stepper.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            stepper.step()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.key.startswith(("autograd::", "Optimizer.", "ProfilerStep")):
+            continue  # wrappers: their time is the operators' inside them, except their own Python
+        k = kind_of(e.key)
+        out[k] = out.get(k, 0.0) + e.self_cpu_time_total / steps / 1e3
+    out["total"] = sum(out.values())
+    return out
+
+
+def side_by_side(steps: int, nanogpt: str | None = None, quick: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The fp32 ``baby`` step of ours and each peer, operator kinds in ms per step: (headers, rows)."""
+    import dataclasses
+
+    ids, vocab = load_ids()
+    p = get_preset("baby")
+    mcfg, tcfg = p.model_config(vocab_size=vocab), p.train_config(device="cpu")
+    if quick:
+        tcfg = dataclasses.replace(tcfg, batch_size=4)
+    steppers = [our_step(mcfg, tcfg, ids, precision="fp32", name="ours"), hf_step(mcfg, tcfg, ids, precision="fp32")]
+    if nanogpt:
+        steppers.append(nanogpt_step(nanogpt, mcfg, tcfg, ids, precision="fp32"))
+    names = [s.name.replace(" fp32", "") for s in steppers]
+    kinds = {n: step_kinds(s, steps) for n, s in zip(names, steppers)}
+    order = [k for k, _ in KINDS] + ["other", "total"]
+    rows = [[k, *(f"{kinds[n].get(k, 0.0):.2f}" for n in names)] for k in order]
+    return ["kind of operator (ms per step)", *names], rows
 
 
 def profile_table(
@@ -61,10 +118,19 @@ def decode_profile(new_tokens: int = 256) -> tuple[str, float]:
     return avg.table(sort_by="self_cpu_time_total", row_limit=ROWS), ms
 
 
-def run(quick: bool = False, results=None) -> dict:
+def run(quick: bool = False, results=None, nanogpt: str | None = None) -> dict:
     steps = 3 if quick else 20
     report = Report("Profile: where a training step's time goes (torch.profiler, self CPU time)", quick=quick)
     out = {}
+    headers, rows = side_by_side(steps, nanogpt, quick)
+    report.add(
+        f"**fp32 `baby` step, ours beside the peers** ({steps} profiled steps each, the same batches, fused "
+        "AdamW and clipping for all; self CPU time of every operator summed by kind"
+        + ("" if nanogpt else "; nanoGPT not run: give --nanogpt PATH")
+        + ")"
+    )
+    report.add_table(headers, rows)
+    out["side_by_side"] = rows
     for label, kw in [
         ("baby fp32 AdamW", dict(preset="baby", precision="fp32")),
         ("baby auto AdamW", dict(preset="baby", precision="auto")),
@@ -89,8 +155,9 @@ def run(quick: bool = False, results=None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--nanogpt", metavar="PATH", help="a nanoGPT checkout: profile its model.py's step too")
     args = ap.parse_args(argv)
-    run(args.quick)
+    run(args.quick, nanogpt=args.nanogpt)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,21 @@ def test_bench_quick(name, tmp_path):
     assert "(--quick: smoke figures, not results)" in text
     if name == "convergence":  # no checkout given: said so, and no nanoGPT time quoted
         assert "nanoGPT comparison skipped" in text and "| skipped" in text
+    if name == "profile":  # our fp32 step beside transformers', kind by kind
+        assert "ours beside the peers" in text and "nanoGPT not run" in text
+        assert "| ours" in text and "transformers" in text and "| matmul" in text and "| total" in text
+
+
+def test_profile_kinds_sort_operators_by_what_they_do():
+    from bench.profile import kind_of
+
+    assert kind_of("aten::addmm") == kind_of("aten::mm") == "matmul"
+    assert kind_of("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention"
+    assert kind_of("aten::gelu_backward") == "activation"
+    assert kind_of("aten::native_layer_norm_backward") == "layer norm"  # not "norm" of the clipping
+    assert kind_of("aten::linalg_vector_norm") == kind_of("aten::_fused_adamw_") == "optimizer, clipping"
+    assert kind_of("aten::scatter_add_") != "copies, casts" and kind_of("aten::cat") == "copies, casts"
+    assert kind_of("aten::view") == "other"
 
 
 # --- the convergence harness's parts ------------------------------------------------------------------
