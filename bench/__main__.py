@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     failed = []
     for name in names:
         t0 = time.perf_counter()
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - report it and go on with the next benchmark
             traceback.print_exc()
             failed.append(name)
+        finally:
+            # A benchmark may change torch's threads for its own reasons (the Ray one fits a warm spare on
+            # a small cluster); the next one starts from the suite's setting, as its header line says.
+            torch.set_num_threads(threads)
         print(f"({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
     if failed:
         print(f"\nFailed: {', '.join(failed)}", file=sys.stderr)

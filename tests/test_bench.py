@@ -164,6 +164,32 @@ def test_bench_cli_rejects_unknown_names(capsys):
     assert "unknown benchmark" in capsys.readouterr().err
 
 
+def test_a_bench_that_changes_torch_threads_does_not_change_the_next_ones(monkeypatch):
+    import types
+
+    import bench.__main__ as suite
+
+    seen = []
+
+    def fake(threads_to_set):
+        def run(quick=False, results=None):
+            seen.append(torch.get_num_threads())
+            if threads_to_set:
+                torch.set_num_threads(threads_to_set)
+
+        return types.SimpleNamespace(run=run)
+
+    modules = {"bench.fake_a": fake(1), "bench.fake_b": fake(None)}
+    monkeypatch.setattr(suite, "BENCHES", {"a": "bench.fake_a", "b": "bench.fake_b"})
+    monkeypatch.setattr(suite.importlib, "import_module", modules.__getitem__)
+    before = torch.get_num_threads()
+    try:
+        assert suite.main(["--threads", "2"]) == 0
+        assert seen == [2, 2]  # "a" set 1 thread; "b" still started with the suite's 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_quick(module: str, *args: str, out: Path, timeout: int) -> str:
     """``python -m MODULE ARGS --results OUT`` on the built-in corpus; asserts it ended well, returns OUT's text."""
     env = {**os.environ, "BENCH_CORPUS": "builtin:tiny"}
