@@ -3,8 +3,9 @@
 
 Why not ``st.progress``/``st.metric``/``st.code``: a fragment refreshing once a second makes the browser
 re-create each of those elements every time, and with three tabs watching that cost headless Chromium
-about a third of a core on a 2-core machine that is also training (issue 10; bench/RESULTS.md). The
-board keeps its DOM and touches only what changed. ``_live_board.js`` draws it with ``textContent`` only.
+about a third of a core on a 2-core machine that is also training (issue 10; measured before this board,
+in the git history of bench/RESULTS.md). The board keeps its DOM and touches only what changed.
+``_live_board.js`` draws it with ``textContent`` only.
 """
 
 from __future__ import annotations

@@ -179,3 +179,20 @@ class Report:
                 f.write("# Benchmark results\n\nAppended by `python -m bench`; newest sections last.\n\n")
             f.write(body + "\n")
         return path
+
+
+@contextlib.contextmanager
+def threads_env(threads: int | None):
+    """TINYGPT_NUM_THREADS set to ``threads`` (None: unset) for the local runner's jobs, restored after."""
+    old = os.environ.get("TINYGPT_NUM_THREADS")
+    if threads is None:
+        os.environ.pop("TINYGPT_NUM_THREADS", None)
+    else:
+        os.environ["TINYGPT_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TINYGPT_NUM_THREADS", None)
+        else:
+            os.environ["TINYGPT_NUM_THREADS"] = old

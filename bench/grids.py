@@ -23,14 +23,12 @@ of the CPUs than one does, so compare those too before reading a ratio as a spee
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import resource
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Report, corpus_source, fmt, load_average, median
+from bench.common import Report, corpus_source, fmt, load_average, median, threads_env
 from tinygpt_core import state
 from tinygpt_core.jobs import LocalJobRunner
 from tinygpt_core.limits import cpu_cores
@@ -55,23 +53,6 @@ def parse_mode(mode: str) -> tuple[int | None, int | None]:
     raise ValueError(f"unknown mode {mode!r}: use seq-T, par-KxT or auto")
 
 
-@contextlib.contextmanager
-def _threads_env(threads: int | None):
-    """TINYGPT_NUM_THREADS set to ``threads`` (None: unset) for the runner's jobs, restored after."""
-    old = os.environ.get("TINYGPT_NUM_THREADS")
-    if threads is None:
-        os.environ.pop("TINYGPT_NUM_THREADS", None)
-    else:
-        os.environ["TINYGPT_NUM_THREADS"] = str(threads)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TINYGPT_NUM_THREADS", None)
-        else:
-            os.environ["TINYGPT_NUM_THREADS"] = old
-
-
 def _children_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
@@ -80,7 +61,7 @@ def _children_cpu_s() -> float:
 def run_grid(base: TrainSpec, ablations: tuple[str, ...], mode: str, root: Path) -> dict:
     """Launch one grid through a fresh local runner in ``mode``; wall and CPU seconds until all members end."""
     slots, threads = parse_mode(mode)
-    with _threads_env(threads):
+    with threads_env(threads):
         runner = LocalJobRunner(RunStore(root / mode), max_jobs_per_device=slots, execution="process")
         try:
             cpu0, t0 = _children_cpu_s(), time.perf_counter()

@@ -4,7 +4,9 @@ The same ``baby`` spec trains either by calling ``training.train`` directly (bar
 ``jobs.LocalJobRunner`` while a second thread reads ``snapshot`` every 0.5 s, as the Train page's
 fragment does (and builds the metrics frame, as the page does for its chart). Runs alternate
 (bare, live, bare, live ...); each run's tokens/s is its trained tokens over its logged training
-time (metrics.csv ``elapsed_s``), and the medians are compared.
+time (metrics.csv ``elapsed_s``), and the medians are compared. Both train with the torch threads the
+runner gives a lone job (``worker.threads_per_job``: the cores but one, which the server and the page's
+polling use), so the two paths differ only in how the run is driven and watched, not in thread count.
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench.common import Report, corpus_source, median
+import torch
+
+from bench.common import Report, corpus_source, median, threads_env
 from tinygpt_core.jobs import LocalJobRunner
+from tinygpt_core.limits import cpu_cores
 from tinygpt_core.runs import RunStore, read_metrics
 from tinygpt_core.training import TrainSpec, train
+from tinygpt_core.worker import threads_per_job
 
 POLL_S = 0.5
 TARGET = 0.05
@@ -35,16 +41,22 @@ def make_spec(source: str, iters: int) -> TrainSpec:
     )
 
 
-def bare_run(store: RunStore, source: str, iters: int) -> float:
+def bare_run(store: RunStore, source: str, iters: int, threads: int) -> float:
     spec = make_spec(source, iters)
-    result = train(spec, store.create("bare"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = train(spec, store.create("bare"))
+    finally:
+        torch.set_num_threads(before)
     return tokens_per_s(result.run_dir, spec)
 
 
-def live_run(store: RunStore, source: str, iters: int) -> tuple[float, int]:
+def live_run(store: RunStore, source: str, iters: int, threads: int) -> tuple[float, int]:
     spec = make_spec(source, iters)
     runner = LocalJobRunner(store=store, max_jobs_per_device=1)
-    job = runner.submit(spec)
+    with threads_env(threads):  # read when the job starts, inside submit
+        job = runner.submit(spec)
     polls, done = [0], threading.Event()
 
     def poller() -> None:  # what an open Train page does
@@ -71,17 +83,19 @@ def run(quick: bool = False, results=None, iters: int = 400, repeats: int = 3) -
     source = corpus_source()
     iters, repeats = (30, 1) if quick else (iters, repeats)
     bare, live, polls = [], [], []
+    threads = threads_per_job(1)
     with tempfile.TemporaryDirectory(prefix="tinygpt-bench-") as tmp:
         store = RunStore(tmp)
         for _ in range(repeats):
-            bare.append(bare_run(store, source, iters))
-            tps, n = live_run(store, source, iters)
+            bare.append(bare_run(store, source, iters, threads))
+            tps, n = live_run(store, source, iters, threads)
             live.append(tps)
             polls.append(n)
     overhead = 1 - median(live) / median(bare)
     report = Report("4. Live overhead: job runner + poller every 0.5 s vs the bare loop", quick=quick)
     report.add(
-        f"`baby` preset, {iters} steps per run, runs alternating bare/live, {repeats} of each; "
+        f"`baby` preset, {iters} steps per run, runs alternating bare/live, {repeats} of each, "
+        f"{threads} torch thread(s) in both (the runner's choice for a lone job on {cpu_cores()} cores); "
         f"tokens/s = trained tokens / logged training seconds (evals included in both)."
     )
     report.add_table(

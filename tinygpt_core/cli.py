@@ -464,7 +464,8 @@ def _on_ray(spec, run_dir: Path | None, max_iters: int | None, no_progress: bool
 def _set_threads(n: int | None) -> None:
     """--threads, else the runner's own choice (worker.threads_per_job: $TINYGPT_NUM_THREADS, else the cores
     but one). Torch's default (every core) collapses as soon as anything else wants a core: on 2 cores a
-    watching browser tab cut a CLI run to 29% of its rate, and a busy machine to a fifth (bench/RESULTS.md)."""
+    watching browser tab cut a CLI run to 29% of its rate, and a busy machine to a fifth (issue 10's
+    measurements, in the git history of bench/RESULTS.md)."""
     if n is None:
         from .worker import threads_per_job
 
