@@ -2,9 +2,11 @@
 
 A grid is what the Runs page's "Launch grid" queues (``state.launch_grid``): the baseline plus one run
 per ablation, each trained by the local job runner in its own process, exactly as the app does it.
-Tiny models are dispatch-bound (a step is thousands of small kernels, each too small to share out
-over threads), so a second core helps a run little, while a second run in its own process uses it
-fully. This bench measures that choice side by side in one process:
+The hope behind running members side by side: a tiny model's step is many small kernels, too small to
+share out well over threads, while a second run in its own process uses a second core fully. How much a
+second thread still helps one member decides what side by side can gain (on the 2-core machine of
+bench/RESULTS.md, 1.47× for a `baby-fast` member, so at best 0.74×). This bench measures the choice
+side by side in one process:
 
 * **one after another**: the runner allows 1 job at a time (``max_jobs_per_device=1``), each with
   the given threads (``seq-T``: T torch threads each). The reference is ``seq-<cores>``, each member
