@@ -9,6 +9,7 @@ operator's self time summed into a few kinds, so a ratio between steps can be re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from torch.profiler import ProfilerActivity, profile
 
@@ -39,15 +40,20 @@ def kind_of(op: str) -> str:
     return "other"
 
 
-def step_kinds(stepper: Stepper, steps: int) -> dict[str, float]:
-    """Milliseconds per step of self CPU time in each kind of operator (and "total"), under the profiler."""
+def profiled(stepper: Stepper, steps: int):
+    """The profiler's per-operator averages over ``steps`` steps, after 3 unprofiled warm-up steps."""
     for _ in range(3):
         stepper.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             stepper.step()
+    return prof.key_averages()
+
+
+def step_kinds(stepper: Stepper, steps: int) -> dict[str, float]:
+    """Milliseconds per step of self CPU time in each kind of operator (and "total"), under the profiler."""
     out: dict[str, float] = {}
-    for e in prof.key_averages():
+    for e in profiled(stepper, steps):
         if e.key.startswith(("autograd::", "Optimizer.", "ProfilerStep")):
             continue  # wrappers: their time is the operators' inside them, except their own Python
         k = kind_of(e.key)
@@ -56,11 +62,13 @@ def step_kinds(stepper: Stepper, steps: int) -> dict[str, float]:
     return out
 
 
-def side_by_side(steps: int, nanogpt: str | None = None, quick: bool = False) -> tuple[list[str], list[list[str]]]:
-    """The fp32 ``baby`` step of ours and each peer, operator kinds in ms per step: (headers, rows)."""
-    import dataclasses
+def side_by_side(
+    corpus: tuple, steps: int, nanogpt: str | None = None, quick: bool = False
+) -> tuple[list[str], list[list[str]]]:
+    """The fp32 ``baby`` step of ours and each peer, operator kinds in ms per step: (headers, rows).
 
-    ids, vocab = load_ids()
+    ``corpus``: (train ids, vocabulary size), as ``load_ids`` gives them."""
+    ids, vocab = corpus
     p = get_preset("baby")
     mcfg, tcfg = p.model_config(vocab_size=vocab), p.train_config(device="cpu")
     if quick:
@@ -76,25 +84,21 @@ def side_by_side(steps: int, nanogpt: str | None = None, quick: bool = False) ->
 
 
 def profile_table(
+    corpus: tuple,
     preset: str = "baby",
     precision: str = "auto",
     steps: int = 20,
     optimizer: str | None = None,
     batch_size: int | None = None,
 ) -> tuple[str, str, float]:
-    """(resolved precision, profiler table, ms per step under the profiler)."""
-    ids, vocab = load_ids()
+    """(resolved precision, profiler table, ms per step under the profiler); ``corpus`` as in side_by_side."""
+    ids, vocab = corpus
     p = get_preset(preset)
     overrides = {k: v for k, v in dict(optimizer=optimizer, batch_size=batch_size).items() if v is not None}
     stepper = our_step(
         p.model_config(vocab_size=vocab), p.train_config(device="cpu", **overrides), ids, precision=precision
     )
-    for _ in range(3):
-        stepper.step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            stepper.step()
-    avg = prof.key_averages()
+    avg = profiled(stepper, steps)
     total_us = sum(e.self_cpu_time_total for e in avg)
     return stepper.precision, avg.table(sort_by="self_cpu_time_total", row_limit=ROWS), total_us / steps / 1e3
 
@@ -122,7 +126,8 @@ def run(quick: bool = False, results=None, nanogpt: str | None = None) -> dict:
     steps = 3 if quick else 20
     report = Report("Profile: where a training step's time goes (torch.profiler, self CPU time)", quick=quick)
     out = {}
-    headers, rows = side_by_side(steps, nanogpt, quick)
+    corpus = load_ids()  # once: building the tokenizer and ids is the same for every table
+    headers, rows = side_by_side(corpus, steps, nanogpt, quick)
     report.add(
         f"**fp32 `baby` step, ours beside the peers** ({steps} profiled steps each, the same batches, fused "
         "AdamW and clipping for all; self CPU time of every operator summed by kind"
@@ -136,7 +141,7 @@ def run(quick: bool = False, results=None, nanogpt: str | None = None) -> dict:
         ("baby auto AdamW", dict(preset="baby", precision="auto")),
         ("baby-fast auto Muon", dict(preset="baby-fast", precision="auto")),
     ]:
-        precision, text, ms = profile_table(steps=steps, **kw)
+        precision, text, ms = profile_table(corpus, steps=steps, **kw)
         report.add(
             f"**{label}** (resolved precision {precision}; {steps} steps, {ms:.1f} ms/step under the "
             "profiler)\n\n```\n" + text.strip() + "\n```"
