@@ -8,6 +8,7 @@ import torch
 
 import tinygpt_core.model as model_mod
 from tinygpt_core.config import ModelConfig
+from tinygpt_core.decode_step import DecodeStep
 from tinygpt_core.errors import ConfigError
 from tinygpt_core.model import GPT, KVCache
 from tinygpt_core.sampling import SamplingSettings, _beam_search, _NextLogits, context_length, generate_ids
@@ -24,10 +25,14 @@ def tiny(seed: int = 0, **kw) -> GPT:
     return model
 
 
-def count_fed_tokens(model: GPT) -> list[int]:
-    """Tokens the model is run on, per call (a forward pre-hook): the work decoding does."""
+def count_fed_tokens(model: GPT, monkeypatch) -> list[int]:
+    """Tokens the model is run on, per call (its forward, or the one-token decode step): the work decoding does."""
     fed: list[int] = []
     model.register_forward_pre_hook(lambda _m, args: fed.append(args[0].numel()))
+    step = DecodeStep.__call__
+    monkeypatch.setattr(
+        DecodeStep, "__call__", lambda self, tokens, cache: fed.append(tokens.numel()) or step(self, tokens, cache)
+    )
     return fed
 
 
@@ -122,11 +127,11 @@ def test_kv_cache_reorder_follows_the_chosen_rows_and_reset_keeps_the_buffers():
         assert cache.length == 2 and cache[0].k.data_ptr() == ptr
 
 
-def test_sliding_decoding_work_is_linear_and_rebuilds_once_per_slide():
+def test_sliding_decoding_work_is_linear_and_rebuilds_once_per_slide(monkeypatch):
     """Past the context, slide s feeds one token per step plus one window of block_size - s + 1 per slide;
     the exact window (s = 1) must recompute block_size tokens at every step, so it feeds far more."""
     model = tiny()
-    fed = count_fed_tokens(model)
+    fed = count_fed_tokens(model, monkeypatch)
     idx = torch.tensor([[1, 2, 3]])
     n = 60
     generate_ids(model, idx, n, SamplingSettings(strategy="greedy", context_slide=8))
@@ -141,9 +146,9 @@ def test_sliding_decoding_work_is_linear_and_rebuilds_once_per_slide():
     assert max(fed) == BLOCK
 
 
-def test_beam_search_feeds_one_token_per_beam_per_step_and_its_work_is_linear():
+def test_beam_search_feeds_one_token_per_beam_per_step_and_its_work_is_linear(monkeypatch):
     model = tiny(seed=3)
-    fed = count_fed_tokens(model)
+    fed = count_fed_tokens(model, monkeypatch)
     s = SamplingSettings(strategy="beam", num_beams=4, context_slide=4)
     work = {}
     with torch.no_grad():

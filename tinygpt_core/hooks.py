@@ -64,6 +64,11 @@ def hook_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, HookPoint)]
 
 
+def hooks_active() -> bool:
+    """Whether a ``run_with_hooks`` block is open in this thread (fast paths that skip hook points ask)."""
+    return bool(_ACTIVE.get())
+
+
 @contextlib.contextmanager
 def run_with_hooks(model: nn.Module, fns: Mapping[str, HookFn]) -> Iterator[None]:
     """Call ``fns[name](activation)`` at the named hook points of ``model`` inside the ``with`` block,

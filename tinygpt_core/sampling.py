@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .decode_step import DecodeStep
 from .errors import ConfigError, TokenizerError
 from .model import KVCache
 
@@ -383,6 +384,7 @@ class _NextLogits:
                 f"{max(1, self.block_size // 2)} (half the context) is a good choice."
             )
         self.cache = KVCache(model.config.n_layer, self.block_size) if use_cache else None
+        self.step = DecodeStep.for_model(model) if use_cache else None  # None: every token through the model
         self.valid = False  # the cache holds the window of the last call
         self.seen_len = 0  # length of the sequences of the last call
         self.origin: int | None = None  # where the first window started (set by the first call)
@@ -398,10 +400,13 @@ class _NextLogits:
         if self.origin is None:
             self.origin = max(0, T - self.block_size)
         L = context_length(T, self.block_size, self.slide, self.origin)
+        grew_by_one, self.seen_len = T == self.seen_len + 1, T
         if self.cache is None:
             out = self.model(idx[:, -L:])
-        elif self.valid and T == self.seen_len + 1 and L == self.cache.length + 1:
-            out = self.model(idx[:, -1:], past_kv=self.cache)  # one token's work
+        elif self.valid and grew_by_one and L == self.cache.length + 1:
+            if self.step is not None and self.step.usable():
+                return self.step(idx[:, -1], self.cache)  # one token's work, without module calls
+            out = self.model(idx[:, -1:], past_kv=self.cache)  # the same, through the model (and its hooks)
         elif L < self.block_size:  # (re)fill: the next tokens extend this window
             self.cache.reset()
             out = self.model(idx[:, -L:], past_kv=self.cache)
@@ -409,7 +414,6 @@ class _NextLogits:
         else:
             out = self.model(idx[:, -L:])
             self.valid = False
-        self.seen_len = T
         return out.logits[:, -1].float()
 
     def reorder(self, rows: torch.Tensor) -> None:

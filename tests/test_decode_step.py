@@ -1,0 +1,125 @@
+"""The one-token decode step must compute what the model computes, for every ablation, and step aside
+wherever it would not (hooks, training mode, autocast, other dtypes)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from tinygpt_core.ablation_registry import REGISTRY
+from tinygpt_core.config import ModelConfig
+from tinygpt_core.decode_step import DecodeStep
+from tinygpt_core.hooks import run_with_hooks
+from tinygpt_core.model import GPT, KVCache
+from tinygpt_core.sampling import SamplingSettings, generate_ids
+
+V, BLOCK = 13, 12
+
+
+def tiny(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(**(dict(vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16) | overrides))
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # wider than GPT-2's init, so every part moves the logits visibly
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if cfg.use_layernorm and cfg.use_residual else 0.15)
+    return model
+
+
+def count_steps(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, t, c: calls.append(t.numel()) or real(self, t, c))
+    return calls
+
+
+COMBINED = {"everything at once": dict(norm_position="post", qk_norm=True, swap_qk=True, attn_window=3, bias=False)}
+CASES = {ab.name: ab.overrides() for ab in REGISTRY} | {"baseline": {}} | COMBINED
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_the_step_gives_the_models_logits_and_cache_for_every_ablation(overrides):
+    model = tiny(**overrides)
+    step = DecodeStep.for_model(model)
+    assert step is not None and step.usable()
+    idx = torch.randint(0, V, (3, BLOCK), generator=torch.Generator().manual_seed(1))
+    ours, theirs = KVCache(model.config.n_layer, BLOCK), KVCache(model.config.n_layer, BLOCK)
+    with torch.no_grad():
+        model(idx[:, :2], past_kv=ours), model(idx[:, :2], past_kv=theirs)
+        for t in range(2, BLOCK):  # past the window of "window-8" and "everything at once"
+            got = step(idx[:, t], ours)
+            want = model(idx[:, t : t + 1], past_kv=theirs).logits[:, -1]
+            assert got.shape == (3, V) and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert ours.length == theirs.length == t + 1
+        for mine, model_kv in zip(ours.layers, theirs.layers):
+            torch.testing.assert_close(list(mine), list(model_kv), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_generation_takes_the_step_and_picks_what_the_model_picks(strategy, monkeypatch):
+    model = tiny(seed=2)
+    s = SamplingSettings(strategy=strategy, num_beams=3, temperature=1.2, context_slide=4)
+    gen = (lambda: torch.Generator().manual_seed(5)) if strategy == "sample" else (lambda: None)
+    idx = torch.tensor([[1, 2, 3]])
+    calls = count_steps(monkeypatch)
+    fast = generate_ids(model, idx, 25, s, generator=gen())
+    assert len(calls) > 15  # most tokens: one per step, slides refill through the model
+    monkeypatch.setattr(DecodeStep, "for_model", classmethod(lambda cls, m: None))
+    assert torch.equal(fast, generate_ids(model, idx, 25, s, generator=gen()))
+
+
+def test_hooks_send_decoding_through_the_model(monkeypatch):
+    """Knockout decodes inside run_with_hooks: the step, which has no hook points, must step aside."""
+    model = tiny(seed=3)
+    idx, s = torch.tensor([[4, 5]]), SamplingSettings(strategy="greedy")
+    plain = generate_ids(model, idx, 8, s)
+    calls = count_steps(monkeypatch)
+    with run_with_hooks(model, {"blocks.1.hook_resid_post": torch.neg}):
+        knocked = generate_ids(model, idx, 8, s)
+    assert calls == [] and not torch.equal(plain, knocked)
+    with torch.no_grad(), run_with_hooks(model, {"blocks.1.hook_resid_post": torch.neg}):
+        by_hand = model(knocked[:, :-1]).logits[0].argmax(-1)
+    assert torch.equal(knocked[0, 2:], by_hand[1:])  # each token is the hooked model's greedy choice
+
+
+def test_the_step_follows_weights_changed_in_place():
+    """Training samples text between optimizer steps: a cached weight copy must not outlive the weights."""
+    model = tiny(seed=4)
+    first = DecodeStep.for_model(model)
+    assert DecodeStep.for_model(model) is first  # unchanged weights: the copies are reused
+    with torch.no_grad():
+        model.blocks[1].mlp.c_fc.weight.mul_(-1.0)
+    second = DecodeStep.for_model(model)
+    assert second is not first
+    cache = KVCache(2, BLOCK)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2]]), past_kv=cache)
+        got = second(torch.tensor([3]), cache)
+        want = model(torch.tensor([[1, 2, 3]])).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_step_stands_aside_where_it_would_differ():
+    model = tiny()
+    step = DecodeStep.for_model(model)
+    model.train()
+    assert not step.usable()
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not step.usable()
+    assert step.usable()
+    assert DecodeStep.for_model(tiny().to(torch.bfloat16)) is None
+    assert DecodeStep.for_model(torch.nn.Linear(2, 2)) is None
+
+
+def test_the_weight_copies_do_not_keep_a_model_alive():
+    model = tiny()
+    DecodeStep.for_model(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
