@@ -15,6 +15,13 @@ side by side in one process:
 * **k at once**: the runner allows k jobs at a time with the given threads each (``par-kxT``);
 * **auto**: the runner's own default for this machine (what the app and the CLI's ``grid`` get).
 
+The other way to share a machine among members, batching them into one model, is bounded by a second
+table (``batching_bound``): one forward and backward of every member one after another, of the
+members stacked into one model (``torch.func.vmap`` over their stacked weights), and of one model on
+a batch members times larger, which is the least any batching of same-shape members can cost (the
+same kernels on more rows, with one set of weights to read). If that is not well under one after
+another, batched members cannot reach what processes side by side do not.
+
 Modes run in turns, mirrored (A B B A ...), so a neighbour's burst of work lands on every mode; the
 1-minute load is recorded before and after each round. Wall seconds are from the submission of the
 grid to the end of its last member (process starts, evals and checkpoints included). CPU seconds
@@ -25,15 +32,22 @@ of the CPUs than one does, so compare those too before reading a ratio as a spee
 from __future__ import annotations
 
 import argparse
+import copy
 import resource
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-from bench.common import Report, corpus_source, fmt, load_average, median, threads_env
+import torch
+
+from bench.common import Report, corpus_source, fmt, interleaved, load_average, median, threads_env
 from tinygpt_core import state
+from tinygpt_core.config import get_preset
+from tinygpt_core.device import autocast, resolve_precision
 from tinygpt_core.jobs import LocalJobRunner
 from tinygpt_core.limits import cpu_cores
+from tinygpt_core.model import GPT
 from tinygpt_core.runs import RunStore
 from tinygpt_core.training import TrainSpec
 from tinygpt_core.worker import grid_plan
@@ -83,6 +97,58 @@ def run_grid(base: TrainSpec, ablations: tuple[str, ...], mode: str, root: Path)
         cpu_s=cpu,
         vals=[s.best_val_loss for s in snaps],
     )
+
+
+def batching_bound(preset: str, members: int, rounds: int, vocab_size: int = 65) -> tuple[dict[str, float], str]:
+    """Median seconds of one forward + backward of ``members`` models of ``preset``, three ways (module docstring).
+
+    Random tokens (the cost of a step does not depend on them), the preset's batch and context, the
+    precision ``auto`` picks on this CPU, every core. Returns the medians and that precision."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    spec = get_preset(preset)
+    cfg, batch = spec.model_config(vocab_size=vocab_size), spec.train_config().batch_size
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)
+    torch.manual_seed(0)
+    models = [GPT(cfg) for _ in range(members)]
+    x = torch.randint(0, vocab_size, (members, batch, cfg.block_size))
+    y = torch.randint(0, vocab_size, (members, batch, cfg.block_size))
+    params, buffers = stack_module_state(models)
+    template = copy.deepcopy(models[0])
+
+    def member_loss(p, b, xi, yi):
+        return functional_call(template, (p, b), (xi, yi)).loss
+
+    stacked_loss = vmap(member_loss)
+
+    def one_after_another():
+        for m, xi, yi in zip(models, x, y):
+            with autocast(cpu, precision):
+                loss = m(xi, yi).loss
+            loss.backward()
+            m.zero_grad(set_to_none=True)
+
+    def stacked():
+        with autocast(cpu, precision), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's note that CPU flash attention has no batching rule
+            loss = stacked_loss(params, buffers, x, y).sum()
+        loss.backward()
+        for p in params.values():
+            p.grad = None
+
+    def one_big_batch():
+        with autocast(cpu, precision):
+            loss = models[0](x.flatten(0, 1), y.flatten(0, 1)).loss
+        loss.backward()
+        models[0].zero_grad(set_to_none=True)
+
+    fns = {
+        "one after another": one_after_another,
+        "stacked into one model (vmap)": stacked,
+        f"one model, batch × {members} (the floor)": one_big_batch,
+    }
+    return {k: median(v) for k, v in interleaved(fns, rounds=rounds, warmup=1).items()}, precision
 
 
 def mirrored(modes: list[str], rounds: int) -> list[str]:
@@ -157,8 +223,20 @@ def run(
         "CPU s: the training processes' user + system seconds (more processes take a larger share of a "
         "shared machine, so a ratio well below what the CPU seconds allow is partly the neighbours' loss)."
     )
+    bound, precision = batching_bound("tiny" if quick else preset, n, rounds=2 if quick else 10)
+    first = bound["one after another"]
+    report.add(
+        f"**Members batched into one model**: one forward + backward of {n} `{'tiny' if quick else preset}` "
+        f"members ({precision}, {torch.get_num_threads()} threads, random tokens), median of "
+        f"{2 if quick else 10} interleaved rounds."
+    )
+    report.add_table(
+        ["members", "ms", "÷ one after another"],
+        [[k, f"{1e3 * v:.1f}", fmt(v / first, 2)] for k, v in bound.items()],
+    )
     report.emit(results)
-    return dict(times=times, ratio={m: median(r["wall_s"] for r in times[m]) / ref_wall for m in modes})
+    ratio = {m: median(r["wall_s"] for r in times[m]) / ref_wall for m in modes}
+    return dict(times=times, ratio=ratio, batching={k: v / first for k, v in bound.items()})
 
 
 def main(argv: list[str] | None = None) -> None:

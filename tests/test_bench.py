@@ -250,6 +250,8 @@ def test_bench_quick(name, tmp_path):
     if name == "profile":  # our fp32 step beside transformers', kind by kind
         assert "ours beside the peers" in text and "nanoGPT not run" in text
         assert "| ours" in text and "transformers" in text and "| matmul" in text and "| total" in text
+    if name == "grids":  # processes side by side, then the bound on batching members into one model
+        assert "| auto (" in text and "Members batched into one model" in text and "(the floor)" in text
 
 
 def test_profile_kinds_sort_operators_by_what_they_do():
