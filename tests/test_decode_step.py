@@ -66,10 +66,11 @@ def test_generation_takes_the_step_and_picks_what_the_model_picks(strategy, monk
     gen = (lambda: torch.Generator().manual_seed(5)) if strategy == "sample" else (lambda: None)
     idx = torch.tensor([[1, 2, 3]])
     calls = count_steps(monkeypatch)
-    fast = generate_ids(model, idx, 25, s, generator=gen())
+    fast = generate_ids(model, idx, 25, s, generator=gen(), banned_ids=[0])
     assert len(calls) > 15  # most tokens: one per step, slides refill through the model
+    assert 0 not in fast[0, 3:].tolist()  # the step's logits take the ban like the model's
     monkeypatch.setattr(DecodeStep, "for_model", classmethod(lambda cls, m: None))
-    assert torch.equal(fast, generate_ids(model, idx, 25, s, generator=gen()))
+    assert torch.equal(fast, generate_ids(model, idx, 25, s, generator=gen(), banned_ids=[0]))
 
 
 def test_hooks_send_decoding_through_the_model(monkeypatch):
