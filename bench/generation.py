@@ -132,7 +132,7 @@ def run(
     tok = train_tokenizer("char", text)
     ids = torch.tensor([tok.encode(text[:PROMPT_TOKENS])])
     cases = {"fits": 8, "slides": 80} if quick else CASES
-    rounds = rounds or (1 if quick else 5)
+    rounds = rounds or (1 if quick else 9)
     before_pkg = load_before(before) if before else None
     report = Report("3. Generation: per-token decode latency on the preset's own context, greedy", quick=quick)
     report.add(
@@ -207,7 +207,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="8 and 80 new tokens, 1 round: checks the script")
     ap.add_argument("--preset", action="append", help="model sizes and context to use (default: baby)")
     ap.add_argument("--before", metavar="PATH", help="also time the decoder of the checkout at PATH (e.g. main's)")
-    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 5)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        help="interleaved rounds (default 9: a shared machine's noise is as large as the differences)",
+    )
     ap.add_argument("--results", type=Path, help="append the tables here instead of bench/RESULTS.md")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
