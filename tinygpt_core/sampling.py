@@ -616,8 +616,8 @@ def generate_ids(
     Greedy and sample work on any batch; beam search takes one prompt (B = 1) and returns its best
     beam. ``generator`` drives sampling (``settings.seed`` is ignored here: the caller owns the
     randomness, e.g. training draws its samples from its own generator). The model runs in eval
-    mode without gradients and is put back in its previous mode afterwards. (no_grad rather than
-    inference_mode, so the returned ids can be used anywhere, training included.)
+    mode without gradients and is put back in its previous mode afterwards. (Inference mode only around
+    the model's calls, no_grad around the rest, so the returned ids can be used anywhere, training included.)
     """
     cfg = getattr(model, "config", None)
     settings.validate(None if cfg is None else cfg.vocab_size)
