@@ -7,8 +7,10 @@ ablation, on the same cache, with two differences that change only the speed:
 
 - every weight matrix is kept transposed, (in, out) and contiguous. On CPU a one-row product
   against PyTorch's (out, in) Linear layout takes a slower path: 8.1 against 5.1 µs at 128 → 384,
-  44 against 34 µs at 384 → 1152 (one thread, measured). The copies are made once per set of
-  weights and made again when the weights change (training samples text between its steps);
+  44 against 34 µs at 384 → 1152 (one thread, measured). The copies are made for each generation
+  (one ``DecodeStep`` per call of the sampling loop, at its first cached token) and never kept:
+  fused AdamW writes the weights without bumping their version counters, so a kept copy could not
+  tell it had gone stale;
 - no module calls, hook points or dropout: ``GPT.forward`` makes about 70 module calls per token
   at ``baby`` size.
 
@@ -22,7 +24,6 @@ tests/test_decode_step.py checks that both give the same logits for every regist
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -101,23 +102,18 @@ def _layer(block: nn.Module) -> _Layer:
     )
 
 
-def _weights_key(model: GPT) -> tuple:
-    """Changes whenever any parameter is replaced or written in place (an optimizer step, load_state_dict)."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
-
-
 class DecodeStep:
     """``step(tokens, cache)``: logits (B, V) in float32 for one new token per sequence, through the cache.
 
     ``tokens`` is (B,): each sequence's newest token; ``cache`` holds their earlier tokens and is
     extended in place, exactly as ``model(tokens[:, None], past_kv=cache)`` would extend it.
-    Build it with ``DecodeStep.for_model`` (which reuses the weight copies while the weights are
-    unchanged) and ask ``usable()`` before each call.
+    Build it with ``DecodeStep.for_model`` for one generation (the weights must not change while
+    it lives) and ask ``usable()`` before each call.
     """
 
     def __init__(self, model: GPT):
         cfg = model.config
-        self._model = weakref.ref(model)  # the cache below is keyed by the model: no strong reference back
+        self.model = model
         self.pre_norm, self.residual = cfg.norm_position == "pre", cfg.use_residual
         self.n_head, self.head_size = cfg.n_head, cfg.head_size
         self.relu = cfg.activation == "relu"
@@ -125,31 +121,24 @@ class DecodeStep:
         self.layers = [_layer(b) for b in model.blocks]
         self.ln_f = _norm(model.ln_f)
         self.head = _linear(model.lm_head)  # (C, V): the embedding, transposed, when the weights are tied
-        self.key = _weights_key(model)
-
-    _cache: weakref.WeakKeyDictionary[GPT, DecodeStep] = weakref.WeakKeyDictionary()
 
     @classmethod
     def for_model(cls, model: nn.Module) -> DecodeStep | None:
-        """The step for ``model``, or None when it cannot serve it (not a GPT, or weights not float32)."""
+        """A step for ``model``, or None when it cannot serve it (not a GPT, or weights not float32)."""
         if not isinstance(model, GPT) or any(p.dtype != torch.float32 for p in model.parameters()):
             return None
-        step = cls._cache.get(model)
-        if step is None or step.key != _weights_key(model):
-            step = cls._cache[model] = cls(model)
-        return step
+        return cls(model)
 
     def usable(self) -> bool:
         """Whether this call computes what the model would: eval mode, no autocast, no active hooks."""
-        model = self._model()
-        if model is None or model.training or torch.is_autocast_enabled(self.wte.device.type):
+        if self.model.training or torch.is_autocast_enabled(self.wte.device.type):
             return False
         return not hooks_active()
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B, start = tokens.size(0), cache.length
         nh, hs = self.n_head, self.head_size
-        x = F.embedding(tokens, self.wte) + self._model().position_embedding(start, 1, tokens.device)  # (B, C)
+        x = F.embedding(tokens, self.wte) + self.model.position_embedding(start, 1, tokens.device)  # (B, C)
         for i, layer in enumerate(self.layers):
             h = layer.ln_1(x) if self.pre_norm else x
             q, k, v = layer.qkv(h).view(B, 3, nh, 1, hs).unbind(1)  # each (B, nh, 1, hs)
