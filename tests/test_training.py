@@ -431,7 +431,10 @@ def test_samples_come_from_the_one_sampler(tmp_path, monkeypatch):
 
     calls = []
     real = sampling.generate_ids
-    monkeypatch.setattr(sampling, "generate_ids", lambda *a, **kw: calls.append(a[3].strategy) or real(*a, **kw))
+    monkeypatch.setattr(
+        sampling, "generate_ids", lambda *a, **kw: calls.append((a[3].strategy, a[3].context_slide)) or real(*a, **kw)
+    )
     result, events = run(tmp_path, spec(max_iters=6, eval_interval=3))
-    assert calls == ["sample", "sample"]
+    half = read_config(result.run_dir).model.block_size // 2  # past the context the preview's window jumps half of it
+    assert calls == [("sample", half), ("sample", half)]
     assert [e.data["text"] for e in events if e.kind == "sample"] == [s["text"] for s in read_samples(result.run_dir)]
