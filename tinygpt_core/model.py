@@ -5,7 +5,9 @@ Two attention paths give identical outputs: a fast one through
 one (softmax of q·kᵀ) used when the caller asks for the attention weights. Inspection taps into
 the model through ``return_attention=True`` and the named hook points (``hooks.HookPoint``: the
 embeddings, each head's output, each block's output), which the logit lens, head knockout and the
-health probe use; nothing else needs special cases.
+health probe use; nothing else needs special cases. One reader of the weights runs this forward's maths
+without the modules: ``decode_step.DecodeStep``, the sampling loop's path for one cached token, which
+steps aside whenever hooks are active (tests/test_decode_step.py holds it to this file, ablation by ablation).
 
 Shapes: B batch, T time (tokens), C = n_embd, nh = n_head, hs = head size = C / nh.
 """
