@@ -15,7 +15,7 @@ ablation, on the same cache, with two differences that change only the speed:
   at ``baby`` size.
 
 The model's own code still runs where it is cheap to call: the position embedding, the cache
-write (``LayerKV.append``) and the attention kernel with its window (``CausalSelfAttention._sdpa``).
+write (``LayerKV.append``) and the attention kernel with its window (``CausalSelfAttention.fused_attention``).
 The step serves only where it is the same computation (``usable``): a ``GPT`` in eval mode with
 float32 weights, no autocast, and no ``run_with_hooks`` active in this thread (knockout decodes
 through its hooks). Everywhere else the sampling loop calls the model itself.
@@ -63,7 +63,7 @@ class _Linear:
 class _Layer:
     """One block's weights and switches, read once from the model."""
 
-    attn: nn.Module  # the block's CausalSelfAttention: its _sdpa applies the window
+    attn: nn.Module  # the block's CausalSelfAttention: its fused_attention applies the window
     ln_1: _Norm
     qkv: _Linear
     q_norm: torch.Tensor | None  # QK-norm gains (hs,), None without it
@@ -148,7 +148,7 @@ class DecodeStep:
                 q = F.rms_norm(q, (hs,), layer.q_norm, layer.qk_eps)
                 k = F.rms_norm(k, (hs,), layer.k_norm, layer.qk_eps)
             k, v = cache[i].append(k, v)  # (B, nh, start + 1, hs)
-            y = layer.attn._sdpa(q, k, v, 0.0).view(B, nh * hs)  # one position: heads side by side
+            y = layer.attn.fused_attention(q, k, v, 0.0).view(B, nh * hs)  # one position: heads side by side
             x = self._residual(x, layer.proj(y), layer.ln_1)
             if layer.fc is not None:
                 m = layer.ln_2(x) if self.pre_norm else x

@@ -169,13 +169,13 @@ class CausalSelfAttention(nn.Module):
                 # at 4.1 vs 0.8 ms a layer on the baby model), so bf16 runs attend in fp32 there;
                 # autocast would cast the inputs straight back to bf16, hence it is paused.
                 with torch.autocast("cpu", enabled=False):
-                    y = self._sdpa(q.float(), k.float(), v.float(), p).to(dtype)
+                    y = self.fused_attention(q.float(), k.float(), v.float(), p).to(dtype)
             else:
-                y = self._sdpa(q, k, v, p)
+                y = self.fused_attention(q, k, v, p)
         y = self.hook_z(y).transpose(1, 2).reshape(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.c_proj(y)), weights, kv
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
         """Fused attention of q (B, nh, T, hs) over k, v (B, nh, T_total, hs): causal, windowed if configured."""
         T, t_total = q.size(2), k.size(2)
         if self.window is None and T == t_total:  # no cached past: plain causal attention
