@@ -20,6 +20,7 @@ import torch
 BENCHES = {  # name -> module, in the order
     "throughput": "bench.throughput",
     "convergence": "bench.convergence",
+    "recipes": "bench.recipes",  # how baby-fast's recipe was chosen: variants on tuning seeds
     "grids": "bench.grids",  # an ablation grid one member after another vs side by side
     "generation": "bench.generation",
     "live": "bench.live",

@@ -250,8 +250,27 @@ def test_bench_quick(name, tmp_path):
     if name == "profile":  # our fp32 step beside transformers', kind by kind
         assert "ours beside the peers" in text and "nanoGPT not run" in text
         assert "| ours" in text and "transformers" in text and "| matmul" in text and "| total" in text
+    if name == "recipes":  # the preset beside the variants it was chosen over, on tuning seeds only
+        assert "How the baby-fast recipe was chosen" in text and "baby-fast as it ships" in text
+        assert "over tuning seeds 11 (not the convergence table's)" in text
     if name == "grids":  # processes side by side, then the bound on batching members into one model
         assert "| auto (" in text and "Members batched into one model" in text and "(the floor)" in text
+
+
+def test_recipes_first_step_needs_every_seed_under_the_target():
+    from bench.convergence import SEEDS
+    from bench.recipes import TUNING_SEEDS, VARIANTS, first_step_all_reach
+
+    def run(*vals):
+        return dict(evals=[dict(step=50 * (i + 1), whole=v) for i, v in enumerate(vals)])
+
+    runs = [run(2.0, 1.89, 1.85), run(2.0, 1.88, 1.86), run(1.99, 1.87, 1.80)]
+    assert first_step_all_reach(runs, 1.886) == 150  # at 100 one seed (1.89) is still above
+    assert first_step_all_reach(runs[1:], 1.886) == 100
+    assert first_step_all_reach([run(2.0, 1.9)], 1.886) is None
+    assert first_step_all_reach([run(None, 1.8)], 1.886) == 100  # an eval without a whole-split figure never counts
+    assert not set(TUNING_SEEDS) & set(SEEDS)  # the recipe is never chosen on the seeds it is reported on
+    assert list(VARIANTS.values())[-1] == {}  # the table ends with the preset as it ships
 
 
 def test_profile_kinds_sort_operators_by_what_they_do():
