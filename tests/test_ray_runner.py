@@ -71,6 +71,37 @@ def test_unknown_runner_is_a_clear_error(monkeypatch):
         make_runner()
 
 
+@needs_ray
+@pytest.mark.timeout(60)
+def test_a_stream_whose_owner_was_replaced_takes_no_message_meant_for_the_new_owner():
+    """The app restarts: its old stream on the worker (blocked waiting for the next message) must end
+    without taking anything. It once took the first message after the new owner's stream began, the
+    whole metrics.csv that a resync ships, and the new owner's copy lost its first rows."""
+    import threading
+
+    from tinygpt_core.ray_runner import JobWorker
+
+    worker = JobWorker.__ray_metadata__.modified_class("app", "tinygpt-job-test")  # the class, not an actor
+    # As if handed a job: its watchdog would otherwise end this very process as a spare nobody pings.
+    worker.thread = threading.current_thread()
+    got_old, got_new = [], []
+    old = threading.Thread(target=lambda: got_old.extend(worker.stream()), daemon=True)
+    old.start()
+    time.sleep(0.3)  # the old stream now waits for a message
+    new = threading.Thread(target=lambda: got_new.extend(worker.stream(full=True)), daemon=True)
+    new.start()
+    wait_until(lambda: worker.generation == 2, 10)
+    with worker.lock:
+        worker._put(("files", ["metrics.csv, whole"]))
+        worker._put(("result", "done", "finished"))
+    new.join(10)
+    old.join(10)
+    assert not new.is_alive() and not old.is_alive()
+    assert got_old == []  # it ended at once, with nothing
+    sent = [msg for batch in got_new for msg in batch if msg[0] != "alive"]
+    assert sent == [("files", ["metrics.csv, whole"]), ("result", "done", "finished")]
+
+
 # --- on a real cluster -----------------------------------------------------------------------------------
 
 

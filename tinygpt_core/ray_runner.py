@@ -51,12 +51,12 @@ past 400 lines. The message and file-shipping format is in shipping.py.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import logging
 import os
-import queue
 import shutil
 import socket
 import tempfile
@@ -101,6 +101,7 @@ PLACEMENT_FILE = "placement.json"
 BATCH_S = 0.1  # the worker sends what it has at most this often
 SCAN_INTERVAL_S = 0.5  # the worker looks for changed files at most this often (and after every eval)
 ALIVE_S = 5.0  # with nothing to send, the worker says it is alive this often
+_SUPERSEDED = object()  # JobWorker._take's answer to a stream that a newer one replaced
 PING_S = 10.0  # the driver tells the worker it is still followed this often
 STATUS_REFRESH_S = 10.0  # the driver refreshes the run's status.json (its heartbeat) this often
 CONNECT_TIMEOUT_S = 5.0
@@ -206,9 +207,12 @@ class JobWorker:
         self.run_id: str | None = None  # set by start(): the run this worker trains
         self.dir: Path | None = None
         self.watcher: FolderWatcher | None = None
-        self.out: queue.Queue = queue.Queue()
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
+        # Messages for the owner, put and taken under the lock: only the newest stream may take one (an
+        # older stream, whose owner died, must not take a message meant for the owner that replaced it).
+        self.out: collections.deque = collections.deque()
+        self.out_ready = threading.Condition(self.lock)
         self.thread: threading.Thread | None = None
         self.final: tuple | None = None
         self.step = 0
@@ -289,36 +293,48 @@ class JobWorker:
             self.last_ping = time.monotonic()
             if full:
                 self.resync = True
-                kept = []
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        msg = self.out.get_nowait()
-                        if msg[0] in ("result", "failed"):
-                            kept.append(msg)
-                for msg in kept:
-                    self.out.put(msg)
+                self.out.clear()  # what the previous owner did not take; the final is put again below
                 if self.final is not None:  # training has ended: nobody else scans any more
                     self.watcher.forget()
-                    self.out.put(("files", self.watcher.changes()))
-                    self.out.put(self.final)
+                    self._put(("files", self.watcher.changes()))
+                    self._put(self.final)
+            self.out_ready.notify_all()  # an older stream waiting for a message ends now
         while True:
-            if self.generation != generation:
+            msg = self._take(generation, ALIVE_S)
+            if msg is _SUPERSEDED:
                 return  # a newer stream took over
-            try:
-                msg = self.out.get(timeout=ALIVE_S)
-            except queue.Empty:
+            if msg is None:
                 yield [("alive",)]
                 continue
             batch = [msg]
             deadline = time.monotonic() + BATCH_S
             while batch[-1][0] not in ("result", "failed"):
-                try:
-                    batch.append(self.out.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
+                more = self._take(generation, max(0.0, deadline - time.monotonic()))
+                if more is None or more is _SUPERSEDED:
                     break
+                batch.append(more)
             yield batch
             if batch[-1][0] in ("result", "failed"):
                 return
+
+    def _put(self, msg: tuple) -> None:  # lock held
+        self.out.append(msg)
+        self.out_ready.notify_all()
+
+    def _take(self, generation: int, timeout: float):
+        """The next message for stream ``generation``: None when none came within ``timeout``,
+        _SUPERSEDED once a newer stream exists (checked with the taking, under one lock)."""
+        deadline = time.monotonic() + timeout
+        with self.out_ready:
+            while True:
+                if self.generation != generation:
+                    return _SUPERSEDED
+                if self.out:
+                    return self.out.popleft()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.out_ready.wait(left)
 
     def close(self) -> None:
         """The owner has everything: remove the folder and end this worker."""
@@ -346,7 +362,7 @@ class JobWorker:
         with self.lock:
             self._ship_files()
             self.final = final
-            self.out.put(final)
+            self._put(final)
 
     def _on_event(self, event: training.TrainEvent) -> None:
         """The training callback (on the training thread): files first, when due, then the event."""
@@ -361,7 +377,7 @@ class JobWorker:
                 self.after_eval = False
             if event.kind == "eval":
                 self.after_eval = True  # checkpoints are written after the eval event: ship at the next step
-            self.out.put(("events", [event]))
+            self._put(("events", [event]))
 
     def _ship_files(self) -> None:  # lock held
         if self.resync:
@@ -374,7 +390,7 @@ class JobWorker:
             log.exception("could not scan the run folder")
             return
         if changes:
-            self.out.put(("files", changes))
+            self._put(("files", changes))
 
     def _warm_up(self, settings: dict) -> None:
         try:
