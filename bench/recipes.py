@@ -38,11 +38,16 @@ VARIANTS: dict[str, dict] = {
 QUICK = dict(max_iters=20, eval_interval=10, eval_iters=2)  # a smoke run: the harness works, no figure
 
 
+def whole_at(run: dict, step: int) -> float | None:
+    """A run's whole-split val at ``step`` (None: no evaluation there, or none on the whole split)."""
+    return next((e["whole"] for e in run["evals"] if e["step"] == step), None)
+
+
 def first_step_all_reach(runs: list[dict], target: float) -> int | None:
     """The first evaluated step at which every run's whole-split val is at or under ``target``."""
     steps = sorted({e["step"] for r in runs for e in r["evals"]})
     for step in steps:
-        vals = [next((e["whole"] for e in r["evals"] if e["step"] == step), None) for r in runs]
+        vals = [whole_at(r, step) for r in runs]
         if all(v is not None and v <= target for v in vals):
             return step
     return None
@@ -94,7 +99,7 @@ def run(
     for label, rs in out.items():
         at = []
         for step in shown:
-            vals = [next((e["whole"] for e in r["evals"] if e["step"] == step), None) for r in rs]
+            vals = [whole_at(r, step) for r in rs]
             at.append(_spread(vals) if any(v is not None for v in vals) else "")
         hit = first_step_all_reach(rs, target)
         rows.append([label, rs[0]["steps"], *at, "–" if hit is None else hit])
