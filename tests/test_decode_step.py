@@ -8,7 +8,7 @@ import torch
 
 from tinygpt_core.ablation_registry import REGISTRY
 from tinygpt_core.config import ModelConfig
-from tinygpt_core.decode_step import DecodeStep
+from tinygpt_core.decode_step import DecodeStep, gelu_rows
 from tinygpt_core.hooks import run_with_hooks
 from tinygpt_core.model import GPT, KVCache
 from tinygpt_core.sampling import SamplingSettings, generate_ids
@@ -118,3 +118,13 @@ def test_the_step_stands_aside_where_it_would_differ():
     assert step.usable()
     assert DecodeStep.for_model(tiny().to(torch.bfloat16)) is None
     assert DecodeStep.for_model(torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize("shape", [(1, 512), (3, 64), (2, 7), (1, 1)])
+def test_gelu_rows_is_the_exact_gelu_and_hands_back_contiguous_rows(shape):
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 4
+    got = gelu_rows(a)
+    torch.testing.assert_close(got, torch.nn.functional.gelu(a), atol=1e-6, rtol=1e-6)
+    assert got.shape == a.shape and got.is_contiguous()
+    strided = torch.randn(4, 10)[:, ::2]  # a strided input is passed through as it is
+    torch.testing.assert_close(gelu_rows(strided), torch.nn.functional.gelu(strided))
