@@ -44,14 +44,15 @@ def test_the_step_gives_the_models_logits_and_cache_for_every_ablation(overrides
     assert step is not None and step.usable()
     idx = torch.randint(0, V, (3, BLOCK), generator=torch.Generator().manual_seed(1))
     ours, theirs = KVCache(model.config.n_layer, BLOCK), KVCache(model.config.n_layer, BLOCK)
+    # a prompt into the empty cache, a few tokens onto a cached past, then one token at a time
+    spans = [(0, 3), (3, 5)] + [(t, t + 1) for t in range(5, BLOCK)]  # past the windows of 3 and 8
     with torch.no_grad():
-        model(idx[:, :2], past_kv=ours), model(idx[:, :2], past_kv=theirs)
-        for t in range(2, BLOCK):  # past the window of "window-8" and "everything at once"
-            got = step(idx[:, t], ours)
-            want = model(idx[:, t : t + 1], past_kv=theirs).logits[:, -1]
+        for a, b in spans:
+            got = step(idx[:, a:b], ours)
+            want = model(idx[:, a:b], past_kv=theirs).logits[:, -1]
             assert got.shape == (3, V) and got.dtype == torch.float32
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-            assert ours.length == theirs.length == t + 1
+            assert ours.length == theirs.length == b
         for mine, model_kv in zip(ours.layers, theirs.layers):
             torch.testing.assert_close(list(mine), list(model_kv), atol=1e-6, rtol=1e-6)
 
@@ -86,7 +87,7 @@ def test_hooks_send_decoding_through_the_model(monkeypatch):
 
 def test_generation_after_an_optimizer_step_uses_the_new_weights(monkeypatch):
     """Training samples text between steps, and fused AdamW writes the weights without bumping their
-    version counters: nothing may reuse weight copies from an earlier generation."""
+    version counters: the step kept from the generation before must not be reused."""
     model = tiny(seed=4)
     idx, s = torch.tensor([[1, 2, 3]]), SamplingSettings(strategy="greedy")
     generate_ids(model, idx, 9, s)  # a generation before the step, as training's samples do
@@ -100,7 +101,7 @@ def test_generation_after_an_optimizer_step_uses_the_new_weights(monkeypatch):
     step, cache = DecodeStep.for_model(model), KVCache(2, BLOCK)
     with torch.no_grad():
         model(idx[:, :2], past_kv=cache)
-        torch.testing.assert_close(step(idx[:, 2], cache), model(idx).logits[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step(idx[:, 2:], cache), model(idx).logits[:, -1], atol=1e-5, rtol=1e-5)
     sampled = SamplingSettings(strategy="sample", temperature=2.0)
     after = generate_ids(model, idx, 20, sampled, generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(DecodeStep, "for_model", classmethod(lambda cls, m: None))
@@ -118,6 +119,22 @@ def test_the_step_stands_aside_where_it_would_differ():
     assert step.usable()
     assert DecodeStep.for_model(tiny().to(torch.bfloat16)) is None
     assert DecodeStep.for_model(torch.nn.Linear(2, 2)) is None
+    # PyTorch's own module hooks run only where modules are called: generation goes through the model
+    for register in (
+        lambda: model.lm_head.register_forward_hook(lambda mod, inp, out: -out),
+        lambda: model.blocks[1].mlp.register_forward_pre_hook(lambda mod, args: (args[0] * 0,)),
+        lambda: torch.nn.modules.module.register_module_forward_hook(lambda mod, inp, out: out),
+    ):
+        handle = register()
+        try:
+            assert DecodeStep.for_model(model) is None
+        finally:
+            handle.remove()
+    assert DecodeStep.for_model(model) is not None
+    idx = torch.tensor([[1, 2, 3]])
+    with model.lm_head.register_forward_hook(lambda mod, inp, out: -out):  # greedy now picks the least likely
+        hooked = generate_ids(model, idx, 8, SamplingSettings(strategy="greedy"))
+        assert torch.equal(hooked, greedy_by_hand(model, idx, 8))  # every token through the hooked model
 
 
 @pytest.mark.parametrize("shape", [(1, 512), (3, 64), (2, 7), (1, 1)])
@@ -128,3 +145,36 @@ def test_gelu_rows_is_the_exact_gelu_and_hands_back_contiguous_rows(shape):
     assert got.shape == a.shape and got.is_contiguous()
     strided = torch.randn(4, 10)[:, ::2]  # a strided input is passed through as it is
     torch.testing.assert_close(gelu_rows(strided), torch.nn.functional.gelu(strided))
+
+
+def greedy_by_hand(model: GPT, idx: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(n):
+            idx = torch.cat([idx, model(idx[:, -BLOCK:]).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_the_step_is_kept_for_the_next_generation_until_the_weights_change(monkeypatch):
+    model = tiny(seed=6)
+    idx, s = torch.tensor([[1, 2, 3]]), SamplingSettings(strategy="greedy")
+    builds: list[int] = []
+    real_init = DecodeStep.__init__
+    monkeypatch.setattr(DecodeStep, "__init__", lambda self, m: builds.append(1) or real_init(self, m))
+    first = generate_ids(model, idx, 6, s)
+    assert torch.equal(generate_ids(model, idx, 6, s), first) and len(builds) == 1  # copies made once
+    other = tiny(seed=7)
+    changes = {
+        "an in-place write": lambda: model.blocks[0].mlp.c_fc.weight.mul_(-1.5),
+        "load_state_dict": lambda: model.load_state_dict(other.state_dict()),
+        "new storage": lambda: model.to(torch.float64).to(torch.float32),
+        "a reassigned parameter": lambda: setattr(
+            model.blocks[1].attn.c_proj, "weight", torch.nn.Parameter(-other.blocks[1].attn.c_proj.weight)
+        ),
+    }
+    for name, change in changes.items():
+        with torch.no_grad():
+            change()
+        before = len(builds)
+        got = generate_ids(model, idx, 6, s)
+        assert len(builds) == before + 1, name
+        assert torch.equal(got, greedy_by_hand(model, idx, 6)), name

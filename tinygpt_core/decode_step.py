@@ -7,10 +7,9 @@ ablation, on the same cache, with three differences that change only the speed:
 
 - every weight matrix is kept transposed, (in, out) and contiguous. On CPU a one-row product
   against PyTorch's (out, in) Linear layout takes a slower path: 8.1 against 5.1 µs at 128 → 384,
-  44 against 34 µs at 384 → 1152 (one thread, measured). The copies are made for each generation
-  (one ``DecodeStep`` per call of the sampling loop, at its first cached token) and never kept:
-  fused AdamW writes the weights without bumping their version counters, so a kept copy could not
-  tell it had gone stale;
+  44 against 34 µs at 384 → 1152 (one thread, measured). The copies cost about 1 ms at ``baby``
+  size (46 ms at shakespeare-char's), as much as 20-50 decoded tokens, so ``for_model`` keeps them
+  on the model for the next generation for as long as its weights have not changed (``_weights_key``);
 - no module calls, hook points or dropout: ``GPT.forward`` makes about 70 module calls per token
   at ``baby`` size. The weights and switches are read once into plain tuples and flags, so a layer
   costs its operators and little Python around them (at ``baby`` size this made a step about a fifth
@@ -19,10 +18,11 @@ ablation, on the same cache, with three differences that change only the speed:
 
 The model's own code still runs where it is cheap to call: the position embedding, the cache
 write (``LayerKV.append``) and the attention kernel with its window (``CausalSelfAttention.fused_attention``).
-The step serves only where it is the same computation (``usable``): a ``GPT`` in eval mode with
-float32 weights, no autocast, and no ``run_with_hooks`` active in this thread (knockout decodes
-through its hooks). Everywhere else the sampling loop calls the model itself.
-tests/test_decode_step.py checks that both give the same logits for every registered ablation.
+The step serves only where it is the same computation (``for_model`` and ``usable``): a ``GPT`` in
+eval mode with float32 weights, no autocast, no ``run_with_hooks`` active in this thread (knockout
+decodes through its hooks) and no PyTorch forward hooks on its modules. Everywhere else the
+sampling loop calls the model itself. tests/test_decode_step.py checks that both give the same
+logits for every registered ablation.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .hooks import hooks_active
 from .model import GPT, KVCache
@@ -65,13 +66,45 @@ def gelu_rows(a: torch.Tensor) -> torch.Tensor:
 
     For a contiguous float32 input ``F.gelu`` calls oneDNN, whose per-call setup costs 10-15 µs
     whatever the size (measured: 12 µs for 512 values against 2.3 µs for the native kernel, one
-    thread); the native kernel serves non-contiguous inputs. So the values are viewed as pairs and
-    transposed (the same memory, no copy), and the result, laid out like its input, is viewed back.
-    Same function, same values to within float rounding (tests/test_decode_step.py)."""
+    thread); the native kernel serves non-contiguous inputs. So each row is viewed as its even and
+    odd halves interleaved (the same memory, no copy); the elementwise result keeps its input's
+    layout, so viewing it back gives the rows in order. tests/test_decode_step.py holds the values
+    to ``F.gelu``'s (float rounding apart), which would catch a kernel that laid its output out
+    differently."""
     B, n = a.shape
     if n % 2 or not a.is_contiguous():  # an odd width cannot be paired; a strided input already goes native
         return F.gelu(a)
-    return F.gelu(a.view(B, n // 2, 2).transpose(1, 2)).transpose(1, 2).reshape(B, n)
+    return F.gelu(a.as_strided((B, 2, n // 2), (n, 1, 2))).as_strided((B, n), (n, 1))
+
+
+# Every optimizer step in this process, counted by a global post-step hook. Fused optimizers (fused
+# AdamW) write the weights without bumping their version counters, so versions alone cannot tell a
+# kept copy of the weights that it has gone stale; an optimizer step anywhere rebuilds every step.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    """What changes whenever the weights do: an optimizer step anywhere, any other in-place write (it
+    bumps the tensor's version counter: ``copy_``, ``load_state_dict``, ``normal_``) and new storage
+    (``model.to``, a reassigned parameter). Writes through ``.data``, which bypass version counting,
+    are the one way past it; nothing in the lab writes weights that way."""
+    return _optimizer_steps[0], tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
+
+
+def _has_forward_hooks(model: nn.Module) -> bool:
+    """Whether PyTorch would run a forward (pre-)hook inside ``model``: its modules' or global ones."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,10 +146,11 @@ def _layer(block: nn.Module) -> _Layer:
 
 
 class DecodeStep:
-    """``step(tokens, cache)``: logits (B, V) in float32 for one new token per sequence, through the cache.
+    """``step(tokens, cache)``: float32 logits (B, V) of the token after ``tokens``, through the cache.
 
-    ``tokens`` is (B,): each sequence's newest token; ``cache`` holds their earlier tokens and is
-    extended in place, exactly as ``model(tokens[:, None], past_kv=cache)`` would extend it.
+    ``tokens`` is (B, T): each sequence's next T tokens, usually one (a decoded token), or a whole
+    prompt into an empty cache; ``cache`` holds their earlier tokens and is extended in place,
+    exactly as ``model(tokens, past_kv=cache)`` would extend it, whose last position's logits these are.
     Build it with ``DecodeStep.for_model`` for one generation (the weights must not change while
     it lives) and ask ``usable()`` before each call.
     """
@@ -134,10 +168,22 @@ class DecodeStep:
 
     @classmethod
     def for_model(cls, model: nn.Module) -> DecodeStep | None:
-        """A step for ``model``, or None when it cannot serve it (not a GPT, or weights not float32)."""
+        """The step for ``model``, or None when it cannot serve it (not a GPT, weights not float32, or
+        forward hooks registered on its modules with PyTorch's ``register_forward_hook`` and the like).
+
+        The step built for the model's current weights is reused (kept on the model, so it lives as long
+        as the model and is shared by every thread decoding with it); any change to them builds a new one."""
         if not isinstance(model, GPT) or any(p.dtype != torch.float32 for p in model.parameters()):
             return None
-        return cls(model)
+        if _has_forward_hooks(model):  # PyTorch's own module hooks run only where modules are called
+            return None
+        key = _weights_key(model)
+        kept = model.__dict__.get("_decode_step")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        step = cls(model)
+        model.__dict__["_decode_step"] = (key, step)  # plain attribute: not a module, parameter or buffer
+        return step
 
     def usable(self) -> bool:
         """Whether this call computes what the model would: eval mode, no autocast, no active hooks."""
@@ -146,27 +192,34 @@ class DecodeStep:
         return not hooks_active()
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        B, start = tokens.size(0), cache.length
+        B, T = tokens.shape
+        start = cache.length
         nh, hs, pre, residual = self.n_head, self.head_size, self.pre_norm, self.residual
-        x = F.embedding(tokens, self.wte) + self.model.position_embedding(start, 1, tokens.device)  # (B, C)
+        pos = self.model.position_embedding(start, T, tokens.device)
+        x = (F.embedding(tokens, self.wte) + pos).view(B * T, nh * hs)  # one row per position
         for layer, past in zip(self.layers, cache.layers):
-            h = _apply_norm(x, layer.ln_1) if pre else x
-            q, k, v = _affine(h, *layer.qkv).view(B, 3, nh, 1, hs).unbind(1)  # each (B, nh, 1, hs)
+            qkv = _affine(_apply_norm(x, layer.ln_1) if pre else x, *layer.qkv)
+            if T == 1:  # (B, 3C) is already (B, 3, nh, 1, hs): no permute
+                q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)
+            else:
+                q, k, v = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
             if layer.swap_qk:
                 q, k = k, q
             if layer.q_norm is not None:
                 q = F.rms_norm(q, (hs,), layer.q_norm, layer.qk_eps)
                 k = F.rms_norm(k, (hs,), layer.k_norm, layer.qk_eps)
-            k, v = past.append(k, v)  # (B, nh, start + 1, hs)
-            if layer.windowed:
-                y = layer.attn.fused_attention(q, k, v, 0.0)
-            else:  # one query sees the whole cache: fused_attention's unmasked case, without its checks
-                y = F.scaled_dot_product_attention(q, k, v)
-            a = _affine(y.view(B, nh * hs), *layer.proj)  # one position: the heads side by side
+            k, v = past.append(k, v)  # (B, nh, start + T, hs)
+            if T == 1 and not layer.windowed:  # one query sees the whole cache: no mask, no checks
+                y = F.scaled_dot_product_attention(q, k, v).view(B, nh * hs)
+            else:  # the model's own causal or windowed attention
+                y = layer.attn.fused_attention(q, k, v, 0.0).transpose(1, 2).reshape(B * T, nh * hs)
+            a = _affine(y, *layer.proj)
             x = (x + a if residual else a) if pre else _apply_norm(x + a if residual else a, layer.ln_1)
             if layer.fc is not None:
                 m = _affine(_apply_norm(x, layer.ln_2) if pre else x, *layer.fc)
                 m = _affine(F.relu(m) if self.relu else gelu_rows(m), *layer.out)
                 x = (x + m if residual else m) if pre else _apply_norm(x + m if residual else m, layer.ln_2)
-        cache.length = start + 1
+        cache.length = start + T
+        if T > 1:
+            x = x.view(B, T, nh * hs)[:, -1]  # only the last position's logits are asked for
         return _affine(_apply_norm(x, self.ln_f), *self.head)  # (B, V)

@@ -391,8 +391,9 @@ class _NextLogits:
 
     @functools.cached_property
     def step(self) -> DecodeStep | None:
-        """The one-token fast path, None where it cannot serve (built at the first cached token: it copies
-        the weight matrices, 2 ms at baby size and 46 ms at shakespeare-char's, so a run without one skips it)."""
+        """The fast path without module calls (``decode_step``), None where it cannot serve. Asked for at
+        the first cached call: a new one copies the weight matrices (kept on the model until they
+        change), which a recomputing run never needs."""
         return DecodeStep.for_model(self.model) if self.use_cache else None
 
     def __call__(self, idx: torch.Tensor, total: int | None = None) -> torch.Tensor:
@@ -413,19 +414,19 @@ class _NextLogits:
         L = context_length(T, self.block_size, self.slide, self.origin)
         grew_by_one, self.seen_len = T == self.seen_len + 1, T
         if self.cache is None:
-            out = self.model(idx[:, -L:])
-        elif self.valid and grew_by_one and L == self.cache.length + 1:
-            if self.step is not None and self.step.usable():
-                return self.step(idx[:, -1], self.cache)  # one token's work, without module calls
-            out = self.model(idx[:, -1:], past_kv=self.cache)  # the same, through the model (and its hooks)
-        elif L < self.block_size:  # (re)fill: the next tokens extend this window
+            return self.model(idx[:, -L:]).logits[:, -1].float()
+        step = self.step if self.step is not None and self.step.usable() else None
+        if self.valid and grew_by_one and L == self.cache.length + 1:
+            window = idx[:, -1:]  # one new token: one token's work
+        else:  # (re)fill from the window; the next tokens extend it unless it is full (the next slides it)
+            window = idx[:, -L:]
             self.cache.reset()
-            out = self.model(idx[:, -L:], past_kv=self.cache)
-            self.valid = True
-        else:
-            out = self.model(idx[:, -L:])
-            self.valid = False
-        return out.logits[:, -1].float()
+            self.valid = L < self.block_size
+            if step is None and not self.valid:
+                return self.model(window).logits[:, -1].float()  # nothing would read a cache written here
+        if step is not None:
+            return step(window, self.cache)  # the same logits, without module calls
+        return self.model(window, past_kv=self.cache).logits[:, -1].float()  # through the model and its hooks
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: sequence b now continues the old sequence rows[b]; its cache must follow."""
