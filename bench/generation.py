@@ -18,6 +18,10 @@ sliding window, so past its 64 positions ``generate`` is restarted on the window
 (once per token for the exact window, once per slide for slide 32). Every decoder of one policy
 must pick the same tokens, and the tables say whether they did. Weights are the seeded
 initialisation: decoding costs the same whatever the weights.
+Our cached decoder keeps its transposed weight copies on the model from one call to the next
+(``tinygpt_core/decode_step.py``), as repeated decodes of one loaded model in the app reuse them;
+the row "weights just written" rewrites a weight in place before each call, so they are made
+again, as for the first decode after a training step.
 """
 
 from __future__ import annotations
@@ -94,8 +98,23 @@ def decoders(model, hf, before, ids: torch.Tensor, new_tokens: int, slides: bool
         s = SamplingSettings(strategy="greedy", max_new_tokens=new_tokens, context_slide=slide)
         return lambda: generate_ids(model, ids, new_tokens, s, use_cache=cache)
 
+    def cold(fn):
+        """The same call right after the weights were written (as after a training step): the decode
+        step kept on the model from the call before is stale, and the weight copies are made again."""
+
+        def call():
+            with torch.no_grad():
+                model.wte.weight.add_(0.0)  # same values, a new version: nothing kept may be reused
+            return fn()
+
+        return call
+
     exact = "exact window" if slides else "inside the context"
-    out = {"ours, KV cache": (exact, ours(True)), "ours, recompute": (exact, ours(False))}
+    out = {
+        "ours, KV cache": (exact, ours(True)),
+        "ours, KV cache, weights just written": (exact, cold(ours(True))),
+        "ours, recompute": (exact, ours(False)),
+    }
     if slides:
         out[f"ours, KV cache, slide {half}"] = (f"slide {half}", ours(True, half))
         out[f"ours, recompute, slide {half}"] = (f"slide {half}", ours(False, half))
