@@ -79,7 +79,8 @@ def gelu_rows(a: torch.Tensor) -> torch.Tensor:
 
 # Every optimizer step in this process, counted by a global post-step hook. Fused optimizers (fused
 # AdamW) write the weights without bumping their version counters, so versions alone cannot tell a
-# kept copy of the weights that it has gone stale; an optimizer step anywhere rebuilds every step.
+# kept copy of the weights that it has gone stale; after an optimizer step anywhere, every model's
+# kept decode step is rebuilt at its next generation.
 _optimizer_steps = [0]
 
 
