@@ -106,6 +106,29 @@ def median(xs: Iterable[float]) -> float:
     return statistics.median(list(xs))
 
 
+def overhead_interval(base: Sequence[float], other: Sequence[float], level: float = 0.9) -> tuple[float, float]:
+    """A bootstrap interval for ``1 - median(other) / median(base)`` (the share of ``base``'s rate lost).
+
+    Runs of one path on a shared machine spread far more than a few-percent effect, so a single ratio
+    of medians says little alone: each path's runs are resampled with replacement (seeded, so a table
+    is reproducible from its runs), and the central ``level`` of the resampled overheads is returned."""
+    import random
+
+    rng, n = random.Random(0), 4000
+    draws = sorted(
+        1 - median(rng.choices(other, k=len(other))) / median(rng.choices(base, k=len(base))) for _ in range(n)
+    )
+    tail = (1 - level) / 2
+    return draws[int(tail * n)], draws[int((1 - tail) * n) - 1]
+
+
+def interval_note(base: Sequence[float], other: Sequence[float]) -> str:
+    """``overhead_interval`` as a report's words, saying when the runs cannot tell the two paths apart."""
+    low, high = overhead_interval(base, other)
+    verdict = ": the runs cannot tell the two paths apart" if low < 0 < high else ""
+    return f"90% bootstrap interval over these runs {100 * low:.1f}% to {100 * high:.1f}%{verdict}"
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
     """GFLOP/s of an n×n by n×n matrix multiply in ``dtype`` on the CPU (median of ``reps``)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)

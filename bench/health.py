@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Report, corpus_source, interleaved, median
+from bench.common import Report, corpus_source, interleaved, interval_note, median
 from tinygpt_core import health
 from tinygpt_core.hooks import HookPoint
 from tinygpt_core.runs import RunStore, read_metrics
@@ -114,7 +114,10 @@ def run(quick: bool = False, results=None) -> dict:
         ["training", "tokens/s (median)", "runs"],
         [[k, f"{median(v):,.0f}", ", ".join(f"{x:,.0f}" for x in v)] for k, v in runs.items()],
     )
-    report.add(f"Whole-run cost of health logging: {run_cost:+.1%} of throughput (target < {TARGET:.0%}).")
+    report.add(
+        f"Whole-run cost of health logging: {run_cost:+.1%} of throughput (target < {TARGET:.0%}; "
+        f"{interval_note(runs['without'], runs['with health'])})."
+    )
     report.add_table(["one optimizer step", "ms (median)"], [[k, f"{v:.1f}"] for k, v in ms.items()])
     report.add(
         f"Health adds {probe_extra:.1f} ms to the probed step and {eval_extra:.1f} ms to the evaluation, once every "

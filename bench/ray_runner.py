@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench.common import Report, corpus_source, median
+from bench.common import Report, corpus_source, interval_note, median
 from tinygpt_core.jobs import LocalJobRunner
 from tinygpt_core.runs import RunStore, read_metrics
 from tinygpt_core.training import TrainSpec
@@ -165,7 +165,8 @@ def run(quick: bool = False, results=None, iters: int = 150, repeats: int = 3) -
         ],
     )
     report.add(
-        f"Ray overhead in tokens/s: {100 * overhead:.1f}% (target < {100 * TARGET_OVERHEAD:.0f}%). "
+        f"Ray overhead in tokens/s: {100 * overhead:.1f}% (target < {100 * TARGET_OVERHEAD:.0f}%; "
+        f"{interval_note(local_tps, ray_tps)}). "
         f"Submit → first logged step on a warm cluster: {median(ray_first):.2f} s with a warm spare "
         f"(target < {TARGET_FIRST_STEP_S:.0f} s), {median(fresh_first):.2f} s with a fresh actor; "
         f"the cold first job: {cold_first:.2f} s to its first step, {cold_total:.2f} s in all. "

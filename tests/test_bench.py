@@ -94,6 +94,16 @@ def test_interleaved_runs_in_turns_and_times_every_call():
     assert all(t >= 0 for v in times.values() for t in v)
 
 
+def test_overhead_interval_brackets_the_ratio_of_medians_and_widens_with_the_spread():
+    base = [100.0, 90.0, 110.0, 95.0, 105.0]
+    slower = [x * 0.9 for x in base]  # 10% lost in every run
+    low, high = common.overhead_interval(base, slower)
+    assert low <= 0.1 <= high and common.overhead_interval(base, slower) == (low, high)  # seeded
+    assert common.overhead_interval([100.0] * 5, [90.0] * 5) == pytest.approx((0.1, 0.1))  # no spread, no doubt
+    noisy_low, noisy_high = common.overhead_interval([80.0, 120, 100, 70, 130], [75.0, 125, 95, 72, 118])
+    assert noisy_low < 0 < noisy_high  # 5% between medians, runs spread ±30%: no verdict
+
+
 def test_table_is_markdown_with_aligned_columns():
     text = common.table(["name", "value"], [["x", 1234.5], ["long name", None]])
     lines = text.splitlines()
