@@ -12,6 +12,7 @@ import contextlib
 import datetime as _dt
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -112,8 +113,6 @@ def overhead_interval(base: Sequence[float], other: Sequence[float], level: floa
     Runs of one path on a shared machine spread far more than a few-percent effect, so a single ratio
     of medians says little alone: each path's runs are resampled with replacement (seeded, so a table
     is reproducible from its runs), and the central ``level`` of the resampled overheads is returned."""
-    import random
-
     rng, n = random.Random(0), 4000
     draws = sorted(
         1 - median(rng.choices(other, k=len(other))) / median(rng.choices(base, k=len(base))) for _ in range(n)

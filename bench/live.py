@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Report, corpus_source, interval_note, median, overhead_interval, threads_env
+from bench.common import Report, corpus_source, interval_note, median, threads_env
 from tinygpt_core.jobs import LocalJobRunner
 from tinygpt_core.limits import cpu_cores
 from tinygpt_core.runs import RunStore, read_metrics
@@ -112,7 +112,7 @@ def run(quick: bool = False, results=None, iters: int = 400, repeats: int = 3) -
     )
     report.add(f"Overhead: {100 * overhead:.1f}% (target < {100 * TARGET:.0f}%); {interval_note(bare, live)}.")
     report.emit(results)
-    return dict(bare=bare, live=live, overhead=overhead, interval=overhead_interval(bare, live))
+    return dict(bare=bare, live=live, overhead=overhead)
 
 
 def main(argv: list[str] | None = None) -> None:

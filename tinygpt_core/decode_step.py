@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .hooks import hooks_active
@@ -101,8 +102,6 @@ def _weights_key(model: nn.Module) -> tuple:
 
 def _has_forward_hooks(model: nn.Module) -> bool:
     """Whether PyTorch would run a forward (pre-)hook inside ``model``: its modules' or global ones."""
-    from torch.nn.modules import module as torch_module
-
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
