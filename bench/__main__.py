@@ -34,6 +34,7 @@ BENCHES = {  # name -> module, in the issue's order
     "health": "bench.health",  # network-health logging against training without it (issue 15)
     "chat": "bench.chat",  # the README's chat recipe: base run, fine-tune, held-out exact match (issue 16)
     "reproductions": "bench.reproductions",  # the seed projects' results (issue 17, docs/REPRODUCTIONS.md)
+    "gpu": "bench.gpu",  # shakespeare-char to 1.47, step variants, tiny runs sharing one GPU ("not measured" without)
 }
 
 

@@ -97,6 +97,7 @@ def child(cfg: dict) -> int:
     """Train ``cfg`` (preset, corpus, seed, precision, overrides); print one JSON line per eval."""
     from tinygpt_core.checkpoints import last_checkpoint, load_model_state, read_weights
     from tinygpt_core.data import load_corpus, split_ids
+    from tinygpt_core.device import resolve_device
     from tinygpt_core.runs import load_run
     from tinygpt_core.training import TrainSpec, train
 
@@ -122,10 +123,11 @@ def child(cfg: dict) -> int:
         whole = None
         if ckpt is not None and ckpt.step == step:
             if st["model"] is None:  # the first eval: the model's shape, and the split's tokens, once
-                run = load_run(run_dir, checkpoint="last")
+                device = resolve_device(spec.train.device)  # judged where it trains: seconds, not minutes, on a GPU
+                run = load_run(run_dir, checkpoint="last", device=device.type)
                 st["model"] = run.model.float()
                 ids = torch.tensor(run.tokenizer.encode(load_corpus(cfg["corpus"]).text), dtype=torch.long)
-                st["val"] = split_ids(ids, run.config.train.val_fraction)[1]
+                st["val"] = split_ids(ids, run.config.train.val_fraction)[1].to(device)
             else:
                 load_model_state(st["model"], read_weights(run_dir, "last"))
             whole = whole_split_loss(st["model"], st["val"], st["model"].config.block_size)
@@ -207,12 +209,18 @@ def prepare_nanogpt(checkout: Path, corpus: Path, work: Path) -> Path:
     return work
 
 
-def run_nanogpt(work: Path, target: float, env: dict | None = None, max_iters: int | None = None) -> dict:
-    """nanoGPT's train.py with its CPU recipe; evals timed from the spawn as their lines arrive.
+def run_nanogpt(
+    work: Path,
+    target: float,
+    env: dict | None = None,
+    max_iters: int | None = None,
+    recipe: tuple[str, ...] = NANOGPT_RECIPE,
+) -> dict:
+    """nanoGPT's train.py with a recipe (its CPU one by default); evals timed from the spawn as their lines arrive.
 
-    It is stopped at the first eval whose estimate reaches ``target`` (its estimate is 20 fresh random
-    batches per eval, as the recipe says)."""
-    args = list(NANOGPT_RECIPE)
+    It is stopped at the first eval whose estimate reaches ``target`` (its estimate is fresh random
+    batches per eval: 20 in the CPU recipe, 200 in the GPU one)."""
+    args = list(recipe)
     if max_iters:
         args += [
             f"--max_iters={max_iters}",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ class Stepper:
     tokens_per_step: int
     flops_per_token: float
     model: torch.nn.Module
+    notes: list[str] = field(default_factory=list)  # what the step fell back from (a skipped compile)
 
 
 def _seeded(train_cfg: TrainConfig, seed: int) -> TrainConfig:
@@ -50,11 +51,17 @@ def our_step(
     precision: str = "auto",
     seed: int = 1337,
     name: str | None = None,
+    compile_mode: str | None = None,
 ) -> Stepper:
-    """Our training step, through the training loop's own TrainState (nothing is written to disk)."""
+    """Our training step, through the training loop's own TrainState (nothing is written to disk).
+
+    ``compile_mode`` compiles the model as ``torch.compile(mode=...)`` does ("default"; "reduce-overhead"
+    captures CUDA graphs); a compile that fails falls back to eager, as a run does, and says so in ``notes``."""
     tcfg = dataclasses.replace(_seeded(train_cfg, seed), precision=precision)
     device = resolve_device(tcfg.device)
     state = TrainState(model_cfg, tcfg, train_ids, device, resolve_precision(tcfg.precision, device))
+    if compile_mode:
+        state.fwd_model = torch.compile(state.model, mode=compile_mode)
     counter = {"step": 0}
 
     def step() -> float:
@@ -68,6 +75,7 @@ def our_step(
         state.tokens_per_step,
         state.model.flops_per_token(),
         state.model,
+        state.notes,
     )
 
 

@@ -265,6 +265,22 @@ def test_bench_quick(name, tmp_path):
         assert "over tuning seeds 11 (not the convergence table's)" in text
     if name == "grids":  # processes side by side, then the bound on batching members into one model
         assert "| auto (" in text and "Members batched into one model" in text and "(the floor)" in text
+    if name == "gpu":  # on a CPU: the same harness at toy sizes, every part of it
+        assert "Time to whole-split val 4.0, `shakespeare-char`" in text and "| 1337 " in text
+        assert "**Tokens/s, `baby`**" in text and "| fp32 " in text and "| bf16 autocast " in text
+        assert "| runs at once |" in text and "| 2 " in text
+
+
+def test_gpu_bench_without_a_gpu_says_not_measured(tmp_path, monkeypatch):
+    """A full GPU bench on a machine without one writes a single honest line and trains nothing."""
+    import bench.gpu as gpu
+
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu, "run_ours", lambda *a, **k: pytest.fail("trained without a GPU"))
+    out = gpu.run(results=tmp_path / "R.md")
+    text = (tmp_path / "R.md").read_text()
+    assert out == {"gpu": None}
+    assert "Not measured: this machine has no CUDA GPU" in text and "no GPU" in text
 
 
 def test_recipes_first_step_needs_every_seed_under_the_target():
