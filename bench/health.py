@@ -77,28 +77,38 @@ def run(quick: bool = False, results=None) -> dict:
 
     prepared = prepare(make_spec(source, 10))  # precision as the runs above resolved it (auto)
     p = prepared
+    # One model per kind of call, built alike, and the steps timed apart from the evaluations: the call
+    # right after an evaluation (larger batches, other buffers) ran 7-10% slower here, which would be
+    # charged to whichever step came next in the turns.
     states = {
-        k: TrainState(p.model_config, p.spec.train, p.train_ids, p.device, p.precision) for k in ("hooks", "no hooks")
+        k: TrainState(p.model_config, p.spec.train, p.train_ids, p.device, p.precision)
+        for k in ("plain", "probed", "no hooks", "eval")
     }
     _without_hook_points(states["no hooks"].model)
     lr = prepared.spec.train.lr
     fns = {
-        "plain step": lambda: states["hooks"].train_step(lr),
-        "probed step (evaluation steps only)": lambda: states["hooks"].train_step(
-            lr, probe=health.StepProbe(states["hooks"].model)
+        "plain step": lambda: states["plain"].train_step(lr),
+        "probed step (evaluation steps only)": lambda: states["probed"].train_step(
+            lr, probe=health.StepProbe(states["probed"].model)
         ),
         "plain step, hook points taken out": lambda: states["no hooks"].train_step(lr),
     }
     data = (p.train_ids, p.val_ids)
 
     def eval_with_rms() -> None:
-        with health.activation_rms(states["hooks"].model):
-            states["hooks"].estimate_losses(data)
+        with health.activation_rms(states["eval"].model):
+            states["eval"].estimate_losses(data)
 
-    fns["evaluation (5 batches of train and val)"] = lambda: states["hooks"].estimate_losses(data)
-    fns["evaluation with activation RMS"] = eval_with_rms
+    evals = {
+        "evaluation (5 batches of train and val)": lambda: states["eval"].estimate_losses(data),
+        "evaluation with activation RMS": eval_with_rms,
+    }
     step_rounds = 5 if quick else 20
-    ms = {k: median(v) * 1e3 for k, v in interleaved(fns, rounds=step_rounds, warmup=2).items()}
+    ms = {
+        k: median(v) * 1e3
+        for group in (fns, evals)
+        for k, v in interleaved(group, rounds=step_rounds, warmup=2).items()
+    }
     probe_extra = ms["probed step (evaluation steps only)"] - ms["plain step"]
     eval_extra = ms["evaluation with activation RMS"] - ms["evaluation (5 batches of train and val)"]
     interval = EVAL_INTERVAL * ms["plain step"] + ms["evaluation (5 batches of train and val)"]
