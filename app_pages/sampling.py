@@ -318,7 +318,7 @@ with c_len:
         **_kept_from("smp_fast_slide", False),
         help=f"This model sees at most {block} tokens. Off: past that, it always sees exactly the last {block} "
         f"(one full forward per new token). On: the window jumps {half} tokens at a time and the KV cache is "
-        f"reused in between, so the model sees {block - half + 1} to {block} tokens: long texts decode nearly 3× "
+        f"reused in between, so the model sees {block - half + 1} to {block} tokens: long texts decode about 2.7× "
         "faster per token at baby size (bench/RESULTS.md, generation).",
     )
 chosen = st.multiselect(
