@@ -429,6 +429,21 @@ def test_generation_leaves_the_model_mode_alone(tok):
     assert m.training
 
 
+def test_generation_switches_modes_only_when_a_module_is_training(tok, monkeypatch):
+    m = tiny_model(tok.vocab_size, dropout=0.5).eval()
+    m.blocks[0].train()  # one submodule left training: dropout there would make decoding random
+    a = generate(m, tok, "abc", SamplingSettings(strategy="greedy", max_new_tokens=8))
+    b = generate(m, tok, "abc", SamplingSettings(strategy="greedy", max_new_tokens=8))
+    assert a.token_ids == b.token_ids
+    assert not any(mod.training for mod in m.modules())  # the root was in eval mode: so is all of it now
+
+    def no_switch(*args, **kwargs):  # a model wholly in eval mode (a loaded run's) needs no switching
+        raise AssertionError("mode switched")
+
+    monkeypatch.setattr(m, "train", no_switch)
+    assert generate(m, tok, "abc", SamplingSettings(strategy="greedy", max_new_tokens=8)).token_ids == a.token_ids
+
+
 def test_next_token_distribution(model, tok):
     settings = [
         SamplingSettings(strategy="sample", top_k=3),
