@@ -649,9 +649,10 @@ def generate_ids(
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """``model`` in eval mode inside the block, then back in the mode it was in.
 
-    Switching modes sets an attribute on every module, about 1 ms a call at ``baby`` size (as much as a
-    few decoded tokens, on every generation), so a model already wholly in eval mode, as a loaded run's
-    is, is left as it is."""
+    Switching modes sets an attribute on every module (about 0.25 ms there and back at ``baby`` size, as
+    much as a decoded token, on every generation), so a model already wholly in eval mode, as a loaded
+    run's is, is left as it is; nor does one visitor's generation then write to a model that the app
+    shares between visitors' threads."""
     if not any(m.training for m in model.modules()):
         yield
         return
