@@ -56,7 +56,7 @@ def run(quick: bool = False, results=None) -> dict:
     finally:
         torch.set_num_threads(before)
     worst = max(s[k] for k in s if k.startswith("knockout grid") and "1 thread" not in k)
-    report = Report(f"10. Head knockout grid: `baby`, {N_TOKENS:,} validation tokens, {THREADS} threads", quick=quick)
+    report = Report(f"10b. Head knockout grid: `baby`, {N_TOKENS:,} validation tokens, {THREADS} threads", quick=quick)
     report.add(
         f"`baby` model sizes ({model.config.n_layer} layers × {model.config.n_head} heads, context "
         f"{model.config.block_size}), Tiny Shakespeare's validation split ({grid.n_tokens:,} tokens scored in "
