@@ -158,8 +158,8 @@ def step_variants(report: Report, quick: bool) -> dict:
             tps = s.tokens_per_step / median(times[label])
             base = base or tps
             note = f" ({'; '.join(s.notes)})" if s.notes else ""  # a compile that fell back to eager says so
-            rows.append([label + note, f"{median(times[label]) * 1e3:.2f}", f"{tps:,.0f}", f"{tps / base:.2f}×"])
-            rows[-1].append(f"{compile_s[label]:.1f}")
+            ms = median(times[label]) * 1e3
+            rows.append([label + note, f"{ms:.2f}", f"{tps:,.0f}", f"{tps / base:.2f}×", f"{compile_s[label]:.1f}"])
         b, t = tcfg.batch_size, mcfg.block_size
         report.add(f"**Tokens/s, `{preset}`** (batch {b}, context {t}; median of the interleaved steps):")
         report.add_table(["step", "ms/step", "tokens/s", "vs fp32", "first step s (compile)"], rows)
@@ -178,26 +178,21 @@ def step_variants(report: Report, quick: bool) -> dict:
 
 
 def pack_child(cfg: dict) -> int:
-    """One ``baby`` run in this process: warm up, say ready, wait for "go" on stdin, time the steps."""
-    from tinygpt_core.device import resolve_device, resolve_precision
-    from tinygpt_core.optim import lr_at
-    from tinygpt_core.trainstate import TrainState
-
+    """One ``baby`` run in this process (the training loop's own step): warm up, say ready, wait for "go"
+    on stdin, time the steps."""
     train_ids, vocab = load_ids()
     p = get_preset("baby")
-    mcfg = p.model_config(vocab_size=vocab)
-    tcfg = p.train_config(device="auto", seed=cfg["seed"], sample_tokens=0, **cfg["train"])
-    device = resolve_device(tcfg.device)
-    state = TrainState(mcfg, tcfg, train_ids, device, resolve_precision(tcfg.precision, device))
-    for i in range(cfg["warmup"]):
-        state.train_step(lr_at(i + 1, tcfg))
+    tcfg = p.train_config(device="auto", **cfg["train"])
+    run = our_step(p.model_config(vocab_size=vocab), tcfg, train_ids, seed=cfg["seed"])
+    for _ in range(cfg["warmup"]):
+        run.step()
     print(MARK + json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()
     t0 = time.time()
-    for i in range(cfg["steps"]):
-        state.train_step(lr_at(cfg["warmup"] + i + 1, tcfg))
+    for _ in range(cfg["steps"]):
+        run.step()
     t1 = time.time()
-    print(MARK + json.dumps({"t0": t0, "t1": t1, "tokens": cfg["steps"] * state.tokens_per_step}), flush=True)
+    print(MARK + json.dumps({"t0": t0, "t1": t1, "tokens": cfg["steps"] * run.tokens_per_step}), flush=True)
     return 0
 
 
