@@ -37,12 +37,13 @@ COMBINED = {"everything at once": dict(norm_position="post", qk_norm=True, swap_
 CASES = {ab.name: ab.overrides() for ab in REGISTRY} | {"baseline": {}} | COMBINED
 
 
+@pytest.mark.parametrize("batch", [1, 3], ids=["one sequence", "three"])  # one decoded row is a vector
 @pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
-def test_the_step_gives_the_models_logits_and_cache_for_every_ablation(overrides):
+def test_the_step_gives_the_models_logits_and_cache_for_every_ablation(overrides, batch):
     model = tiny(**overrides)
     step = DecodeStep.for_model(model)
     assert step is not None and step.usable()
-    idx = torch.randint(0, V, (3, BLOCK), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, V, (batch, BLOCK), generator=torch.Generator().manual_seed(1))
     ours, theirs = KVCache(model.config.n_layer, BLOCK), KVCache(model.config.n_layer, BLOCK)
     # a prompt into the empty cache, a few tokens onto a cached past, then one token at a time
     spans = [(0, 3), (3, 5)] + [(t, t + 1) for t in range(5, BLOCK)]  # past the windows of 3 and 8
@@ -50,7 +51,7 @@ def test_the_step_gives_the_models_logits_and_cache_for_every_ablation(overrides
         for a, b in spans:
             got = step(idx[:, a:b], ours)
             want = model(idx[:, a:b], past_kv=theirs).logits[:, -1]
-            assert got.shape == (3, V) and got.dtype == torch.float32
+            assert got.shape == (batch, V) and got.dtype == torch.float32
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert ours.length == theirs.length == b
         for mine, model_kv in zip(ours.layers, theirs.layers):
@@ -137,7 +138,7 @@ def test_the_step_stands_aside_where_it_would_differ():
         assert torch.equal(hooked, greedy_by_hand(model, idx, 8))  # every token through the hooked model
 
 
-@pytest.mark.parametrize("shape", [(1, 512), (3, 64), (2, 7), (1, 1)])
+@pytest.mark.parametrize("shape", [(512,), (1, 512), (3, 64), (2, 7), (1, 1)])
 def test_gelu_rows_is_the_exact_gelu_and_hands_back_contiguous_rows(shape):
     a = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 4
     got = gelu_rows(a)

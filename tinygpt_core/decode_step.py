@@ -5,11 +5,12 @@ about a hundred operator calls of a few microseconds each, so its cost is dispat
 ``DecodeStep`` computes what ``GPT.forward(idx[:, -1:], past_kv=cache)`` computes, for every
 ablation, on the same cache, with three differences that change only the speed:
 
-- every weight matrix is kept transposed, (in, out) and contiguous. On CPU a one-row product
-  against PyTorch's (out, in) Linear layout takes a slower path: 8.1 against 5.1 µs at 128 → 384,
-  44 against 34 µs at 384 → 1152 (one thread, measured). The copies cost about 1 ms at ``baby``
-  size (46 ms at shakespeare-char's), as much as 20-50 decoded tokens, so ``for_model`` keeps them
-  on the model for the next generation for as long as its weights have not changed (``_weights_key``);
+- each product takes the layout that is fastest for its rows. One decoded token is one row, a
+  vector: ``torch.addmv`` on the Linear layer's own (out, in) weight (77 against 105 µs for the 16
+  products of a ``baby`` step with ``addmm``; 2 threads, measured). Several rows (a prompt, beams)
+  run ``addmm`` on a copy transposed to (in, out): 194 against 286 µs for 16 rows. The copies cost
+  about 1 ms at ``baby`` size (46 ms at shakespeare-char's), so ``for_model`` keeps them on the model
+  for the next generation for as long as its weights have not changed (``_weights_key``);
 - no module calls, hook points or dropout: ``GPT.forward`` makes about 70 module calls per token
   at ``baby`` size. The weights and switches are read once into plain tuples and flags, so a layer
   costs its operators and little Python around them (at ``baby`` size this made a step about a fifth
@@ -53,17 +54,28 @@ def _apply_norm(x: torch.Tensor, norm: _Norm) -> torch.Tensor:
     return x if norm is None else F.layer_norm(x, *norm)
 
 
-def _transposed(module: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight (in, out) contiguous, bias or None) of a Linear layer."""
-    return module.weight.detach().t().contiguous(), None if module.bias is None else module.bias.detach()
+# A Linear layer as (weight (out, in), the same transposed to (in, out) and contiguous, bias or None).
+_Affine = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-def _affine(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)  # (B, in) -> (B, out)
+def _linear(module: nn.Linear) -> _Affine:
+    w = module.weight.detach()
+    return w, w.t().contiguous(), None if module.bias is None else module.bias.detach()
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (in,) -> (out,), or rows x (N, in) -> (N, out).
+
+    One row is a matrix-vector product on the Linear layer's own (out, in) layout: over the 16 products
+    of a ``baby`` step 77 µs against 105 µs for ``addmm`` on the (in, out) copy (2 threads, measured).
+    Several rows (a prompt, beams) are faster on the copy: 194 against 286 µs for 16 rows."""
+    if x.dim() == 1:
+        return torch.mv(weight, x) if bias is None else torch.addmv(bias, weight, x)
+    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
 
 
 def gelu_rows(a: torch.Tensor) -> torch.Tensor:
-    """Exact GELU of a few rows, through PyTorch's own vectorised kernel rather than oneDNN's.
+    """Exact GELU of a row or a few rows (contiguous, any leading shape), through PyTorch's own vectorised kernel rather than oneDNN's.
 
     For a contiguous float32 input ``F.gelu`` calls oneDNN, whose per-call setup costs 10-15 µs
     whatever the size (measured: 12 µs for 512 values against 2.3 µs for the native kernel, one
@@ -72,10 +84,10 @@ def gelu_rows(a: torch.Tensor) -> torch.Tensor:
     layout, so viewing it back gives the rows in order. tests/test_decode_step.py holds the values
     to ``F.gelu``'s (float rounding apart), which would catch a kernel that laid its output out
     differently."""
-    B, n = a.shape
+    n = a.size(-1)
     if n % 2 or not a.is_contiguous():  # an odd width cannot be paired; a strided input already goes native
         return F.gelu(a)
-    return F.gelu(a.as_strided((B, 2, n // 2), (n, 1, 2))).as_strided((B, n), (n, 1))
+    return F.gelu(a.as_strided((a.numel() // n, 2, n // 2), (n, 1, 2))).as_strided(a.shape, a.stride())
 
 
 # Every optimizer step in this process, counted by a global post-step hook. Fused optimizers (fused
@@ -92,19 +104,19 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def _weights_key(model: nn.Module) -> tuple:
-    """What changes whenever the weights do: an optimizer step anywhere, any other in-place write (it
+def _weights_key(params: list[torch.Tensor]) -> tuple:
+    """What changes, for a model's ``params``, whenever the weights do: an optimizer step anywhere, any other in-place write (it
     bumps the tensor's version counter: ``copy_``, ``load_state_dict``, ``normal_``) and new storage
     (``model.to``, a reassigned parameter). Writes through ``.data``, which bypass version counting,
     are the one way past it; nothing in the lab writes weights that way."""
-    return _optimizer_steps[0], tuple((id(p), p._version, p.data_ptr()) for p in model.parameters())
+    return _optimizer_steps[0], tuple((id(p), p._version, p.data_ptr()) for p in params)
 
 
-def _has_forward_hooks(model: nn.Module) -> bool:
-    """Whether PyTorch would run a forward (pre-)hook inside ``model``: its modules' or global ones."""
+def _has_forward_hooks(modules: list[nn.Module]) -> bool:
+    """Whether PyTorch would run a forward (pre-)hook inside a model of ``modules``: theirs or global ones."""
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +127,14 @@ class _Layer:
     windowed: bool  # an attention window: the mask needs fused_attention; otherwise plain SDPA
     swap_qk: bool
     ln_1: _Norm
-    qkv: tuple[torch.Tensor, torch.Tensor | None]
+    qkv: _Affine
     q_norm: torch.Tensor | None  # QK-norm gains (hs,), None without it
     k_norm: torch.Tensor | None
     qk_eps: float | None
-    proj: tuple[torch.Tensor, torch.Tensor | None]
+    proj: _Affine
     ln_2: _Norm
-    fc: tuple[torch.Tensor, torch.Tensor | None] | None  # None: the no-mlp ablation
-    out: tuple[torch.Tensor, torch.Tensor | None] | None
+    fc: _Affine | None  # None: the no-mlp ablation
+    out: _Affine | None
 
 
 def _layer(block: nn.Module) -> _Layer:
@@ -134,14 +146,14 @@ def _layer(block: nn.Module) -> _Layer:
         windowed=attn.window is not None,
         swap_qk=attn.swap_qk,
         ln_1=_norm(block.ln_1),
-        qkv=_transposed(attn.c_attn),
+        qkv=_linear(attn.c_attn),
         q_norm=None if qn is None else qn.weight,
         k_norm=None if kn is None else kn.weight,
         qk_eps=None if qn is None else qn.eps,
-        proj=_transposed(attn.c_proj),
+        proj=_linear(attn.c_proj),
         ln_2=None if mlp is None else _norm(block.ln_2),
-        fc=None if mlp is None else _transposed(mlp.c_fc),
-        out=None if mlp is None else _transposed(mlp.c_proj),
+        fc=None if mlp is None else _linear(mlp.c_fc),
+        out=None if mlp is None else _linear(mlp.c_proj),
     )
 
 
@@ -164,7 +176,7 @@ class DecodeStep:
         self.wte = model.wte.weight.detach()
         self.layers = [_layer(b) for b in model.blocks]
         self.ln_f = _norm(model.ln_f)
-        self.head = _transposed(model.lm_head)  # (C, V): the embedding, transposed, when the weights are tied
+        self.head = _linear(model.lm_head)  # (V, C) and (C, V): the embedding's when the weights are tied
 
     @classmethod
     def for_model(cls, model: nn.Module) -> DecodeStep | None:
@@ -173,11 +185,17 @@ class DecodeStep:
 
         The step built for the model's current weights is reused (kept on the model, so it lives as long
         as the model and is shared by every thread decoding with it); any change to them builds a new one."""
-        if not isinstance(model, GPT) or any(p.dtype != torch.float32 for p in model.parameters()):
+        if not isinstance(model, GPT):
             return None
-        if _has_forward_hooks(model):  # PyTorch's own module hooks run only where modules are called
+        # One walk over the modules serves every check (each of model.parameters() and model.modules()
+        # walks the tree again: 186 µs for three walks at baby size, asked once per generation).
+        modules = list(model.modules())
+        params = [p for m in modules for p in m._parameters.values() if p is not None]
+        if any(p.dtype != torch.float32 for p in params):
             return None
-        key = _weights_key(model)
+        if _has_forward_hooks(modules):  # PyTorch's own module hooks run only where modules are called
+            return None
+        key = _weights_key(params)
         kept = model.__dict__.get("_decode_step")
         if kept is not None and kept[0] == key:
             return kept[1]
@@ -195,8 +213,9 @@ class DecodeStep:
         B, T = tokens.shape
         start = cache.length
         nh, hs, pre, residual = self.n_head, self.head_size, self.pre_norm, self.residual
+        rows = (nh * hs,) if B * T == 1 else (B * T, nh * hs)  # one row is a vector: matrix-vector products
         pos = self.model.position_embedding(start, T, tokens.device)
-        x = (F.embedding(tokens, self.wte) + pos).view(B * T, nh * hs)  # one row per position
+        x = (F.embedding(tokens, self.wte) + pos).view(rows)
         for layer, past in zip(self.layers, cache.layers):
             qkv = _affine(_apply_norm(x, layer.ln_1) if pre else x, *layer.qkv)
             if T == 1:  # (B, 3C) is already (B, 3, nh, 1, hs): no permute
@@ -210,9 +229,9 @@ class DecodeStep:
                 k = F.rms_norm(k, (hs,), layer.k_norm, layer.qk_eps)
             k, v = past.append(k, v)  # (B, nh, start + T, hs)
             if T == 1 and not layer.windowed:  # one query sees the whole cache: no mask, no checks
-                y = F.scaled_dot_product_attention(q, k, v).view(B, nh * hs)
+                y = F.scaled_dot_product_attention(q, k, v).view(rows)
             else:  # the model's own causal or windowed attention
-                y = layer.attn.fused_attention(q, k, v, 0.0).transpose(1, 2).reshape(B * T, nh * hs)
+                y = layer.attn.fused_attention(q, k, v, 0.0).transpose(1, 2).reshape(rows)
             a = _affine(y, *layer.proj)
             x = (x + a if residual else a) if pre else _apply_norm(x + a if residual else a, layer.ln_1)
             if layer.fc is not None:
@@ -222,4 +241,4 @@ class DecodeStep:
         cache.length = start + T
         if T > 1:
             x = x.view(B, T, nh * hs)[:, -1]  # only the last position's logits are asked for
-        return _affine(_apply_norm(x, self.ln_f), *self.head)  # (B, V)
+        return _affine(_apply_norm(x, self.ln_f), *self.head).view(B, -1)  # (B, V)
