@@ -2,10 +2,12 @@
 
 For each preset (``baby``, ``shakespeare-char``) it times, in turns, our step in fp32 and in the
 default speed mode (``auto``), the transformers peer in fp32 and bf16 autocast, and, given a
-nanoGPT checkout (``--nanogpt PATH`` or $BENCH_NANOGPT), nanoGPT's own ``model.py`` in both too,
-then reports tokens/s, the ratio to each peer **in the same precision** (fp32 against fp32, bf16
-against bf16), and model FLOPs utilisation (nanoGPT's 6N + 12·L·C·T FLOPs per token) against the
-fp32 and bf16 matmul peaks this script measures on the same machine.
+nanoGPT checkout (``--nanogpt PATH`` or $BENCH_NANOGPT), nanoGPT's own ``model.py`` in both too;
+outside ``--quick`` also our fp32 step under ``torch.compile``, whose compile time is weighed against
+the steps the preset runs (does it pay back inside a run?). It reports tokens/s, the ratio to each
+peer **in the same precision** (fp32 against fp32, bf16 against bf16), and model FLOPs utilisation
+(nanoGPT's 6N + 12·L·C·T FLOPs per token) against the fp32 and bf16 matmul peaks this script
+measures on the same machine.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -52,17 +57,66 @@ def measure(
     if nanogpt:
         steppers += [nanogpt_step(nanogpt, model_cfg, train_cfg, train_ids, precision=p) for p in ("fp32", "bf16")]
     steppers[1].name = f"ours auto ({steppers[1].precision})"
+    compile_s: dict[str, float] = {}
+    if not quick:  # compiling takes tens of seconds: the full run only
+        steppers[1:1] = _compiled_steps(model_cfg, train_cfg, train_ids, compile_s)
     times = interleaved({s.name: s.step for s in steppers}, rounds=rounds, warmup=2)
     return [
         dict(
-            name=s.name,
+            name=s.name + (" (fell back: " + "; ".join(s.notes) + ")" if s.notes else ""),
             precision=s.precision,
             s_per_step=median(times[s.name]),
             tokens_per_step=s.tokens_per_step,
             flops_per_token=s.flops_per_token,
+            first_step_s=compile_s.get(s.name),
         )
         for s in steppers
     ]
+
+
+def _compiled_steps(model_cfg, train_cfg, train_ids, first_step_s: dict[str, float]) -> list:
+    """Our fp32 step under torch.compile, compiled twice: into an empty compile cache (what a machine's
+    first compiled run pays) and again after ``torch.compiler.reset()`` from that cache (a run of the
+    same shapes later). Each first step's seconds, the compile, go into ``first_step_s`` by name."""
+    cache = tempfile.mkdtemp(prefix="tinygpt-inductor-")
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # inductor reads it at each compile
+    steppers = []
+    try:
+        for name in ("ours fp32, torch.compile, empty cache", "ours fp32, torch.compile, cached"):
+            torch.compiler.reset()  # the process forgets what it compiled; the cache on disk stays
+            stepper = our_step(model_cfg, train_cfg, train_ids, precision="fp32", name=name, compile_mode="default")
+            t0 = time.perf_counter()
+            stepper.step()  # forward and backward graphs compile here
+            first_step_s[name] = time.perf_counter() - t0
+            steppers.append(stepper)
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        shutil.rmtree(cache, ignore_errors=True)  # the compiled code is already loaded
+    return steppers
+
+
+def compile_payback(rows: list[dict], max_iters: int) -> str | None:
+    """Sentences weighing each compiled step's first-step cost against what it saves over the preset's steps."""
+    eager = next((r for r in rows if r["name"] == "ours fp32"), None)
+    compiled = [r for r in rows if r.get("first_step_s") is not None]
+    if eager is None or not compiled:
+        return None
+    e_ms = eager["s_per_step"] * 1e3
+    said = []
+    for r in compiled:
+        c_ms, first = r["s_per_step"] * 1e3, r["first_step_s"]
+        text = f"{r['name']}: first step {first:.1f} s (the compile), then {c_ms:.1f} against {e_ms:.1f} ms eager"
+        if c_ms >= e_ms:
+            said.append(text + ", so it never pays back")
+            continue
+        payback = first / ((e_ms - c_ms) / 1e3)
+        verdict = "inside" if payback < max_iters else "not inside"
+        said.append(text + f"; it pays back after {payback:,.0f} steps, {verdict} the preset's {max_iters:,}")
+    return "; ".join(said) + "."
 
 
 def same_precision(rows: list[dict], label: str, r: dict) -> str:
@@ -127,6 +181,9 @@ def run(
             ],
             table,
         )
+        payback = compile_payback(rows, get_preset(preset).train_config().max_iters)
+        if payback:
+            report.add(payback)
         out[preset] = rows
     report.emit(results)
     return out

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.steps import nanogpt_step
-from bench.throughput import same_precision
+from bench.throughput import compile_payback, same_precision
 from tinygpt_core.config import ModelConfig, TrainConfig
 
 # A stand-in for a nanoGPT checkout's model.py: the same constructor and forward signature.
@@ -68,3 +68,18 @@ def test_ratios_compare_each_step_with_the_peer_of_its_own_precision():
     assert same_precision(rows, "transformers", rows[1]) == "4.00×"
     assert same_precision(rows, "transformers", rows[2]) == "–"  # a peer is not compared with itself
     assert same_precision(rows, "nanoGPT", rows[0]) == "–"  # not run
+
+
+def test_compile_payback_weighs_the_compile_against_the_presets_steps():
+    rows = [
+        {"name": "ours fp32", "precision": "fp32", "s_per_step": 0.040},
+        {"name": "compiled, empty cache", "precision": "fp32", "s_per_step": 0.036, "first_step_s": 24.0},
+        {"name": "compiled, cached", "precision": "fp32", "s_per_step": 0.036, "first_step_s": 0.6},
+        {"name": "compiled, slower", "precision": "fp32", "s_per_step": 0.041, "first_step_s": 1.0},
+    ]
+    said = compile_payback(rows, max_iters=2000)
+    assert "empty cache: first step 24.0 s (the compile), then 36.0 against 40.0 ms eager" in said
+    assert "pays back after 6,000 steps, not inside the preset's 2,000" in said  # 24 s / 4 ms
+    assert "pays back after 150 steps, inside the preset's 2,000" in said
+    assert "slower: first step 1.0 s (the compile), then 41.0 against 40.0 ms eager, so it never pays back" in said
+    assert compile_payback(rows[:1], max_iters=2000) is None  # nothing compiled: nothing to say
