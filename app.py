@@ -66,10 +66,11 @@ PAGES: list[tuple[str, str, str, str]] = [
 
 @st.cache_resource
 def _configure_threads_once() -> int:
-    """torch's thread count is process-wide: the core sets it once per server ($TINYGPT_NUM_THREADS)."""
-    from tinygpt_core.device import configure_threads
+    """torch's thread count is process-wide: the core sets it once per server ($TINYGPT_NUM_THREADS, else
+    one thread: ``device.SERVER_THREADS`` says why)."""
+    from tinygpt_core.device import SERVER_THREADS, configure_threads
 
-    return configure_threads()
+    return configure_threads(default=SERVER_THREADS)
 
 
 @st.cache_resource

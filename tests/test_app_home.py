@@ -3,6 +3,7 @@ page on it, and runs written outside the app (as the CLI does) are listed with l
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-from tinygpt_core import jobs
+from tinygpt_core import device, jobs
 from tinygpt_core.device import device_info
 from tinygpt_core.runs import RunStore
 from tinygpt_core.training import TrainSpec, train
@@ -50,6 +51,28 @@ def test_home_renders_with_the_device_and_no_runs(runs_dir):
     # One link per page of the lab.
     pages = {p.proto.page for p in at.get("page_link")}
     assert {"train", "runs", "attention", "sampling", "tokenizers"} <= pages
+
+
+@pytest.mark.parametrize("env", [None, "2"], ids=["unset", "two"])
+def test_the_server_computes_on_one_torch_thread_unless_told_otherwise(runs_dir, monkeypatch, env):
+    """Each page run is a new thread, and OpenMP teams of two threads on the same cores wait on each
+    other (device.SERVER_THREADS), so the server's default is one thread; $TINYGPT_NUM_THREADS overrides."""
+    monkeypatch.setattr(device, "_threads_configured", None)  # a fresh server process
+    if env is None:
+        monkeypatch.delenv("TINYGPT_NUM_THREADS")
+    else:
+        monkeypatch.setenv("TINYGPT_NUM_THREADS", env)
+    torch.set_num_threads(3)  # not what either case wants: the app must set it
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    want = int(env or 1)
+    seen: list[int] = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))  # as the next page run
+    later.start()
+    later.join()
+    assert seen == [want]
+    if device_info().kind == "cpu":
+        assert f"· {want} torch thread{'s' if want > 1 else ''}\n" in text_of(at)
 
 
 def test_quick_start_submits_and_opens_the_train_page(runs_dir):

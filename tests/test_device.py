@@ -33,6 +33,14 @@ def test_configure_threads_defaults_to_torchs_own(fresh_threads, monkeypatch):
     assert device.configure_threads() == torch.get_num_threads()
 
 
+def test_a_default_applies_only_where_the_variable_is_unset(fresh_threads, monkeypatch):
+    monkeypatch.delenv("TINYGPT_NUM_THREADS", raising=False)
+    assert device.configure_threads(default=device.SERVER_THREADS) == 1 == torch.get_num_threads()
+    monkeypatch.setattr(device, "_threads_configured", None)
+    monkeypatch.setenv("TINYGPT_NUM_THREADS", "2")
+    assert device.configure_threads(default=1) == 2 == torch.get_num_threads()
+
+
 @pytest.mark.parametrize("raw", ["lots", "-1", "1.5"])
 def test_a_malformed_thread_count_is_a_config_error(fresh_threads, monkeypatch, raw):
     monkeypatch.setenv("TINYGPT_NUM_THREADS", raw)

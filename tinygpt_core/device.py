@@ -126,13 +126,22 @@ def _cpu_name() -> str:
 _threads_lock = threading.Lock()
 _threads_configured: int | None = None
 
+# Torch threads of the app's server process unless $TINYGPT_NUM_THREADS says otherwise. Streamlit runs
+# each page run on a new thread, and with OpenMP every thread that runs a parallel torch op gets its own
+# team of worker threads; two teams on the same cores wait on each other. Measured on the 2-core
+# machine (2 threads): a 32-row layer norm took 5 µs on the first thread and 84-93 µs on a second, and
+# the Sampling page took 0.26-1.77 s for a column of 80 tokens against 0.14-0.50 s with one thread.
+# On one thread an op runs inline, with no team. Training never runs in the server: its processes set
+# their own threads (``worker.threads_per_job``), so this only paces what a page computes itself.
+SERVER_THREADS = 1
 
-def configure_threads(threads: int | None = None) -> int:
+
+def configure_threads(threads: int | None = None, *, default: int | None = None) -> int:
     """Set torch's intra-op threads once per process and return the number in use.
 
     ``torch.set_num_threads`` is process-wide, so a server (the app) calls this once at start-up; later
-    calls return the number set the first time. ``threads`` (else $TINYGPT_NUM_THREADS, else torch's
-    default: the physical cores) must be a whole number >= 1."""
+    calls return the number set the first time. ``threads`` (else $TINYGPT_NUM_THREADS, else ``default``,
+    else torch's default: the physical cores) must be a whole number >= 1."""
     global _threads_configured
     with _threads_lock:
         if _threads_configured is not None:
@@ -145,7 +154,7 @@ def configure_threads(threads: int | None = None) -> int:
                 raise ConfigError(f"TINYGPT_NUM_THREADS must be a whole number >= 1, got {raw!r}.") from None
         if threads < 0:
             raise ConfigError(f"The number of torch threads must be >= 1, got {threads}.")
-        threads = threads or torch.get_num_threads()
+        threads = threads or default or torch.get_num_threads()
         torch.set_num_threads(threads)
         _threads_configured = threads
         return threads
