@@ -23,6 +23,7 @@ BENCHES = {  # name -> module, in the issue's order
     "recipes": "bench.recipes",  # how baby-fast's recipe was chosen: variants on tuning seeds
     "grids": "bench.grids",  # an ablation grid one member after another vs side by side
     "generation": "bench.generation",
+    "page_threads": "bench.page_threads",  # decoding on a page run's thread: the server's torch threads
     "live": "bench.live",
     "inspection": "bench.inspection",
     "app": "bench.app_startup",

@@ -219,17 +219,19 @@ def run_quick(module: str, *args: str, out: Path, timeout: int) -> str:
 @pytest.mark.heavy  # every bench's quick form, ~30 s: CI's heavy stage
 def test_quick_suite_smoke(tmp_path):
     """The fast benchmarks end to end, on the built-in corpus, writing to a temp results file."""
-    text = run_quick("bench", "--quick", "--only", "inspection,generation,live", out=tmp_path / "R.md", timeout=600)
-    for title in ("3. Generation", "4. Live overhead", "5. Inspection"):
+    only = ",".join(SMOKE_BENCHES)
+    text = run_quick("bench", "--quick", "--only", only, out=tmp_path / "R.md", timeout=600)
+    for title in ("3. Generation", "3b. Decoding on a page run's thread", "4. Live overhead", "5. Inspection"):
         assert title in text
     assert "decode the same tokens: yes" in text
+    assert "| 2             |" in text and "| 1             |" in text  # both thread counts timed
 
 
 # --- every bench script in its --quick form ----------------------------------------------------------
 
 # The suite's fast benches run in the README's test command (test_quick_suite_smoke above); the rest
 # train real presets, start servers, browsers or Ray, and run with -m heavy.
-SMOKE_BENCHES = ("inspection", "generation", "live")
+SMOKE_BENCHES = ("inspection", "generation", "page_threads", "live")
 HEAVY_MARKS = {"ray": (pytest.mark.ray,), "watched": (pytest.mark.browser,)}
 
 

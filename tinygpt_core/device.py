@@ -128,11 +128,12 @@ _threads_configured: int | None = None
 
 # Torch threads of the app's server process unless $TINYGPT_NUM_THREADS says otherwise. Streamlit runs
 # each page run on a new thread, and with OpenMP every thread that runs a parallel torch op gets its own
-# team of worker threads; two teams on the same cores wait on each other. Measured on the 2-core
-# machine (2 threads): a 32-row layer norm took 5 µs on the first thread and 84-93 µs on a second, and
-# the Sampling page took 0.26-1.77 s for a column of 80 tokens against 0.14-0.50 s with one thread.
-# On one thread an op runs inline, with no team. Training never runs in the server: its processes set
-# their own threads (``worker.threads_per_job``), so this only paces what a page computes itself.
+# team of worker threads; two teams on the same cores wait on each other. bench/page_threads.py times
+# it: on the 2-core machine, decoding 80 tokens on a page run's thread took 90 ms alone and 213 ms
+# beside another live page run with 2 threads, 100 and 102 ms with one (in a browser, a Sampling
+# column took 0.26-1.77 s on 2 threads, 0.14-0.50 s on one). On one thread an op runs inline, with no
+# team. Training never runs in the server: its processes set their own threads
+# (``worker.threads_per_job``), so this only paces what a page computes itself.
 SERVER_THREADS = 1
 
 
