@@ -218,3 +218,14 @@ def threads_env(threads: int | None):
             os.environ.pop("TINYGPT_NUM_THREADS", None)
         else:
             os.environ["TINYGPT_NUM_THREADS"] = old
+
+
+def quick_main(run: Callable[..., object], doc: str | None, quick_help: str, argv: list[str] | None = None) -> None:
+    """The command line of a bench whose ``run(quick, results)`` needs nothing else: --quick and --results."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--results", type=Path, help="append the tables here instead of bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    run(args.quick, args.results)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import plotly.io as pio
 import torch
 
-from bench.common import Report, load_average, median
+from bench.common import Report, load_average, median, quick_main
 from tinygpt_core import dynamics, inspection, viz
 from tinygpt_core.checkpoints import checkpoint_steps
 from tinygpt_core.runs import load_run, read_metrics
@@ -151,11 +150,7 @@ def run(quick: bool = False, results=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a 60-step run and one scrub round: checks the script")
-    ap.add_argument("--results", type=Path, help="append the tables here instead of bench/RESULTS.md")
-    args = ap.parse_args(argv)
-    run(args.quick, args.results)
+    quick_main(run, __doc__, "a 60-step run and one scrub round: checks the script", argv)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,13 @@ app's server default (``device.SERVER_THREADS``) rests on this table.
 
 from __future__ import annotations
 
-import argparse
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from bench.common import Report, median
+from bench.common import Report, median, quick_main
 from tinygpt_core.config import get_preset
 from tinygpt_core.model import GPT
 from tinygpt_core.sampling import SamplingSettings, generate_ids
@@ -110,11 +108,7 @@ def run(quick: bool = False, results=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 16 tokens: checks the script")
-    ap.add_argument("--results", type=Path, help="append the table here instead of bench/RESULTS.md")
-    args = ap.parse_args(argv)
-    run(args.quick, args.results)
+    quick_main(run, __doc__, "2 rounds of 16 tokens: checks the script", argv)
 
 
 if __name__ == "__main__":
