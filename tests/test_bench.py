@@ -229,7 +229,7 @@ def test_quick_suite_smoke(tmp_path):
 
 # --- every bench script in its --quick form ----------------------------------------------------------
 
-# The suite's fast benches run in the README's test command (test_quick_suite_smoke above); the rest
+# The suite's fast benches run together in test_quick_suite_smoke above (CI's heavy stage); the rest
 # train real presets, start servers, browsers or Ray, and run with -m heavy.
 SMOKE_BENCHES = ("inspection", "generation", "page_threads", "live")
 HEAVY_MARKS = {"ray": (pytest.mark.ray,), "watched": (pytest.mark.browser,)}
