@@ -58,6 +58,20 @@ def test_the_step_gives_the_models_logits_and_cache_for_every_ablation(overrides
             torch.testing.assert_close(list(mine), list(model_kv), atol=1e-6, rtol=1e-6)
 
 
+def test_one_token_at_a_time_from_an_empty_cache_writes_the_models_cache():
+    """A one-token prompt: the first write into the cache is the one-row product's (``LayerKV.row``)."""
+    model = tiny(**CASES["everything at once"])
+    step = DecodeStep.for_model(model)
+    idx = torch.randint(0, V, (1, BLOCK), generator=torch.Generator().manual_seed(2))
+    ours, theirs = KVCache(model.config.n_layer, BLOCK), KVCache(model.config.n_layer, BLOCK)
+    with torch.no_grad():
+        for t in range(BLOCK):
+            got, want = step(idx[:, t : t + 1], ours), model(idx[:, t : t + 1], past_kv=theirs).logits[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for mine, model_kv in zip(ours.layers, theirs.layers):
+        torch.testing.assert_close(list(mine), list(model_kv), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
 def test_generation_takes_the_step_and_picks_what_the_model_picks(strategy, monkeypatch):
     model = tiny(seed=2)

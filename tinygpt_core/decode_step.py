@@ -3,7 +3,7 @@
 Decoding one token is a forward pass over one position per sequence. At the lab's sizes that is
 about a hundred operator calls of a few microseconds each, so its cost is dispatch, not arithmetic.
 ``DecodeStep`` computes what ``GPT.forward(idx[:, -1:], past_kv=cache)`` computes, for every
-ablation, on the same cache, with three differences that change only the speed:
+ablation, on the same cache, with four differences that change only the speed:
 
 - each product takes the layout that is fastest for its rows. One decoded token is one row, a
   vector: ``torch.addmv`` on the Linear layer's own (out, in) weight (77 against 105 µs for the 16
@@ -11,6 +11,9 @@ ablation, on the same cache, with three differences that change only the speed:
   run ``addmm`` on a copy transposed to (in, out): 194 against 286 µs for 16 rows. The copies cost
   about 1 ms at ``baby`` size (46 ms at shakespeare-char's), so ``for_model`` keeps them on the model
   for the next generation for as long as its weights have not changed (``_weights_key``);
+- one token's q, k, v product writes its result straight into the cache (``LayerKV.row``: the cache
+  keeps each position's q, k and v side by side, in c_attn's order), instead of splitting it and
+  copying k and v there (a decoded token 0.40 against 0.44 ms at ``baby`` size, measured side by side);
 - no module calls, hook points or dropout: ``GPT.forward`` makes about 70 module calls per token
   at ``baby`` size. The weights and switches are read once into plain tuples and flags, so a layer
   costs its operators and little Python around them (at ``baby`` size this made a step about a fifth
@@ -18,7 +21,8 @@ ablation, on the same cache, with three differences that change only the speed:
 - the activation runs PyTorch's native exact-GELU kernel instead of oneDNN's (``gelu_rows``).
 
 The model's own code still runs where it is cheap to call: the position embedding, the cache
-write (``LayerKV.append``) and the attention kernel with its window (``CausalSelfAttention.fused_attention``).
+write of several rows (``LayerKV.append``) and the attention kernel with its window
+(``CausalSelfAttention.fused_attention``).
 The step serves only where it is the same computation (``for_model`` and ``usable``): a ``GPT`` in
 eval mode with float32 weights, no autocast, no ``run_with_hooks`` active in this thread (knockout
 decodes through its hooks) and no PyTorch forward hooks on its modules. Everywhere else the
@@ -37,7 +41,7 @@ from torch.nn.modules import module as torch_module
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .hooks import hooks_active
-from .model import GPT, KVCache
+from .model import GPT, KVCache, LayerKV
 
 # A LayerNorm as the arguments of F.layer_norm after x: (shape, weight, bias, eps); None is the
 # no-layernorm ablation's identity. Plain tuples: attribute lookups and calls per layer add up here.
@@ -51,11 +55,13 @@ def _norm(module: nn.Module) -> _Norm:
 
 
 def _apply_norm(x: torch.Tensor, norm: _Norm) -> torch.Tensor:
-    return x if norm is None else F.layer_norm(x, *norm)
+    return x if norm is None else torch.layer_norm(x, *norm)  # F.layer_norm's Python wrapper: 0.4 µs more a call
 
 
 # A Linear layer as (weight (out, in), the same transposed to (in, out) and contiguous, bias or None).
 _Affine = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+# Rows of a Linear layer for one-row products only: (weight (out, in), bias or None).
+_Vector = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def _linear(module: nn.Linear) -> _Affine:
@@ -132,10 +138,22 @@ class _Layer:
     q_norm: torch.Tensor | None  # QK-norm gains (hs,), None without it
     k_norm: torch.Tensor | None
     qk_eps: float | None
+    qkv_row: _Vector  # one row's product of q, k and v, which writes them into the cache
     proj: _Affine
     ln_2: _Norm
     fc: _Affine | None  # None: the no-mlp ablation
     out: _Affine | None
+
+
+def _qkv_rows(c_attn: nn.Linear, swap_qk: bool) -> _Vector:
+    """c_attn as one row's product of q, k and v in that order (the cache row's, ``LayerKV.row``): the
+    layer's own weights, or under the swap-qk ablation a copy with its key and query rows exchanged."""
+    w, b = c_attn.weight.detach(), None if c_attn.bias is None else c_attn.bias.detach()
+    if not swap_qk:
+        return w, b
+    C = w.size(1)
+    swap = torch.cat([torch.arange(C, 2 * C), torch.arange(C), torch.arange(2 * C, 3 * C)])
+    return w[swap], None if b is None else b[swap]
 
 
 def _layer(block: nn.Module) -> _Layer:
@@ -151,6 +169,7 @@ def _layer(block: nn.Module) -> _Layer:
         q_norm=None if qn is None else qn.weight,
         k_norm=None if kn is None else kn.weight,
         qk_eps=None if qn is None else qn.eps,
+        qkv_row=_qkv_rows(attn.c_attn, attn.swap_qk),
         proj=_linear(attn.c_proj),
         ln_2=None if mlp is None else _norm(block.ln_2),
         fc=None if mlp is None else _linear(mlp.c_fc),
@@ -213,26 +232,14 @@ class DecodeStep:
     def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         B, T = tokens.shape
         start = cache.length
-        nh, hs, pre, residual = self.n_head, self.head_size, self.pre_norm, self.residual
-        rows = (nh * hs,) if B * T == 1 else (B * T, nh * hs)  # one row is a vector: matrix-vector products
+        pre, residual, C = self.pre_norm, self.residual, self.n_head * self.head_size
+        one = B * T == 1  # the decoding loop's step: one row is a vector, every product a matrix-vector one
+        rows = (C,) if one else (B * T, C)
+        attend = self._attend_one if one else self._attend_rows
         pos = self.model.position_embedding(start, T, tokens.device)
         x = (F.embedding(tokens, self.wte) + pos).view(rows)
         for layer, past in zip(self.layers, cache.layers):
-            qkv = _affine(_apply_norm(x, layer.ln_1) if pre else x, *layer.qkv)
-            if T == 1:  # (B, 3C) is already (B, 3, nh, 1, hs): no permute
-                q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)
-            else:
-                q, k, v = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
-            if layer.swap_qk:
-                q, k = k, q
-            if layer.q_norm is not None:
-                q = F.rms_norm(q, (hs,), layer.q_norm, layer.qk_eps)
-                k = F.rms_norm(k, (hs,), layer.k_norm, layer.qk_eps)
-            k, v = past.append(k, v)  # (B, nh, start + T, hs)
-            if T == 1 and not layer.windowed:  # one query sees the whole cache: no mask, no checks
-                y = F.scaled_dot_product_attention(q, k, v).view(rows)
-            else:  # the model's own causal or windowed attention
-                y = layer.attn.fused_attention(q, k, v, 0.0).transpose(1, 2).reshape(rows)
+            y = attend(layer, past, _apply_norm(x, layer.ln_1) if pre else x, B, T, start)  # rows, heads side by side
             a = _affine(y, *layer.proj)
             x = (x + a if residual else a) if pre else _apply_norm(x + a if residual else a, layer.ln_1)
             if layer.fc is not None:
@@ -241,5 +248,42 @@ class DecodeStep:
                 x = (x + m if residual else m) if pre else _apply_norm(x + m if residual else m, layer.ln_2)
         cache.length = start + T
         if T > 1:
-            x = x.view(B, T, nh * hs)[:, -1]  # only the last position's logits are asked for
+            x = x.view(B, T, C)[:, -1]  # only the last position's logits are asked for
         return _affine(_apply_norm(x, self.ln_f), *self.head).view(B, -1)  # (B, V)
+
+    def _attend_one(self, layer: _Layer, past: LayerKV, h: torch.Tensor, B: int, T: int, start: int) -> torch.Tensor:
+        """Attention of one token of one sequence, h (C,) -> (C,). Its q, k, v product writes straight into
+        the cache's row for this position (``LayerKV.row``): no view, split or copy moves k and v there."""
+        nh, hs = self.n_head, self.head_size
+        C = nh * hs
+        row = past.row(start, nh, hs, h)  # (3C,)
+        w, b = layer.qkv_row
+        torch.mv(w, h, out=row) if b is None else torch.addmv(b, w, h, out=row)
+        q = row[:C].view(1, nh, 1, hs)
+        if layer.q_norm is not None:  # normalised before the cache, as the model does
+            q = F.rms_norm(q, (hs,), layer.q_norm, layer.qk_eps)
+            k_row = row[C : 2 * C].view(nh, hs)
+            k_row.copy_(F.rms_norm(k_row, (hs,), layer.k_norm, layer.qk_eps))
+        k, v = past.k.narrow(2, 0, start + 1), past.v.narrow(2, 0, start + 1)  # (1, nh, start + 1, hs)
+        if layer.windowed:
+            return layer.attn.fused_attention(q, k, v, 0.0).view(C)
+        return F.scaled_dot_product_attention(q, k, v).view(C)  # one query sees the whole cache: no mask
+
+    def _attend_rows(self, layer: _Layer, past: LayerKV, h: torch.Tensor, B: int, T: int, start: int) -> torch.Tensor:
+        """Attention of T tokens of B sequences (a prompt, beams), h (B·T, C) -> (B·T, C)."""
+        nh, hs = self.n_head, self.head_size
+        qkv = _affine(h, *layer.qkv)
+        if T == 1:  # (B, 3C) is already (B, 3, nh, 1, hs): no permute
+            q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)
+        else:
+            q, k, v = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        if layer.swap_qk:
+            q, k = k, q
+        if layer.q_norm is not None:
+            q = F.rms_norm(q, (hs,), layer.q_norm, layer.qk_eps)
+            k = F.rms_norm(k, (hs,), layer.k_norm, layer.qk_eps)
+        k, v = past.append(k, v)  # (B, nh, start + T, hs)
+        if T == 1 and not layer.windowed:  # one query sees the whole cache: no mask, no checks
+            return F.scaled_dot_product_attention(q, k, v).view(B * T, nh * hs)
+        # the model's own causal or windowed attention
+        return layer.attn.fused_attention(q, k, v, 0.0).transpose(1, 2).reshape(B * T, nh * hs)

@@ -86,33 +86,62 @@ class KVCache:
     def reorder(self, rows: torch.Tensor) -> None:
         """Row b now continues the old row rows[b] (beam search); rows may change the batch size."""
         for layer in self.layers:
-            if layer.k is not None:
-                layer.k, layer.v = layer.k.index_select(0, rows), layer.v.index_select(0, rows)
+            if layer.qkv is not None:
+                layer.adopt(layer.qkv.index_select(0, rows))
 
 
 class LayerKV:
-    """One layer's part of a ``KVCache``: buffers (B, nh, max_len, hs) allocated by the first write."""
+    """One layer's part of a ``KVCache``: one buffer (B, max_len, 3, nh, hs) allocated by the first write.
+
+    A position's slots hold a query, key and value side by side, in c_attn's order, so the product
+    that computes one decoded token's q, k and v can write them straight into the cache: one
+    contiguous row of 3·C numbers (``row``; ``decode_step`` does this), with no split, copy or slicing
+    per token. The query's slot is that product's scratch space; attention reads only ``k`` and
+    ``v``, (B, nh, max_len, hs) views of the buffer."""
 
     def __init__(self, cache: KVCache):
         self.cache = cache
-        self.k: torch.Tensor | None = None
+        self.qkv: torch.Tensor | None = None  # (B, max_len, 3, nh, hs)
+        self.k: torch.Tensor | None = None  # views of it, each (B, nh, max_len, hs)
         self.v: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None  # batch 1: (max_len, 3C), for row()
+
+    def adopt(self, qkv: torch.Tensor) -> None:
+        """Use ``qkv`` (B, max_len, 3, nh, hs) as the buffer (a new one, or the old one's rows reordered)."""
+        self.qkv = qkv
+        slots = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, max_len, hs); select, not unbind: its views may be written
+        self.k, self.v = slots[1], slots[2]
+        self.rows = qkv.view(qkv.size(1), -1) if qkv.size(0) == 1 else None
+
+    def _ensure(self, B: int, nh: int, hs: int, like: torch.Tensor) -> None:
+        buf = self.qkv
+        fits = buf is not None and buf.shape[0] == B and buf.shape[3] == nh
+        if not fits or buf.dtype != like.dtype or buf.device != like.device:
+            self.adopt(like.new_empty(B, self.cache.max_len, 3, nh, hs))
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nh, T, hs) at positions length..length+T; return the keys and values up to there.
 
         The cache's length moves on once every layer has written (``GPT.forward``)."""
         start, T = self.cache.length, k.size(2)
-        if self.k is None or self.k.shape[:2] != k.shape[:2] or self.k.dtype != k.dtype:
-            B, nh, _, hs = k.shape
-            self.k = k.new_empty(B, nh, self.cache.max_len, hs)
-            self.v = v.new_empty(B, nh, self.cache.max_len, hs)
+        B, nh, _, hs = k.shape
+        self._ensure(B, nh, hs, k)
         self.k.narrow(2, start, T).copy_(k)
         self.v.narrow(2, start, T).copy_(v)
         return self.k.narrow(2, 0, start + T), self.v.narrow(2, 0, start + T)
 
+    def row(self, pos: int, nh: int, hs: int, like: torch.Tensor) -> torch.Tensor:
+        """Position ``pos``'s (3·nh·hs,) row of q, k and v for one sequence (batch 1), contiguous, to write into.
+
+        ``like`` is the tensor the row's product reads: a buffer of another dtype is replaced."""
+        rows = self.rows
+        if rows is None or rows.dtype != like.dtype:
+            self._ensure(1, nh, hs, like)
+            rows = self.rows
+        return rows[pos]
+
     def __iter__(self):
-        if self.k is None:
+        if self.qkv is None:
             raise ConfigError("This layer's KV cache is empty: run the model with it first.")
         n = self.cache.length
         return iter((self.k.narrow(2, 0, n), self.v.narrow(2, 0, n)))
