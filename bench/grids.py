@@ -151,6 +151,53 @@ def batching_bound(preset: str, members: int, rounds: int, vocab_size: int = 65)
     return {k: median(v) for k, v in interleaved(fns, rounds=rounds, warmup=1).items()}, precision
 
 
+def core_bound(
+    preset: str, members: int, rounds: int, vocab_size: int = 65
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """What one core can do for a grid: the least a grid's steps can take side by side, by step timings.
+
+    One forward + backward at the preset's batch (random tokens, ``auto``'s precision) on every core
+    and on one thread, and one on one thread with a batch ``members / cores`` times larger (one
+    process per core, each training its share of the members batched into one model). Each maps to
+    the wall time of a grid step against one after another on every core. Returns
+    ``{row: (seconds, floor ratio)}`` and the core count."""
+    cores = max(1, cpu_cores())
+    share = -(-members // cores)  # members per core's process
+    spec = get_preset(preset)
+    cfg, batch = spec.model_config(vocab_size=vocab_size), spec.train_config().batch_size
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, vocab_size, (batch * share, cfg.block_size))
+    y = torch.randint(0, vocab_size, (batch * share, cfg.block_size))
+    threads = torch.get_num_threads()
+
+    def step(n_threads: int, rows: int):
+        def fn():
+            torch.set_num_threads(n_threads)
+            with autocast(cpu, precision):
+                loss = model(x[:rows], y[:rows]).loss
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return fn
+
+    fns = {
+        f"one member on {threads} threads": step(threads, batch),
+        "one member on 1 thread": step(1, batch),
+        f"{share} members batched (batch × {share}) on 1 thread": step(1, batch * share),
+    }
+    try:
+        t = {k: median(v) for k, v in interleaved(fns, rounds=rounds, warmup=1).items()}
+    finally:
+        torch.set_num_threads(threads)
+    every, one, batched = t.values()
+    # one after another: members × every; side by side: each core runs `share` members in turn, or batched
+    floors = (1.0, share * one / (members * every), batched / (members * every))
+    return {k: (v, f) for (k, v), f in zip(t.items(), floors)}, cores
+
+
 def mirrored(modes: list[str], rounds: int) -> list[str]:
     """A B C, C B A, A B C ...: each mode is as often early in a round as late."""
     order: list[str] = []
@@ -234,9 +281,26 @@ def run(
         ["members", "ms", "÷ one after another"],
         [[k, f"{1e3 * v:.1f}", fmt(v / first, 2)] for k, v in bound.items()],
     )
+    cores_rows, cores = core_bound("tiny" if quick else preset, n, rounds=2 if quick else 10)
+    report.add(
+        f"**What one core can do**: one forward + backward ({precision}, random tokens, median of "
+        f"{2 if quick else 10} interleaved rounds), and the least the {n} members' step can then take on "
+        f"{cores} core(s) against one after another on every core: one process per core, each training "
+        "its share of the members in turn or batched into one model. Side by side cannot go under these "
+        "floors, whatever the processes, evaluations and checkpoints add."
+    )
+    report.add_table(
+        ["step", "ms", "grid floor ÷ one after another"],
+        [[k, f"{1e3 * v:.1f}", fmt(f, 2)] for k, (v, f) in cores_rows.items()],
+    )
     report.emit(results)
     ratio = {m: median(r["wall_s"] for r in times[m]) / ref_wall for m in modes}
-    return dict(times=times, ratio=ratio, batching={k: v / first for k, v in bound.items()})
+    return dict(
+        times=times,
+        ratio=ratio,
+        batching={k: v / first for k, v in bound.items()},
+        core_floor={k: f for k, (_, f) in cores_rows.items()},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -267,6 +267,8 @@ def test_bench_quick(name, tmp_path):
         assert "over tuning seeds 11 (not the convergence table's)" in text
     if name == "grids":  # processes side by side, then the bound on batching members into one model
         assert "| auto (" in text and "Members batched into one model" in text and "(the floor)" in text
+        assert "What one core can do" in text and "| one member on 1 thread " in text
+        assert "members batched (batch ×" in text
     if name == "gpu":  # on a CPU: the same harness at toy sizes, every part of it
         assert "Time to whole-split val 4.0, `shakespeare-char`" in text and "| 1337 " in text
         assert "**Tokens/s, `baby`**" in text and "| fp32 " in text and "| bf16 autocast " in text
@@ -381,6 +383,39 @@ def test_grid_modes_parse_and_alternate():
     with pytest.raises(ValueError):
         parse_mode("fast")
     assert mirrored(["a", "b"], 3) == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_core_bound_maps_step_times_to_grid_floors_and_restores_threads(monkeypatch):
+    """Each core trains its share of the members: in turn (share × one-thread step) or batched."""
+    import bench.grids as grids
+
+    monkeypatch.setattr(grids, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(grids, "median", lambda xs: {"every": 0.010, "one": 0.016, "batched": 0.045}[_kind(xs)])
+    monkeypatch.setattr(
+        grids,
+        "interleaved",
+        lambda fns, rounds, warmup: {k: [("every", "one", "batched")[i]] for i, k in enumerate(fns)},
+    )
+    threads = torch.get_num_threads()
+    rows, cores = grids.core_bound("tiny", 6, rounds=1)
+    assert cores == 2 and torch.get_num_threads() == threads
+    floors = [f for _, f in rows.values()]
+    # one after another: 6 × 10 ms; 3 members per core in turn: 3 × 16 ms; batched: 45 ms
+    assert floors == pytest.approx([1.0, 48 / 60, 45 / 60])
+    assert list(rows)[2] == "3 members batched (batch × 3) on 1 thread"
+
+
+def _kind(xs):
+    return list(xs)[0]
+
+
+def test_core_bound_really_times_the_steps():
+    from bench.grids import core_bound
+
+    threads = torch.get_num_threads()
+    rows, _ = core_bound("tiny", 3, rounds=1)
+    assert torch.get_num_threads() == threads
+    assert len(rows) == 3 and all(s > 0 for s, _ in rows.values())
 
 
 @pytest.mark.heavy
