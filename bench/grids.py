@@ -5,7 +5,8 @@ per ablation, each trained by the local job runner in its own process, exactly a
 The hope behind running members side by side: a tiny model's step is many small kernels, too small to
 share out well over threads, while a second run in its own process uses a second core fully. How much a
 second thread still helps one member decides what side by side can gain (on the 2-core machine of
-bench/RESULTS.md, 1.47× for a `baby-fast` member, so at best 0.74×). This bench measures the choice
+bench/RESULTS.md, 1.36–1.42× for a `baby-fast` member's step, so at best 0.68–0.71×, and less still once
+both cores train at once: ``core_bound``). This bench measures the choice
 side by side in one process:
 
 * **one after another**: the runner allows 1 job at a time (``max_jobs_per_device=1``), each with
@@ -32,7 +33,9 @@ of the CPUs than one does, so compare those too before reading a ratio as a spee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import multiprocessing
 import resource
 import tempfile
 import time
@@ -54,7 +57,8 @@ from tinygpt_core.worker import grid_plan
 
 # Five ablations that keep the step's cost about the baseline's, so members take about as long each.
 ABLATIONS = ("relu", "no-bias", "qk-norm", "untied", "swap-qk")
-DEFAULT_MODES = (f"seq-{cpu_cores()}", "auto")  # the first is the reference: each member on every core
+# The first is the reference, each member on every core; seq-1 ÷ cores is side by side with nothing lost to sharing.
+DEFAULT_MODES = (f"seq-{cpu_cores()}", "seq-1", "auto") if cpu_cores() > 1 else ("seq-1", "auto")
 
 
 def parse_mode(mode: str) -> tuple[int | None, int | None]:
@@ -151,27 +155,18 @@ def batching_bound(preset: str, members: int, rounds: int, vocab_size: int = 65)
     return {k: median(v) for k, v in interleaved(fns, rounds=rounds, warmup=1).items()}, precision
 
 
-def core_bound(
-    preset: str, members: int, rounds: int, vocab_size: int = 65
-) -> tuple[dict[str, tuple[float, float]], int]:
-    """What one core can do for a grid: the least a grid's steps can take side by side, by step timings.
-
-    One forward + backward at the preset's batch (random tokens, ``auto``'s precision) on every core
-    and on one thread, and one on one thread with a batch ``members / cores`` times larger (one
-    process per core, each training its share of the members batched into one model). Each maps to
-    the wall time of a grid step against one after another on every core. Returns
-    ``{row: (seconds, floor ratio)}`` and the core count."""
-    cores = max(1, cpu_cores())
-    share = -(-members // cores)  # members per core's process
+def _member_step(preset: str, vocab_size: int, rows_max: int):
+    """A ``step(n_threads, rows)`` factory: one forward + backward of a fresh ``preset`` model on ``rows``
+    random sequences (the cost of a step does not depend on the tokens), in the precision ``auto`` picks
+    on this CPU. Also returns the preset's batch size."""
     spec = get_preset(preset)
     cfg, batch = spec.model_config(vocab_size=vocab_size), spec.train_config().batch_size
     cpu = torch.device("cpu")
     precision = resolve_precision("auto", cpu)
     torch.manual_seed(0)
     model = GPT(cfg)
-    x = torch.randint(0, vocab_size, (batch * share, cfg.block_size))
-    y = torch.randint(0, vocab_size, (batch * share, cfg.block_size))
-    threads = torch.get_num_threads()
+    x = torch.randint(0, vocab_size, (batch * rows_max, cfg.block_size))
+    y = torch.randint(0, vocab_size, (batch * rows_max, cfg.block_size))
 
     def step(n_threads: int, rows: int):
         def fn():
@@ -183,19 +178,86 @@ def core_bound(
 
         return fn
 
+    return step, batch
+
+
+def _neighbour(preset: str, vocab_size: int, ready, stop) -> None:
+    """A busy core: one member's step on one thread, over and over, until ``stop`` is set."""
+    step, batch = _member_step(preset, vocab_size, 1)
+    fn = step(1, batch)
+    fn()
+    ready.set()
+    while not stop.is_set():
+        fn()
+
+
+@contextlib.contextmanager
+def neighbours(count: int, preset: str, vocab_size: int):
+    """``count`` processes each training a member's step on one thread of its own core, warm on entry."""
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    ready = [ctx.Event() for _ in range(count)]
+    procs = [ctx.Process(target=_neighbour, args=(preset, vocab_size, r, stop), daemon=True) for r in ready]
+    for proc in procs:
+        proc.start()
+    try:
+        for r, proc in zip(ready, procs):
+            if not r.wait(timeout=300):
+                raise RuntimeError(f"a neighbour process did not start (exit code {proc.exitcode})")
+        yield
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+
+
+def core_bound(
+    preset: str, members: int, rounds: int, vocab_size: int = 65
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """What one core can do for a grid: the least a grid's steps can take side by side, by step timings.
+
+    One forward + backward at the preset's batch (random tokens, ``auto``'s precision) on every core
+    and on one thread, and one on one thread with a batch ``members / cores`` times larger (one
+    process per core, each training its share of the members batched into one model). Then the step on
+    one thread again while every other core trains a member too, as side by side has it: the cores
+    share caches and memory. Each maps to the wall time of a grid step against one after another on
+    every core. Returns ``{row: (seconds, floor ratio)}`` and the core count."""
+    cores = max(1, cpu_cores())
+    share = -(-members // cores)  # members per core's process
+    step, batch = _member_step(preset, vocab_size, share)
+    threads = torch.get_num_threads()
     fns = {
         f"one member on {threads} threads": step(threads, batch),
         "one member on 1 thread": step(1, batch),
         f"{share} members batched (batch × {share}) on 1 thread": step(1, batch * share),
     }
+    busy_label = (
+        "one member on 1 thread, every other core training one too"
+        if cores > 2
+        else "one member on 1 thread, the other core training one too"
+    )
     try:
         t = {k: median(v) for k, v in interleaved(fns, rounds=rounds, warmup=1).items()}
+        if cores > 1:
+            with neighbours(cores - 1, preset, vocab_size):
+                lone = {busy_label: step(1, batch)}
+                t[busy_label] = median(interleaved(lone, rounds=rounds, warmup=1)[busy_label])
     finally:
         torch.set_num_threads(threads)
-    every, one, batched = t.values()
+    every = t[f"one member on {threads} threads"]
     # one after another: members × every; side by side: each core runs `share` members in turn, or batched
-    floors = (1.0, share * one / (members * every), batched / (members * every))
+    floors = [1.0, share * t["one member on 1 thread"] / (members * every)]
+    floors.append(t[list(fns)[2]] / (members * every))
+    if busy_label in t:
+        floors.append(share * t[busy_label] / (members * every))
     return {k: (v, f) for (k, v), f in zip(t.items(), floors)}, cores
+
+
+def ratio_of(mode: str, times: dict[str, list[dict]], ref_wall: float) -> float:
+    """A mode's median wall seconds per grid against the reference's."""
+    return median(r["wall_s"] for r in times[mode]) / ref_wall
 
 
 def mirrored(modes: list[str], rounds: int) -> list[str]:
@@ -265,6 +327,23 @@ def run(
         else ""
     )
     report.add_table(["mode", "wall s per grid", "median wall s", "median CPU s", f"÷ {ref}"], rows)
+    cores, whole_floor = cpu_cores(), None
+    if "seq-1" in modes and "auto" in modes and ref != "seq-1" and cores > 1:
+        ideal = median(r["wall_s"] for r in times["seq-1"]) / min(cores, n)
+        whole_floor = ideal / ref_wall
+        auto_cpu = median(r["cpu_s"] for r in times["auto"])
+        seq1_cpu = median(r["cpu_s"] for r in times["seq-1"])
+        unused = 1 - auto_cpu / (cores * median(r["wall_s"] for r in times["auto"]))
+        report.add(
+            f"**The floor with whole members**: the members on one thread each, one after another, divided "
+            f"over the {min(cores, n)} cores is what side by side would take with nothing lost to sharing: "
+            f"{fmt(ideal)} s, **{fmt(ideal / ref_wall, 2)}×** {ref}. The grid took "
+            f"{fmt(ratio_of('auto', times, ref_wall), 2)}×: at once the members used {fmt(auto_cpu)} CPU s "
+            f"against {fmt(seq1_cpu)} in seq-1 ({fmt(auto_cpu / seq1_cpu, 2)}×"
+            f"{': the cores share caches and memory' if auto_cpu > 1.01 * seq1_cpu else ''}), and "
+            f"{fmt(100 * unused, 0)}% of the cores' time went to no member (processes starting "
+            "and ending, the runner handing out work and recording progress)."
+        )
     report.add(
         "`seq-T`: one member at a time with T torch threads; `par-KxT`: K members at once, T threads each. "
         "CPU s: the training processes' user + system seconds (more processes take a larger share of a "
@@ -286,20 +365,23 @@ def run(
         f"**What one core can do**: one forward + backward ({precision}, random tokens, median of "
         f"{2 if quick else 10} interleaved rounds), and the least the {n} members' step can then take on "
         f"{cores} core(s) against one after another on every core: one process per core, each training "
-        "its share of the members in turn or batched into one model. Side by side cannot go under these "
-        "floors, whatever the processes, evaluations and checkpoints add."
+        "its share of the members in turn or batched into one model. The last row times the one-thread step "
+        "while the other core(s) train a member too, as they do side by side (the cores share caches and "
+        "memory). Side by side cannot go under these floors, whatever the processes, evaluations and "
+        "checkpoints add."
     )
     report.add_table(
         ["step", "ms", "grid floor ÷ one after another"],
         [[k, f"{1e3 * v:.1f}", fmt(f, 2)] for k, (v, f) in cores_rows.items()],
     )
     report.emit(results)
-    ratio = {m: median(r["wall_s"] for r in times[m]) / ref_wall for m in modes}
+    ratio = {m: ratio_of(m, times, ref_wall) for m in modes}
     return dict(
         times=times,
         ratio=ratio,
         batching={k: v / first for k, v in bound.items()},
         core_floor={k: f for k, (_, f) in cores_rows.items()},
+        whole_floor=whole_floor,
     )
 
 

@@ -7,6 +7,7 @@ really land in the file they name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -20,6 +21,7 @@ from bench import common
 from bench.steps import hf_step, our_step
 from tinygpt_core import device as device_mod
 from tinygpt_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from tinygpt_core.limits import cpu_cores
 from tinygpt_core.model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,6 +271,9 @@ def test_bench_quick(name, tmp_path):
         assert "| auto (" in text and "Members batched into one model" in text and "(the floor)" in text
         assert "What one core can do" in text and "| one member on 1 thread " in text
         assert "members batched (batch ×" in text
+        if cpu_cores() > 1:  # the one-thread step again with the other core(s) training too; whole members
+            assert "| one member on 1 thread, " in text and " training one too " in text
+            assert "| seq-1 " in text and "**The floor with whole members**" in text
     if name == "gpu":  # on a CPU: the same harness at toy sizes, every part of it
         assert "Time to whole-split val 4.0, `shakespeare-char`" in text and "| 1337 " in text
         assert "**Tokens/s, `baby`**" in text and "| fp32 " in text and "| bf16 autocast " in text
@@ -386,36 +391,84 @@ def test_grid_modes_parse_and_alternate():
 
 
 def test_core_bound_maps_step_times_to_grid_floors_and_restores_threads(monkeypatch):
-    """Each core trains its share of the members: in turn (share × one-thread step) or batched."""
+    """Each core trains its share of the members: in turn (share × one-thread step) or batched, alone or
+    with the other core busy."""
     import bench.grids as grids
 
+    seconds = {
+        "one member on": 0.010,
+        "one member on 1 thread": 0.016,
+        "3 members batched": 0.045,
+        "one member on 1 thread, the other": 0.019,
+    }
+    busy = []
+
+    @contextlib.contextmanager
+    def fake_neighbours(count, preset, vocab_size):
+        busy.append(count)
+        yield
+        busy.append(0)
+
+    def fake_interleaved(fns, rounds, warmup):
+        # the longest label prefix that names the row: its time, tagged with whether the neighbours ran
+        return {k: [(seconds[max((p for p in seconds if k.startswith(p)), key=len)], busy[-1:])] for k in fns}
+
     monkeypatch.setattr(grids, "cpu_cores", lambda: 2)
-    monkeypatch.setattr(grids, "median", lambda xs: {"every": 0.010, "one": 0.016, "batched": 0.045}[_kind(xs)])
-    monkeypatch.setattr(
-        grids,
-        "interleaved",
-        lambda fns, rounds, warmup: {k: [("every", "one", "batched")[i]] for i, k in enumerate(fns)},
-    )
+    monkeypatch.setattr(grids, "neighbours", fake_neighbours)
+    monkeypatch.setattr(grids, "interleaved", fake_interleaved)
+    monkeypatch.setattr(grids, "median", lambda xs: list(xs)[0][0])
     threads = torch.get_num_threads()
     rows, cores = grids.core_bound("tiny", 6, rounds=1)
     assert cores == 2 and torch.get_num_threads() == threads
+    assert busy == [1, 0]  # one neighbour for the other core, stopped afterwards
     floors = [f for _, f in rows.values()]
-    # one after another: 6 × 10 ms; 3 members per core in turn: 3 × 16 ms; batched: 45 ms
-    assert floors == pytest.approx([1.0, 48 / 60, 45 / 60])
-    assert list(rows)[2] == "3 members batched (batch × 3) on 1 thread"
+    # one after another: 6 × 10 ms; 3 members per core in turn: 3 × 16 ms; batched: 45 ms; in turn, busy: 3 × 19
+    assert floors == pytest.approx([1.0, 48 / 60, 45 / 60, 57 / 60])
+    assert list(rows)[2:] == [
+        "3 members batched (batch × 3) on 1 thread",
+        "one member on 1 thread, the other core training one too",
+    ]
 
 
-def _kind(xs):
-    return list(xs)[0]
+def test_core_bound_times_the_busy_step_with_the_neighbour_running(monkeypatch):
+    """The last row is timed while the neighbour trains, not before it starts or after it stops."""
+    import bench.grids as grids
+
+    state = {"running": False}
+    real = grids.neighbours
+
+    def tracked(count, preset, vocab_size):
+        @contextlib.contextmanager
+        def cm():
+            with real(count, preset, vocab_size):
+                state["running"] = True
+                yield
+            state["running"] = False
+
+        return cm()
+
+    seen = {}
+
+    def fake_interleaved(fns, rounds, warmup):
+        for k in fns:
+            seen[k] = state["running"]
+        return {k: [0.01] for k in fns}
+
+    monkeypatch.setattr(grids, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(grids, "neighbours", tracked)
+    monkeypatch.setattr(grids, "interleaved", fake_interleaved)
+    grids.core_bound("tiny", 3, rounds=1)
+    assert seen.pop("one member on 1 thread, the other core training one too") is True
+    assert not any(seen.values())
 
 
 def test_core_bound_really_times_the_steps():
     from bench.grids import core_bound
 
     threads = torch.get_num_threads()
-    rows, _ = core_bound("tiny", 3, rounds=1)
+    rows, cores = core_bound("tiny", 3, rounds=1)
     assert torch.get_num_threads() == threads
-    assert len(rows) == 3 and all(s > 0 for s, _ in rows.values())
+    assert len(rows) == (4 if cores > 1 else 3) and all(s > 0 for s, _ in rows.values())
 
 
 @pytest.mark.heavy
