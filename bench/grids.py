@@ -12,7 +12,8 @@ side by side in one process:
 * **one after another**: the runner allows 1 job at a time (``max_jobs_per_device=1``), each with
   the given threads (``seq-T``: T torch threads each). The reference is ``seq-<cores>``, each member
   with every core, the fastest way to run them one after another (a lone job in the app gets one
-  core fewer, ``seq-<cores - 1>``, which would flatter side by side);
+  core fewer, ``seq-<cores - 1>``, which would flatter side by side). ``seq-1`` runs too: its time
+  divided over the cores is side by side with nothing lost to sharing, the floor on whole members;
 * **k at once**: the runner allows k jobs at a time with the given threads each (``par-kxT``);
 * **auto**: the runner's own default for this machine (what the app and the CLI's ``grid`` get).
 
@@ -246,13 +247,11 @@ def core_bound(
                 t[busy_label] = median(interleaved(lone, rounds=rounds, warmup=1)[busy_label])
     finally:
         torch.set_num_threads(threads)
-    every = t[f"one member on {threads} threads"]
+    every, one, batched = fns
     # one after another: members × every; side by side: each core runs `share` members in turn, or batched
-    floors = [1.0, share * t["one member on 1 thread"] / (members * every)]
-    floors.append(t[list(fns)[2]] / (members * every))
-    if busy_label in t:
-        floors.append(share * t[busy_label] / (members * every))
-    return {k: (v, f) for (k, v), f in zip(t.items(), floors)}, cores
+    steps_per_grid = {every: members, one: share, batched: 1, busy_label: share}
+    reference = members * t[every]
+    return {k: (v, steps_per_grid[k] * v / reference) for k, v in t.items()}, cores
 
 
 def ratio_of(mode: str, times: dict[str, list[dict]], ref_wall: float) -> float:
