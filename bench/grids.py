@@ -359,7 +359,7 @@ def run(
         ["members", "ms", "÷ one after another"],
         [[k, f"{1e3 * v:.1f}", fmt(v / first, 2)] for k, v in bound.items()],
     )
-    cores_rows, cores = core_bound("tiny" if quick else preset, n, rounds=2 if quick else 10)
+    cores_rows, _ = core_bound("tiny" if quick else preset, n, rounds=2 if quick else 10)
     report.add(
         f"**What one core can do**: one forward + backward ({precision}, random tokens, median of "
         f"{2 if quick else 10} interleaved rounds), and the least the {n} members' step can then take on "

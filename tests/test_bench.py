@@ -409,14 +409,12 @@ def test_core_bound_maps_step_times_to_grid_floors_and_restores_threads(monkeypa
         yield
         busy.append(0)
 
-    def fake_interleaved(fns, rounds, warmup):
-        # the longest label prefix that names the row: its time, tagged with whether the neighbours ran
-        return {k: [(seconds[max((p for p in seconds if k.startswith(p)), key=len)], busy[-1:])] for k in fns}
+    def fake_interleaved(fns, rounds, warmup):  # each row's time: the longest label prefix that names it
+        return {k: [seconds[max((p for p in seconds if k.startswith(p)), key=len)]] for k in fns}
 
     monkeypatch.setattr(grids, "cpu_cores", lambda: 2)
     monkeypatch.setattr(grids, "neighbours", fake_neighbours)
     monkeypatch.setattr(grids, "interleaved", fake_interleaved)
-    monkeypatch.setattr(grids, "median", lambda xs: list(xs)[0][0])
     threads = torch.get_num_threads()
     rows, cores = grids.core_bound("tiny", 6, rounds=1)
     assert cores == 2 and torch.get_num_threads() == threads
